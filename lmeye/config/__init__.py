@@ -1,0 +1,155 @@
+"""Typed configs, validated on load.
+
+A config file is YAML with one section per stage. Loading it checks every key and type:
+an unknown or mistyped key is a ``ConfigError`` whose message is one line naming the file
+and the key. ``--set section.key=value`` overrides single keys (values parse as YAML).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import fsspec
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from lmeye.config.base import Section
+from lmeye.config.download import DownloadConfig
+from lmeye.config.extract import ExtractConfig
+from lmeye.config.instruct import InstructConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message is one line, fit for a terminal."""
+
+
+class RayConfig(Section):
+    address: Optional[str] = Field(
+        None, description="Ray cluster address; null: $RAY_ADDRESS if set (as under `ray job submit`), else an embedded local Ray"
+    )
+    num_cpus: Optional[int] = Field(None, gt=0, description="CPUs of the embedded local Ray (null: all)")
+
+
+class DataConfig(Section):
+    root: str = Field("./lingcloud_data", description="where tables live unless a stage names its own path")
+
+
+class DemoConfig(Section):
+    num_images: int = Field(64, gt=0)
+    seed: int = 0
+    image_size: int = Field(64, gt=0, description="side of the generated images")
+    url_format: str = Field("csv", description="format of the generated URL list: csv, tsv, jsonl or parquet")
+    corpus_dir: Optional[str] = Field(None, description="default {data.root}/corpus")
+
+
+class Config(Section):
+    ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig()
+    demo: DemoConfig = DemoConfig()
+    download: DownloadConfig = DownloadConfig()
+    extract: ExtractConfig = ExtractConfig()
+    instruct: InstructConfig = InstructConfig()
+
+    @model_validator(mode="after")
+    def _default_paths(self) -> "Config":
+        # Stages chain through {data.root}/<table> unless a section names its own path.
+        root = self.data.root.rstrip("/")
+        if self.download.output is None:
+            self.download.output = f"{root}/pairs"
+        if self.extract.input is None:
+            self.extract.input = self.download.output
+        if self.extract.output is None:
+            self.extract.output = f"{root}/features"
+        if self.instruct.output is None:
+            self.instruct.output = f"{root}/instructions"
+        if self.demo.corpus_dir is None:
+            self.demo.corpus_dir = f"{root}/corpus"
+        return self
+
+
+def _loc(err: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in err["loc"]) or "<root>"
+
+
+def _one_line(source: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{_loc(err)}: unknown key")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            parts.append(f"{_loc(err)}: {err['msg']}{shown}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _set_key(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item}: expected section.key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item}: value is not valid YAML") from None
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] | dict[str, Any] = ()) -> Config:
+    """Load and validate a config file (None: all defaults), applying ``key=value`` overrides."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: Any = {}
+    if path is not None:
+        try:
+            with fsspec.open(str(path), "r") as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{source}:{at} not valid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections")
+    if not isinstance(overrides, dict):
+        overrides = parse_overrides(overrides)
+    for key, value in overrides.items():
+        _set_key(raw, key, value)
+        source = source if "--set" in source else f"{source} (with --set)"
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(source, exc)) from None
+
+
+def dump_config(cfg: Config) -> dict[str, Any]:
+    """JSON-able form, used for fingerprints and manifests."""
+    return cfg.model_dump(mode="json")
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DemoConfig",
+    "DownloadConfig",
+    "ExtractConfig",
+    "InstructConfig",
+    "RayConfig",
+    "Section",
+    "dump_config",
+    "load_config",
+]

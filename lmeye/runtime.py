@@ -1,0 +1,40 @@
+"""Connecting to Ray: the same code runs under `ray job submit` and on an embedded local Ray."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from lmeye.config import RayConfig
+
+# Environment every Ray worker needs. img2dataset imports albumentations, which phones home
+# at import time unless told not to; usage stats would do the same.
+WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def init_ray(cfg: RayConfig | None = None) -> bool:
+    """Connect to (or start) Ray. Returns True when this call started an embedded local Ray.
+
+    Address resolution: ``ray.address`` from the config, else ``$RAY_ADDRESS`` (set by
+    `ray job submit` for the job's driver), else a fresh local Ray inside this process's
+    session, with the dashboard off so nothing binds a public port.
+    """
+    os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
+    import ray
+
+    if ray.is_initialized():
+        return False
+    cfg = cfg or RayConfig()
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # Under `ray job submit` the job's runtime_env (working dir, env vars) already applies;
+        # passing another here would replace it, so we pass none.
+        ray.init(address=address, logging_level=logging.WARNING)
+        return False
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": dict(WORKER_ENV)},
+    )
+    return True

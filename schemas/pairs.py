@@ -1,0 +1,30 @@
+"""`pairs`: what the download stage produced for every input URL, failures included."""
+
+import pyarrow as pa
+
+from schemas import TableSchema
+
+# Status values are img2dataset's own, so its documentation applies unchanged.
+SUCCESS = "success"
+FAILED_TO_DOWNLOAD = "failed_to_download"
+FAILED_TO_RESIZE = "failed_to_resize"
+
+PAIRS = TableSchema(
+    name="pairs",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),  # stable id from the URL alone (lmeye.uid)
+            pa.field("url", pa.string(), nullable=False),
+            pa.field("caption", pa.string()),
+            pa.field("status", pa.string(), nullable=False),
+            pa.field("error_message", pa.string()),
+            pa.field("width", pa.int32()),  # after resizing
+            pa.field("height", pa.int32()),
+            pa.field("original_width", pa.int32()),
+            pa.field("original_height", pa.int32()),
+            pa.field("sha256", pa.string()),  # of the downloaded (original) bytes
+            pa.field("image", pa.binary()),  # encoded image; null for failed rows
+        ]
+    ),
+)

@@ -1,0 +1,82 @@
+"""Shared fixtures: small synthetic tables built in-process, no network, no Ray."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from lmeye.demo.corpus import generate_items, render  # noqa: E402
+from lmeye.tables import TableWriter  # noqa: E402
+from lmeye.uid import uid_for  # noqa: E402
+from schemas.pairs import FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE, PAIRS, SUCCESS  # noqa: E402
+
+
+def build_pairs_table(
+    path: str | Path,
+    num_images: int = 12,
+    *,
+    shards: int = 2,
+    seed: int = 0,
+    size: int = 32,
+    corrupt: int = 1,
+    failed: int = 1,
+) -> pa.Table:
+    """Write a `pairs` table as the download stage would, without downloading.
+
+    Rows: ``num_images`` good demo images, then ``corrupt`` rows marked success whose bytes
+    are not an image (to exercise decode failures downstream), then ``failed`` rows that
+    failed to download. Returns the concatenated table.
+    """
+    items = generate_items(num_images, seed=seed)
+    rows = []
+    for item in items:
+        img = render(item, size=size)
+        url = f"http://127.0.0.1/images/{item.name}"
+        rows.append(
+            dict(uid=uid_for(url), url=url, caption=item.caption, status=SUCCESS, error_message=None,
+                 width=size, height=size, original_width=size, original_height=size,
+                 sha256=hashlib.sha256(img).hexdigest(), image=img)
+        )
+    for i in range(corrupt):
+        url = f"http://127.0.0.1/images/corrupt_{i}.jpg"
+        rows.append(dict(uid=uid_for(url), url=url, caption="not an image", status=SUCCESS, error_message=None,
+                         width=size, height=size, original_width=size, original_height=size,
+                         sha256=None, image=b"this is not a jpeg"))
+    for i in range(failed):
+        url = f"http://127.0.0.1/images/missing_{i}.jpg"
+        rows.append(dict(uid=uid_for(url), url=url, caption="missing", status=FAILED_TO_DOWNLOAD,
+                         error_message="HTTP Error 404: Not Found", width=None, height=None,
+                         original_width=None, original_height=None, sha256=None, image=None))
+    table = pa.Table.from_pylist(rows, schema=PAIRS.with_metadata(PAIRS.schema))
+    writer = TableWriter(str(path), PAIRS, config={"fixture": "pairs", "seed": seed})
+    per = max(1, -(-table.num_rows // shards))
+    names = []
+    for k, start in enumerate(range(0, table.num_rows, per)):
+        name = f"{k:05d}.parquet"
+        writer.write(name, table.slice(start, per))
+        names.append(name)
+    counts = pa.compute.value_counts(table["status"]).to_pylist()
+    writer.finalize(names, stats={"by_status": {c["values"]: c["counts"] for c in counts}})
+    return table
+
+
+@pytest.fixture
+def make_pairs(tmp_path: Path) -> Callable[..., tuple[Path, pa.Table]]:
+    """``make_pairs(num_images=12, ...) -> (path, table)``: a finished pairs table under tmp_path."""
+
+    def make(name: str = "pairs", **kwargs) -> tuple[Path, pa.Table]:
+        path = tmp_path / name
+        return path, build_pairs_table(path, **kwargs)
+
+    return make
+
+
+__all__ = ["build_pairs_table", "FAILED_TO_RESIZE"]
