@@ -80,3 +80,17 @@ def make_pairs(tmp_path: Path) -> Callable[..., tuple[Path, pa.Table]]:
 
 
 __all__ = ["build_pairs_table", "FAILED_TO_RESIZE"]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the whole session (starting Ray costs seconds). 2 CPUs, as in CI."""
+    import ray
+
+    from lmeye.config import RayConfig
+    from lmeye.runtime import init_ray
+
+    started = init_ray(RayConfig(num_cpus=2))
+    yield ray
+    if started:
+        ray.shutdown()

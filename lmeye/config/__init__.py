@@ -61,6 +61,10 @@ class Config(Section):
             self.extract.input = self.download.output
         if self.extract.output is None:
             self.extract.output = f"{root}/features"
+        if self.instruct.pairs is None:
+            self.instruct.pairs = self.download.output
+        if self.instruct.features is None:
+            self.instruct.features = self.extract.output
         if self.instruct.output is None:
             self.instruct.output = f"{root}/instructions"
         if self.demo.corpus_dir is None:

@@ -1,0 +1,66 @@
+"""`lmeye`: the command line. Each subcommand lives in ``lmeye.commands.<name>`` and exposes
+``register(subparsers)``; this file only wires them up and turns expected errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lmeye.config import ConfigError, load_config
+
+COMMANDS = ["config", "demo", "download", "extract", "store", "instruct"]
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key, e.g. --set download.image_size=224 (repeatable)",
+    )
+
+
+def config_from_args(args: argparse.Namespace, **direct: object):
+    """The config file plus --set overrides, plus positional arguments given as direct overrides."""
+    overrides = list(args.overrides)
+    overrides += [f"{k}={v}" for k, v in direct.items() if v is not None]
+    return load_config(args.config, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmeye", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"lmeye.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"lmeye.commands.{name}":
+                continue  # a stage not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+# Errors a user can fix from the message alone: shown as one line, no traceback.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from lmeye.tables import OutputNotWritable
+    from schemas import SchemaError
+
+    return (ConfigError, SchemaError, OutputNotWritable, FileNotFoundError, UserError)
+
+
+class UserError(Exception):
+    """An error whose message says everything (bad input named by file, row or key)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as err:
+        print(f"lmeye {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

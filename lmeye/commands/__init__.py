@@ -1,0 +1,1 @@
+"""One module per `lmeye` subcommand; each exposes ``register(subparsers)``."""

@@ -1,0 +1,41 @@
+"""The shared body of every `jobs/<stage>.py` entry point and `lmeye <stage>` command:
+load the config, connect to Ray, run one stage, print its summary, exit non-zero on failure."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from lmeye.config import Config, ConfigError, load_config
+from lmeye.report import StageSummary
+from lmeye.runtime import init_ray
+
+StageFn = Callable[[Config], StageSummary]
+
+
+def run_stage(stage: StageFn, cfg: Config) -> int:
+    init_ray(cfg.ray)
+    summary = stage(cfg)
+    print(summary.render(), flush=True)
+    return 0 if summary.ok else 1
+
+
+def job_main(stage: StageFn, argv: list[str] | None = None, description: str = "") -> int:
+    """`python jobs/<stage>.py --config FILE [--set k=v ...]`, as run by `ray job submit`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", "-c", help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from lmeye.cli import _user_errors
+
+    try:
+        return run_stage(stage, cfg)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
