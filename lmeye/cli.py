@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from lmeye.config import ConfigError, load_config
+from lmeye.config import ConfigError, load_config, parse_overrides
 
 COMMANDS = ["config", "demo", "download", "extract", "store", "instruct"]
 
@@ -22,8 +22,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, **direct: object):
     """The config file plus --set overrides, plus positional arguments given as direct overrides."""
-    overrides = list(args.overrides)
-    overrides += [f"{k}={v}" for k, v in direct.items() if v is not None]
+    overrides = parse_overrides(args.overrides)
+    overrides.update({k: v for k, v in direct.items() if v is not None})  # taken verbatim, not as YAML
     return load_config(args.config, overrides)
 
 

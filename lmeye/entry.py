@@ -1,5 +1,5 @@
 """The shared body of every `jobs/<stage>.py` entry point and `lmeye <stage>` command:
-load the config, connect to Ray, run one stage, print its summary, exit non-zero on failure."""
+load the config, run one stage, print its summary, exit non-zero on failure."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from typing import Callable
 
 from lmeye.config import Config, ConfigError, load_config
 from lmeye.report import StageSummary
-from lmeye.runtime import init_ray
 
 StageFn = Callable[[Config], StageSummary]
 
 
 def run_stage(stage: StageFn, cfg: Config) -> int:
-    init_ray(cfg.ray)
+    # Stages connect to Ray themselves (lmeye.runtime.init_ray, idempotent), after checking
+    # their inputs, so a bad input fails in a second instead of after Ray's start-up.
     summary = stage(cfg)
     print(summary.render(), flush=True)
     return 0 if summary.ok else 1

@@ -8,7 +8,7 @@ and the key. ``--set section.key=value`` overrides single keys (values parse as 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Literal, Optional
 
 import fsspec
 import yaml
@@ -39,7 +39,11 @@ class DemoConfig(Section):
     num_images: int = Field(64, gt=0)
     seed: int = 0
     image_size: int = Field(64, gt=0, description="side of the generated images")
-    url_format: str = Field("csv", description="format of the generated URL list: csv, tsv, jsonl or parquet")
+    url_format: Literal["csv", "tsv", "jsonl", "parquet"] = Field("csv", description="format of the generated URL list")
+    port: int = Field(
+        18765, ge=0, lt=65536,
+        description="loopback port of the corpus server; fixed, because uids come from URLs and a rerun must see the same ones",
+    )
     corpus_dir: Optional[str] = Field(None, description="default {data.root}/corpus")
 
 

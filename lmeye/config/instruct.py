@@ -1,15 +1,132 @@
-"""`instruct:` — LMEyeMID-style instruction data (owned by the instruct stage)."""
+"""`instruct:` — LMEyeMID-style instruction data (owned by the instruct stage).
+
+The stage reads a list of *sources*, each one of four kinds (the ``kind`` key picks it):
+
+* ``captions``: caption rows of a ``pairs`` table (or a json/jsonl file of ``{image, caption}``)
+  turned into tasks by the templates file: short caption, detailed description, caption-grounded
+  questions, each with several phrasings;
+* ``vqa``: question/answer sets in the common VQA layout ``[{image, question, answer}]``;
+* ``llava``: LLaVA conversations ``[{id, image, conversations: [{from, value}, ...]}]``;
+* ``lmeyemid``: LMEyeMID records ``{question, answer, image_path, chunk_belong}``.
+
+Every source has a ``weight`` (the fraction of its records kept, chosen by a seeded hash, so the
+choice is deterministic) and an optional ``cap`` (at most that many records enter the table).
+Image references in files map to uids by the source's ``image_key`` rule:
+
+* ``basename``: the reference's file name equals the file name of a ``pairs`` URL;
+* ``path``: its last ``path_components`` path components equal those of a ``pairs`` URL;
+* ``coco_id``: the COCO image id (``COCO_train2014_000000123456.jpg``, ``000000123456.jpg`` or
+  the number itself) equals the id parsed from a ``pairs`` URL's file name;
+* ``url``: ``uid_for(url_prefix + reference)``; no pairs table needed;
+* ``uid``: the reference is the uid itself.
+
+Source paths may name ``{data.root}`` and ``{demo.corpus_dir}``; they are filled in from the
+rest of the config when the stage runs.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lmeye.config.base import Section
+
+ImageKey = Literal["basename", "path", "coco_id", "url", "uid"]
+
+CAPTION_TASKS = ("short_caption", "detailed_description", "grounded_qa")
+
+
+class _Source(Section):
+    name: Optional[str] = Field(None, description="unique name, the `source` column; default: the kind")
+    enabled: bool = True
+    weight: float = Field(1.0, gt=0, le=1, description="fraction of the records kept (seeded hash, deterministic)")
+    cap: Optional[int] = Field(
+        None, ge=0, description="at most this many records enter the table, in input order (the rest: over_cap)"
+    )
+    task: Optional[str] = Field(None, description="the `task` column; default per kind")
+
+
+class _FileSource(_Source):
+    path: Optional[str] = Field(None, description="a .json (list) or .jsonl file (.gz ok), a folder of them, or a glob")
+    image_key: ImageKey = Field("basename", description="how an image reference maps to a uid (see module doc)")
+    path_components: int = Field(2, ge=1, description="image_key: path: how many trailing path components to match")
+    url_prefix: str = Field("", description="image_key: url: prepended to the reference before hashing")
+
+
+class CaptionsSource(_FileSource):
+    kind: Literal["captions"]
+    table: Optional[str] = Field(None, description="pairs table with the captions; default instruct.pairs (ignored when path is set)")
+    image_field: str = "image"
+    caption_field: str = "caption"
+    tasks: dict[str, float] = Field(
+        default_factory=lambda: {t: 1.0 for t in CAPTION_TASKS},
+        description="caption tasks (names in the templates file) and their relative weights; one task per caption",
+    )
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> "CaptionsSource":
+        if not self.tasks or any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
+            raise ValueError("tasks: need at least one task with a positive weight")
+        return self
+
+
+class VQASource(_FileSource):
+    kind: Literal["vqa"]
+    image_field: str = "image"
+    question_field: str = "question"
+    answer_field: str = Field("answer", description="a string, or a list of answers (the most frequent is used)")
+
+
+class LlavaSource(_FileSource):
+    kind: Literal["llava"]
+    image_field: str = "image"
+    conversations_field: str = "conversations"
+
+
+class LMEyeMIDSource(_FileSource):
+    kind: Literal["lmeyemid"]
+    image_key: ImageKey = "coco_id"
+    image_field: str = "image_path"
+    question_field: str = "question"
+    answer_field: str = "answer"
+
+
+Source = Annotated[Union[CaptionsSource, VQASource, LlavaSource, LMEyeMIDSource], Field(discriminator="kind")]
+
+DEFAULT_TASK = {"vqa": "vqa", "llava": "conversation", "lmeyemid": "instruction"}
 
 
 class InstructConfig(Section):
     pairs: Optional[str] = Field(None, description="pairs table (maps image references to uids); default download.output")
     features: Optional[str] = Field(None, description="features table (rows whose image has none are left out); default extract.output")
     output: Optional[str] = Field(None, description="instructions table; default {data.root}/instructions")
+    sources: list[Source] = Field(
+        default_factory=lambda: [CaptionsSource(kind="captions")],
+        description="what to build from; default: the captions of the pairs table",
+    )
+    templates: Optional[str] = Field(None, description="caption templates (YAML); default the packaged lmeye/templates/captions.yaml")
+    require_features: bool = Field(True, description="leave out rows whose image has no features (false: no check, said in the summary)")
+    seed: int = Field(0, description="template phrasing, weight sampling and shuffling")
+    split_seed: int = Field(0, description="salt of the train/validation split by uid (separate, so reshuffling never moves images)")
+    val_fraction: float = Field(0.01, ge=0, lt=1, description="fraction of images (uids) in the validation split")
+    dedupe: bool = Field(True, description="drop exact duplicates: same uid and same conversation (first source wins)")
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="a malformed JSON record or line: error naming file and record, or skip and count it"
+    )
+    partition_mb: int = Field(64, gt=0, description="target size of a partition (the unit held in memory)")
+    chunk_rows: int = Field(50_000, gt=0, description="rows built in Python before they are spilled")
+    tmp_dir: Optional[str] = Field(None, description="local folder for spill files; default the system temp folder")
+    export_hf: Optional[str] = Field(None, description="also write a HF DatasetDict (save_to_disk) here")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "InstructConfig":
+        seen: set[str] = set()
+        for i, src in enumerate(self.sources):
+            name = src.name or src.kind
+            if name in seen:
+                raise ValueError(f"sources.{i}: duplicate source name '{name}'; give each source a distinct name")
+            seen.add(name)
+            if src.kind != "captions" and src.path is None:
+                raise ValueError(f"sources.{i} ({name}): path is required for a {src.kind} source")
+        return self
