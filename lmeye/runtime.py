@@ -31,7 +31,10 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
         # passing another here would replace it, so we pass none.
         ray.init(address=address, logging_level=logging.WARNING)
         return False
+    # address="local" always starts a fresh Ray: a bare ray.init() would join any cluster that
+    # `ray start` left on this machine (even a dead one, and then wait on it forever).
     ray.init(
+        address="local",
         num_cpus=cfg.num_cpus,
         include_dashboard=False,
         logging_level=logging.WARNING,

@@ -13,7 +13,8 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from lmeye.demo.corpus import generate_items, render  # noqa: E402
+from lmeye.demo.corpus import generate_items, render, write_corpus  # noqa: E402
+from lmeye.demo.server import DemoServer  # noqa: E402
 from lmeye.tables import TableWriter  # noqa: E402
 from lmeye.uid import uid_for  # noqa: E402
 from schemas.pairs import FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE, PAIRS, SUCCESS  # noqa: E402
@@ -94,3 +95,16 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """20 demo images (48 px) plus the corpus's broken entries, written once per session."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"), num_images=20, seed=1, image_size=48)
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_corpus):
+    """The loopback HTTP server over ``demo_corpus``; tests may ``clear_log()`` and read ``requests``."""
+    with DemoServer(demo_corpus.root) as srv:
+        yield srv

@@ -114,7 +114,7 @@ class InstructConfig(Section):
     on_bad_record: Literal["error", "skip"] = Field(
         "error", description="a malformed JSON record or line: error naming file and record, or skip and count it"
     )
-    partition_mb: int = Field(64, gt=0, description="target size of a partition (the unit held in memory)")
+    partition_mb: float = Field(64, gt=0, description="target size of a partition in MiB (the unit held in memory; more input, more partitions)")
     chunk_rows: int = Field(50_000, gt=0, description="rows built in Python before they are spilled")
     tmp_dir: Optional[str] = Field(None, description="local folder for spill files; default the system temp folder")
     export_hf: Optional[str] = Field(None, description="also write a HF DatasetDict (save_to_disk) here")

@@ -19,8 +19,7 @@ import pytest
 
 from lmeye.cli import main
 from lmeye.config import load_config
-from lmeye.demo.corpus import write_corpus, write_url_list
-from lmeye.demo.server import DemoServer
+from lmeye.demo.corpus import write_url_list
 from lmeye.tables import OutputNotWritable, TableReader
 from lmeye.uid import uid_for
 from pipelines.download import read_url_list, run
@@ -29,15 +28,14 @@ from schemas.pairs import PAIRS, SUCCESS
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"), num_images=20, seed=1, image_size=48)
+@pytest.fixture
+def corpus(demo_corpus):
+    return demo_corpus
 
 
-@pytest.fixture(scope="module")
-def server(corpus):
-    with DemoServer(corpus.root) as srv:
-        yield srv
+@pytest.fixture
+def server(demo_server):
+    return demo_server
 
 
 def _cfg(input_path, output, **overrides):

@@ -1,0 +1,31 @@
+"""`lmeye instruct --config FILE [--set k=v] [--export-hf DIR]`: build the `instructions` table."""
+
+from __future__ import annotations
+
+import argparse
+
+from lmeye.cli import add_config_args, config_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "instruct",
+        help="build LMEyeMID-style instruction data (captions, VQA, LLaVA, LMEyeMID) as the instructions table",
+    )
+    add_config_args(p)
+    p.add_argument(
+        "--export-hf", metavar="DIR", default=None,
+        help="also write a Hugging Face DatasetDict (train, validation) to DIR; open it with datasets.load_from_disk",
+    )
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipelines.instruct import run
+
+    cfg = config_from_args(args)
+    if args.export_hf:
+        cfg.instruct.export_hf = args.export_hf
+    summary = run(cfg)  # needs no Ray: the stage runs on this process alone
+    print(summary.render(), flush=True)
+    return 0 if summary.ok else 1

@@ -1,0 +1,520 @@
+"""The instruct stage: every source, the uid mapping, the split, dedup, bad input, resume, HF."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lmeye.cli import UserError, main
+from lmeye.config import ConfigError, load_config
+from lmeye.demo.corpus import qa_pairs, write_corpus
+from lmeye.tables import Manifest, TableReader, TableWriter
+from lmeye.uid import uid_for
+from pipelines.instruct import Placement, export_hf, run, split_files
+from pipelines.instruct_sources import Malformed, iter_records, key_of, load_templates
+from schemas import TableSchema
+from schemas.instructions import INSTRUCTIONS
+from lmeye.templates import CAPTIONS
+
+FEATURES_MINI = TableSchema("features", 1, pa.schema([("uid", pa.string()), ("status", pa.string())]))
+OUTCOMES = ("kept", "duplicate", "no_features", "sampled_out", "over_cap", "malformed")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def write_features(path: Path, uids: list[str], failed: list[str] = ()) -> Path:
+    """A minimal features table (uid, status), as the extract stage's manifest describes it."""
+    w = TableWriter(str(path), FEATURES_MINI, config={"fixture": "features"})
+    rows = [(u, "success") for u in uids] + [(u, "failed_to_decode") for u in failed]
+    half = max(1, len(rows) // 2)
+    names = []
+    for k, start in enumerate(range(0, max(len(rows), 1), half)):
+        part = rows[start:start + half]
+        name = f"{k:05d}.parquet"
+        w.write(name, pa.table({"uid": [u for u, _ in part], "status": [s for _, s in part]}, schema=FEATURES_MINI.schema))
+        names.append(name)
+    w.finalize(names, stats={})
+    return path
+
+
+def success_uids(pairs: pa.Table) -> list[str]:
+    return [u for u, s, img in zip(pairs["uid"].to_pylist(), pairs["status"].to_pylist(), pairs["caption"].to_pylist())
+            if s == "success" and img != "not an image"]
+
+
+def make_cfg(tmp_path: Path, sources: list[dict], **instruct):
+    overrides = {
+        "data.root": str(tmp_path),
+        "instruct.sources": sources,
+        "instruct.val_fraction": instruct.pop("val_fraction", 0.25),
+    }
+    overrides.update({f"instruct.{k}": v for k, v in instruct.items()})
+    return load_config(None, overrides)
+
+
+def read_rows(cfg) -> list[dict]:
+    return TableReader(cfg.instruct.output, INSTRUCTIONS).read().to_pylist()
+
+
+def source_stats(cfg) -> dict:
+    return Manifest.load(cfg.instruct.output).stats["sources"]
+
+
+def assert_adds_up(cfg) -> None:
+    for name, s in source_stats(cfg).items():
+        total = sum(s[k] for k in OUTCOMES) + sum(s["rejected"].values())
+        assert total == s["input"], (name, s)
+
+
+def write_json(path: Path, value) -> str:
+    path.write_text(json.dumps(value))
+    return str(path)
+
+
+def write_jsonl(path: Path, lines: list) -> str:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return str(path)
+
+
+@pytest.fixture
+def world(tmp_path, make_pairs):
+    """pairs (12 good demo images, 1 corrupt, 1 failed) + features for the first 10 good images."""
+    pairs_path, pairs = make_pairs(num_images=12)
+    good = success_uids(pairs)
+    write_features(tmp_path / "features", good[:10], failed=[pairs["uid"][12].as_py()])
+    names = [u.rsplit("/", 1)[-1] for u in pairs["url"].to_pylist()]
+    return {"pairs": pairs, "good": good, "with_features": set(good[:10]), "names": names, "tmp": tmp_path}
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+def test_captions_from_pairs_use_the_templates(world, tmp_path):
+    cfg = make_cfg(tmp_path, [{"kind": "captions"}])
+    summary = run(cfg)
+    rows = read_rows(cfg)
+    pairs = world["pairs"].to_pylist()
+    captions = {p["uid"]: p["caption"] for p in pairs}
+    templates = load_templates(str(CAPTIONS), ["short_caption", "detailed_description", "grounded_qa"])
+    assert {r["uid"] for r in rows} == world["with_features"]
+    for r in rows:
+        (user, assistant) = r["conversation"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        t = templates[r["task"]]
+        assert user["content"] in t.prompts
+        cap = captions[r["uid"]].rstrip(".")
+        assert cap[1:] in assistant["content"]
+    assert len({r["task"] for r in rows}) >= 2  # several tasks and phrasings, chosen by hash
+    st = source_stats(cfg)["captions"]
+    # 12 good + 1 corrupt (success, no features) + 1 failed download
+    assert st["input"] == 14 and st["kept"] == 10 and st["no_features"] == 3
+    assert st["rejected"] == {"image_failed": 1}
+    assert summary.rows == 10 and summary.ok
+    assert_adds_up(cfg)
+
+
+def test_templates_file_is_validated(world, tmp_path):
+    bad = tmp_path / "t.yaml"
+    bad.write_text("short_caption:\n  prompts: [Describe.]\n  responses: ['no placeholder']\n")
+    cfg = make_cfg(tmp_path, [{"kind": "captions", "tasks": {"short_caption": 1}}], templates=str(bad))
+    with pytest.raises(UserError, match="uses neither"):
+        run(cfg)
+    good = tmp_path / "t2.yaml"
+    good.write_text("mine:\n  prompts: ['Caption it.']\n  responses: ['Sure: {caption}']\n")
+    cfg = make_cfg(tmp_path, [{"kind": "captions", "tasks": {"mine": 1}}], templates=str(good))
+    run(cfg)
+    rows = read_rows(cfg)
+    assert rows and all(r["task"] == "mine" and r["conversation"][1]["content"].startswith("Sure: ") for r in rows)
+
+
+def test_vqa_demo_corpus_by_basename(tmp_path, make_pairs):
+    pairs_path, pairs = make_pairs(num_images=6, corrupt=0, failed=0)
+    corpus = write_corpus(tmp_path / "corpus", num_images=6)
+    write_features(tmp_path / "features", pairs["uid"].to_pylist())
+    cfg = make_cfg(tmp_path, [{"kind": "vqa", "path": "{demo.corpus_dir}/annotations.json"}],
+                   val_fraction=0.0)
+    cfg.demo.corpus_dir = str(tmp_path / "corpus")
+    run(cfg)
+    rows = read_rows(cfg)
+    expected = {(uid_for(f"http://127.0.0.1/images/{i.name}"), qa["question"], qa["answer"])
+                for i in corpus.items for qa in qa_pairs(i)}
+    got = {(r["uid"], r["conversation"][0]["content"], r["conversation"][1]["content"]) for r in rows}
+    assert got == expected
+    assert {r["task"] for r in rows} == {"vqa"} and {r["source"] for r in rows} == {"vqa"}
+    assert {r["split"] for r in rows} == {"train"}
+
+
+def test_image_key_rules(world, tmp_path):
+    names, pairs = world["names"], world["pairs"]
+    u0, n0 = pairs["uid"][3].as_py(), names[3]  # img_00003.jpg (id 0 is ambiguous: corrupt_0, missing_0)
+    recs = [
+        {"image": n0, "question": "q basename", "answer": "a"},
+        {"image": f"/some/where/{n0}", "question": "q basename of a path", "answer": "a"},
+        {"image": "nope.jpg", "question": "q unknown", "answer": "a"},
+        {"image": "missing_0.jpg", "question": "q failed download", "answer": "a"},
+    ]
+    src = [{"kind": "vqa", "name": "by_name", "path": write_json(tmp_path / "a.json", recs)},
+           {"kind": "vqa", "name": "by_coco", "image_key": "coco_id",
+            "path": write_json(tmp_path / "b.json", [{"image": "COCO_train2014_000000000003.jpg", "question": "q coco", "answer": "a"},
+                                                    {"image": 3, "question": "q coco int", "answer": "a"},
+                                                    {"image": "no_digits.jpg", "question": "q", "answer": "a"}])},
+           {"kind": "vqa", "name": "by_path", "image_key": "path", "path_components": 2,
+            "path": write_json(tmp_path / "c.json", [{"image": f"images/{n0}", "question": "q path", "answer": "a"},
+                                                    {"image": f"other/{n0}", "question": "q wrong dir", "answer": "a"}])},
+           {"kind": "vqa", "name": "by_url", "image_key": "url", "url_prefix": "http://127.0.0.1/images/",
+            "path": write_json(tmp_path / "d.json", [{"image": n0, "question": "q url", "answer": "a"}])},
+           {"kind": "vqa", "name": "by_uid", "image_key": "uid",
+            "path": write_json(tmp_path / "e.json", [{"image": u0, "question": "q uid", "answer": "a"},
+                                                    {"image": "not-a-uid", "question": "q", "answer": "a"}])}]
+    cfg = make_cfg(tmp_path, src)
+    run(cfg)
+    rows = read_rows(cfg)
+    assert {r["conversation"][0]["content"] for r in rows} == {
+        "q basename", "q basename of a path", "q coco", "q coco int", "q path", "q url", "q uid"}
+    assert {r["uid"] for r in rows} == {u0}
+    st = source_stats(cfg)
+    assert st["by_name"]["rejected"] == {"image_not_in_pairs": 1, "image_failed": 1}
+    assert st["by_coco"]["rejected"] == {"unparsable_image_ref": 1}
+    assert st["by_path"]["rejected"] == {"image_not_in_pairs": 1}
+    assert st["by_uid"]["rejected"] == {"bad_uid": 1}
+    assert_adds_up(cfg)
+
+
+def test_coco_id_keys():
+    assert key_of("COCO_train2014_000000123456.jpg", "coco_id") == "123456"
+    assert key_of("train2017/000000123456.jpg", "coco_id") == "123456"
+    assert key_of("http://images.cocodataset.org/train2017/000000123456.jpg?x=1", "coco_id") == "123456"
+    assert key_of(123456, "coco_id") == "123456"
+    assert key_of("a/b/c.jpg", "path", 2) == "b/c.jpg"
+
+
+def test_ambiguous_basename_is_rejected(tmp_path):
+    from schemas.pairs import PAIRS
+
+    urls = ["http://a.example/x/cat.jpg", "http://b.example/y/cat.jpg", "http://a.example/x/dog.jpg"]
+    rows = [dict(uid=uid_for(u), url=u, caption="c", status="success") for u in urls]
+    w = TableWriter(str(tmp_path / "pairs"), PAIRS, config={})
+    w.write("00000.parquet", pa.Table.from_pylist(rows, schema=PAIRS.schema))
+    w.finalize(["00000.parquet"], stats={})
+    write_features(tmp_path / "features", [uid_for(u) for u in urls])
+    recs = [{"image": "cat.jpg", "question": "q", "answer": "a"}, {"image": "dog.jpg", "question": "q", "answer": "a"}]
+    cfg = make_cfg(tmp_path, [{"kind": "vqa", "path": write_json(tmp_path / "v.json", recs)},
+                              {"kind": "vqa", "name": "by_path", "image_key": "path",
+                               "path": write_json(tmp_path / "p.json", [{"image": "y/cat.jpg", "question": "q", "answer": "a"}])}])
+    run(cfg)
+    assert source_stats(cfg)["vqa"]["rejected"] == {"ambiguous_image": 1}
+    assert {r["uid"] for r in read_rows(cfg)} == {uid_for(urls[2]), uid_for(urls[1])}  # path disambiguates
+
+
+def test_llava_multi_turn_kept_whole(world, tmp_path):
+    n0, n1 = world["names"][0], world["names"][1]
+    good = {"id": "1", "image": n0, "conversations": [
+        {"from": "human", "value": "<image>\nWhat is in the picture?"},
+        {"from": "gpt", "value": "Shapes."},
+        {"from": "human", "value": "Which colours?"},
+        {"from": "gpt", "value": "Red and blue."},
+        {"from": "human", "value": "And the background?"},
+        {"from": "gpt", "value": "White."}]}
+    bad = [
+        {"id": "nu", "image": n1, "conversations": [{"from": "gpt", "value": "hello"}]},
+        {"id": "na", "image": n1, "conversations": [{"from": "human", "value": "hi?"}]},
+        {"id": "ea", "image": n1, "conversations": [{"from": "human", "value": "hi?"}, {"from": "gpt", "value": "  "}]},
+        {"id": "ur", "image": n1, "conversations": [{"from": "robot", "value": "hi?"}, {"from": "gpt", "value": "x"}]},
+        {"id": "uq", "image": n1, "conversations": [{"from": "human", "value": "a?"}, {"from": "gpt", "value": "b"},
+                                                    {"from": "human", "value": "c?"}]},
+        {"id": "ni", "conversations": [{"from": "human", "value": "text only?"}, {"from": "gpt", "value": "yes"}]},
+    ]
+    cfg = make_cfg(tmp_path, [{"kind": "llava", "path": write_json(tmp_path / "llava.json", [good] + bad)}])
+    run(cfg)
+    rows = read_rows(cfg)
+    assert len(rows) == 1
+    conv = rows[0]["conversation"]
+    assert [t["role"] for t in conv] == ["user", "assistant"] * 3
+    assert conv[0]["content"] == "What is in the picture?"  # <image> placeholder stripped
+    assert conv[3]["content"] == "Red and blue." and rows[0]["task"] == "conversation"
+    st = source_stats(cfg)["llava"]
+    assert st["rejected"] == {"no_user_turn": 1, "no_answer": 1, "empty_answer": 1, "unknown_role": 1,
+                              "unanswered_question": 1, "no_image": 1}
+    assert st["input"] == 7 and st["kept"] == 1
+    assert_adds_up(cfg)
+
+
+def test_lmeyemid_records_jsonl_gz(world, tmp_path):
+    uids = world["pairs"]["uid"].to_pylist()
+    recs = [{"question": f"Q{i}? <image>", "answer": f"A{i}", "image_path": f"/data/coco/train2014/COCO_train2014_{i:012d}.jpg",
+             "chunk_belong": i % 3} for i in range(1, 5)]
+    recs.append({"question": "Q?", "answer": "", "image_path": "COCO_train2014_000000000001.jpg", "chunk_belong": 0})
+    path = tmp_path / "mid.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in recs).encode()))
+    cfg = make_cfg(tmp_path, [{"kind": "lmeyemid", "path": str(path)}])
+    run(cfg)
+    rows = sorted(read_rows(cfg), key=lambda r: r["conversation"][0]["content"])
+    assert [r["conversation"][0]["content"] for r in rows] == ["Q1?", "Q2?", "Q3?", "Q4?"]
+    assert [r["uid"] for r in rows] == uids[1:5]  # demo names img_0000N map by COCO-style id N
+    assert {r["task"] for r in rows} == {"instruction"}
+    assert source_stats(cfg)["lmeyemid"]["rejected"] == {"empty_answer": 1}
+    assert_adds_up(cfg)
+
+
+def test_captions_from_a_file(world, tmp_path):
+    n = world["names"]
+    path = write_jsonl(tmp_path / "caps.jsonl", [{"image": n[0], "caption": "A red circle."},
+                                                 {"image": n[0], "caption": "Another caption."},
+                                                 {"image": n[1], "caption": ""}])
+    cfg = make_cfg(tmp_path, [{"kind": "captions", "path": path, "tasks": {"short_caption": 1}}])
+    run(cfg)
+    rows = read_rows(cfg)
+    assert sorted(r["conversation"][1]["content"] for r in rows) == ["A red circle.", "Another caption."]
+    assert source_stats(cfg)["captions"]["rejected"] == {"no_caption": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# split, dedup, shuffle, weights
+
+
+def test_split_by_uid_no_image_on_both_sides(world, tmp_path):
+    n = world["names"][:10]
+    recs = [{"image": name, "question": f"q{k}", "answer": "a"} for name in n for k in range(5)]
+    cfg = make_cfg(tmp_path, [{"kind": "vqa", "path": write_json(tmp_path / "v.json", recs)}, {"kind": "captions"}],
+                   val_fraction=0.4, partition_mb=0.001)
+    run(cfg)
+    m = Manifest.load(cfg.instruct.output)
+    assert m.stats["partitions"] > 1
+    rows = read_rows(cfg)
+    train = {r["uid"] for r in rows if r["split"] == "train"}
+    val = {r["uid"] for r in rows if r["split"] == "validation"}
+    assert train and val and not (train & val)
+    files = split_files(cfg.instruct.output)
+    for split, paths in files.items():
+        for p in paths:
+            assert set(pq.read_table(p, columns=["split"])["split"].to_pylist()) <= {split}
+    placement = Placement(1, 0, 0.4)
+    assert all(placement.is_validation(u) for u in val) and not any(placement.is_validation(u) for u in train)
+    # the shuffle seed never moves an image across the split
+    cfg2 = make_cfg(tmp_path, cfg.instruct.model_dump(mode="json")["sources"], val_fraction=0.4, seed=7,
+                    output=str(tmp_path / "other"), partition_mb=0.001)
+    run(cfg2)
+    rows2 = read_rows(cfg2)
+    assert {r["uid"] for r in rows2 if r["split"] == "validation"} == val
+    assert [r["sample_id"] for r in rows2] != [r["sample_id"] for r in rows]  # reshuffled
+    assert sorted(r["sample_id"] for r in rows2 if r["source"] == "vqa") == sorted(r["sample_id"] for r in rows if r["source"] == "vqa")
+
+
+def test_deterministic_order_and_sample_ids(world, tmp_path):
+    recs = [{"image": name, "question": f"q{k}", "answer": "a"} for name in world["names"][:10] for k in range(3)]
+    srcs = [{"kind": "vqa", "path": write_json(tmp_path / "v.json", recs)}]
+    a = make_cfg(tmp_path, srcs, output=str(tmp_path / "a"), partition_mb=0.001)
+    b = make_cfg(tmp_path, srcs, output=str(tmp_path / "b"), partition_mb=0.001, chunk_rows=7)
+    run(a), run(b)
+    ra, rb = read_rows(a), read_rows(b)
+    assert ra == rb and len({r["sample_id"] for r in ra}) == len(ra) == 30
+
+
+def test_exact_duplicates_removed_within_and_across_sources(world, tmp_path):
+    n = world["names"]
+    recs = [{"image": n[0], "question": "Q?", "answer": "A"},
+            {"image": n[0], "question": "Q?", "answer": "A"},      # exact duplicate
+            {"image": n[0], "question": "Q?", "answer": "B"},      # same question, other answer: kept
+            {"image": n[1], "question": "Q?", "answer": "A"}]      # other image: kept
+    mid = [{"question": "Q?", "answer": "A", "image_path": n[0], "chunk_belong": 0}]  # duplicate of vqa's first
+    cfg = make_cfg(tmp_path, [{"kind": "vqa", "path": write_json(tmp_path / "v.json", recs)},
+                              {"kind": "lmeyemid", "image_key": "basename", "task": "vqa",
+                               "path": write_json(tmp_path / "m.json", mid)}])
+    run(cfg)
+    rows = read_rows(cfg)
+    assert len(rows) == 3 and {r["source"] for r in rows} == {"vqa"}
+    st = source_stats(cfg)
+    assert st["vqa"]["duplicate"] == 1 and st["lmeyemid"]["duplicate"] == 1 and st["lmeyemid"]["kept"] == 0
+    assert_adds_up(cfg)
+    nodedupe = make_cfg(tmp_path, cfg.instruct.model_dump(mode="json")["sources"], dedupe=False,
+                        output=str(tmp_path / "nd"))
+    run(nodedupe)
+    assert len(read_rows(nodedupe)) == 5
+
+
+def test_weight_and_cap(world, tmp_path):
+    recs = [{"image": name, "question": f"q{k}", "answer": "a"} for name in world["names"][:10] for k in range(20)]
+    path = write_json(tmp_path / "v.json", recs)
+    cfg = make_cfg(tmp_path, [{"kind": "vqa", "name": "half", "path": path, "weight": 0.5},
+                              {"kind": "vqa", "name": "capped", "path": path, "cap": 7, "task": "vqa2"}], dedupe=False)
+    run(cfg)
+    st = source_stats(cfg)
+    assert 60 < st["half"]["kept"] < 140 and st["half"]["sampled_out"] == 200 - st["half"]["kept"]
+    assert st["capped"]["kept"] == 7 and st["capped"]["over_cap"] == 193
+    assert_adds_up(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_malformed_jsonl_line_errors_naming_file_and_line(world, tmp_path):
+    n = world["names"][0]
+    path = write_jsonl(tmp_path / "v.jsonl", [{"image": n, "question": "q", "answer": "a"}, '{"image": "x", "question": ',
+                                             {"image": n, "question": "q2", "answer": "a"}])
+    cfg = make_cfg(tmp_path, [{"kind": "vqa", "path": path}])
+    with pytest.raises(UserError, match=r"v\.jsonl: line 2: not valid JSON"):
+        run(cfg)
+    cfg = make_cfg(tmp_path, [{"kind": "vqa", "path": path}], on_bad_record="skip")
+    summary = run(cfg)
+    st = source_stats(cfg)["vqa"]
+    assert st["input"] == 3 and st["malformed"] == 1 and st["kept"] == 2
+    assert any("line 2" in note for note in summary.notes)
+    assert summary.failures["vqa: malformed"] == 1
+
+
+def test_malformed_json_list_record(world, tmp_path):
+    n = world["names"][0]
+    good = json.dumps({"image": n, "question": "q", "answer": "a"})
+    text = "[" + good + ', {"image": "x", "question": nope}, ' + good.replace('"q"', '"q3"') + ', 17, {"image": "x"}]'
+    path = tmp_path / "v.json"
+    path.write_text(text)
+    cfg = make_cfg(tmp_path, [{"kind": "vqa", "path": str(path)}])
+    with pytest.raises(UserError, match=r"v\.json: record 1: not valid JSON"):
+        run(cfg)
+    cfg = make_cfg(tmp_path, [{"kind": "vqa", "path": str(path)}], on_bad_record="skip")
+    run(cfg)
+    st = source_stats(cfg)["vqa"]
+    assert st["input"] == 5 and st["malformed"] == 3 and st["kept"] == 2  # bad JSON, not an object, missing keys
+    assert_adds_up(cfg)
+
+
+def test_missing_field_names_record(world, tmp_path):
+    path = write_json(tmp_path / "v.json", [{"image": "a.jpg", "question": "q"}])
+    cfg = make_cfg(tmp_path, [{"kind": "vqa", "path": path}])
+    with pytest.raises(UserError, match=r"v\.json: record 0: missing 'answer'"):
+        run(cfg)
+    llava = write_json(tmp_path / "l.json", [{"image": "a.jpg", "conversations": [{"from": "human"}]}])
+    cfg = make_cfg(tmp_path, [{"kind": "llava", "path": llava}])
+    with pytest.raises(UserError, match=r"l\.json: record 0: conversations\[0\]"):
+        run(cfg)
+
+
+def test_not_a_list_is_always_an_error(world, tmp_path):
+    path = write_json(tmp_path / "v.json", {"questions": []})
+    cfg = make_cfg(tmp_path, [{"kind": "vqa", "path": path}], on_bad_record="skip")
+    with pytest.raises(UserError, match=r"v\.json: expected a JSON list"):
+        run(cfg)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64, 1 << 20])
+def test_streaming_json_reader_across_buffer_boundaries(tmp_path, chunk):
+    value = [{"a": "x, ] } \" [", "n": 12345}, [1, [2, 3]], "s", 123456789, {"b": {"c": []}}, None]
+    path = tmp_path / "x.json"
+    text = json.dumps(value, indent=2)
+    text = text[:-1] + ', {"bad": tru}, 5]'
+    path.write_text(text)
+    got = list(iter_records(str(path), chunk_chars=chunk))
+    assert [r for _, r in got[:6]] == value
+    assert isinstance(got[6][1], Malformed) and got[6][0] == "record 6"
+    assert got[7] == ("record 7", 5)
+
+
+def test_unknown_source_key_and_duplicate_names_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="instruct.sources.0.vqa.question_col: unknown key"):
+        load_config(None, {"instruct.sources": [{"kind": "vqa", "path": "x", "question_col": "q"}]})
+    with pytest.raises(ConfigError, match="duplicate source name 'vqa'"):
+        load_config(None, {"instruct.sources": [{"kind": "vqa", "path": "x"}, {"kind": "vqa", "path": "y"}]})
+    with pytest.raises(ConfigError, match="path is required"):
+        load_config(None, {"instruct.sources": [{"kind": "llava"}]})
+
+
+def test_features_required_and_optional(tmp_path, make_pairs):
+    make_pairs(num_images=4)
+    cfg = make_cfg(tmp_path, [{"kind": "captions"}])
+    with pytest.raises(UserError, match=r"instruct.features: no features table at .*require_features: false"):
+        run(cfg)
+    cfg = make_cfg(tmp_path, [{"kind": "captions"}], require_features=False)
+    summary = run(cfg)
+    assert summary.rows == 5  # 4 good + the corrupt row (status success); the failed download is rejected
+    assert any("features NOT checked" in n for n in summary.notes)
+    assert Manifest.load(cfg.instruct.output).stats["features_checked"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# resume, HF, CLI
+
+
+def test_rerun_skips_and_killed_run_resumes(world, tmp_path):
+    recs = [{"image": name, "question": f"q{k}", "answer": "a"} for name in world["names"][:10] for k in range(3)]
+    cfg = make_cfg(tmp_path, [{"kind": "vqa", "path": write_json(tmp_path / "v.json", recs)}], partition_mb=0.0005)
+    first = run(cfg)
+    before = read_rows(cfg)
+    parts = Manifest.load(cfg.instruct.output).stats["partitions"]
+    assert parts > 1 and first.shards_done == 2 * parts
+    again = run(cfg)
+    assert again.shards_done == 0 and again.shards_skipped == 2 * parts and again.rows == first.rows
+    # a killed run: one shard missing and the manifest not complete
+    out = Path(cfg.instruct.output)
+    victim = sorted(out.glob("train-*.parquet"))[0]
+    victim.unlink()
+    m = Manifest.load(str(out))
+    m.complete = False
+    m.save(str(out))
+    resumed = run(cfg)
+    assert resumed.shards_done == 2 and resumed.shards_skipped == 2 * parts - 2
+    assert read_rows(cfg) == before
+    assert_adds_up(cfg)
+    # changed input: everything is redone
+    write_json(tmp_path / "v.json", recs[:-1])
+    redo = run(cfg)
+    assert redo.rows == first.rows - 1
+
+
+def test_hf_load_dataset_and_export(world, tmp_path):
+    import datasets
+
+    cfg = make_cfg(tmp_path, [{"kind": "captions"}], val_fraction=0.5)
+    run(cfg)
+    ds = datasets.load_dataset("parquet", data_dir=cfg.instruct.output, cache_dir=str(tmp_path / "hfcache"))
+    rows = read_rows(cfg)
+    assert set(ds) == {"train", "validation"}
+    assert ds["train"].num_rows + ds["validation"].num_rows == len(rows)
+    assert ds["train"][0]["conversation"][0]["role"] == "user"
+    out = tmp_path / "hf"
+    assert main(["instruct", "--set", f"data.root={tmp_path}", "--set", "instruct.val_fraction=0.5",
+                 "--export-hf", str(out)]) == 0
+    back = datasets.load_from_disk(str(out))
+    assert isinstance(back, datasets.DatasetDict)
+    assert sorted(list(back["train"]["sample_id"]) + list(back["validation"]["sample_id"])) == sorted(r["sample_id"] for r in rows)
+
+
+def test_cli_errors_are_one_line(world, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "v.jsonl", ["{oops"])
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"data:\n  root: {tmp_path}\ninstruct:\n  sources:\n    - kind: vqa\n      path: {path}\n")
+    assert main(["instruct", "--config", str(cfg_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "v.jsonl: line 1: not valid JSON" in err
+
+
+def test_demo_config_section_builds_from_the_demo_corpus(tmp_path, make_pairs):
+    """configs/demo.yaml's instruct section, on a pairs table of the demo corpus's images."""
+    root = Path(__file__).resolve().parents[2]
+    pairs_path, pairs = make_pairs(num_images=8, corrupt=0, failed=0)
+    write_corpus(tmp_path / "corpus", num_images=8)
+    write_features(tmp_path / "features", pairs["uid"].to_pylist())
+    cfg = load_config(root / "configs" / "demo.yaml", [f"data.root={tmp_path}"])
+    summary = run(cfg)
+    st = source_stats(cfg)
+    assert st["demo_captions"]["kept"] == 8 and st["demo_vqa"]["kept"] == st["demo_vqa"]["input"] > 8
+    assert summary.ok and summary.rows == st["demo_captions"]["kept"] + st["demo_vqa"]["kept"]
+
+
+def test_missing_inputs_are_named_before_any_work(tmp_path):
+    cfg = make_cfg(tmp_path, [{"kind": "captions"}], require_features=False)
+    with pytest.raises(FileNotFoundError, match=r"no pairs table at .*pairs; run `lmeye download` first"):
+        run(cfg)
+    cfg = make_cfg(tmp_path, [{"kind": "vqa", "path": str(tmp_path / "nope.json")}], require_features=False)
+    with pytest.raises(FileNotFoundError, match=r"nope.json: no such file"):
+        run(cfg)
+    assert Manifest.load(cfg.instruct.output) is None  # nothing was started
