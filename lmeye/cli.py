@@ -7,7 +7,8 @@ import argparse
 import importlib
 import sys
 
-from lmeye.config import ConfigError, load_config, parse_overrides
+from lmeye.config import load_config, parse_overrides
+from lmeye.errors import UserError, user_errors  # noqa: F401  (UserError re-exported for commands)
 
 COMMANDS = ["config", "demo", "download", "extract", "store", "instruct"]
 
@@ -41,23 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors a user can fix from the message alone: shown as one line, no traceback.
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from lmeye.tables import OutputNotWritable
-    from schemas import SchemaError
-
-    return (ConfigError, SchemaError, OutputNotWritable, FileNotFoundError, UserError)
-
-
-class UserError(Exception):
-    """An error whose message says everything (bad input named by file, row or key)."""
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except _user_errors() as err:
+    except user_errors() as err:
         print(f"lmeye {args.command}: error: {err}", file=sys.stderr)
         return 2
 

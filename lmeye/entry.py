@@ -8,6 +8,7 @@ import sys
 from typing import Callable
 
 from lmeye.config import Config, ConfigError, load_config
+from lmeye.errors import user_errors
 from lmeye.report import StageSummary
 
 StageFn = Callable[[Config], StageSummary]
@@ -32,10 +33,8 @@ def job_main(stage: StageFn, argv: list[str] | None = None, description: str = "
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from lmeye.cli import _user_errors
-
     try:
         return run_stage(stage, cfg)
-    except _user_errors() as err:
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

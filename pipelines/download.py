@@ -240,15 +240,21 @@ class Committer:
             if s.shard_id not in self.pending:
                 if not self.fs.exists(stats):
                     self.fs.pipe_file(stats, json.dumps({"count": s.rows, "committed": True}).encode())
-            elif self.fs.exists(stats) and self.fs.exists(data):
-                self.commit(s)  # finished by a run that was killed before committing it
-            else:
+            elif self.fs.exists(stats) and self.fs.exists(data) and self.commit(s):
+                pass  # finished by a run that was killed before committing it
+            else:  # img2dataset skips any shard with a stats file: leave none for this one
                 for f in (data, stats):
                     if self.fs.exists(f):
                         self.fs.rm_file(f)
 
     def commit(self, s: PlannedShard) -> bool:
         data, stats_file = self._paths(s)
+        try:
+            # img2dataset writes the stats file last but not atomically: until it parses, the
+            # shard is still being finished. Try again on the next sweep.
+            stats = json.loads(self.fs.cat_file(stats_file))
+        except (ValueError, FileNotFoundError):
+            return False
         with self.fs.open(data, "rb") as f:
             table = to_pairs(pq.read_table(f), self.cfg.encode_format)
         if fingerprint(table["uid"].to_pylist()) != s.fingerprint:
@@ -256,7 +262,6 @@ class Committer:
             self.fs.rm_file(data)
             self.fs.rm_file(stats_file)
             return False
-        stats = json.loads(self.fs.cat_file(stats_file))
         info = self.writer.write(
             s.name, table, inputs=[s.source], input_fingerprint=s.fingerprint,
             stats={k: stats.get(k) for k in ("count", "successes", "failed_to_download", "failed_to_resize", "duration")},
@@ -283,7 +288,10 @@ class Committer:
     def watch(self, interval: float = 0.5) -> threading.Thread:
         def loop() -> None:
             while not self._stop.wait(interval):
-                self.sweep()
+                try:
+                    self.sweep()
+                except Exception as err:  # keep watching; the final sweep after the pass retries
+                    print(f"[download] committer: {err.__class__.__name__}: {err}", flush=True)
 
         t = threading.Thread(target=loop, name="pairs-committer", daemon=True)
         t.start()

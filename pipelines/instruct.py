@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lmeye.cli import UserError
+from lmeye.errors import UserError
 from lmeye.config import Config
 from lmeye.config.instruct import DEFAULT_TASK, InstructConfig
 from lmeye.report import StageSummary
