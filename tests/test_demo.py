@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pyarrow.compute as pc
 
 from lmeye.config import load_config
@@ -10,9 +12,16 @@ from lmeye.tables import Manifest, TableReader
 from schemas.pairs import PAIRS, SUCCESS
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_demo_pipeline_end_to_end(tmp_path, ray_local, capsys):
+    # One port for both runs: uids come from URLs, so a rerun must serve the same ones.
     cfg = load_config("configs/demo.yaml", {
-        "data.root": str(tmp_path / "demo"), "demo.num_images": 16, "demo.port": 0,
+        "data.root": str(tmp_path / "demo"), "demo.num_images": 16, "demo.port": _free_port(),
         "download.samples_per_shard": 8,
     })
     summaries = run_demo(cfg)

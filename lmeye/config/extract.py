@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field
 
@@ -12,3 +12,28 @@ from lmeye.config.base import Section
 class ExtractConfig(Section):
     input: Optional[str] = Field(None, description="pairs table; default {data.root}/pairs")
     output: Optional[str] = Field(None, description="features table; default {data.root}/features")
+    # the model (open_clip)
+    model: str = Field("ViT-L-14", description="open_clip architecture: built-in, or a JSON in configs/models/ or model_config_dirs")
+    pretrained: Optional[str] = Field(
+        "openai", description="open_clip pretrained tag or a local checkpoint file; null: random weights from `seed`"
+    )
+    model_config_dirs: list[str] = Field(default_factory=list, description="extra directories of open_clip model JSONs")
+    seed: int = Field(0, description="seed of random weights when pretrained is null")
+    precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16", "bf16", "fp16"] = Field(
+        "auto", description="compute precision; auto: amp_bf16 (mixed) on GPU, fp32 on CPU"
+    )
+    dtype: Literal["float16", "float32"] = Field("float16", description="stored dtype of embeddings and patch tokens")
+    patch_tokens: bool = Field(False, description="also store the visual tower's token features (tokens x width)")
+    # the actor pool
+    batch_size: int = Field(256, gt=0, description="images per model forward")
+    pool_size: int = Field(1, gt=0, description="model actors (min size when pool_max_size is set)")
+    pool_max_size: Optional[int] = Field(None, gt=0, description="autoscale the actor pool up to this many actors")
+    num_gpus: float = Field(0, ge=0, description="GPUs per model actor; 0: run on the CPU")
+    actor_num_cpus: float = Field(1, gt=0, description="CPUs reserved per model actor")
+    torch_threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads per actor; null: max(1, actor_num_cpus)")
+    # decoding / preprocessing tasks
+    decode_num_cpus: float = Field(1, gt=0, description="CPUs per decode+preprocess task (one task per pairs shard)")
+    decode_memory_mb: int = Field(1024, gt=0, description="memory reserved per decode task (a worker with torch, plus a row group of image bytes)")
+    decode_batch_rows: int = Field(256, gt=0, description="rows a decode task reads and emits at a time")
+    row_group_rows: int = Field(1024, gt=0, description="rows per Parquet row group of the features shards")
+    debug_delay_s: float = Field(0, ge=0, description="sleep after each model batch (kill/resume tests only; keep 0)")

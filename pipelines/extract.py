@@ -1,0 +1,518 @@
+"""Extraction stage: the `pairs` table -> the `features` table, open_clip on Ray Data.
+
+One entry function, ``run(cfg) -> StageSummary``; it connects to Ray itself (``init_ray``, a
+no-op when Ray is up) once its inputs and model have been checked, and only if work is left. The flow, one Ray Data pipeline for every unfinished shard:
+
+1. ``from_items`` of the pending pairs shards (one item per shard);
+2. ``map_batches(_decode_shard)``, CPU tasks: each reads its shard's ``success`` rows in slices
+   of ``decode_batch_rows``, decodes the image bytes with PIL and runs the PIL half of the
+   model's own preprocessing (resize, crop, RGB), and emits ``uint8`` pixels as a plain Arrow
+   ``fixed_size_list`` column. An image that does not decode becomes a row with its error;
+3. ``map_batches(_Encoder, compute=ActorPoolStrategy(...), num_gpus=...)``, the model actors:
+   the tensor half of the preprocessing (scale, normalise), the visual tower under the
+   configured precision (bf16 autocast on GPU by default), L2-normalised pooled embeddings
+   and, when asked, the visual tower's token features, as Arrow ``fixed_size_list`` columns;
+4. the driver streams the results (``iter_batches``) into one features shard per pairs shard,
+   written under a temporary name in row groups of ``row_group_rows`` and renamed when the
+   shard has all its rows, then recorded in the manifest. Memory stays bounded by the blocks
+   in flight, not by the corpus or the shard size.
+
+Resume: a features shard is finished when the manifest lists it with the pairs shard's sha256
+as input fingerprint and the same content config (model, checkpoint checksum, precision,
+dtype, patch tokens, preprocessing). Killed and rerun, only unfinished shards are redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+import sys
+import time
+import traceback
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from typing import Any, Iterator, Optional
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lmeye import clip
+from lmeye.config import Config, ExtractConfig
+from lmeye.report import StageSummary
+from lmeye.runtime import init_ray
+from lmeye.tables import ShardInfo, TableReader, TableWriter, fingerprint
+from schemas.features import FAILED_TO_DECODE, SUCCESS, features_schema
+from schemas.pairs import PAIRS
+from schemas.pairs import SUCCESS as PAIRS_SUCCESS
+
+log = logging.getLogger(__name__)
+
+SHARD_COL = "_shard"
+PIXELS_COL = "_pixels"
+ERROR_COL = "_error"
+
+
+# ----------------------------------------------------------------------------- CPU tasks
+
+
+@lru_cache(maxsize=4)
+def _pil_part(preprocess_key: str):
+    import json
+
+    cfg = json.loads(preprocess_key)
+    cfg["size"] = tuple(cfg["size"]) if isinstance(cfg["size"], list) else cfg["size"]
+    for k in ("mean", "std"):
+        cfg[k] = tuple(cfg[k])
+    pil_part, _ = clip.split_transform(clip.build_transform(cfg))
+    return pil_part
+
+
+_ADDR = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _reason(err: BaseException) -> str:
+    msg = _ADDR.sub("", str(err)).strip()
+    return f"{type(err).__name__}: {msg}"[:300] if msg else type(err).__name__
+
+
+def decode_image(data: bytes, pil_part, size: tuple[int, int]) -> np.ndarray:
+    """Bytes -> HxWx3 uint8 through the PIL half of the model's preprocessing; raises on a bad image."""
+    from PIL import Image
+
+    if data is None:
+        raise ValueError("no image bytes")
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()  # decode fully here: truncated files fail now, with their reason
+        return clip.to_pixels(pil_part, img, size)
+
+
+def _decode_shard(batch: pa.Table, *, preprocess_key: str, size: tuple[int, int], rows: int) -> Iterator[pa.Table]:
+    """One pairs shard -> batches of (uid, _shard, _error, _pixels) for its success rows."""
+    pil_part = _pil_part(preprocess_key)
+    h, w = size
+    pixel_type = pa.list_(pa.uint8(), h * w * 3)
+    for shard, path in zip(batch.column("shard").to_pylist(), batch.column("path").to_pylist()):
+        with fsspec.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            PAIRS.check(pf.schema_arrow, path)
+            for rb in pf.iter_batches(batch_size=rows, columns=["uid", "status", "image"]):
+                part = pa.Table.from_batches([rb])
+                part = part.filter(pc.equal(part["status"], PAIRS_SUCCESS))
+                n = part.num_rows
+                if n == 0:
+                    continue
+                pixels = np.zeros((n, h, w, 3), dtype=np.uint8)
+                errors: list[Optional[str]] = [None] * n
+                for i, data in enumerate(part.column("image").to_pylist()):
+                    try:
+                        pixels[i] = decode_image(data, pil_part, size)
+                    except Exception as err:  # noqa: BLE001 - any decode failure is a failed row
+                        errors[i] = _reason(err)
+                yield pa.table(
+                    {
+                        "uid": part["uid"],
+                        SHARD_COL: pa.array([shard] * n, pa.string()),
+                        ERROR_COL: pa.array(errors, pa.string()),
+                        PIXELS_COL: pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), type=pixel_type),
+                    }
+                )
+
+
+# ----------------------------------------------------------------------------- model actors
+
+
+def _vectors(values: np.ndarray, mask: Optional[np.ndarray]) -> pa.Array:
+    n, width = values.shape
+    return pa.FixedSizeListArray.from_arrays(
+        pa.array(values.reshape(-1)), width, mask=None if mask is None else pa.array(mask)
+    )
+
+
+class _Encoder:
+    """One model actor: the tensor half of the preprocessing and the visual tower."""
+
+    def __init__(self, spec: dict[str, Any], settings: dict[str, Any]):
+        import torch
+
+        self.torch = torch
+        self.settings = settings
+        threads = settings["torch_threads"]
+        if threads:
+            torch.set_num_threads(threads)
+        want_gpu = settings["num_gpus"] > 0
+        if want_gpu and not torch.cuda.is_available():
+            raise RuntimeError("extract.num_gpus > 0 but this worker sees no CUDA device")
+        self.device = "cuda" if want_gpu else "cpu"
+        self.precision = settings["precision"]
+        self.visual, preprocess = clip.load_visual(
+            spec["model"],
+            spec["checkpoint"] or spec["pretrained"],
+            device=self.device,
+            precision=self.precision,
+            seed=spec["seed"],
+            config_dirs=settings["model_config_dirs"],
+            output_tokens=settings["patch_tokens"],
+        )
+        got = dict(self.visual.preprocess_cfg)
+        want = spec["preprocess_cfg"]
+        if {k: _norm(v) for k, v in got.items()} != {k: _norm(v) for k, v in want.items()}:
+            raise RuntimeError(f"model preprocessing on the worker {got} differs from the driver's {want}")
+        _, self.tensor_steps = clip.split_transform(preprocess)
+        _, autocast, input_dtype = clip.PRECISIONS[self.precision]
+        self.autocast = getattr(torch, autocast) if autocast else None
+        self.input_dtype = getattr(torch, input_dtype)
+        self.store = np.dtype(settings["dtype"])
+        self.size = tuple(spec["image_size"])
+        self.embed_dim = spec["embed_dim"]
+        self.token_shape = spec["token_shape"]
+
+    def _forward(self, pixels: np.ndarray):
+        torch = self.torch
+        x = clip.pixels_to_tensor(pixels, self.tensor_steps, self.device).to(self.input_dtype)
+        with torch.inference_mode():
+            if self.autocast is not None:
+                with torch.autocast(device_type=self.device.split(":")[0], dtype=self.autocast):
+                    out = self.visual(x)
+            else:
+                out = self.visual(x)
+        pooled, tokens = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+        emb = torch.nn.functional.normalize(pooled.float(), dim=-1)
+        emb = emb.to(torch.float16 if self.store == np.float16 else torch.float32).cpu().numpy()
+        if tokens is not None:
+            tokens = tokens.to(torch.float16 if self.store == np.float16 else torch.float32).cpu().numpy()
+        return emb, tokens
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        errors = batch.column(ERROR_COL)
+        ok = pc.is_null(errors).to_numpy(zero_copy_only=False)
+        h, w = self.size
+        flat = batch.column(PIXELS_COL).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        pixels = flat.reshape(n, h, w, 3)
+        emb = np.zeros((n, self.embed_dim), dtype=self.store)
+        tokens = None
+        if self.settings["patch_tokens"]:
+            t, d = self.token_shape
+            tokens = np.zeros((n, t * d), dtype=self.store)
+        idx = np.flatnonzero(ok)
+        if idx.size:
+            e, tok = self._forward(pixels[idx] if idx.size < n else pixels)
+            emb[idx] = e
+            if tokens is not None:
+                tokens[idx] = tok.reshape(idx.size, -1)
+        if self.settings["debug_delay_s"]:
+            time.sleep(self.settings["debug_delay_s"])
+        failed = ~ok
+        cols = {
+            "uid": batch.column("uid"),
+            "status": pa.array(np.where(ok, SUCCESS, FAILED_TO_DECODE), pa.string()),
+            "error_message": errors,
+            "embedding": _vectors(emb, failed if failed.any() else None),
+        }
+        if tokens is not None:
+            cols["patch_tokens"] = _vectors(tokens, failed if failed.any() else None)
+        cols[SHARD_COL] = batch.column(SHARD_COL)
+        return pa.table(cols)
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+class _HashingFile:
+    """A write-only file wrapper that counts and hashes what passes through (for ShardInfo)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.sha.update(data)
+        self.size += len(data)
+        self.f.write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.f.close()
+            self.closed = True
+
+
+class _ShardSink:
+    """One features shard being written: temporary name, row groups as rows arrive, rename at the end."""
+
+    def __init__(self, path: str, name: str, schema: pa.Schema, expected: int, row_group_rows: int,
+                 pairs_name: str, pairs_sha: str):
+        self.fs, root = fsspec.core.url_to_fs(path)
+        self.final = f"{root.rstrip('/')}/{name}"
+        self.tmp = f"{root.rstrip('/')}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.name, self.schema, self.expected = name, schema, expected
+        self.row_group_rows = row_group_rows
+        self.pairs_name, self.pairs_sha = pairs_name, pairs_sha
+        self.file = _HashingFile(self.fs.open(self.tmp, "wb"))
+        self.writer = pq.ParquetWriter(self.file, schema, compression="zstd")
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.rows = 0
+        self.by_status: Counter = Counter()
+        self.failures: Counter = Counter()
+
+    def add(self, part: pa.Table) -> None:
+        part = part.select(self.schema.names).cast(self.schema)
+        self.rows += part.num_rows
+        counts = Counter(part.column("status").to_pylist())
+        self.by_status.update(counts)
+        if counts.get(FAILED_TO_DECODE):
+            bad = part.filter(pc.equal(part["status"], FAILED_TO_DECODE))
+            self.failures.update(bad.column("error_message").to_pylist())
+        self.pending.append(part)
+        self.pending_rows += part.num_rows
+        if self.pending_rows >= self.row_group_rows:
+            self._flush()
+        if self.rows > self.expected:
+            raise RuntimeError(f"{self.name}: got {self.rows} rows, expected {self.expected}")
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=self.row_group_rows)
+            self.pending, self.pending_rows = [], 0
+
+    @property
+    def complete(self) -> bool:
+        return self.rows == self.expected
+
+    def close(self) -> ShardInfo:
+        self._flush()
+        self.writer.close()
+        self.file.close()
+        self.fs.mv(self.tmp, self.final)
+        return ShardInfo(
+            name=self.name,
+            rows=self.rows,
+            bytes=self.file.size,
+            sha256=self.file.sha.hexdigest(),
+            inputs=[self.pairs_name],
+            input_fingerprint=self.pairs_sha,
+            stats={"by_status": dict(self.by_status), "failures": dict(self.failures)},
+        )
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+            self.file.close()
+            self.fs.rm_file(self.tmp)
+        except Exception:  # noqa: BLE001 - best effort; finalize() of a later run removes leftovers
+            pass
+
+
+def _count_success(reader: TableReader, names: list[str]) -> dict[str, int]:
+    """Success rows per pairs shard (reads the status column only, a few shards at a time)."""
+
+    def one(name: str) -> int:
+        status = reader.read_shard(name, columns=["status"]).column("status")
+        return int(pc.sum(pc.equal(status, PAIRS_SUCCESS)).as_py() or 0)
+
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(names)))) as pool:
+        return dict(zip(names, pool.map(one, names)))
+
+
+def content_config(ec: ExtractConfig, spec: clip.ModelSpec, precision: str) -> dict[str, Any]:
+    """What decides the features' values: the config fingerprint of the table. Throughput knobs
+    (batch and pool sizes, GPUs, threads) are left out, so resuming with other ones keeps shards."""
+    return {
+        "model": ec.model,
+        "weights": spec.checkpoint_sha256 or f"random-init:seed={ec.seed}",
+        "precision": precision,
+        "dtype": ec.dtype,
+        "patch_tokens": ec.patch_tokens,
+        "preprocess": {k: _norm(v) for k, v in spec.preprocess_cfg.items()},
+    }
+
+
+def table_metadata(ec: ExtractConfig, spec: clip.ModelSpec, precision: str) -> dict[str, str]:
+    h, w = spec.image_size
+    return {
+        "model": ec.model,
+        "pretrained": ec.pretrained or f"none (random init, seed {ec.seed})",
+        "checkpoint_sha256": spec.checkpoint_sha256,
+        "image_size": str(h) if h == w else f"{h}x{w}",
+        "dtype": ec.dtype,
+        "embed_dim": str(spec.embed_dim),
+        "precision": precision,
+        "patch_tokens_shape": ",".join(map(str, spec.token_shape)) if ec.patch_tokens and spec.token_shape else "",
+    }
+
+
+def _aggregate(shards: dict[str, ShardInfo]) -> tuple[Counter, Counter]:
+    by_status: Counter = Counter()
+    failures: Counter = Counter()
+    for info in shards.values():
+        by_status.update(info.stats.get("by_status", {}))
+        failures.update(info.stats.get("failures", {}))
+    return by_status, failures
+
+
+def run(cfg: Config) -> StageSummary:
+    """Extract CLIP features for every successful pairs row not yet done; returns the summary."""
+    import ray
+
+    t0 = time.time()
+    ec = cfg.extract
+    out = ec.output
+    summary = StageSummary(stage="extract", output=out, rate_unit="images/s")
+
+    pairs = TableReader(ec.input, PAIRS)
+    device = "cuda" if ec.num_gpus > 0 else "cpu"
+    precision = clip.resolve_precision(ec.precision, device)
+    try:
+        spec = clip.probe_model(ec.model, ec.pretrained, seed=ec.seed, config_dirs=ec.model_config_dirs)
+    except clip.ModelError as err:
+        from lmeye.errors import UserError
+
+        raise UserError(str(err)) from None
+    if ec.patch_tokens and spec.token_shape is None:
+        from lmeye.errors import UserError
+
+        raise UserError(f"extract.patch_tokens: {ec.model}'s visual tower returns no token features")
+    meta = table_metadata(ec, spec, precision)
+    schema = features_schema(
+        spec.embed_dim, ec.dtype, spec.token_shape if ec.patch_tokens else None,
+        {k: v for k, v in meta.items() if k != "patch_tokens_shape"},
+    )
+    pairs_sha = {n: s.sha256 for n, s in pairs.manifest.shards.items()}
+    writer = TableWriter(
+        out, _features_table(), config=content_config(ec, spec, precision), input_fingerprint=fingerprint(pairs_sha)
+    )
+    names = pairs.shard_names
+    pending = [n for n in names if not writer.is_done(n, pairs_sha[n])]
+    summary.shards_skipped = len(names) - len(pending)
+    expected = _count_success(pairs, pending) if pending else {}
+
+    sinks: dict[str, _ShardSink] = {}
+    processed = 0
+    try:
+        for name in pending:
+            if expected[name] == 0:  # nothing to extract: an empty shard keeps the one-to-one layout
+                sink = _ShardSink(out, name, schema, 0, ec.row_group_rows, name, pairs_sha[name])
+                writer.record(sink.close())
+                summary.shards_done += 1
+        work = [n for n in pending if expected[n] > 0]
+        if work:
+            init_ray(cfg.ray)  # inputs and model checked first: a bad one fails before Ray starts
+            ds = _build_dataset(ec, spec, precision, pairs, work)
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                for name in pc.unique(block.column(SHARD_COL)).to_pylist():
+                    part = block.filter(pc.equal(block[SHARD_COL], name))
+                    sink = sinks.get(name)
+                    if sink is None:
+                        sink = sinks[name] = _ShardSink(
+                            out, name, schema, expected[name], ec.row_group_rows, name, pairs_sha[name]
+                        )
+                    sink.add(part)
+                    processed += part.num_rows
+                    if sink.complete:
+                        writer.record(sinks.pop(name).close())
+                        summary.shards_done += 1
+            if sinks:
+                raise RuntimeError(
+                    "the pipeline ended with shards short of rows: "
+                    + ", ".join(f"{n} ({s.rows}/{s.expected})" for n, s in sorted(sinks.items()))
+                )
+    except (KeyboardInterrupt, ray.exceptions.RayError, RuntimeError, OSError, ValueError) as err:
+        for sink in sinks.values():
+            sink.abort()
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        traceback.print_exc(file=sys.stderr)
+        summary.ok = False
+        summary.notes.append(f"stopped: {_reason(err)}"[:400])
+    if summary.ok:
+        writer.finalize(names, stats=_stats(writer.manifest.shards), metadata=meta)
+    by_status, failures = _aggregate(writer.manifest.shards)
+    summary.rows = writer.manifest.num_rows
+    summary.counts = dict(by_status)
+    summary.failures = dict(failures)
+    summary.seconds = time.time() - t0
+    summary.rate = processed / summary.seconds if processed and summary.seconds > 0 else None
+    summary.notes.insert(
+        0, f"model {ec.model} ({meta['pretrained']}), {precision}, {ec.dtype} x {spec.embed_dim}"
+        + (f", patch tokens {meta['patch_tokens_shape']}" if ec.patch_tokens else "")
+    )
+    return summary
+
+
+def _features_table():
+    from schemas.features import FEATURES
+
+    return FEATURES
+
+
+def _stats(shards: dict[str, ShardInfo]) -> dict[str, Any]:
+    by_status, failures = _aggregate(shards)
+    return {"by_status": dict(by_status), "failures": dict(failures)}
+
+
+def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pairs: TableReader, work: list[str]):
+    import json
+
+    import ray
+
+    items = [{"shard": n, "path": f"{pairs.path.rstrip('/')}/{n}"} for n in work]
+    preprocess_key = json.dumps({k: _norm(v) for k, v in spec.preprocess_cfg.items()}, sort_keys=True)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        _decode_shard,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"preprocess_key": preprocess_key, "size": spec.image_size, "rows": ec.decode_batch_rows},
+        num_cpus=ec.decode_num_cpus,
+        # Reserving memory for the decode tasks also gives them remote args unlike the actors',
+        # which keeps Ray Data from fusing decoding into the model actors: decoding must stay in
+        # CPU tasks that run beside the model, not inside its actor.
+        memory=ec.decode_memory_mb * 1024 * 1024,
+    )
+    if ec.pool_max_size:
+        compute = ray.data.ActorPoolStrategy(min_size=ec.pool_size, max_size=max(ec.pool_size, ec.pool_max_size))
+    else:
+        compute = ray.data.ActorPoolStrategy(size=ec.pool_size)
+    settings = {
+        "torch_threads": ec.torch_threads or max(1, int(ec.actor_num_cpus)),
+        "num_gpus": ec.num_gpus,
+        "precision": precision,
+        "model_config_dirs": list(ec.model_config_dirs),
+        "patch_tokens": ec.patch_tokens,
+        "dtype": ec.dtype,
+        "debug_delay_s": ec.debug_delay_s,
+    }
+    gpu_args = {"num_gpus": ec.num_gpus} if ec.num_gpus > 0 else {}
+    return ds.map_batches(
+        _Encoder,
+        fn_constructor_kwargs={"spec": spec.to_dict(), "settings": settings},
+        batch_size=ec.batch_size,
+        batch_format="pyarrow",
+        compute=compute,
+        num_cpus=ec.actor_num_cpus,
+        **gpu_args,
+    )

@@ -1,0 +1,160 @@
+"""The feature store on synthetic features tables (no Ray, no model)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lmeye.cli import main
+from lmeye.store import FeatureStore, MissingUidError, VersionError, table_version, uids_to_u64
+from lmeye.tables import Manifest, TableWriter
+from lmeye.uid import uid_for
+from schemas import SchemaError
+from schemas.features import FAILED_TO_DECODE, FEATURES, SUCCESS, features_schema
+
+META = {"model": "toy", "pretrained": "none", "checkpoint_sha256": "", "image_size": "32", "dtype": "float16",
+        "embed_dim": "8", "precision": "fp32"}
+
+
+def write_features(path, n=40, shards=3, dim=8, failed=(3, 17), patch=None, seed=0, dtype="float16"):
+    """A finished features table: rows i in ``failed`` are decode failures. Returns (uids, vectors)."""
+    rng = np.random.default_rng(seed)
+    uids = [uid_for(f"http://x/{i}.jpg") for i in range(n)]
+    vecs = rng.standard_normal((n, dim)).astype(dtype)
+    toks = rng.standard_normal((n, patch[0] * patch[1])).astype(dtype) if patch else None
+    schema = features_schema(dim, dtype, patch, META)
+    ok = np.array([i not in failed for i in range(n)])
+    writer = TableWriter(str(path), FEATURES, config={"toy": seed})
+    per = -(-n // shards)
+    names = []
+    for k, start in enumerate(range(0, n, per)):
+        sl = slice(start, min(n, start + per))
+        m = ~ok[sl]
+        cols = {
+            "uid": pa.array(uids[sl]),
+            "status": pa.array([SUCCESS if o else FAILED_TO_DECODE for o in ok[sl]]),
+            "error_message": pa.array([None if o else "OSError: broken" for o in ok[sl]], pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs[sl].reshape(-1)), dim, mask=pa.array(m)),
+        }
+        if patch:
+            cols["patch_tokens"] = pa.FixedSizeListArray.from_arrays(pa.array(toks[sl].reshape(-1)), patch[0] * patch[1])
+        name = f"{k:05d}.parquet"
+        writer.write(name, pa.table(cols, schema=schema))
+        names.append(name)
+    writer.finalize(names, stats={}, metadata=META)
+    return uids, vecs, toks, ok
+
+
+def test_get_returns_request_order_and_exact_values(tmp_path):
+    uids, vecs, _, ok = write_features(tmp_path / "f")
+    store = FeatureStore.open(tmp_path / "f")
+    assert store.num_rows == ok.sum() and store.dim == 8 and store.model == "toy"
+    assert store.metadata["dtype"] == "float16"
+    want = [i for i in np.random.default_rng(1).permutation(len(uids)) if ok[i]]
+    res = store.get([uids[i] for i in want])
+    assert res["embedding"].dtype == np.float16 and res["embedding"].shape == (len(want), 8)
+    np.testing.assert_array_equal(res["embedding"], vecs[want])
+    assert res.found.all()
+    assert store.get(uids[0])["embedding"].shape == (1, 8)
+
+
+def test_missing_uids_raise_listing_them_or_come_back_masked(tmp_path):
+    uids, vecs, _, ok = write_features(tmp_path / "f")
+    store = FeatureStore.open(tmp_path / "f")
+    failed_uid = uids[3]  # a decode failure: in the table, never served
+    ask = [uids[0], "ffffffffffffffff", failed_uid, "not-a-uid", uids[1]]
+    with pytest.raises(MissingUidError) as err:
+        store.get(ask)
+    assert err.value.missing == ["ffffffffffffffff", failed_uid, "not-a-uid"]
+    assert "3 uid(s) not in" in str(err.value) and failed_uid in str(err.value)
+    res = store.get(ask, on_missing="mask")
+    assert res.found.tolist() == [True, False, False, False, True]
+    np.testing.assert_array_equal(res["embedding"][[0, 4]], vecs[[0, 1]])
+    assert not res["embedding"][1:4].any()
+    assert res.missing == ["ffffffffffffffff", failed_uid, "not-a-uid"]
+    assert store.contains(ask).tolist() == [True, False, False, False, True]
+    assert uids[0] in store and failed_uid not in store
+
+
+def test_patch_tokens_come_back_shaped(tmp_path):
+    uids, _, toks, _ = write_features(tmp_path / "f", patch=(4, 6))
+    store = FeatureStore.open(tmp_path / "f")
+    assert store.patch_shape == (4, 6)
+    res = store.get([uids[5], uids[0]], columns=["embedding", "patch_tokens"])
+    assert res["patch_tokens"].shape == (2, 4, 6)
+    np.testing.assert_array_equal(res["patch_tokens"].reshape(2, -1), toks[[5, 0]])
+    with pytest.raises(KeyError, match="has: embedding, patch_tokens"):
+        store.get([uids[0]], columns=["nope"])
+
+
+def test_versions_follow_the_manifest_and_can_be_pinned(tmp_path):
+    path = tmp_path / "f"
+    uids, vecs, _, _ = write_features(path, seed=0)
+    first = FeatureStore.open(path)
+    v1 = first.version
+    assert v1 == table_version(Manifest.load(str(path))) and first.is_current()
+    assert FeatureStore.open(path, version=v1).version == v1
+    # the table is rewritten (say, extraction rerun with another model): a new version
+    _, vecs2, _, _ = write_features(path, seed=1)
+    assert not first.is_current()
+    second = FeatureStore.open(path)
+    assert second.version != v1 and second.current
+    np.testing.assert_array_equal(second.get([uids[0]])["embedding"][0], vecs2[0])
+    # the pinned old version is still served from its kept copy
+    pinned = FeatureStore.open(path, version=v1)
+    assert not pinned.current
+    np.testing.assert_array_equal(pinned.get([uids[0]])["embedding"][0], vecs[0])
+    with pytest.raises(VersionError, match=f"at version {second.version}, not the pinned 0123456789abcdef"):
+        FeatureStore.open(path, version="0123456789abcdef")
+
+
+def test_old_serving_copies_are_pruned(tmp_path):
+    path = tmp_path / "f"
+    versions = []
+    for seed in range(4):
+        write_features(path, seed=seed)
+        versions.append(FeatureStore.open(path, keep_versions=2).version)
+    kept = sorted(d for d in os.listdir(path / "_serving") if not d.startswith("."))
+    assert kept == sorted(versions[-2:])
+
+
+def test_incomplete_or_foreign_tables_are_refused(tmp_path, make_pairs):
+    pairs_path, _ = make_pairs()
+    with pytest.raises(SchemaError, match="'pairs' table, expected 'features'"):
+        FeatureStore.open(pairs_path)
+    path = tmp_path / "f"
+    write_features(path)
+    m = json.loads((path / "_manifest.json").read_text())
+    m["complete"] = False
+    (path / "_manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SchemaError, match="incomplete"):
+        FeatureStore.open(path)
+
+
+def test_uid_parsing_is_vectorised_and_strict():
+    keys, valid = uids_to_u64(["0123456789abcdef", "FFFFFFFFFFFFFFFF", "xyz", None, "0123456789abcdeg"])
+    assert valid.tolist() == [True, True, False, False, False]
+    assert keys[0] == 0x0123456789ABCDEF and keys[1] == 0xFFFFFFFFFFFFFFFF
+    sliced = pa.array(["00000000000000aa", "00000000000000bb", "00000000000000cc"])[1:]
+    assert uids_to_u64(sliced)[0].tolist() == [0xBB, 0xCC]
+
+
+def test_cli_info_get_and_missing(tmp_path, capsys):
+    uids, vecs, _, _ = write_features(tmp_path / "f")
+    assert main(["store", "info", str(tmp_path / "f")]) == 0
+    out = capsys.readouterr().out
+    assert "rows         38 served of 40" in out and "model              toy" in out and "version" in out
+    assert main(["store", "get", str(tmp_path / "f"), uids[0]]) == 0
+    line = capsys.readouterr().out.strip()
+    got = np.array(line.split("\t")[2].split(), dtype=np.float32)
+    np.testing.assert_allclose(got, vecs[0].astype(np.float32), rtol=1e-5)
+    assert main(["store", "get", str(tmp_path / "f"), uids[0], "abababababababab"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().startswith("lmeye store: error: 1 uid(s) not in")
+    assert captured.err.strip().endswith("abababababababab") and "\n" not in captured.err.strip()
+    assert main(["store", "get", "--json", "--mask", str(tmp_path / "f"), "abababababababab"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"uid": "abababababababab", "found": False}

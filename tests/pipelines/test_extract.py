@@ -1,0 +1,195 @@
+"""The extraction stage on the tiny demo model: correctness, failures as rows, resume, plain Arrow."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lmeye import clip
+from lmeye.cli import main
+from lmeye.config import load_config
+from lmeye.store import FeatureStore
+from schemas.features import FAILED_TO_DECODE, SUCCESS
+from schemas.pairs import SUCCESS as PAIRS_SUCCESS
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def build_pairs_table(*args, **kwargs) -> pa.Table:
+    """tests/conftest.py's builder (conftest is not importable by name under --import-mode=importlib)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_lingcloud_test_conftest", REPO / "tests" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_pairs_table(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, ray_local):
+    """One extraction through `lmeye extract` (in-process Ray): 12 images + 1 corrupt + 1 failed, 3 shards."""
+    root = tmp_path_factory.mktemp("extract")
+    pairs = build_pairs_table(root / "pairs", 12, shards=3, corrupt=1, failed=1, size=40)
+    cfg = load_config(None, [f"data.root={root}", f"extract.model={clip.TINY_MODEL}", "extract.pretrained=null"])
+    ckpt = clip.ensure_demo_model(cfg.extract)
+    args = [
+        "extract", str(root / "pairs"), str(root / "features"),
+        "--set", f"extract.model={clip.TINY_MODEL}", "--set", f"extract.pretrained={ckpt}",
+        "--set", "extract.dtype=float32", "--set", "extract.patch_tokens=true", "--set", "extract.batch_size=4",
+        "--set", "extract.decode_num_cpus=0.5",
+    ]
+    assert main(args) == 0
+    return {"root": root, "pairs": pairs, "features": root / "features", "ckpt": ckpt, "args": args}
+
+
+def _table(path: Path) -> pa.Table:
+    return pq.read_table(path, schema=None) if path.is_file() else pa.concat_tables(
+        pq.read_table(f) for f in sorted(path.glob("*.parquet"))
+    )
+
+
+def test_embeddings_match_open_clip_encode_image(extracted):
+    import io
+
+    import open_clip
+    import torch
+    from PIL import Image
+
+    clip.register_model_configs()
+    model, _, preprocess = open_clip.create_model_and_transforms(clip.TINY_MODEL, pretrained=extracted["ckpt"])
+    model.eval()
+    pairs = extracted["pairs"]
+    good = [(u, b) for u, s, b in zip(pairs["uid"].to_pylist(), pairs["status"].to_pylist(), pairs["image"].to_pylist())
+            if s == PAIRS_SUCCESS and not b.startswith(b"this is not")]
+    with torch.no_grad():
+        ref = model.encode_image(torch.stack([preprocess(Image.open(io.BytesIO(b))) for _, b in good]), normalize=True)
+        model.visual.output_tokens = True
+        _, tok_ref = model.visual(torch.stack([preprocess(Image.open(io.BytesIO(b))) for _, b in good]))
+    store = FeatureStore.open(extracted["features"])
+    got = store.get([u for u, _ in good], columns=["embedding", "patch_tokens"])
+    emb = torch.from_numpy(np.asarray(got["embedding"], dtype=np.float32))
+    cos = torch.nn.functional.cosine_similarity(emb, ref.float(), dim=-1)
+    assert cos.min().item() >= 0.999, cos
+    np.testing.assert_allclose(np.linalg.norm(got["embedding"], axis=1), 1.0, atol=1e-5)
+    assert got["patch_tokens"].shape == (len(good), 16, 64)
+    np.testing.assert_allclose(got["patch_tokens"], tok_ref.numpy(), atol=1e-4)
+
+
+def test_one_row_per_successful_uid_and_failures_are_rows(extracted):
+    pairs, table = extracted["pairs"], _table(extracted["features"])
+    success = [u for u, s in zip(pairs["uid"].to_pylist(), pairs["status"].to_pylist()) if s == PAIRS_SUCCESS]
+    assert sorted(table["uid"].to_pylist()) == sorted(success)  # the download failure has no row
+    assert len(set(table["uid"].to_pylist())) == table.num_rows
+    bad = table.filter(pa.compute.equal(table["status"], FAILED_TO_DECODE))
+    assert bad.num_rows == 1 and bad["embedding"].null_count == 1
+    assert bad["error_message"][0].as_py().startswith("UnidentifiedImageError")
+    assert table.filter(pa.compute.equal(table["status"], SUCCESS))["embedding"].null_count == 0
+    # one features shard per pairs shard, derived-from and input fingerprint recorded
+    manifest = json.loads((extracted["features"] / "_manifest.json").read_text())
+    pairs_manifest = json.loads((extracted["root"] / "pairs" / "_manifest.json").read_text())
+    assert manifest["complete"] and sorted(manifest["shards"]) == sorted(pairs_manifest["shards"])
+    for name, info in manifest["shards"].items():
+        assert info["inputs"] == [name] and info["input_fingerprint"] == pairs_manifest["shards"][name]["sha256"]
+    meta = manifest["metadata"]
+    assert meta["model"] == clip.TINY_MODEL and meta["checkpoint_sha256"] == clip.file_sha256(extracted["ckpt"])
+    assert (meta["image_size"], meta["dtype"], meta["embed_dim"], meta["patch_tokens_shape"]) == ("32", "float32", "32", "16,64")
+    assert manifest["stats"]["by_status"] == {"success": 12, "failed_to_decode": 1}
+    schema_meta = pq.read_schema(extracted["features"] / "00000.parquet").metadata
+    assert schema_meta[b"lingcloud.model"] == clip.TINY_MODEL.encode()
+    assert schema_meta[b"lingcloud.patch_tokens_shape"] == b"16,64"
+
+
+def test_tables_are_plain_arrow_for_datasets_and_pandas(extracted):
+    import datasets
+
+    files = sorted(str(p) for p in extracted["features"].glob("*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    assert ds.num_rows == 13 and set(ds.column_names) >= {"uid", "status", "embedding", "patch_tokens"}
+    row = next(r for r in ds if r["status"] == SUCCESS)
+    assert len(row["embedding"]) == 32 and len(row["patch_tokens"]) == 16 * 64
+    df = pq.read_table(files[0]).to_pandas()
+    assert {"uid", "embedding"} <= set(df.columns) and len(df.iloc[0]["embedding"]) == 32
+    for f in files:  # no Ray extension types anywhere
+        assert all(not isinstance(t.type, pa.ExtensionType) for t in pq.read_schema(f))
+
+
+def test_rerun_skips_finished_shards(extracted, capsys):
+    files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in extracted["features"].glob("*.parquet")}
+    assert main(extracted["args"]) == 0
+    out = capsys.readouterr().out
+    assert "shards written 0, already done 3" in out and "failures (1)" in out
+    assert files == {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in extracted["features"].glob("*.parquet")}
+
+
+def test_store_get_prints_a_demo_uid(extracted, capsys):
+    uid = extracted["pairs"]["uid"][0].as_py()
+    assert main(["store", "get", str(extracted["features"]), uid]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"{uid}\tembedding[32]\t") and len(out.split("\t")[2].split()) == 32
+    assert main(["store", "get", str(extracted["features"]), "0000000000000000"]) == 2
+    assert "0000000000000000" in capsys.readouterr().err
+
+
+def _job(cfg_path: Path, log: Path, *sets: str) -> subprocess.Popen:
+    """`python jobs/extract.py` with its own embedded Ray (address "local": never a stray cluster)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, str(REPO / "jobs" / "extract.py"), "--config", str(cfg_path),
+           "--set", "ray.address=local", *(a for s in sets for a in ("--set", s))]
+    with open(log, "w") as out:  # a file, not a pipe: Ray's progress lines would fill a pipe and block
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_resume_after_sigkill_redoes_only_unfinished_shards(tmp_path):
+    pairs = build_pairs_table(tmp_path / "pairs", 12, shards=6, corrupt=0, failed=0, size=32)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(
+        f"data:\n  root: {tmp_path}\nextract:\n  model: {clip.TINY_MODEL}\n  pretrained: null\n"
+        "  batch_size: 1\n  decode_num_cpus: 0.5\n  decode_batch_rows: 1\n"
+    )
+    manifest = tmp_path / "features" / "_manifest.json"
+    log = tmp_path / "run1.log"
+    proc = _job(cfg_path, log, "extract.debug_delay_s=0.5")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if manifest.exists():
+                try:
+                    if json.loads(manifest.read_text())["shards"]:
+                        break
+                except ValueError:
+                    pass
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        else:
+            pytest.fail("no shard finished in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first = json.loads(manifest.read_text())
+    assert not first["complete"] and 1 <= len(first["shards"]) < 6
+    kept = {n: ((tmp_path / "features" / n).stat().st_mtime_ns, hashlib.sha256((tmp_path / "features" / n).read_bytes()).hexdigest())
+            for n in first["shards"]}
+    log = tmp_path / "run2.log"
+    proc = _job(cfg_path, log)
+    assert proc.wait(timeout=300) == 0, log.read_text()
+    out = log.read_text()
+    assert f"already done {len(kept)}" in out
+    for n, (mtime, sha) in kept.items():
+        p = tmp_path / "features" / n
+        assert (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) == (mtime, sha)
+    table = _table(tmp_path / "features")
+    assert sorted(table["uid"].to_pylist()) == sorted(pairs["uid"].to_pylist())  # exactly one row per uid
+    assert json.loads(manifest.read_text())["complete"]
+    assert not list((tmp_path / "features").glob(".*.tmp-*"))
