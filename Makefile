@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/lmeye demo --config configs/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) demo_out
