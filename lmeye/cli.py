@@ -28,6 +28,30 @@ def config_from_args(args: argparse.Namespace, **direct: object):
     return load_config(args.config, overrides)
 
 
+def add_stage_command(
+    sub: argparse._SubParsersAction, name: str, help: str, positionals: list[tuple[str, str, str]], description: str | None = None
+) -> argparse.ArgumentParser:
+    """`lmeye <name> [POSITIONAL ...] [--config FILE] [--set k=v]` running ``pipelines.<name>.run``.
+
+    ``positionals`` are (argument, config key, help): an argument given on the command line
+    overrides that key of the config.
+    """
+    p = sub.add_parser(name, help=help, description=description or help)
+    for arg, _key, arg_help in positionals:
+        p.add_argument(arg, nargs="?", help=arg_help)
+    add_config_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from lmeye.entry import run_stage
+
+        stage = importlib.import_module(f"pipelines.{name}").run
+        cfg = config_from_args(args, **{key: getattr(args, arg) for arg, key, _ in positionals})
+        return run_stage(stage, cfg)
+
+    p.set_defaults(func=run)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmeye", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

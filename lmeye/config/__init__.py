@@ -41,7 +41,7 @@ class DemoConfig(Section):
     image_size: int = Field(64, gt=0, description="side of the generated images")
     url_format: Literal["csv", "tsv", "jsonl", "parquet"] = Field("csv", description="format of the generated URL list")
     port: int = Field(
-        18765, ge=0, lt=65536,
+        28765, ge=0, lt=65536,
         description="loopback port of the corpus server; fixed, because uids come from URLs and a rerun must see the same ones",
     )
     corpus_dir: Optional[str] = Field(None, description="default {data.root}/corpus")
