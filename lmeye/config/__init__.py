@@ -36,8 +36,8 @@ class DataConfig(Section):
 
 
 class DemoConfig(Section):
-    num_images: int = Field(64, gt=0)
-    seed: int = 0
+    num_images: int = Field(64, gt=0, description="good images in the synthetic corpus (4 broken entries are added)")
+    seed: int = Field(0, description="seed of the corpus generator")
     image_size: int = Field(64, gt=0, description="side of the generated images")
     url_format: Literal["csv", "tsv", "jsonl", "parquet"] = Field("csv", description="format of the generated URL list")
     port: int = Field(

@@ -18,27 +18,30 @@ class DownloadConfig(Section):
     input: Optional[str] = Field(None, description="URL list: a file or a folder of files (fsspec path)")
     output: Optional[str] = Field(None, description="pairs table; default {data.root}/pairs")
     input_format: InputFormat = Field("csv", description="img2dataset input format of the URL list")
-    url_col: str = "url"
-    caption_col: Optional[str] = "caption"
+    url_col: str = Field("url", description="column of the URL list holding the URL")
+    caption_col: Optional[str] = Field("caption", description="column holding the caption; null: none")
     # resizing, passed through to img2dataset unchanged
-    image_size: int = Field(256, gt=0)
-    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
-    resize_only_if_bigger: bool = False
-    upscale_interpolation: str = "lanczos"
-    downscale_interpolation: str = "area"
-    encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    encode_quality: int = Field(95, ge=0, le=100)
-    skip_reencode: bool = False
-    disable_all_reencoding: bool = False
-    min_image_size: int = Field(0, ge=0)
-    max_image_area: float = math.inf
-    max_aspect_ratio: float = math.inf
+    image_size: int = Field(256, gt=0, description="side of the stored image after resizing")
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = Field(
+        "border", description="img2dataset resize mode")
+    resize_only_if_bigger: bool = Field(False, description="never upscale")
+    upscale_interpolation: str = Field("lanczos", description="cv2 interpolation when upscaling")
+    downscale_interpolation: str = Field("area", description="cv2 interpolation when downscaling")
+    encode_format: Literal["jpg", "png", "webp"] = Field("jpg", description="format of the stored image bytes")
+    encode_quality: int = Field(95, ge=0, le=100, description="jpg/webp quality (png: compression 0-9)")
+    skip_reencode: bool = Field(False, description="keep the original bytes when no resize is needed")
+    disable_all_reencoding: bool = Field(False, description="store the downloaded bytes as they are (no resize)")
+    min_image_size: int = Field(0, ge=0, description="reject images whose smaller side is below this")
+    max_image_area: float = Field(math.inf, description="reject images with more pixels than this")
+    max_aspect_ratio: float = Field(math.inf, description="reject images more elongated than this")
     # fetching
     samples_per_shard: int = Field(10_000, gt=0, description="rows per img2dataset shard (and pairs shard)")
     thread_count: int = Field(64, gt=0, description="download threads per shard task")
     timeout: int = Field(10, gt=0, description="seconds per request")
     retries: int = Field(0, ge=0, description="per-URL retries inside img2dataset")
     max_shard_retry: int = Field(2, ge=0, description="reruns of shards whose task failed (img2dataset's Ray path has none)")
-    user_agent_token: Optional[str] = None
-    disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
+    user_agent_token: Optional[str] = Field(None, description="added to the User-Agent header")
+    disallowed_header_directives: list[str] = Field(
+        ["noai", "noimageai", "noindex", "noimageindex"],
+        description="X-Robots-Tag directives that make a URL a failed row (site opt-outs are honoured)")
     dedupe_urls: bool = Field(True, description="keep the first row of each uid; uids are unique in pairs")

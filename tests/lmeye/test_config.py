@@ -51,3 +51,11 @@ def test_cli_validate(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err == f"lmeye config: error: {bad}: downlod: unknown key"
     assert "\n" not in err
+
+
+def test_readme_config_reference_is_current(capsys):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert main(["config", "reference"]) == 0
+    generated = capsys.readouterr().out.strip()
+    start, end = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end -->"
+    assert readme.split(start)[1].split(end)[0] == generated, "run `lmeye config reference` and paste it into README.md"

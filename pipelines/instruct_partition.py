@@ -1,0 +1,133 @@
+"""Partitioning mechanics of the instruct stage: where a uid goes, and the spill files.
+
+A uid's partition and its split (train or validation) both come from one salted mix of the uid
+(``Placement``), so everything about one image lands in one partition and no image is on both
+sides. ``Spill`` appends row chunks to P local Arrow IPC streams, one per partition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from schemas.instructions import CONVERSATION
+
+MASK64 = (1 << 64) - 1
+SPILL_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("src", pa.int16()),
+        ("task", pa.string()),
+        ("sample_id", pa.string()),
+        ("key", pa.int64()),
+        ("val", pa.bool_()),
+        ("conversation", CONVERSATION),
+    ]
+)
+FEAT_SCHEMA = pa.schema([("uid", pa.string())])
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashing helpers (vectorised where it matters)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x += np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _seed64(*parts: Any) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "big")
+
+
+def _uid_ints(uids: list[str] | pa.Array) -> np.ndarray:
+    """16-hex uids -> uint64, vectorised (the caller guarantees the format)."""
+    if isinstance(uids, (pa.Array, pa.ChunkedArray)):
+        uids = uids.to_pylist()
+    if not uids:
+        return np.zeros(0, dtype=np.uint64)
+    return np.frombuffer(bytes.fromhex("".join(uids)), dtype=">u8").astype(np.uint64)
+
+
+@dataclass
+class Placement:
+    """Where a uid goes: its partition and its split. Both from one salted mix of the uid."""
+
+    partitions: int
+    split_seed: int
+    val_fraction: float
+
+    def __post_init__(self) -> None:
+        self.salt = np.uint64(_seed64("split", self.split_seed))
+        self.threshold = int(round(self.val_fraction * 10000))
+
+    def place(self, uid_ints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h = _splitmix64(uid_ints ^ self.salt)
+        part = ((h >> np.uint64(32)) % np.uint64(self.partitions)).astype(np.int64)
+        val = ((h & np.uint64(0xFFFFFFFF)) % np.uint64(10000)).astype(np.int64) < self.threshold
+        return part, val
+
+    def is_validation(self, uid: str) -> bool:
+        return bool(self.place(_uid_ints([uid]))[1][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Spill files: P Arrow IPC streams, appended chunk by chunk
+
+
+class Spill:
+    def __init__(self, folder: str, prefix: str, partitions: int, schema: pa.Schema):
+        self.folder, self.prefix, self.partitions, self.schema = folder, prefix, partitions, schema
+        self.writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+        self.rows = 0
+
+    def path(self, p: int) -> str:
+        return os.path.join(self.folder, f"{self.prefix}-{p:05d}.arrow")
+
+    def write(self, table: pa.Table, parts: np.ndarray) -> None:
+        if table.num_rows == 0:
+            return
+        order = np.argsort(parts, kind="stable")
+        table = table.take(pa.array(order))
+        sorted_parts = parts[order]
+        bounds = np.flatnonzero(np.diff(sorted_parts)) + 1
+        starts = np.concatenate([[0], bounds])
+        ends = np.concatenate([bounds, [len(sorted_parts)]])
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            p = int(sorted_parts[s])
+            w = self.writers.get(p)
+            if w is None:
+                w = self.writers[p] = pa.ipc.new_stream(self.path(p), self.schema)
+            w.write_table(table.slice(s, e - s))
+        self.rows += table.num_rows
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+        self.writers.clear()
+
+    def read(self, p: int) -> pa.Table:
+        if not os.path.exists(self.path(p)):
+            return self.schema.empty_table()
+        with pa.memory_map(self.path(p)) as src:
+            return pa.ipc.open_stream(src).read_all()
+
+
+def _raise_open_files_limit(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need + 64:
+        target = need + 64 if hard == resource.RLIM_INFINITY else min(hard, need + 64)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
