@@ -114,7 +114,8 @@ def read_url_list(path: str, cfg: DownloadConfig) -> pa.Table:
     if table.num_columns == 0:  # an empty file: an empty list, not an error
         return pa.table({"uid": pa.array([], pa.string()), "url": pa.array([], pa.string()),
                          "caption": pa.array([], pa.string())})
-    for role, col in (("url", cfg.url_col), ("caption", cfg.caption_col)):
+    caption_col = None if cfg.input_format.startswith("txt") else cfg.caption_col  # txt: URLs only
+    for role, col in (("url", cfg.url_col), ("caption", caption_col)):
         if col is not None and col not in table.column_names:
             raise InputError(
                 f"{path}: no {role} column '{col}' (columns: {', '.join(table.column_names)}); "
@@ -122,7 +123,7 @@ def read_url_list(path: str, cfg: DownloadConfig) -> pa.Table:
             )
     urls = pc.utf8_trim_whitespace(pc.cast(table[cfg.url_col], pa.string()))
     captions = (
-        pc.cast(table[cfg.caption_col], pa.string()) if cfg.caption_col else pa.nulls(table.num_rows, pa.string())
+        pc.cast(table[caption_col], pa.string()) if caption_col else pa.nulls(table.num_rows, pa.string())
     )
     return pa.table({
         "uid": pa.array([uid_for(u) if u else None for u in urls.to_pylist()], pa.string()),
@@ -264,7 +265,7 @@ class Committer:
             return False
         info = self.writer.write(
             s.name, table, inputs=[s.source], input_fingerprint=s.fingerprint,
-            stats={k: stats.get(k) for k in ("count", "successes", "failed_to_download", "failed_to_resize", "duration")},
+            stats={"duration": stats.get("duration")} | _row_counts(table),
             compression=PAIRS_COMPRESSION,
         )
         self.fs.rm_file(data)  # the stats file stays: it tells img2dataset the shard is done
@@ -344,18 +345,13 @@ def _img2dataset_pass(cfg: DownloadConfig, urls_dir: str, raw_dir: str, oom: int
     )
 
 
-def _table_counts(path: str, names: list[str]) -> tuple[Counter, Counter]:
-    """Rows by status and failures by reason, read back from the finished table."""
-    fs, root = fsspec.core.url_to_fs(path)
-    by_status: Counter = Counter()
-    reasons: Counter = Counter()
-    for name in names:
-        with fs.open(f"{root}/{name}", "rb") as f:
-            t = pq.read_table(f, columns=["status", "error_message"])
-        by_status.update(t["status"].to_pylist())
-        failed = t.filter(pc.not_equal(t["status"], SUCCESS))
-        reasons.update(m or "unknown" for m in failed["error_message"].to_pylist())
-    return by_status, reasons
+def _row_counts(table: pa.Table) -> dict[str, dict[str, int]]:
+    """A shard's rows by status and its failures by reason, kept in the manifest with the shard."""
+    failed = table.filter(pc.not_equal(table["status"], SUCCESS))
+    return {
+        "by_status": dict(Counter(table["status"].to_pylist())),
+        "errors": dict(Counter(m or "unknown" for m in failed["error_message"].to_pylist())),
+    }
 
 
 def run(cfg: Config) -> StageSummary:
@@ -399,7 +395,13 @@ def run(cfg: Config) -> StageSummary:
             download_seconds += time.time() - t0
 
     expected = [s.name for s in plan.shards]
-    by_status, reasons = _table_counts(output, [n for n in expected if n not in {s.name for s in committer.pending.values()}])
+    by_status: Counter = Counter()
+    reasons: Counter = Counter()
+    for shard in plan.shards:  # this run's shards only: the manifest may still list stale ones
+        if writer.is_done(shard.name, shard.fingerprint):
+            info = writer.manifest.shards[shard.name]
+            by_status.update(info.stats.get("by_status", {}))
+            reasons.update(info.stats.get("errors", {}))
     summary = StageSummary(
         stage="download", output=output, rows=sum(by_status.values()),
         counts=dict(by_status) | {k: v for k, v in plan.counts.items() if k in ("empty_url", "duplicate_url") and v},

@@ -88,6 +88,9 @@ def _status_response(code: str) -> tuple[int, bytes, str]:
 class _QuietHTTPServer(ThreadingHTTPServer):
     # Handler threads must not keep the process alive or block shutdown while one sleeps.
     daemon_threads = True
+    # img2dataset opens dozens of connections at once; socketserver's default backlog of 5
+    # drops SYNs, and each drop costs the client a retransmission second (or a time-out).
+    request_queue_size = 512
     demo: "DemoServer"
 
     def handle_error(self, request, client_address) -> None:

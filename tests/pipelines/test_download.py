@@ -66,6 +66,24 @@ def test_url_lists_in_every_format_with_configured_columns(tmp_path, corpus, fmt
     assert row["caption"] == item.caption
 
 
+def test_txt_and_gzipped_lists_dedupe_and_empty_urls(tmp_path):
+    import gzip
+
+    from pipelines.download import plan_inputs
+
+    urls = ["http://h/a.jpg", "http://h/b.jpg", "http://h/a.jpg", "  ", "http://h/c.jpg"]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "0.txt.gz").write_bytes(gzip.compress("\n".join(urls[:3]).encode()))
+    (tmp_path / "in" / "1.txt.gz").write_bytes(gzip.compress("\n".join(urls[2:]).encode()))
+    cfg = _cfg(tmp_path / "in", tmp_path / "out", **{"download.input_format": "txt.gz",
+                                                     "download.samples_per_shard": 2}).download
+    plan = plan_inputs(str(tmp_path / "in"), str(tmp_path / "staging"), cfg)
+    # a.jpg twice across files: kept once; the blank line is not a URL at all
+    assert plan.counts["duplicate_url"] == 2 and plan.counts["rows"] == 3
+    assert [s.name for s in plan.shards] == ["00000.parquet", "00001.parquet"]
+    assert [s.rows for s in plan.shards] == [2, 1]
+
+
 def test_missing_url_column_is_one_line_naming_file_and_columns(tmp_path, capsys):
     bad = tmp_path / "urls.csv"
     bad.write_text("link,text\nhttp://x/a.jpg,a\n")
