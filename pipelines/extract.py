@@ -48,7 +48,8 @@ from lmeye.config import Config, ExtractConfig
 from lmeye.report import StageSummary
 from lmeye.runtime import init_ray
 from lmeye.tables import ShardInfo, TableReader, TableWriter, fingerprint
-from schemas.features import FAILED_TO_DECODE, SUCCESS, features_schema
+from lmeye.errors import UserError
+from schemas.features import FAILED_TO_DECODE, FEATURES, SUCCESS, features_schema
 from schemas.pairs import PAIRS
 from schemas.pairs import SUCCESS as PAIRS_SUCCESS
 
@@ -389,12 +390,8 @@ def run(cfg: Config) -> StageSummary:
     try:
         spec = clip.probe_model(ec.model, ec.pretrained, seed=ec.seed, config_dirs=ec.model_config_dirs)
     except clip.ModelError as err:
-        from lmeye.errors import UserError
-
         raise UserError(str(err)) from None
     if ec.patch_tokens and spec.token_shape is None:
-        from lmeye.errors import UserError
-
         raise UserError(f"extract.patch_tokens: {ec.model}'s visual tower returns no token features")
     meta = table_metadata(ec, spec, precision)
     schema = features_schema(
@@ -403,7 +400,7 @@ def run(cfg: Config) -> StageSummary:
     )
     pairs_sha = {n: s.sha256 for n, s in pairs.manifest.shards.items()}
     writer = TableWriter(
-        out, _features_table(), config=content_config(ec, spec, precision), input_fingerprint=fingerprint(pairs_sha)
+        out, FEATURES, config=content_config(ec, spec, precision), input_fingerprint=fingerprint(pairs_sha)
     )
     names = pairs.shard_names
     pending = [n for n in names if not writer.is_done(n, pairs_sha[n])]
@@ -461,12 +458,6 @@ def run(cfg: Config) -> StageSummary:
         + (f", patch tokens {meta['patch_tokens_shape']}" if ec.patch_tokens else "")
     )
     return summary
-
-
-def _features_table():
-    from schemas.features import FEATURES
-
-    return FEATURES
 
 
 def _stats(shards: dict[str, ShardInfo]) -> dict[str, Any]:
