@@ -21,8 +21,7 @@ from typing import Optional
 import pyarrow as pa
 
 from schemas import TableSchema
-
-SUCCESS = "success"  # the same word as in `pairs`
+from schemas.pairs import SUCCESS  # noqa: F401  (one word for success across tables)
 FAILED_TO_DECODE = "failed_to_decode"
 
 VALUE_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
