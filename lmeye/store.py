@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Literal, Optional, Sequence
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import fsspec
 import numpy as np
@@ -39,20 +39,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lmeye.tables import Manifest, TableReader
-from lmeye.uid import UID_LEN
+from lmeye.uid import uids_to_u64
 from schemas import SchemaError
 from schemas.features import FEATURES, SUCCESS, _is_vector, patch_shape_of
 
 SERVING = "_serving"
 VECTOR_COLUMNS = ("embedding", "patch_tokens")
 FORMAT = 1  # serving-copy layout version
-
-_HEX = np.full(256, 255, dtype=np.uint8)
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEX[_c] = _i
-for _i, _c in enumerate(b"ABCDEF"):
-    _HEX[_c] = 10 + _i
-
 
 class MissingUidError(LookupError):
     """Requested uids that the table does not serve (absent, failed, or not a uid at all)."""
@@ -77,44 +70,6 @@ def table_version(manifest: Manifest) -> str:
         sort_keys=True,
     ).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def uids_to_u64(uids: Iterable[str] | pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """Vectorised uid parse: (uint64 keys, valid mask). Invalid entries (not 16 hex) get key 0."""
-    if isinstance(uids, pa.ChunkedArray):
-        uids = uids.combine_chunks()
-    if not isinstance(uids, pa.Array):
-        uids = pa.array(list(uids), type=pa.string())
-    if pa.types.is_large_string(uids.type) or pa.types.is_string_view(uids.type):
-        uids = uids.cast(pa.string())
-    n = len(uids)
-    keys = np.zeros(n, dtype=np.uint64)
-    if n == 0:
-        return keys, np.zeros(0, dtype=bool)
-    uids = uids.fill_null("")
-    offsets = np.frombuffer(uids.buffers()[1], dtype=np.int32)[uids.offset : uids.offset + n + 1]
-    data = uids.buffers()[2]
-    raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
-    lengths = np.diff(offsets)
-    valid = lengths == UID_LEN
-    if valid.all() and offsets[-1] - offsets[0] == n * UID_LEN:
-        chars = raw[offsets[0] : offsets[-1]].reshape(n, UID_LEN)
-    else:
-        chars = np.zeros((n, UID_LEN), dtype=np.uint8)
-        idx = np.flatnonzero(valid)
-        if idx.size:
-            gather = offsets[idx][:, None] + np.arange(UID_LEN)[None, :]
-            chars[idx] = raw[gather]
-    nib = _HEX[chars]
-    valid &= (nib != 255).all(axis=1)
-    nib = np.where(valid[:, None], nib, 0).astype(np.uint64)
-    for i in range(UID_LEN):
-        keys = (keys << np.uint64(4)) | nib[:, i]
-    return keys, valid
-
-
-def u64_to_uids(keys: np.ndarray) -> list[str]:
-    return [f"{int(k):016x}" for k in keys]
 
 
 @dataclass

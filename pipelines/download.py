@@ -25,7 +25,6 @@ import gzip
 import io
 import json
 import math
-import os
 import threading
 import time
 from collections import Counter
@@ -43,7 +42,7 @@ from lmeye.config import Config, DownloadConfig, dump_config
 from lmeye.report import StageSummary
 from lmeye.runtime import init_ray
 from lmeye.tables import TableWriter, ensure_writable, fingerprint
-from lmeye.uid import uid_for
+from lmeye.uid import uid_for, uids_to_u64
 from schemas import SchemaError
 from schemas.pairs import PAIRS, SUCCESS
 
@@ -165,7 +164,7 @@ def plan_inputs(input_path: str, staging: str, cfg: DownloadConfig) -> Plan:
         counts["empty_url"] += t.num_rows - pc.sum(valid).as_py() if t.num_rows else 0
         t = t.filter(valid)
         if cfg.dedupe_urls and t.num_rows:
-            ids = np.array([int(u, 16) for u in t["uid"].to_pylist()], dtype=np.uint64)
+            ids, _ = uids_to_u64(t["uid"])
             _, first = np.unique(ids, return_index=True)
             keep = np.zeros(len(ids), dtype=bool)
             keep[first] = True

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from lmeye.uid import uids_to_u64
+
 from schemas.instructions import CONVERSATION
 
 MASK64 = (1 << 64) - 1
@@ -51,12 +53,8 @@ def _seed64(*parts: Any) -> int:
 
 
 def _uid_ints(uids: list[str] | pa.Array) -> np.ndarray:
-    """16-hex uids -> uint64, vectorised (the caller guarantees the format)."""
-    if isinstance(uids, (pa.Array, pa.ChunkedArray)):
-        uids = uids.to_pylist()
-    if not uids:
-        return np.zeros(0, dtype=np.uint64)
-    return np.frombuffer(bytes.fromhex("".join(uids)), dtype=">u8").astype(np.uint64)
+    """16-hex uids -> uint64 (the caller guarantees the format)."""
+    return uids_to_u64(uids)[0]
 
 
 @dataclass
