@@ -8,7 +8,7 @@ import importlib
 import sys
 
 from lmeye.config import load_config, parse_overrides
-from lmeye.errors import UserError, user_errors  # noqa: F401  (UserError re-exported for commands)
+from lmeye.errors import user_errors
 
 COMMANDS = ["config", "demo", "download", "extract", "store", "instruct"]
 

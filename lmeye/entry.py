@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Callable
 
-from lmeye.config import Config, ConfigError, load_config
+from lmeye.config import Config, load_config
 from lmeye.errors import user_errors
 from lmeye.report import StageSummary
 
@@ -28,13 +28,8 @@ def job_main(stage: StageFn, argv: list[str] | None = None, description: str = "
     parser.add_argument("--config", "-c", help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        return run_stage(stage, cfg)
+    try:  # a bad config and a bad input alike: one line, exit 2
+        return run_stage(stage, load_config(args.config, args.overrides))
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

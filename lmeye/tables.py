@@ -76,6 +76,77 @@ class ShardInfo:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+class _HashingFile:
+    """A write-only file wrapper that counts and hashes what passes through (for ShardInfo)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.sha.update(data)
+        self.size += len(data)
+        self.f.write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.f.close()
+            self.closed = True
+
+
+class ShardWriter:
+    """One shard written as its rows arrive: a temporary name, row groups, a rename on close.
+
+    Safe on any worker: it touches only its own file. ``close`` describes the shard for the
+    manifest; ``abort`` removes the temporary file (``TableWriter.finalize`` sweeps any left).
+    """
+
+    def __init__(self, path: str, name: str, schema: pa.Schema, *, compression: str | dict[str, str] = "zstd"):
+        self.fs, root = fsspec.core.url_to_fs(path)
+        self.name = name
+        self.final = _join(root, name)
+        self.tmp = _join(root, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.file = _HashingFile(self.fs.open(self.tmp, "wb"))
+        self.writer = pq.ParquetWriter(self.file, schema, compression=compression)
+        self.rows = 0
+
+    def write(self, table: pa.Table, row_group_size: int | None = None) -> None:
+        self.writer.write_table(table, row_group_size=row_group_size)
+        self.rows += table.num_rows
+
+    def close(
+        self, *, inputs: Iterable[str] = (), input_fingerprint: str = "", stats: dict[str, Any] | None = None
+    ) -> ShardInfo:
+        self.writer.close()
+        self.file.close()
+        self.fs.mv(self.tmp, self.final)
+        return ShardInfo(
+            name=self.name, rows=self.rows, bytes=self.file.size, sha256=self.file.sha.hexdigest(),
+            inputs=list(inputs), input_fingerprint=input_fingerprint, stats=dict(stats or {}),
+        )
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+            self.file.close()
+            self.fs.rm_file(self.tmp)
+        except Exception:  # noqa: BLE001 - best effort; finalize() of a later run removes leftovers
+            pass
+
+
 def write_shard(
     path: str,
     name: str,
@@ -87,27 +158,10 @@ def write_shard(
     row_group_size: int | None = None,
     compression: str | dict[str, str] = "zstd",
 ) -> ShardInfo:
-    """Write one shard atomically (temporary name, then rename) and describe it.
-
-    Safe to call from any worker: it touches only its own file.
-    """
-    fs, root = fsspec.core.url_to_fs(path)
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, row_group_size=row_group_size, compression=compression)
-    data = buf.getvalue().to_pybytes()
-    final = _join(root, name)
-    tmp = _join(root, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    fs.pipe_file(tmp, data)
-    fs.mv(tmp, final)
-    return ShardInfo(
-        name=name,
-        rows=table.num_rows,
-        bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        inputs=list(inputs),
-        input_fingerprint=input_fingerprint,
-        stats=dict(stats or {}),
-    )
+    """Write one whole shard atomically (temporary name, then rename) and describe it."""
+    writer = ShardWriter(path, name, table.schema, compression=compression)
+    writer.write(table, row_group_size=row_group_size)
+    return writer.close(inputs=inputs, input_fingerprint=input_fingerprint, stats=stats)
 
 
 @dataclass

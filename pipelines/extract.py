@@ -24,14 +24,12 @@ dtype, patch tokens, preprocessing). Killed and rerun, only unfinished shards ar
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import re
 import sys
 import time
 import traceback
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -45,10 +43,10 @@ import pyarrow.parquet as pq
 
 from lmeye import clip
 from lmeye.config import Config, ExtractConfig
+from lmeye.errors import UserError
 from lmeye.report import StageSummary
 from lmeye.runtime import init_ray
-from lmeye.tables import ShardInfo, TableReader, TableWriter, fingerprint
-from lmeye.errors import UserError
+from lmeye.tables import ShardInfo, ShardWriter, TableReader, TableWriter, fingerprint
 from schemas.features import FAILED_TO_DECODE, FEATURES, SUCCESS, features_schema
 from schemas.pairs import PAIRS
 from schemas.pairs import SUCCESS as PAIRS_SUCCESS
@@ -230,50 +228,15 @@ def _norm(v: Any) -> Any:
 # ----------------------------------------------------------------------------- driver side
 
 
-class _HashingFile:
-    """A write-only file wrapper that counts and hashes what passes through (for ShardInfo)."""
-
-    def __init__(self, f):
-        self.f = f
-        self.sha = hashlib.sha256()
-        self.size = 0
-        self.closed = False
-
-    def write(self, data) -> int:
-        data = bytes(data)
-        self.sha.update(data)
-        self.size += len(data)
-        self.f.write(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def writable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        if not self.closed:
-            self.f.close()
-            self.closed = True
-
-
 class _ShardSink:
-    """One features shard being written: temporary name, row groups as rows arrive, rename at the end."""
+    """One features shard being written as its rows arrive, counting statuses and failures."""
 
     def __init__(self, path: str, name: str, schema: pa.Schema, expected: int, row_group_rows: int,
                  pairs_name: str, pairs_sha: str):
-        self.fs, root = fsspec.core.url_to_fs(path)
-        self.final = f"{root.rstrip('/')}/{name}"
-        self.tmp = f"{root.rstrip('/')}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
         self.name, self.schema, self.expected = name, schema, expected
         self.row_group_rows = row_group_rows
         self.pairs_name, self.pairs_sha = pairs_name, pairs_sha
-        self.file = _HashingFile(self.fs.open(self.tmp, "wb"))
-        self.writer = pq.ParquetWriter(self.file, schema, compression="zstd")
+        self.out = ShardWriter(path, name, schema)
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.rows = 0
@@ -297,7 +260,7 @@ class _ShardSink:
 
     def _flush(self) -> None:
         if self.pending:
-            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=self.row_group_rows)
+            self.out.write(pa.concat_tables(self.pending), row_group_size=self.row_group_rows)
             self.pending, self.pending_rows = [], 0
 
     @property
@@ -306,26 +269,13 @@ class _ShardSink:
 
     def close(self) -> ShardInfo:
         self._flush()
-        self.writer.close()
-        self.file.close()
-        self.fs.mv(self.tmp, self.final)
-        return ShardInfo(
-            name=self.name,
-            rows=self.rows,
-            bytes=self.file.size,
-            sha256=self.file.sha.hexdigest(),
-            inputs=[self.pairs_name],
-            input_fingerprint=self.pairs_sha,
+        return self.out.close(
+            inputs=[self.pairs_name], input_fingerprint=self.pairs_sha,
             stats={"by_status": dict(self.by_status), "failures": dict(self.failures)},
         )
 
     def abort(self) -> None:
-        try:
-            self.writer.close()
-            self.file.close()
-            self.fs.rm_file(self.tmp)
-        except Exception:  # noqa: BLE001 - best effort; finalize() of a later run removes leftovers
-            pass
+        self.out.abort()
 
 
 def _count_success(reader: TableReader, names: list[str]) -> dict[str, int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 from pathlib import Path
 
@@ -11,12 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmeye.cli import UserError, main
+from lmeye.cli import main
 from lmeye.config import ConfigError, load_config
 from lmeye.demo.corpus import qa_pairs, write_corpus
+from lmeye.errors import UserError
 from lmeye.tables import Manifest, TableReader, TableWriter
 from lmeye.uid import uid_for
-from pipelines.instruct import Placement, export_hf, run, split_files
+from pipelines.instruct import Placement, run, split_files
 from pipelines.instruct_sources import Malformed, iter_records, key_of, load_templates
 from schemas import TableSchema
 from schemas.instructions import INSTRUCTIONS
