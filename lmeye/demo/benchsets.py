@@ -184,3 +184,9 @@ def write_benchsets(root: str | Path, items: list[DemoItem], image_size: int = 6
         mmbench=write_mmbench(root / "mmbench" / "mmbench_demo.tsv", items, images, seed),
         seedbench=write_seedbench(root / "seedbench" / "SEED-Bench.json", items, images, seed),
     )
+
+
+def accuracy_by_type(seed_result: dict) -> dict[str, float]:
+    """Question type -> accuracy, read off a SEED-Bench result of these sets (its dimensions are the types)."""
+    by_id = {i: t for t, i in SEED_DIMENSION.items()}
+    return {by_id[d["id"]]: d["accuracy"] for d in seed_result["dimensions"].values() if d["id"] in by_id}
