@@ -20,25 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def evaluate(benchmark: str, answerer, data: str, out: str, limit: int | None = None, image_dir: str | None = None) -> dict:
-    """Run one benchmark with any ``Answerer``; returns its result dict (also written under ``out``)."""
-    if benchmark == "mme":
-        from lmeye.eval.mme import evaluate_mme
-
-        return evaluate_mme(answerer, data, out, limit)
-    if benchmark == "mmbench":
-        from lmeye.eval.mmbench import evaluate_mmbench
-
-        return evaluate_mmbench(answerer, data, out, limit)
-    from lmeye.eval.seedbench import evaluate_seedbench
-
-    return evaluate_seedbench(answerer, data, out, limit, image_dir)
-
-
 def _run(args: argparse.Namespace) -> int:
     from lmeye.errors import UserError
     from lmeye.eval import ipn_answerer
     from lmeye.eval.common import headline
+    from lmeye.eval.run import evaluate
 
     if args.image_dir and args.benchmark != "seedbench":
         raise UserError("--image-dir is for seedbench only")

@@ -3,6 +3,8 @@ scored 100% by an answerer that knows the truth (so the whole eval path works on
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from lmeye.demo.benchsets import (
@@ -14,9 +16,10 @@ from lmeye.demo.benchsets import (
     write_benchsets,
 )
 from lmeye.demo.corpus import generate_items, qa_pairs
-from lmeye.eval.mme import evaluate_mme, read_mme
-from lmeye.eval.mmbench import evaluate_mmbench, read_mmbench
-from lmeye.eval.seedbench import evaluate_seedbench, read_seedbench
+from lmeye.eval.mme import read_mme
+from lmeye.eval.mmbench import read_mmbench
+from lmeye.eval.run import evaluate_all
+from lmeye.eval.seedbench import read_seedbench
 
 NUM = 5
 
@@ -82,11 +85,10 @@ def test_an_oracle_scores_full_marks(sets, tmp_path):
     for q in questions:
         truth[(open_image(q.image_path, "").tobytes(), q.question)] = q.choices["ABCD".index(q.answer)]
 
-    oracle = Oracle(truth)
-    mme = evaluate_mme(oracle, paths.mme, tmp_path)
-    assert mme["perception"] == pytest.approx(200.0 * len(MME_SUBTASKS))
-    assert evaluate_mmbench(oracle, paths.mmbench, tmp_path)["overall"] == 1.0  # answered by option text
-    seed = evaluate_seedbench(oracle, paths.seedbench, tmp_path)
+    scores = evaluate_all(Oracle(truth), dataclasses.asdict(paths), tmp_path)
+    assert scores["mme"]["perception"] == pytest.approx(200.0 * len(MME_SUBTASKS))
+    assert scores["mmbench"]["overall"] == 1.0  # answered by option text
+    seed = scores["seedbench"]
     assert seed["overall"] == 1.0
     by_type = accuracy_by_type(seed)
     assert set(by_type) >= {"count", "background", "shape", "colour"} and set(by_type.values()) == {1.0}
