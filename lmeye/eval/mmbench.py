@@ -130,7 +130,8 @@ def _question(row: dict[str, Optional[str]], where: str, images: dict[str, str])
         raise LayoutError(f"{where}: fewer than 2 options (columns A, B)")
     answer = (row["answer"] or "").strip()
     if answer not in LETTERS[: len(options)]:
-        raise LayoutError(f"{where}: column 'answer' is {answer!r}; expected one of {', '.join(LETTERS[: len(options)])}")
+        hidden = " (the test split's answers are hidden; score the dev split)" if not answer else ""
+        raise LayoutError(f"{where}: column 'answer' is {answer!r}; expected one of {', '.join(LETTERS[: len(options)])}{hidden}")
     for column in ("question", "category", "l2-category"):
         if _blank(row[column]):
             raise LayoutError(f"{where}: column {column!r} is empty")

@@ -29,7 +29,11 @@ class FakeIPN:
         return np.array([-len(c) for c in choices], dtype=np.float32)
 
 
+FEATURIZED: list = []
+
+
 def _featurize(image):
+    FEATURIZED.append(image)
     return np.full(3, 0.5, np.float32), np.ones((2, 3), np.float32)
 
 
@@ -41,6 +45,14 @@ def test_answer_with_and_without_an_image():
     assert conversation == [{"role": "user", "content": "What is it?"}] and has_image and for_generation
     assert ipn.calls[1][1].shape == (1, 3) and ipn.calls[1][2].shape == (1, 2, 3)
     assert ipn.calls[2][1] == {"max_new_tokens": 7, "do_sample": False, "num_beams": 1}
+
+    ipn.calls.clear()
+    image = Image.new("RGB", (4, 4))
+    FEATURIZED.clear()
+    answerer.answer(image, "Q1")
+    answerer.choice_loglik(image, "Q2", ["a", "b"])
+    answerer.answer(Image.new("RGB", (4, 4)), "Q3")
+    assert len(FEATURIZED) == 2  # the same image object is featurized once
 
     ipn.calls.clear()
     assert answerer.answer(None, "Hello?") == "a red circle"

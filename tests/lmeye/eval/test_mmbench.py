@@ -144,6 +144,9 @@ def test_mmbench_layout_errors_name_the_path_and_row(tmp_path):
     _write_tsv(path, [_row(1, "Q", ("a", "b"), "A", "c", "l2"), _row(2, "Q", ("a", "b"), "C", "c", "l2")])
     with pytest.raises(LayoutError, match=r"bad\.tsv:3: column 'answer' is 'C'; expected one of A, B"):
         read_mmbench(path)
+    _write_tsv(path, [_row(1, "Q", ("a", "b"), "", "c", "l2")])
+    with pytest.raises(LayoutError, match=r"bad\.tsv:2: column 'answer' is ''.*answers are hidden"):
+        read_mmbench(path)
     _write_tsv(path, [_row(1, "Q", ("a",), "A", "c", "l2")])
     with pytest.raises(LayoutError, match=r"bad\.tsv:2: fewer than 2 options"):
         read_mmbench(path)
