@@ -71,6 +71,10 @@ def load_llm(cfg: ModelConfig):
     except (OSError, ValueError) as err:
         where = "no such directory" if not os.path.exists(cfg.llm) else "no usable config.json"
         raise UserError(f"model.llm {cfg.llm!r}: {where} ({str(err).splitlines()[0]})") from None
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(llm_cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"model.llm {cfg.llm!r} is not a causal LM ({type(llm_cfg).__name__} has no AutoModelForCausalLM class)")
     kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype]}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation

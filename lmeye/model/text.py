@@ -16,8 +16,8 @@ user text) and goes through the LLM alone.
 Slots are negative ids (never real tokens): the vocabulary and the embedding matrix are never
 resized; the model fills these positions with embeddings.
 
-Loss mask: only the assistant turns, each with its end-of-turn marker (LLaVA masks everything
-else the same way). An assistant turn's text is what the template adds between "the conversation
+Loss mask: only the assistant turns, each through its end-of-turn (eos) token (LLaVA masks
+everything else the same way); template text after that token (a newline) carries no loss. An assistant turn's text is what the template adds between "the conversation
 so far + generation prompt" and "the conversation including that turn", so any chat template that
 renders prefixes consistently works; one that does not is an error naming the tokenizer.
 
@@ -73,7 +73,11 @@ class TextCodec:
                     f"tokenizer {self.tokenizer.name_or_path!r}: its chat template does not render conversations "
                     "prefix-consistently, so assistant turns cannot be located for the loss mask"
                 )
-            out += [(before[len(done):], False), (through[len(before):], True)]
+            answer = through[len(before):]
+            eos = self.tokenizer.eos_token or ""
+            end = answer.rfind(eos) + len(eos) if eos and eos in answer else len(answer)
+            # the turn through its end-of-turn token carries the loss; what the template puts after it does not
+            out += [(before[len(done):], False), (answer[:end], True), (answer[end:], False)]
             done = through
         if for_generation:
             full = self._render(messages, True)

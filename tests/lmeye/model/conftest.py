@@ -1,23 +1,15 @@
-"""Tiny frozen parts for the IPN tests: a demo tokenizer, random LLMs of several families, a tiny CLIP."""
+"""Tiny frozen parts for the IPN tests (built once per session): tokenizer, LLMs, CLIP."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from lmeye.config.model import ModelConfig
-
-FAMILIES = ("llama", "gpt2", "qwen2")
-FEATURE_DIM = 32  # lingcloud-tiny-vit: pooled embedding
-PATCH_SHAPE = (16, 64)  # lingcloud-tiny-vit at 32 px: 16 tokens x width 64
+from lmeye.model.testing import FAMILIES, FEATURE_DIM, PATCH_SHAPE, tiny_clip_checkpoint, tiny_model_config, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from lmeye.model.demo import build_tokenizer, demo_conversations
-
-    convs = demo_conversations(num_images=24)
-    return build_tokenizer([" ".join(t["content"] for t in c) for c in convs], vocab_size=400)
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -25,21 +17,18 @@ def llm_dirs(tmp_path_factory, tokenizer) -> dict[str, str]:
     from lmeye.model.demo import build_tiny_llm
 
     root = tmp_path_factory.mktemp("llms")
-    return {f: build_tiny_llm(str(root / f), f, tokenizer) for f in (*FAMILIES, "opt")}
+    return {f: build_tiny_llm(str(root / f), f, tokenizer) for f in FAMILIES}
 
 
 @pytest.fixture(scope="session")
 def clip_checkpoint(tmp_path_factory) -> str:
-    from lmeye.clip import build_tiny_model, save_checkpoint
-
-    return save_checkpoint(build_tiny_model(0), str(tmp_path_factory.mktemp("clip") / "tiny.safetensors"))
+    return tiny_clip_checkpoint(str(tmp_path_factory.mktemp("clip") / "tiny.safetensors"))
 
 
 @pytest.fixture(scope="session")
 def model_cfg(llm_dirs, clip_checkpoint):
-    def make(family: str = "llama", **kw) -> ModelConfig:
-        base = dict(llm=llm_dirs[family], clip_model="lingcloud-tiny-vit", clip_pretrained=clip_checkpoint, max_length=128)
-        return ModelConfig(**{**base, **kw})
+    def make(family: str = "llama", **kw):
+        return tiny_model_config(llm_dirs[family], clip_checkpoint, **kw)
 
     return make
 
@@ -52,27 +41,3 @@ def ipn_factory(model_cfg):
         return IPN.from_config(model_cfg(family, **kw), FEATURE_DIM, patch_shape)
 
     return make
-
-
-QA = [
-    ([{"role": "user", "content": "What colour is the circle?"}, {"role": "assistant", "content": "red"}], True),
-    ([{"role": "user", "content": "Describe the image briefly."},
-      {"role": "assistant", "content": "a blue square at the top left on a white background"}], True),
-    ([{"role": "user", "content": "What shape is in the centre?"}, {"role": "assistant", "content": "star"},
-      {"role": "user", "content": "What colour is the background?"}, {"role": "assistant", "content": "black"}], False),
-    ([{"role": "user", "content": "How many shapes are in the image?"}, {"role": "assistant", "content": "3"}], True),
-]
-
-
-def features(n: int, seed: int = 0, patch_shape=PATCH_SHAPE):
-    rng = np.random.default_rng(seed)
-    emb = rng.standard_normal((n, FEATURE_DIM)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    patches = rng.standard_normal((n, *patch_shape)).astype(np.float32) if patch_shape else None
-    return emb, patches
-
-
-def batch_of(ipn, samples=QA, seed: int = 0, patch_shape=PATCH_SHAPE):
-    encs = [ipn.encode(conv, has_image) for conv, has_image in samples]
-    emb, patches = features(len(samples), seed, patch_shape)
-    return ipn.collate(encs, emb, patches)
