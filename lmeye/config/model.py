@@ -27,8 +27,8 @@ class ModelConfig(Section):
         "clip_text",
         description="request-based visual interaction: the frozen CLIP text transformer over [BOS, image tokens, request, EOS] (LMEye), or a small trained transformer (no CLIP text tower needed)",
     )
-    num_img: int = Field(1, gt=0, description="<img> prompt embeddings from the visual mapping of the pooled image embedding")
-    num_img_d: int = Field(5, gt=0, description="k: <img-d> embeddings the RVII result is transmitted through (LMEye: 5)")
+    num_img: int = Field(1, gt=0, description="`<img>` prompt embeddings from the visual mapping of the pooled image embedding")
+    num_img_d: int = Field(5, gt=0, description="k: `<img-d>` embeddings the RVII result is transmitted through (LMEye: 5)")
     rvii_image_tokens: int = Field(
         32, gt=0, description="most image tokens entering RVII; more patch tokens are average-pooled down to this many (CLIP's text context is 77)"
     )

@@ -135,7 +135,7 @@ def _pretrain(model, ids: list[list[int]], pad: int, steps: int) -> None:
     model.eval()
 
 
-def ensure_demo_llm(cfg) -> str:
+def ensure_demo_llm(cfg, steps: int = STEPS) -> str:
     """Make sure the demo LLM exists (built once, cached); point ``cfg.model.llm`` at it; return its path.
 
     ``cfg`` is the whole config: the default place is ``{data.root}/models/lingcloud-tiny-llm``.
@@ -146,8 +146,9 @@ def ensure_demo_llm(cfg) -> str:
     path = cfg.model.llm or f"{cfg.data.root.rstrip('/')}/models/{NAME}"
     stamp = Path(path) / STAMP
     want = _fingerprint(json.loads(CONFIG_JSON.read_text()))
-    if not stamp.is_file() or json.loads(stamp.read_text()).get("fingerprint") != want:
-        build_demo_llm(path)
+    built = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if (built.get("fingerprint"), built.get("steps")) != (want, steps):
+        build_demo_llm(path, steps)
     if cfg.model.llm != path:
         cfg.model.llm = path
     if cfg.model.rvii == "clip_text" and cfg.model.clip_pretrained is None and cfg.model.clip_model == cfg.extract.model:
