@@ -167,6 +167,7 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256},
     "opt": {"model_type": "opt", "hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
             "word_embed_proj_dim": 32, "max_position_embeddings": 256},
+    "bloom": {"model_type": "bloom", "hidden_size": 32, "n_layer": 2, "n_head": 4},
 }
 
 

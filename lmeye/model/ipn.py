@@ -24,7 +24,6 @@ False, eval mode), and the LLM's vocabulary and embedding matrix are never resiz
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
@@ -201,7 +200,13 @@ class IPN(nn.Module):
     # ---------------------------------------------------------------------------------------
     # data
     def encode(self, conversation: list[dict], has_image: bool, for_generation: bool = False) -> Optional[dict]:
+        """Token ids of one sample (lmeye.model.text); None when it cannot fit ``max_length``."""
         return self.codec.encode(conversation, has_image, for_generation)
+
+    @property
+    def encode_counts(self) -> dict[str, int]:
+        """How many samples ``encode`` took whole (encoded), cut (truncated) or skipped (too_long)."""
+        return dict(self.codec.counts)
 
     def check_features(self, embed_dim: int, patch_shape: Optional[Sequence[int]]) -> None:
         """Raise (naming both numbers) when a features table does not fit this IPN; call before any step."""

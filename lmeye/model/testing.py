@@ -8,7 +8,8 @@ import numpy as np
 
 from lmeye.config.model import ModelConfig
 
-FAMILIES = ("llama", "gpt2", "qwen2")
+FAMILIES = ("llama", "gpt2", "qwen2")  # the three the issue names; OPT and BLOOM are checked too
+MORE_FAMILIES = ("opt", "bloom")
 FEATURE_DIM = 32  # lingcloud-tiny-vit: pooled embedding
 PATCH_SHAPE = (16, 64)  # lingcloud-tiny-vit at 32 px: 16 tokens x width 64
 

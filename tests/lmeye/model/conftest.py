@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmeye.model.testing import FAMILIES, FEATURE_DIM, PATCH_SHAPE, tiny_clip_checkpoint, tiny_model_config, tiny_tokenizer
+from lmeye.model.testing import FAMILIES, FEATURE_DIM, MORE_FAMILIES, PATCH_SHAPE, tiny_clip_checkpoint, tiny_model_config, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +17,7 @@ def llm_dirs(tmp_path_factory, tokenizer) -> dict[str, str]:
     from lmeye.model.demo import build_tiny_llm
 
     root = tmp_path_factory.mktemp("llms")
-    return {f: build_tiny_llm(str(root / f), f, tokenizer) for f in FAMILIES}
+    return {f: build_tiny_llm(str(root / f), f, tokenizer) for f in FAMILIES + MORE_FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import torch
 from lmeye.errors import UserError
 from lmeye.model import IPN
 
-from lmeye.model.testing import FAMILIES, FEATURE_DIM, QA, batch_of, features
+from lmeye.model.testing import FAMILIES, FEATURE_DIM, MORE_FAMILIES, QA, batch_of, features
 
 
 def _wake(ipn: IPN) -> IPN:
@@ -21,7 +21,7 @@ def _wake(ipn: IPN) -> IPN:
     return ipn
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + MORE_FAMILIES)
 def test_prefix_reuse_equals_full_recomputation(ipn_factory, family):
     ipn = _wake(ipn_factory(family))
     batch = batch_of(ipn)
@@ -180,3 +180,11 @@ def test_bad_llm_paths_are_one_clear_error(model_cfg, tmp_path):
         IPN.from_config(model_cfg(llm=str(tmp_path / "t5")), FEATURE_DIM, None)
     with pytest.raises(UserError, match="no-such-clip"):
         IPN.from_config(model_cfg(clip_model="no-such-clip"), FEATURE_DIM, None)
+
+
+def test_bfloat16_llm_with_float32_ipn_weights(ipn_factory):
+    ipn = ipn_factory("opt", dtype="bfloat16")
+    assert next(ipn.llm.parameters()).dtype == torch.bfloat16 and ipn.img_proj.weight.dtype == torch.float32
+    out = ipn(batch_of(ipn))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and ipn.img_proj.weight.grad.abs().sum() > 0
