@@ -78,9 +78,12 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     )
 
 
+RECIPE_VERSION = 1  # bump when the text, tokenizer or training recipe changes in a way the constants don't show
+
+
 def _fingerprint(model_json: dict[str, Any]) -> str:
-    src = Path(__file__).read_text() + json.dumps(model_json, sort_keys=True)
-    return hashlib.sha256(src.encode()).hexdigest()[:16]
+    recipe = [RECIPE_VERSION, model_json, CORPUS_IMAGES, SEED, BATCH, LR, SPECIAL, CHAT_TEMPLATE]
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_demo_llm(directory: str, steps: int = STEPS) -> str:
@@ -106,7 +109,12 @@ def build_demo_llm(directory: str, steps: int = STEPS) -> str:
     (tmp / STAMP).write_text(json.dumps({"fingerprint": _fingerprint(model_json), "steps": steps, "seed": SEED, "conversations": len(convs)}, indent=2))
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
-    tmp.rename(directory)
+    try:
+        tmp.rename(directory)
+    except OSError:  # another process finished the same build first: keep its copy
+        if not (Path(directory) / STAMP).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 

@@ -117,6 +117,8 @@ class TextCodec:
         return self._fit(prefix_ids, suffix_ids, suffix_labels, has_image, for_generation)
 
     def _fit(self, prefix, suffix, labels, has_image, for_generation) -> Optional[dict[str, Any]]:
+        if labels and labels[0] != IGNORE:  # nothing would predict it: the loss starts inside the suffix
+            raise UserError(f"tokenizer {self.tokenizer.name_or_path!r}: its chat template puts no text between the user's turn and the answer")
         budget = self.max_length - len(prefix)
         first_answer = next((i for i, x in enumerate(labels) if x != IGNORE), None)
         if for_generation:
