@@ -10,7 +10,16 @@ import sys
 from lmeye.config import load_config, parse_overrides
 from lmeye.errors import user_errors
 
-COMMANDS = ["config", "demo", "download", "extract", "store", "instruct", "eval"]
+COMMANDS = [
+    "config",
+    "demo",
+    "download",
+    "extract",
+    "store",
+    "instruct",
+    "eval",
+    "model",
+]
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
