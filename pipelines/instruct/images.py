@@ -11,13 +11,11 @@ from lmeye.tables import TableReader
 from lmeye.uid import uid_for
 from pipelines.instruct.partition import is_uid
 from pipelines.instruct.records import Reject
-from schemas.pairs import SUCCESS
+from schemas.pairs import SUCCESS, STATUS, UID as PAIRS_UID, URL
 
 COCO_ID_RE = re.compile(r"(\d+)(?:\.[A-Za-z0-9]+)?$")
 AMBIGUOUS = "?ambiguous"
 FAILED = "?failed"
-# the pairs columns the index reads (never the image bytes)
-PAIRS_UID, PAIRS_URL, PAIRS_STATUS = "uid", "url", "status"
 
 
 def _url_path(url: str) -> str:
@@ -52,9 +50,9 @@ class ImageIndex:
 
     def __init__(self, pairs: TableReader, rule: str, components: int = 2):
         self.map: dict[str, str] = {}
-        for batch in pairs.iter_batches(columns=[PAIRS_UID, PAIRS_URL, PAIRS_STATUS]):
+        for batch in pairs.iter_batches(columns=[PAIRS_UID, URL, STATUS]):
             d = batch.to_pydict()
-            for uid, url, status in zip(d[PAIRS_UID], d[PAIRS_URL], d[PAIRS_STATUS]):
+            for uid, url, status in zip(d[PAIRS_UID], d[URL], d[STATUS]):
                 key = key_of(url, rule, components)
                 if key is None:
                     continue

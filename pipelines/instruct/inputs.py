@@ -16,10 +16,8 @@ from lmeye.tables import Manifest, TableReader, open_table
 from pipelines.instruct.jsonio import list_files
 from pipelines.instruct.partition import FEAT_SCHEMA, Placement, Spill, uid_keys
 from schemas.features import FEATURES
-from schemas.pairs import PAIRS, SUCCESS
+from schemas.pairs import PAIRS, STATUS, SUCCESS, UID
 
-# the features columns read (uid and status name the same things in every table)
-FEATURES_UID, FEATURES_STATUS = "uid", "status"
 
 
 def fill_paths(text: Optional[str], cfg: Config) -> Optional[str]:
@@ -79,7 +77,7 @@ def features_table(ic: InstructConfig, inputs: InputTables) -> Optional[TableRea
 def spill_features(features: TableReader, spill: Spill, placement: Placement) -> tuple[int, int]:
     """Spill the uids that have features; returns (uids with features, rows without)."""
     kept = skipped = 0
-    for batch in features.iter_batches(columns=[FEATURES_UID, FEATURES_STATUS], batch_size=262144):
+    for batch in features.iter_batches(columns=[UID, STATUS], batch_size=262144):
         uids = batch.column(0)
         mask = pa.array(uid_keys(uids)[1])
         mask = pc.fill_null(pc.and_(mask, pc.equal(batch.column(1), SUCCESS)), False)

@@ -28,11 +28,9 @@ from pipelines.instruct.jsonio import Malformed, read_json_source
 from pipelines.instruct.partition import MASK64, SPILL_SCHEMA, Placement, Spill, seed64, uid_keys
 from pipelines.instruct.records import TEXT_ONLY, Parsed, Reject, parse_caption_record, parse_llava, parse_qa
 from schemas.instructions import CONVERSATION, TURN
-from schemas.pairs import SUCCESS
+from schemas.pairs import CAPTION, STATUS, SUCCESS, UID as PAIRS_UID
 
 OUTCOMES = ("kept", "duplicate", "no_features", "sampled_out", "over_cap", "malformed")
-# the pairs columns a captions source reads
-PAIRS_UID, PAIRS_CAPTION, PAIRS_STATUS = "uid", "caption", "status"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,11 +193,11 @@ def run_captions_table(ctx: SourceContext, spec: Any, table: TableReader, rows: 
                        progress: Progress) -> None:
     tasks = CaptionTasks(ctx.templates(list(spec.tasks)), spec.tasks, ctx.cfg.seed, spec.task)
     rej = stats.rejected
-    for batch in table.iter_batches(columns=[PAIRS_UID, PAIRS_CAPTION, PAIRS_STATUS], batch_size=ctx.cfg.chunk_rows):
+    for batch in table.iter_batches(columns=[PAIRS_UID, CAPTION, STATUS], batch_size=ctx.cfg.chunk_rows):
         d = batch.to_pydict()
         stats.input += batch.num_rows
         valid = uid_keys(batch.column(PAIRS_UID))[1]
-        for uid, caption, status, ok in zip(d[PAIRS_UID], d[PAIRS_CAPTION], d[PAIRS_STATUS], valid.tolist()):
+        for uid, caption, status, ok in zip(d[PAIRS_UID], d[CAPTION], d[STATUS], valid.tolist()):
             if status != SUCCESS:
                 rej["image_failed"] += 1
             elif caption is None or not caption.strip():
