@@ -20,7 +20,7 @@ import bisect
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import fsspec
 import numpy as np
@@ -43,11 +43,11 @@ NOT_OBJECTS = {"background", "and", "with", "on", "in", "at", "of", "the", "a", 
 _COLOURS = "|".join(COLOUR_WORDS)
 _OBJECT_RE = re.compile(rf"\b(?:a|an|the|one)\s+({_COLOURS})\s+([a-z]+)(?:\s+({'|'.join(POSITION_PHRASES)})\b)?")
 _BACKGROUND_RE = re.compile(rf"\b({_COLOURS})\s+background\b")
+_ANY_RE = re.compile(rf"\b(?:{_COLOURS}|{'|'.join(NUMBER_WORDS)}|\d+)\b")
 _COUNT_RE = re.compile(rf"\b({'|'.join(NUMBER_WORDS)}|\d+)\s+([a-z]+s)\b")
 
 
-@dataclass(frozen=True)
-class Fact:
+class Fact(NamedTuple):
     kind: str  # one of FACT_KINDS
     object: str  # "circle", "red circle", "dogs"; "" for the background
     answer: str  # "red", "at the top left", "two"
@@ -58,6 +58,8 @@ def facts(caption: str) -> list[Fact]:
     order. A colour question is asked only about an object the caption gives one colour."""
     text = caption.lower()
     out: list[Fact] = []
+    if not _ANY_RE.search(text):  # the common case on web captions: nothing to ask about
+        return out
     colours: dict[str, set[str]] = {}
     objects = [(c, n, p) for c, n, p in _OBJECT_RE.findall(text) if n not in NOT_OBJECTS]
     for colour, noun, _ in objects:
