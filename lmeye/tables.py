@@ -368,10 +368,14 @@ class TableReader:
     def shard_names(self) -> list[str]:
         return sorted(self.manifest.shards)
 
+    def file(self, name: str) -> str:
+        """Full path (with protocol) of shard ``name``'s file."""
+        return _join(self.path, shard_file(name))
+
     @property
     def files(self) -> list[str]:
         """Full paths (with protocol) of every shard, in a stable order."""
-        return [_join(self.path, shard_file(n)) for n in self.shard_names]
+        return [self.file(n) for n in self.shard_names]
 
     @property
     def num_rows(self) -> int:
