@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/instruct.py --rows 100000 400000 # quicker
 
 For every size it writes a synthetic `pairs` table (uid, url, caption, status; no image bytes)
-and a `features` table (uid, status) covering 99% of the images, then runs the stage in a fresh
+and a `features` table (uid, status, a 1-wide embedding) covering 99% of the images, then runs the stage in a fresh
 child process and reads that process's peak RSS (``ru_maxrss``), so each size is measured alone.
 A child that only imports the stage gives the baseline RSS. It prints rows/s and peak memory
 per size and the peak-memory ratio of the largest size to the smallest: the stage streams, so
@@ -41,13 +41,13 @@ def make_tables(root: str, rows: int, seed: int = 0) -> None:
 
     from lmeye.tables import TableWriter
     from lmeye.uid import uid_for
-    from schemas import TableSchema
+    from schemas.features import FEATURES, features_schema
     from schemas.pairs import PAIRS
 
-    features_schema = TableSchema("features", 1, pa.schema([("uid", pa.string()), ("status", pa.string())]))
+    feat_schema = features_schema(1, "float16")  # a 1-wide embedding: the stage reads uid and status only
     rng = np.random.default_rng(seed)
     pairs = TableWriter(f"{root}/pairs", PAIRS, config={"bench": rows})
-    feats = TableWriter(f"{root}/features", features_schema, config={"bench": rows})
+    feats = TableWriter(f"{root}/features", FEATURES, config={"bench": rows})
     names = []
     for k, start in enumerate(range(0, rows, ROWS_PER_SHARD)):
         n = min(ROWS_PER_SHARD, rows - start)
@@ -65,8 +65,11 @@ def make_tables(root: str, rows: int, seed: int = 0) -> None:
         name = f"{k:05d}.parquet"
         pairs.write(name, table)
         has = ok & (rng.random(n) < 0.99)
-        feats.write(name, pa.table({"uid": pa.array(uids).filter(pa.array(has)), "status": pa.array(["success"] * int(has.sum()))},
-                                   schema=features_schema.schema))
+        k_has = int(has.sum())
+        feats.write(name, pa.table({"uid": pa.array(uids).filter(pa.array(has)), "status": pa.array(["success"] * k_has),
+                                    "error_message": pa.nulls(k_has, pa.string()),
+                                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(k_has, np.float16)), 1)},
+                                   schema=feat_schema))
         names.append(name)
     pairs.finalize(names, stats={})
     feats.finalize(names, stats={})

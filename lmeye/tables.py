@@ -1,7 +1,12 @@
 """Table I/O shared by every stage.
 
-A table is a directory of Parquet shards plus ``_manifest.json``. The rules that make
-stages killable and rerunnable:
+A table is a directory of Parquet shards plus ``_manifest.json``. A stage names its shards
+(``00003.parquet``, ``validation-00003-of-00016.parquet``); the file of a shard is its name
+with the split prefix Hugging Face ``datasets`` reads (``shard_file``): ``train-00003.parquet``
+for a table without splits. So ``datasets.load_dataset("parquet", data_dir=TABLE)`` takes the
+shards and nothing else (not the manifest, not a feature store's ``_serving/`` copy), and
+``TABLE/*.parquet`` is every shard for DuckDB, polars and pandas. The rules that make stages
+killable and rerunnable:
 
 * a shard is written under a temporary name and renamed when complete, so a reader never
   sees half a shard and a rerun can trust every ``*.parquet`` it finds;
@@ -25,7 +30,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -36,6 +41,13 @@ from schemas import SchemaError, TableSchema
 
 MANIFEST = "_manifest.json"
 SHARD_SUFFIX = ".parquet"
+# File-name prefixes Hugging Face `datasets` maps to splits; a shard name without one is "train".
+SPLIT_PREFIXES = ("train-", "validation-", "test-")
+
+
+def shard_file(name: str) -> str:
+    """The file (inside the table directory) that holds shard ``name``: HF-split-prefixed."""
+    return name if name.startswith(SPLIT_PREFIXES) else "train-" + name
 
 
 class OutputNotWritable(OSError):
@@ -67,7 +79,7 @@ def _join(root: str, name: str) -> str:
 
 @dataclass
 class ShardInfo:
-    name: str  # file name inside the table directory, e.g. "00003.parquet"
+    name: str  # shard name, e.g. "00003.parquet"; its file is shard_file(name)
     rows: int
     bytes: int
     sha256: str
@@ -117,7 +129,7 @@ class ShardWriter:
     def __init__(self, path: str, name: str, schema: pa.Schema, *, compression: str | dict[str, str] = "zstd"):
         self.fs, root = fsspec.core.url_to_fs(path)
         self.name = name
-        self.final = _join(root, name)
+        self.final = _join(root, shard_file(name))
         self.tmp = _join(root, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
         self.file = _HashingFile(self.fs.open(self.tmp, "wb"))
         self.writer = pq.ParquetWriter(self.file, schema, compression=compression)
@@ -264,7 +276,7 @@ class TableWriter:
         if info is None or info.input_fingerprint != input_fingerprint:
             return False
         try:
-            return self.fs.size(_join(self.root, name)) == info.bytes
+            return self.fs.size(_join(self.root, shard_file(name))) == info.bytes
         except FileNotFoundError:
             return False
 
@@ -285,11 +297,12 @@ class TableWriter:
     def finalize(self, expected: Iterable[str], stats: dict[str, Any], metadata: dict[str, str] | None = None) -> Manifest:
         """Drop shards that are not part of this run's result, then mark the table complete."""
         expected = set(expected)
+        files = {shard_file(n) for n in expected}
         for name in list(self.manifest.shards):
             if name not in expected:
                 del self.manifest.shards[name]
         for f in self.fs.glob(_join(self.root, "*" + SHARD_SUFFIX)) + self.fs.glob(_join(self.root, ".*.tmp-*")):
-            if os.path.basename(f) not in expected:
+            if os.path.basename(f) not in files:
                 self.fs.rm_file(f)
         missing = expected - set(self.manifest.shards)
         if missing:
@@ -303,14 +316,23 @@ class TableWriter:
 
 
 class TableReader:
-    """Read a finished table, checking the contract before handing out data."""
+    """The one reader of a stage's input table: it checks the contract before handing out data.
 
-    def __init__(self, path: str, table: TableSchema, *, require_complete: bool = True):
+    It refuses a table whose manifest is missing, names another table, has another schema
+    version, or is incomplete (its stage did not finish), each with one line naming the
+    manifest. ``allow_incomplete=True`` reads an unfinished table's finished shards (listed in
+    its manifest, file present with the recorded size); ``incomplete`` then says so, for the
+    caller's summary and manifest. Every shard's schema is checked when it is read.
+    """
+
+    def __init__(self, path: str, table: TableSchema, *, allow_incomplete: bool = False):
         self.path = path
         self.table = table
         self.fs, self.root = fsspec.core.url_to_fs(path)
-        manifest = Manifest.load(path)
         where = _join(path, MANIFEST)
+        if self.fs.isfile(self.root):
+            raise SchemaError(f"{path}: is a file; a {table.name} table is the folder that holds {MANIFEST} and the shards")
+        manifest = Manifest.load(path)
         if manifest is None:
             raise SchemaError(f"{where}: not found; is {path} a {table.name} table written by LingCloud?")
         if manifest.table != table.name:
@@ -320,33 +342,72 @@ class TableReader:
                 f"{where}: {table.name} schema version {manifest.schema_version}, "
                 f"this code reads version {table.version}"
             )
-        if require_complete and not manifest.complete:
-            raise SchemaError(f"{where}: the table is incomplete (its stage has not finished); rerun the stage")
+        self.listed = len(manifest.shards)
+        self.incomplete = not manifest.complete
+        if self.incomplete:
+            if not allow_incomplete:
+                raise SchemaError(
+                    f"{where}: the {table.name} table is incomplete (its stage has not finished); rerun that stage, "
+                    "or read its finished shards explicitly (--allow-incomplete)"
+                )
+            manifest.shards = {n: s for n, s in manifest.shards.items() if self._finished(s)}
         self.manifest = manifest
+
+    def _finished(self, info: ShardInfo) -> bool:
+        try:
+            return self.fs.size(_join(self.root, shard_file(info.name))) == info.bytes
+        except FileNotFoundError:
+            return False
+
+    def describe_incomplete(self) -> str:
+        """One line for a summary: what of an incomplete table was read."""
+        return (f"{self.path}: INCOMPLETE {self.table.name} table read (allow_incomplete): "
+                f"{len(self.manifest.shards)} finished shard(s) of {self.listed} listed, {self.num_rows} rows")
 
     @property
     def shard_names(self) -> list[str]:
         return sorted(self.manifest.shards)
 
+    def file(self, name: str) -> str:
+        """Full path (with protocol) of shard ``name``'s file."""
+        return _join(self.path, shard_file(name))
+
     @property
     def files(self) -> list[str]:
         """Full paths (with protocol) of every shard, in a stable order."""
-        return [_join(self.path, n) for n in self.shard_names]
+        return [self.file(n) for n in self.shard_names]
 
     @property
     def num_rows(self) -> int:
         return self.manifest.num_rows
 
+    def signature(self) -> dict[str, Any]:
+        """What the table's content depends on, for a reader's input fingerprint."""
+        return {"table": self.manifest.table, "complete": not self.incomplete,
+                "shards": {n: s.sha256 for n, s in sorted(self.manifest.shards.items())}}
+
+    def _open(self, name: str):
+        return self.fs.open(_join(self.root, shard_file(name)))
+
     def check_file(self, name: str) -> pa.Schema:
-        schema = pq.read_schema(self.fs.open(_join(self.root, name)))
-        self.table.check(schema, _join(self.path, name))
+        with self._open(name) as f:
+            schema = pq.read_schema(f)
+        self.table.check(schema, _join(self.path, shard_file(name)))
         return schema
 
     def read_shard(self, name: str, columns: list[str] | None = None, filters: Any = None) -> pa.Table:
-        with self.fs.open(_join(self.root, name)) as f:
+        with self._open(name) as f:
             pf = pq.ParquetFile(f)
-            self.table.check(pf.schema_arrow, _join(self.path, name))
+            self.table.check(pf.schema_arrow, _join(self.path, shard_file(name)))
             return pf.read(columns=columns) if filters is None else pq.read_table(f, columns=columns, filters=filters)
+
+    def iter_batches(self, columns: list[str] | None = None, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
+        """Every row in shard order, a batch at a time (memory does not grow with the table)."""
+        for name in self.shard_names:
+            with self._open(name) as f:
+                pf = pq.ParquetFile(f)
+                self.table.check(pf.schema_arrow, _join(self.path, shard_file(name)))
+                yield from pf.iter_batches(columns=columns, batch_size=batch_size)
 
     def read(self, columns: list[str] | None = None, filters: Any = None) -> pa.Table:
         parts = [self.read_shard(n, columns, filters) for n in self.shard_names]
@@ -356,5 +417,6 @@ class TableReader:
         return pa.concat_tables(parts, promote_options="default")
 
 
-def open_table(path: str, table: TableSchema, **kwargs: Any) -> TableReader:
-    return TableReader(path, table, **kwargs)
+def open_table(path: str, table: TableSchema, *, allow_incomplete: bool = False) -> TableReader:
+    """Open a finished input table (see ``TableReader``); the one way a stage reads its inputs."""
+    return TableReader(path, table, allow_incomplete=allow_incomplete)

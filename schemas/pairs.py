@@ -8,6 +8,8 @@ from schemas import TableSchema
 SUCCESS = "success"
 FAILED_TO_DOWNLOAD = "failed_to_download"
 FAILED_TO_RESIZE = "failed_to_resize"
+# Column names other code reads by (features has uid and status under the same names).
+UID, URL, CAPTION, STATUS = "uid", "url", "caption", "status"
 
 PAIRS = TableSchema(
     name="pairs",

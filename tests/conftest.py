@@ -80,7 +80,33 @@ def make_pairs(tmp_path: Path) -> Callable[..., tuple[Path, pa.Table]]:
     return make
 
 
-__all__ = ["build_pairs_table", "FAILED_TO_RESIZE"]
+def build_features_table(path: str | Path, uids: list[str], failed: list[str] = (), *, dim: int = 4,
+                         shards: int = 2) -> Path:
+    """Write a `features` table as the extract stage would, without a model: a deterministic
+    unit ``embedding`` of width ``dim`` per uid, and ``failed`` uids as failed_to_decode rows."""
+    import numpy as np
+
+    from schemas.features import FAILED_TO_DECODE, FEATURES, features_schema
+
+    schema = features_schema(dim, "float32")
+    rows = [(u, SUCCESS, None) for u in uids] + [(u, FAILED_TO_DECODE, "cannot identify image file") for u in failed]
+    vectors = []
+    for u, status, _ in rows:
+        v = np.frombuffer(hashlib.sha256(u.encode()).digest()[: 4 * dim], dtype=np.uint8)[:dim].astype(np.float32) + 1
+        vectors.append((v / np.linalg.norm(v)).tolist() if status == SUCCESS else None)
+    table = pa.table({"uid": [r[0] for r in rows], "status": [r[1] for r in rows], "error_message": [r[2] for r in rows],
+                      "embedding": vectors}, schema=schema)
+    writer = TableWriter(str(path), FEATURES, config={"fixture": "features", "dim": dim})
+    per = max(1, -(-table.num_rows // shards))
+    names = []
+    for k, start in enumerate(range(0, max(table.num_rows, 1), per)):
+        names.append(f"{k:05d}.parquet")
+        writer.write(names[-1], table.slice(start, per))
+    writer.finalize(names, stats={}, metadata={"embed_dim": str(dim), "dtype": "float32"})
+    return Path(path)
+
+
+__all__ = ["build_pairs_table", "build_features_table", "FAILED_TO_RESIZE"]
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""`lmeye instruct --config FILE [--set k=v] [--export-hf DIR]`: build the `instructions` table."""
+"""`lmeye instruct --config FILE [--set k=v] [--export-hf DIR] [--allow-incomplete]`: build the `instructions` table."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--export-hf", metavar="DIR", default=None,
         help="also write a Hugging Face DatasetDict (train, validation) to DIR; open it with datasets.load_from_disk",
     )
+    p.add_argument(
+        "--allow-incomplete", action="store_true",
+        help="read the finished shards of an unfinished input table instead of refusing it (said in the summary and manifest)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -26,6 +30,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.export_hf:
         cfg.instruct.export_hf = args.export_hf
+    if args.allow_incomplete:
+        cfg.instruct.allow_incomplete = True
     summary = run(cfg)  # needs no Ray: the stage runs on this process alone
     print(summary.render(), flush=True)
     return 0 if summary.ok else 1

@@ -6,14 +6,20 @@ The stage reads a list of *sources*, each one of four kinds (the ``kind`` key pi
   turned into tasks by the templates file: short caption, detailed description, caption-grounded
   questions, each with several phrasings;
 * ``vqa``: question/answer sets in the common VQA layout ``[{image, question, answer}]``;
-* ``llava``: LLaVA conversations ``[{id, image, conversations: [{from, value}, ...]}]``;
+* ``llava``: LLaVA conversations ``[{id, image, conversations: [{from, value}, ...]}]``; a record
+  without ``image`` is text-only (kept with a null uid and task ``text_only_task``, unless
+  ``text_only: false``), and a question/answer pair with an empty side is left out alone;
 * ``lmeyemid``: LMEyeMID records ``{question, answer, image_path, chunk_belong}``.
+
+Every row keeps its record's own id (``id_field``) or its position in its file as ``source_id``.
 
 Every source has a ``weight`` (the fraction of its records kept, chosen by a seeded hash, so the
 choice is deterministic) and an optional ``cap`` (at most that many records enter the table).
 Image references in files map to uids by the source's ``image_key`` rule:
 
-* ``basename``: the reference's file name equals the file name of a ``pairs`` URL;
+* ``basename``: the reference's file name equals the file name of a ``pairs`` URL, exactly
+  (the default, LMEyeMID's included: OCR-VQA's ISBN names such as ``000100039X.jpg`` and
+  ``0618127453.jpg`` are not numbers);
 * ``path``: its last ``path_components`` path components equal those of a ``pairs`` URL;
 * ``coco_id``: the COCO image id (``COCO_train2014_000000123456.jpg``, ``000000123456.jpg`` or
   the number itself) equals the id parsed from a ``pairs`` URL's file name;
@@ -52,6 +58,7 @@ class _FileSource(_Source):
     image_key: ImageKey = Field("basename", description="how an image reference maps to a uid (see module doc)")
     path_components: int = Field(2, ge=1, description="image_key: path: how many trailing path components to match")
     url_prefix: str = Field("", description="image_key: url: prepended to the reference before hashing")
+    id_field: Optional[str] = Field("id", description="the record's own id, kept as source_id (else its file:position)")
 
 
 class CaptionsSource(_FileSource):
@@ -82,11 +89,13 @@ class LlavaSource(_FileSource):
     kind: Literal["llava"]
     image_field: str = "image"
     conversations_field: str = "conversations"
+    text_only: bool = Field(True, description="keep records without an image (null uid); false: reject them as no_image")
+    text_only_task: str = Field("text_conversation", description="the `task` column of a text-only record")
 
 
 class LMEyeMIDSource(_FileSource):
     kind: Literal["lmeyemid"]
-    image_key: ImageKey = "coco_id"
+    image_key: ImageKey = Field("basename", description="exact file names (coco_id: COCO-named files only)")
     image_field: str = "image_path"
     question_field: str = "question"
     answer_field: str = "answer"
@@ -118,6 +127,10 @@ class InstructConfig(Section):
     chunk_rows: int = Field(50_000, gt=0, description="rows built in Python before they are spilled")
     tmp_dir: Optional[str] = Field(None, description="local folder for spill files; default the system temp folder")
     export_hf: Optional[str] = Field(None, description="also write a HF DatasetDict (save_to_disk) here")
+    allow_incomplete: bool = Field(
+        False, description="read the finished shards of an unfinished pairs/features table (said in the summary and manifest)"
+    )
+    debug_delay_s: float = Field(0.0, ge=0, description="testing: sleep after each partition written (a window to kill the stage)")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "InstructConfig":

@@ -3,7 +3,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from lmeye.tables import Manifest, OutputNotWritable, TableReader, TableWriter, ensure_writable
+from lmeye.tables import Manifest, OutputNotWritable, TableReader, TableWriter, ensure_writable, shard_file
 from schemas import SchemaError
 from schemas.pairs import PAIRS
 
@@ -32,7 +32,7 @@ def test_rerun_keeps_done_shards_and_config_change_makes_them_stale(tmp_path):
     assert not w3.is_done("00000.parquet", "x")
     assert w3.stale == {"00000.parquet"}
     w3.finalize([], stats={})
-    assert not (tmp_path / "00000.parquet").exists()
+    assert not (tmp_path / shard_file("00000.parquet")).exists()
 
 
 def test_reader_names_file_and_column(tmp_path):

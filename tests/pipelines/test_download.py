@@ -20,7 +20,7 @@ import pytest
 from lmeye.cli import main
 from lmeye.config import load_config
 from lmeye.demo.corpus import write_url_list
-from lmeye.tables import OutputNotWritable, TableReader
+from lmeye.tables import OutputNotWritable, TableReader, shard_file
 from lmeye.uid import uid_for
 from pipelines.download import read_url_list, run
 from schemas.pairs import PAIRS, SUCCESS
@@ -190,7 +190,7 @@ def test_sigkill_partway_then_rerun_resumes_exactly(tmp_path, corpus, server):
     assert 2 <= len(finished) < len(rows) / 2, "the kill did not land partway"
     finished_uids = set()
     for name in finished:
-        finished_uids |= set(pq.read_table(out / name, columns=["uid"])["uid"].to_pylist())
+        finished_uids |= set(pq.read_table(out / shard_file(name), columns=["uid"])["uid"].to_pylist())
 
     rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]

@@ -20,6 +20,7 @@ from lmeye import clip
 from lmeye.cli import main
 from lmeye.config import load_config
 from lmeye.store import FeatureStore
+from lmeye.tables import shard_file
 from schemas.features import FAILED_TO_DECODE, SUCCESS
 from schemas.pairs import SUCCESS as PAIRS_SUCCESS
 
@@ -106,7 +107,7 @@ def test_one_row_per_successful_uid_and_failures_are_rows(extracted):
     assert meta["model"] == clip.TINY_MODEL and meta["checkpoint_sha256"] == clip.file_sha256(extracted["ckpt"])
     assert (meta["image_size"], meta["dtype"], meta["embed_dim"], meta["patch_tokens_shape"]) == ("32", "float32", "32", "16,64")
     assert manifest["stats"]["by_status"] == {"success": 12, "failed_to_decode": 1}
-    schema_meta = pq.read_schema(extracted["features"] / "00000.parquet").metadata
+    schema_meta = pq.read_schema(extracted["features"] / shard_file("00000.parquet")).metadata
     assert schema_meta[b"lingcloud.model"] == clip.TINY_MODEL.encode()
     assert schema_meta[b"lingcloud.patch_tokens_shape"] == b"16,64"
 
@@ -179,7 +180,8 @@ def test_resume_after_sigkill_redoes_only_unfinished_shards(tmp_path):
         proc.wait()
     first = json.loads(manifest.read_text())
     assert not first["complete"] and 1 <= len(first["shards"]) < 6
-    kept = {n: ((tmp_path / "features" / n).stat().st_mtime_ns, hashlib.sha256((tmp_path / "features" / n).read_bytes()).hexdigest())
+    kept = {n: ((tmp_path / "features" / shard_file(n)).stat().st_mtime_ns,
+                hashlib.sha256((tmp_path / "features" / shard_file(n)).read_bytes()).hexdigest())
             for n in first["shards"]}
     log = tmp_path / "run2.log"
     proc = _job(cfg_path, log)
@@ -187,7 +189,7 @@ def test_resume_after_sigkill_redoes_only_unfinished_shards(tmp_path):
     out = log.read_text()
     assert f"already done {len(kept)}" in out
     for n, (mtime, sha) in kept.items():
-        p = tmp_path / "features" / n
+        p = tmp_path / "features" / shard_file(n)
         assert (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) == (mtime, sha)
     table = _table(tmp_path / "features")
     assert sorted(table["uid"].to_pylist()) == sorted(pairs["uid"].to_pylist())  # exactly one row per uid

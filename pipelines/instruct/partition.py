@@ -3,6 +3,10 @@
 A uid's partition and its split (train or validation) both come from one salted mix of the uid
 (``Placement``), so everything about one image lands in one partition and no image is on both
 sides. ``Spill`` appends row chunks to P local Arrow IPC streams, one per partition.
+A text-only row (null uid) is placed by its sample key instead: it has no image to keep on
+one side.
+
+``uid_keys`` is the one place the stage turns uids into integers and checks their format.
 """
 
 from __future__ import annotations
@@ -18,21 +22,24 @@ import pyarrow as pa
 
 from lmeye.uid import uids_to_u64
 
-from schemas.instructions import CONVERSATION
+from schemas.instructions import CONVERSATION, CONVERSATION_COL, SAMPLE_ID, SOURCE_ID, TASK, UID
 
 MASK64 = (1 << 64) - 1
+# Spill-only columns: the source's index, the dedup key and the split decision.
+SRC, KEY, VAL = "src", "key", "val"
 SPILL_SCHEMA = pa.schema(
     [
-        ("uid", pa.string()),
-        ("src", pa.int16()),
-        ("task", pa.string()),
-        ("sample_id", pa.string()),
-        ("key", pa.int64()),
-        ("val", pa.bool_()),
-        ("conversation", CONVERSATION),
+        (UID, pa.string()),
+        (SRC, pa.int16()),
+        (TASK, pa.string()),
+        (SAMPLE_ID, pa.string()),
+        (KEY, pa.int64()),
+        (VAL, pa.bool_()),
+        (CONVERSATION_COL, CONVERSATION),
+        (SOURCE_ID, pa.string()),
     ]
 )
-FEAT_SCHEMA = pa.schema([("uid", pa.string())])
+FEAT_SCHEMA = pa.schema([(UID, pa.string())])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,13 +55,17 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def _seed64(*parts: Any) -> int:
+def seed64(*parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "big")
 
 
-def _uid_ints(uids: list[str] | pa.Array) -> np.ndarray:
-    """16-hex uids -> uint64 (the caller guarantees the format)."""
-    return uids_to_u64(uids)[0]
+def uid_keys(uids: list[str] | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(uint64 key, valid) per uid: the stage's one use of the uid format (``lmeye.uid``)."""
+    return uids_to_u64(uids)
+
+
+def is_uid(text: str) -> bool:
+    return bool(uid_keys([text])[1][0])
 
 
 @dataclass
@@ -66,17 +77,18 @@ class Placement:
     val_fraction: float
 
     def __post_init__(self) -> None:
-        self.salt = np.uint64(_seed64("split", self.split_seed))
+        self.salt = np.uint64(seed64("split", self.split_seed))
         self.threshold = int(round(self.val_fraction * 10000))
 
-    def place(self, uid_ints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        h = _splitmix64(uid_ints ^ self.salt)
+    def place(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(partition, is validation) per key (``uid_keys``, or a sample key for text-only rows)."""
+        h = _splitmix64(keys ^ self.salt)
         part = ((h >> np.uint64(32)) % np.uint64(self.partitions)).astype(np.int64)
         val = ((h & np.uint64(0xFFFFFFFF)) % np.uint64(10000)).astype(np.int64) < self.threshold
         return part, val
 
     def is_validation(self, uid: str) -> bool:
-        return bool(self.place(_uid_ints([uid]))[1][0])
+        return bool(self.place(uid_keys([uid])[0])[1][0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +133,7 @@ class Spill:
             return pa.ipc.open_stream(src).read_all()
 
 
-def _raise_open_files_limit(need: int) -> None:
+def raise_open_files_limit(need: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need + 64:
         target = need + 64 if hard == resource.RLIM_INFINITY else min(hard, need + 64)

@@ -1,4 +1,4 @@
-"""The instruct stage: LMEyeMID-style instruction data -> the `instructions` table.
+"""The instruct stage's driver: LMEyeMID-style instruction data -> the `instructions` table.
 
 ``run(cfg)`` reads the configured sources (caption rows of a pairs table turned into tasks by
 templates, VQA question/answer sets, LLaVA conversations, LMEyeMID records), maps every image
@@ -12,9 +12,12 @@ How it streams (memory does not grow with the input):
    partition's rows are bounded. The uids of the features table are spilled to the same P
    partitions.
 2. *Per partition* (everything about one image is in one partition): drop rows whose image has
-   no features, drop exact duplicates (same uid and same conversation; the earlier source in the
-   config, then the earlier record, wins), shuffle with the seed, and write a ``train-`` and a
-   ``validation-`` shard with ``TableWriter`` (atomic shards, manifest).
+   no features (a text-only row has no image and needs none), drop exact duplicates (same uid
+   and same conversation; the earlier source in the config, then the earlier record, wins),
+   shuffle with the seed, and write a ``train-`` and a ``validation-`` shard with
+   ``TableWriter`` (atomic shards, manifest). A side without rows gets no shard; the last shard
+   a partition writes records the partition's names and stats, which is how a rerun knows the
+   partition is finished.
 
 The split is by uid: validation iff ``mix(uid, split_seed) mod 10000 < val_fraction * 10000``,
 so no image is on both sides. Shuffling: the partition of a row is a hash of its uid (a random
@@ -24,16 +27,21 @@ deterministic, so a rerun writes the same bytes.
 Accounting: for every source, ``input = kept + duplicate + no_features + sampled_out + over_cap
 + malformed + sum(rejected by reason)``; it is checked at the end and stored in the manifest.
 
+Inputs: the pairs and features tables are read through ``lmeye.tables.open_table`` only, which
+refuses an incomplete table or another schema version; ``instruct.allow_incomplete``
+(``--allow-incomplete``) reads an unfinished table's finished shards and says so in the summary
+and in the manifest's ``stats.incomplete_inputs``.
+
 Resume: a rerun whose config and inputs match a complete table does nothing; after a killed
 run, partitions whose shards are finished are not rewritten.
 
 Runs on the driver alone (no Ray needed): the work is parsing and hashing, and the
 per-partition step is bounded, so one process meets the benchmark on two cores.
 
-This file keeps the stage's story; the mechanics live beside it: ``instruct_partition`` (uid
-hashing, placement, spill files), ``instruct_rows`` (accounting, row building, source runners),
-``instruct_inputs`` (paths, features table, signatures) and ``instruct_sources`` (JSON readers
-and parsers).
+This module keeps the stage's story; the mechanics live beside it in the package: ``partition``
+(uid keys, placement, spill files), ``rows`` (accounting, row building, source runners),
+``inputs`` (paths, input tables), ``jsonio`` and ``records`` (JSON readers and parsers),
+``images`` (image reference -> uid), ``captions`` (caption tasks) and ``export`` (HF).
 """
 
 from __future__ import annotations
@@ -56,61 +64,73 @@ from lmeye.config import Config
 from lmeye.config.instruct import InstructConfig
 from lmeye.errors import UserError
 from lmeye.report import StageSummary
-from lmeye.tables import Manifest, TableReader, TableWriter, fingerprint
+from lmeye.tables import Manifest, TableWriter, fingerprint, shard_file
 from lmeye.templates import CAPTIONS as DEFAULT_TEMPLATES
-from pipelines.instruct_inputs import (
-    _features_manifest,
-    _file_bytes,
-    _fill_paths,
-    _resolved_sources,
-    _spill_features,
-    _table_signature,
+from pipelines.instruct.captions import load_templates
+from pipelines.instruct.export import export_hf
+from pipelines.instruct.inputs import (
+    InputTables,
+    features_table,
+    file_bytes,
+    fill_paths,
+    resolved_sources,
+    spill_features,
+    uses_pairs_table,
 )
-from pipelines.instruct_partition import (
+from pipelines.instruct.jsonio import file_signature, list_files
+from pipelines.instruct.partition import (
     FEAT_SCHEMA,
+    KEY,
     MASK64,
     SPILL_SCHEMA,
+    SRC,
+    VAL,
     Placement,
     Spill,
-    _raise_open_files_limit,
+    raise_open_files_limit,
 )
-from pipelines.instruct_rows import (
-    OUTCOMES,
-    RowBuilder,
-    SourceStats,
-    _Ctx,
-    _Progress,
-    _run_captions_table,
-    _run_file_source,
+from pipelines.instruct.rows import OUTCOMES, Progress, RowBuilder, SourceContext, SourceStats, run_captions_table, run_file_source
+from schemas.instructions import (
+    CONVERSATION_COL,
+    INSTRUCTIONS,
+    SAMPLE_ID,
+    SOURCE,
+    SOURCE_ID,
+    SPLIT,
+    TASK,
+    TRAIN,
+    UID,
+    VALIDATION,
+    shard_name,
 )
-from pipelines.instruct_sources import file_signature, list_files, load_templates
-from schemas.instructions import INSTRUCTIONS, TRAIN, VALIDATION, shard_name
 
 STAGE = "instruct"
 # Rough in-memory bytes of one spilled row, to size partitions before reading: a caption row
 # (uid, ids, a short prompt and a caption); file sources are sized by their file size.
 CAPTION_ROW_BYTES = 256
+PARTITION_SHARDS = "partition_shards"  # stats key of a partition's last shard: all its shards
 
 
 # ---------------------------------------------------------------------------------------------
 # Per partition
 
 
-def _process_partition(rows: pa.Table, feats: Optional[pa.Table], names: list[str], dedupe: bool,
-                       seed: int, p: int) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+def process_partition(rows: pa.Table, feats: Optional[pa.Table], names: list[str], dedupe: bool,
+                      seed: int, p: int) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
     """Feature check, dedup, shuffle and split of one partition, with a single copy of the rows:
     the decisions are made on numpy index arrays, then one ``take`` builds the output (train
     rows first, then validation rows, so both sides are zero-copy slices)."""
     stats: dict[str, Any] = {"no_features": {}, "duplicate": {}, "kept": {}, "tasks": {}}
     n0 = rows.num_rows
-    src = rows["src"].to_numpy() if n0 else np.zeros(0, dtype=np.int16)
+    src = rows[SRC].to_numpy() if n0 else np.zeros(0, dtype=np.int16)
     sel = np.arange(n0, dtype=np.int64)
     if feats is not None and n0:
-        has = pc.is_in(rows["uid"], value_set=feats["uid"].combine_chunks()).to_numpy(zero_copy_only=False)
+        has = pc.is_in(rows[UID], value_set=feats[UID].combine_chunks()).to_numpy(zero_copy_only=False)
+        has |= pc.is_null(rows[UID]).to_numpy(zero_copy_only=False)  # text-only: no image, no features needed
         stats["no_features"] = _count_by_src(src[~has], names)
         sel = sel[has]
     if dedupe and len(sel):
-        _, first = np.unique(rows["key"].to_numpy()[sel], return_index=True)  # first occurrence of each key
+        _, first = np.unique(rows[KEY].to_numpy()[sel], return_index=True)  # first occurrence of each key
         if len(first) < len(sel):
             first.sort()
             dropped = np.ones(len(sel), dtype=bool)
@@ -119,19 +139,18 @@ def _process_partition(rows: pa.Table, feats: Optional[pa.Table], names: list[st
             sel = sel[first]
     stats["kept"] = _count_by_src(src[sel], names)
     sel = sel[np.random.default_rng([seed & MASK64, p]).permutation(len(sel))]
-    val = rows["val"].to_numpy(zero_copy_only=False)[sel] if len(sel) else np.zeros(0, dtype=bool)
+    val = rows[VAL].to_numpy(zero_copy_only=False)[sel] if len(sel) else np.zeros(0, dtype=bool)
     sel = np.concatenate([sel[~val], sel[val]])
     n_train = int((~val).sum())
     kept = rows.take(pa.array(sel))
     del rows
     source = pa.array(names, pa.string()).take(pa.array(src[sel].astype(np.int32)))
     split = pa.array(np.where(np.arange(len(sel)) < n_train, TRAIN, VALIDATION).tolist() if len(sel) else [], pa.string())
-    out = pa.Table.from_arrays(
-        [kept["sample_id"], kept["uid"], source, kept["task"], split, kept["conversation"]],
-        schema=INSTRUCTIONS.with_metadata(INSTRUCTIONS.schema),
-    )
+    columns = {SAMPLE_ID: kept[SAMPLE_ID], UID: kept[UID], SOURCE: source, TASK: kept[TASK], SPLIT: split,
+               CONVERSATION_COL: kept[CONVERSATION_COL], SOURCE_ID: kept[SOURCE_ID]}
+    out = pa.Table.from_arrays([columns[c] for c in INSTRUCTIONS.columns], schema=INSTRUCTIONS.with_metadata(INSTRUCTIONS.schema))
     if len(sel):
-        stats["tasks"] = {t["values"]: t["counts"] for t in pc.value_counts(out["task"]).to_pylist()}
+        stats["tasks"] = {t["values"]: t["counts"] for t in pc.value_counts(out[TASK]).to_pylist()}
     stats["train"], stats["validation"] = n_train, len(sel) - n_train
     return out.slice(0, n_train), out.slice(n_train), stats
 
@@ -143,12 +162,35 @@ def _count_by_src(src: np.ndarray, names: list[str]) -> dict[str, int]:
     return {names[i]: int(c) for i, c in enumerate(counts) if c}
 
 
+def _finished_partition(writer: TableWriter, p: int, partitions: int, fp: str) -> Optional[dict[str, Any]]:
+    """The stats of partition p when a previous run finished it (its last shard lists them all)."""
+    for split in (VALIDATION, TRAIN):  # the last one written carries the list
+        info = writer.manifest.shards.get(shard_name(split, p, partitions))
+        if info is not None and PARTITION_SHARDS in info.stats:
+            if all(writer.is_done(n, fp) for n in info.stats[PARTITION_SHARDS]):
+                return info.stats
+    return None
+
+
+def write_partition(writer: TableWriter, p: int, partitions: int, fp: str, train: pa.Table, valid: pa.Table,
+                    stats: dict[str, Any]) -> list[str]:
+    """Write the non-empty sides of partition p (never a 0-row shard); the last one carries the
+    partition's stats and shard list. Returns the names written."""
+    parts = [(shard_name(s, p, partitions), t) for s, t in ((TRAIN, train), (VALIDATION, valid)) if t.num_rows]
+    names = [n for n, _ in parts]
+    for k, (name, table) in enumerate(parts):
+        last = k == len(parts) - 1
+        writer.write(name, table, input_fingerprint=fp,
+                     stats={**stats, PARTITION_SHARDS: names} if last else {"rows": table.num_rows})
+    return names
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage
 
 
 def _config_for_fingerprint(ic: InstructConfig, sources: list[Any]) -> dict[str, Any]:
-    d = ic.model_dump(mode="json", exclude={"export_hf", "tmp_dir", "chunk_rows", "sources"})
+    d = ic.model_dump(mode="json", exclude={"export_hf", "tmp_dir", "chunk_rows", "sources", "allow_incomplete", "debug_delay_s"})
     d["sources"] = [s.model_dump(mode="json") for s in sources]
     return d
 
@@ -171,79 +213,82 @@ def _summary_from_stats(ic: InstructConfig, stats: dict[str, Any], seconds: floa
         if s["rejected"]:
             parts.append(f"{sum(s['rejected'].values())} rejected")
         summary.notes.append(f"{name} ({s['kind']}): {s['input']} in = " + " + ".join(parts))
+        if s.get("text_only"):
+            summary.notes.append(f"{name}: {s['text_only']} text-only records (no image, null uid)")
+        if s.get("dropped_turns"):
+            dropped = ", ".join(f"{n} {r}" for r, n in s["dropped_turns"].items())
+            summary.notes.append(f"{name}: question/answer pairs left out of kept conversations: {dropped}")
         for ex in s.get("malformed_examples", [])[:1]:
             summary.notes.append(f"{name}: first malformed record skipped: {ex}")
     if not stats.get("features_checked", False):
         summary.notes.append("features NOT checked (instruct.require_features: false): rows kept without the feature check")
+    for line in stats.get("incomplete_inputs", []):
+        summary.notes.append(line)
     return summary
+
+
+def _input_fingerprint(ic: InstructConfig, sources: list[Any], inputs: InputTables, features, templates_path: Optional[str]) -> str:
+    """What the output depends on besides the config: every input table's shards and every file."""
+    listing: list[Any] = []
+    for s in sources:
+        if uses_pairs_table(s):
+            listing.append({"table": s.table, "sig": inputs.pairs(s.table, f"instruct source '{s.name}'").signature()})
+        else:
+            listing.append([file_signature(f) for f in list_files(s.path)])
+    if any(s.image_key not in ("url", "uid") and not uses_pairs_table(s) for s in sources):
+        pairs = inputs.pairs(ic.pairs, "instruct.pairs (needed to map image references to uids; or use image_key: url or uid)")
+        listing.append({"pairs": pairs.signature()})
+    if features is not None:
+        listing.append({"features": features.signature()})
+    if templates_path is not None:
+        with fsspec.open(templates_path, "rb") as f:
+            listing.append({"templates": hashlib.sha256(f.read()).hexdigest()})
+    return fingerprint(listing)
+
+
+def _already_complete(ic: InstructConfig, config: dict[str, Any], input_fp: str) -> Optional[Manifest]:
+    old = Manifest.load(ic.output)
+    if not (old is not None and old.complete and old.table == INSTRUCTIONS.name and old.schema_version == INSTRUCTIONS.version
+            and old.config_fingerprint == fingerprint(config) and old.input_fingerprint == input_fp):
+        return None
+    fs, root = fsspec.core.url_to_fs(ic.output)
+    try:
+        intact = all(fs.size(root.rstrip("/") + "/" + shard_file(n)) == s.bytes for n, s in old.shards.items())
+    except FileNotFoundError:
+        intact = False
+    return old if intact else None
 
 
 def run(cfg: Config) -> StageSummary:
     """Build the `instructions` table from the configured sources; see the module doc."""
     started = time.time()
     ic = cfg.instruct
-    sources = _resolved_sources(cfg)
+    sources = resolved_sources(cfg)
     if not sources:
         raise UserError("instruct.sources: no enabled source; configure at least one")
-    templates_path = _fill_paths(ic.templates, cfg) or str(DEFAULT_TEMPLATES)
-    features = _features_manifest(ic)
     uses_templates = any(s.kind == "captions" for s in sources)
-
-    # What the output depends on: the config and every input.
-    listing: list[Any] = []
-    for s in sources:
-        if s.kind == "captions" and s.path is None:
-            sig = _table_signature(s.table)
-            if sig is None:
-                raise FileNotFoundError(f"instruct source '{s.name}': no pairs table at {s.table}; run `lmeye download` first")
-            listing.append({"table": s.table, "sig": sig})
-        else:
-            listing.append([file_signature(f) for f in list_files(s.path)])
-    needs_pairs = any(s.image_key not in ("url", "uid") and not (s.kind == "captions" and s.path is None) for s in sources)
-    if needs_pairs:
-        sig = _table_signature(ic.pairs)
-        if sig is None:
-            raise FileNotFoundError(
-                f"instruct.pairs: no pairs table at {ic.pairs} (needed to map image references to uids); "
-                "run `lmeye download` first, or use image_key: url or uid"
-            )
-        listing.append({"pairs": sig})
-    if features is not None:
-        listing.append({"features": {n: sh.sha256 for n, sh in sorted(features.shards.items())}})
-    if uses_templates:
-        with fsspec.open(templates_path, "rb") as f:
-            listing.append({"templates": hashlib.sha256(f.read()).hexdigest()})
-    input_fp = fingerprint(listing)
+    templates_path = (fill_paths(ic.templates, cfg) or str(DEFAULT_TEMPLATES)) if uses_templates else None
+    inputs = InputTables(ic)
+    features = features_table(ic, inputs)
+    input_fp = _input_fingerprint(ic, sources, inputs, features, templates_path)
     config = _config_for_fingerprint(ic, sources)
-    config["templates"] = templates_path if uses_templates else None
+    config["templates"] = templates_path
+    incomplete = [r.describe_incomplete() for r in inputs.incomplete()]
 
-    # Complete and current: nothing to do.
-    old = Manifest.load(ic.output)
-    if (old is not None and old.complete and old.table == INSTRUCTIONS.name and old.schema_version == INSTRUCTIONS.version
-            and old.config_fingerprint == fingerprint(config) and old.input_fingerprint == input_fp):
-        fs, root = fsspec.core.url_to_fs(ic.output)
-        try:
-            intact = all(fs.size(root.rstrip("/") + "/" + n) == s.bytes for n, s in old.shards.items())
-        except FileNotFoundError:
-            intact = False
-        if intact:
-            summary = _summary_from_stats(ic, old.stats, time.time() - started, 0, len(old.shards))
-            summary.rate = None
-            summary.notes.insert(0, "already complete for this config and these inputs; nothing redone")
-            _maybe_export(ic, summary)
-            return summary
+    old = _already_complete(ic, config, input_fp)
+    if old is not None:
+        summary = _summary_from_stats(ic, old.stats, time.time() - started, 0, len(old.shards))
+        summary.rate = None
+        summary.notes.insert(0, "already complete for this config and these inputs; nothing redone")
+        _maybe_export(ic, summary)
+        return summary
 
     # Size the partitions from the input size, so one partition stays bounded.
-    est = 0
-    for s in sources:
-        if s.kind == "captions" and s.path is None:
-            m = Manifest.load(s.table)
-            est += (m.num_rows if m is not None else 0) * CAPTION_ROW_BYTES
-        else:
-            est += _file_bytes(s.path)
+    est = sum(inputs.pairs(s.table).num_rows * CAPTION_ROW_BYTES if uses_pairs_table(s) else file_bytes(s.path)
+              for s in sources)
     partitions = max(1, math.ceil(est / (ic.partition_mb * 1024 * 1024)))
     placement = Placement(partitions, ic.split_seed, ic.val_fraction)
-    _raise_open_files_limit(2 * partitions)
+    raise_open_files_limit(2 * partitions)
 
     writer = TableWriter(ic.output, INSTRUCTIONS, config=config, input_fingerprint=input_fp)
     shard_fp = fingerprint([input_fp, partitions])
@@ -260,8 +305,8 @@ def run(cfg: Config) -> StageSummary:
                 raise UserError(str(err)) from None
         return cache[key]
 
-    ctx = _Ctx(cfg=ic, pairs=ic.pairs, templates=templates)
-    progress = _Progress()
+    ctx = SourceContext(cfg=ic, pairs=lambda: inputs.pairs(ic.pairs), templates=templates)
+    progress = Progress()
     spill_dir = tempfile.mkdtemp(prefix="lingcloud-instruct-", dir=ic.tmp_dir)
     done = skipped = 0
     expected: list[str] = []
@@ -274,35 +319,34 @@ def run(cfg: Config) -> StageSummary:
             for i, spec in enumerate(sources):
                 rows = RowBuilder(row_spill, placement, i, spec.name, spec.weight, spec.cap, ic.seed,
                                   stats[spec.name], ic.chunk_rows)
-                if spec.kind == "captions" and spec.path is None:
-                    _run_captions_table(ctx, spec, spec.table, rows, stats[spec.name], progress)
+                if uses_pairs_table(spec):
+                    run_captions_table(ctx, spec, inputs.pairs(spec.table), rows, stats[spec.name], progress)
                 else:
-                    _run_file_source(ctx, spec, rows, stats[spec.name], progress)
+                    run_file_source(ctx, spec, rows, stats[spec.name], progress)
                 rows.flush()
-            features_info = None
-            if features is not None:
-                features_info = _spill_features(ic, features, feat_spill, placement)
+            features_info = spill_features(features, feat_spill, placement) if features is not None else None
         finally:
             row_spill.close()
             feat_spill.close()
 
         for p in range(partitions):
-            tname, vname = shard_name(TRAIN, p, partitions), shard_name(VALIDATION, p, partitions)
-            expected += [tname, vname]
-            if writer.is_done(tname, shard_fp) and writer.is_done(vname, shard_fp):
-                pstats = writer.manifest.shards[tname].stats
-                skipped += 2
+            pstats = _finished_partition(writer, p, partitions, shard_fp)
+            if pstats is not None:
+                written = pstats[PARTITION_SHARDS]
+                skipped += len(written)
             else:
                 feats = feat_spill.read(p) if features is not None else None
-                train, valid, pstats = _process_partition(row_spill.read(p), feats, names, ic.dedupe, ic.seed, p)
-                writer.write(tname, train, input_fingerprint=shard_fp, stats=pstats)
-                writer.write(vname, valid, input_fingerprint=shard_fp, stats={"rows": valid.num_rows})
+                train, valid, pstats = process_partition(row_spill.read(p), feats, names, ic.dedupe, ic.seed, p)
+                written = write_partition(writer, p, partitions, shard_fp, train, valid, pstats)
                 del train, valid
                 pa.default_memory_pool().release_unused()  # give freed buffers back between partitions
-                done += 2
+                done += len(written)
                 for tmp in (row_spill.path(p), feat_spill.path(p)):
                     if os.path.exists(tmp):
                         os.remove(tmp)
+                if ic.debug_delay_s:
+                    time.sleep(ic.debug_delay_s)  # tests: a window to kill the stage mid-run
+            expected += written
             for outcome in ("no_features", "duplicate", "kept"):
                 for name, n in pstats.get(outcome, {}).items():
                     stats[name].outcomes[outcome] += n
@@ -323,6 +367,7 @@ def run(cfg: Config) -> StageSummary:
         "partitions": partitions,
         "features_checked": features is not None,
         "input_records": sum(s.input for s in stats.values()),
+        "incomplete_inputs": incomplete,
     }
     if features is not None:
         out_stats["feature_uids"], out_stats["feature_rows_without_features"] = features_info
@@ -332,38 +377,7 @@ def run(cfg: Config) -> StageSummary:
     return summary
 
 
-# ---------------------------------------------------------------------------------------------
-# Hugging Face export
-
-
-def split_files(path: str) -> dict[str, list[str]]:
-    """``{"train": [...], "validation": [...]}``: the shard paths of a finished table, by split."""
-    reader = TableReader(path, INSTRUCTIONS)
-    out: dict[str, list[str]] = {TRAIN: [], VALIDATION: []}
-    for name, file in zip(reader.shard_names, reader.files):
-        out[name.split("-", 1)[0]].append(file)
-    return out
-
-
-def export_hf(path: str, out_dir: str) -> Any:
-    """Write the table as a ``datasets.DatasetDict`` (train, validation) that ``load_from_disk``
-    opens. Streams through the Arrow cache of ``datasets``; nothing is held in memory."""
-    import datasets
-
-    files = split_files(path)
-    cache = tempfile.mkdtemp(prefix="lingcloud-hf-")
-    try:
-        dd = datasets.load_dataset("parquet", data_files=files, cache_dir=cache)
-        dd.save_to_disk(out_dir)
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
-    return dd
-
-
 def _maybe_export(ic: InstructConfig, summary: StageSummary) -> None:
     if ic.export_hf:
         export_hf(ic.output, ic.export_hf)
         summary.notes.append(f"exported a HF DatasetDict to {ic.export_hf} (datasets.load_from_disk)")
-
-
-__all__ = ["run", "export_hf", "split_files", "Placement"]
