@@ -420,7 +420,7 @@ def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pair
 
     import ray
 
-    items = [{"shard": n, "path": f"{pairs.path.rstrip('/')}/{n}"} for n in work]
+    items = [{"shard": n, "path": pairs.file(n)} for n in work]
     preprocess_key = json.dumps({k: _norm(v) for k, v in spec.preprocess_cfg.items()}, sort_keys=True)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
