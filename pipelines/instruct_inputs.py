@@ -14,6 +14,7 @@ from lmeye.config import Config
 from lmeye.config.instruct import InstructConfig
 from lmeye.errors import UserError
 from lmeye.tables import Manifest
+from lmeye.uid import UID_PATTERN
 from pipelines.instruct_partition import Placement, Spill, _uid_ints
 from pipelines.instruct_sources import list_files
 from schemas.pairs import SUCCESS
@@ -74,7 +75,7 @@ def _spill_features(ic: InstructConfig, manifest: Manifest, spill: Spill, placem
             cols = ["uid"] + (["status"] if "status" in names else [])
             for batch in pf.iter_batches(columns=cols, batch_size=262144):
                 uids = batch.column(0)
-                mask = pc.match_substring_regex(uids, "^[0-9a-f]{16}$")
+                mask = pc.match_substring_regex(uids, UID_PATTERN)
                 if "status" in cols:
                     mask = pc.and_(mask, pc.equal(batch.column(1), SUCCESS))
                 mask = pc.fill_null(mask, False)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from lmeye.uid import uids_to_u64
+from lmeye.uid import uid_keys
 
 from schemas.instructions import CONVERSATION
 
@@ -53,8 +53,8 @@ def _seed64(*parts: Any) -> int:
 
 
 def _uid_ints(uids: list[str] | pa.Array) -> np.ndarray:
-    """16-hex uids -> uint64 (the caller guarantees the format)."""
-    return uids_to_u64(uids)[0]
+    """uids -> uint64: their top 64 bits, plenty to place them (the caller guarantees the format)."""
+    return uid_keys(uids)[0]["hi"]
 
 
 @dataclass

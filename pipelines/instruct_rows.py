@@ -26,7 +26,7 @@ from lmeye.errors import UserError
 from lmeye.tables import Manifest
 from pipelines.instruct_partition import MASK64, SPILL_SCHEMA, Placement, Spill, _seed64, _uid_ints
 from pipelines.instruct_sources import (
-    HEX16_RE,
+    UID_RE,
     ImageIndex,
     Malformed,
     Parsed,
@@ -231,7 +231,7 @@ def _run_captions_table(ctx: _Ctx, spec: Any, table: str, rows: RowBuilder, stat
                         rej["image_failed"] += 1
                     elif caption is None or not caption.strip():
                         rej["no_caption"] += 1
-                    elif not HEX16_RE.match(uid):
+                    elif not UID_RE.match(uid):
                         rej["bad_uid"] += 1
                     else:
                         task, turns = tasks.make(uid, caption.strip())

@@ -24,12 +24,12 @@ import pyarrow.parquet as pq
 import yaml
 
 from lmeye.tables import Manifest
-from lmeye.uid import uid_for
+from lmeye.uid import UID_PATTERN, uid_for
 from schemas.instructions import ROLE_ASSISTANT, ROLE_USER
 from schemas.pairs import SUCCESS
 
 IMAGE_TOKEN_RE = re.compile(r"[ \t]*<image>[ \t]*\n?")
-HEX16_RE = re.compile(r"^[0-9a-f]{16}$")
+UID_RE = re.compile(UID_PATTERN)
 COCO_ID_RE = re.compile(r"(\d+)(?:\.[A-Za-z0-9]+)?$")
 
 ROLE_MAP = {"human": ROLE_USER, "user": ROLE_USER, "gpt": ROLE_ASSISTANT, "assistant": ROLE_ASSISTANT}
@@ -404,7 +404,7 @@ def resolve(ref: Any, rule: str, index: Optional[ImageIndex], components: int, u
     """The uid of an image reference, or a Reject naming why there is none."""
     if rule == "uid":
         s = str(ref).strip().lower()
-        return s if HEX16_RE.match(s) else Reject("bad_uid")
+        return s if UID_RE.match(s) else Reject("bad_uid")
     if rule == "url":
         return uid_for(url_prefix + str(ref))
     key = key_of(ref, rule, components)

@@ -16,7 +16,7 @@ shards (the file names Hugging Face ``datasets`` maps to splits), and every row 
 
 import pyarrow as pa
 
-from schemas import TableSchema
+from schemas import UID128_NOTE, TableSchema
 
 ROLE_USER = "user"
 ROLE_ASSISTANT = "assistant"
@@ -31,7 +31,8 @@ CONVERSATION = pa.list_(pa.field("item", TURN))
 
 INSTRUCTIONS = TableSchema(
     name="instructions",
-    version=1,
+    version=2,  # 2: 128-bit uids
+    migrations={1: UID128_NOTE},
     schema=pa.schema(
         [
             # 16 hex chars: hash of source + uid + conversation, so it is stable across reruns,
