@@ -150,14 +150,23 @@ class _Encoder:
             raise RuntimeError("extract.num_gpus > 0 but this worker sees no CUDA device")
         self.device = "cuda" if want_gpu else "cpu"
         self.precision = settings["precision"]
+        if spec["checkpoint"]:  # a file: every node must read the same bytes the driver hashed
+            sha = clip.file_sha256(spec["checkpoint"])
+            if sha != spec["checkpoint_sha256"]:
+                raise RuntimeError(
+                    f"{spec['checkpoint']}: sha256 {sha[:12]}... on this node, {spec['checkpoint_sha256'][:12]}... "
+                    "on the driver; a checkpoint file must be the same on every node (shared storage)"
+                )
+        # a tag is resolved here, by open_clip, into this node's cache: never a driver-only path
         self.visual, preprocess = clip.load_visual(
             spec["model"],
-            spec["checkpoint"] or spec["pretrained"],
+            spec["pretrained"],
             device=self.device,
             precision=self.precision,
             seed=spec["seed"],
             config_dirs=settings["model_config_dirs"],
             output_tokens=settings["patch_tokens"],
+            cache_dir=clip.weights_cache_dir(settings["weights_cache_dir"]),
         )
         got = dict(self.visual.preprocess_cfg)
         want = spec["preprocess_cfg"]
@@ -294,7 +303,7 @@ def content_config(ec: ExtractConfig, spec: clip.ModelSpec, precision: str) -> d
     (batch and pool sizes, GPUs, threads) are left out, so resuming with other ones keeps shards."""
     return {
         "model": ec.model,
-        "weights": spec.checkpoint_sha256 or f"random-init:seed={ec.seed}",
+        "weights": clip.weights_id(ec.model, ec.pretrained, spec.checkpoint_sha256, ec.seed),
         "precision": precision,
         "dtype": ec.dtype,
         "patch_tokens": ec.patch_tokens,
@@ -443,11 +452,14 @@ def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pair
         "num_gpus": ec.num_gpus,
         "precision": precision,
         "model_config_dirs": list(ec.model_config_dirs),
+        "weights_cache_dir": ec.weights_cache_dir,
         "patch_tokens": ec.patch_tokens,
         "dtype": ec.dtype,
         "debug_delay_s": ec.debug_delay_s,
     }
     gpu_args = {"num_gpus": ec.num_gpus} if ec.num_gpus > 0 else {}
+    if ec.actor_resources:
+        gpu_args["resources"] = dict(ec.actor_resources)
     return ds.map_batches(
         _Encoder,
         fn_constructor_kwargs={"spec": spec.to_dict(), "settings": settings},

@@ -13,9 +13,19 @@ class ExtractConfig(Section):
     input: Optional[str] = Field(None, description="pairs table; default {data.root}/pairs")
     output: Optional[str] = Field(None, description="features table; default {data.root}/features")
     # the model (open_clip)
-    model: str = Field("ViT-L-14", description="open_clip architecture: built-in, or a JSON in configs/models/ or model_config_dirs")
+    model: str = Field(
+        "ViT-L-14-quickgelu",
+        description="open_clip architecture: built-in, or a JSON in configs/models/ or model_config_dirs "
+        "(a tag trained with QuickGELU needs the -quickgelu architecture; a mismatch is refused)",
+    )
     pretrained: Optional[str] = Field(
-        "openai", description="open_clip pretrained tag or a local checkpoint file; null: random weights from `seed`"
+        "openai",
+        description="open_clip pretrained tag (each model actor resolves it into its node's cache) or a checkpoint "
+        "file at a path every node reads; null: random weights from `seed`",
+    )
+    weights_cache_dir: Optional[str] = Field(
+        None, description="where each model actor caches a tag's weights on its node; null: $LINGCLOUD_WEIGHTS_CACHE "
+        "on that node, else open_clip's default (~/.cache/clip or the HF hub cache)"
     )
     model_config_dirs: list[str] = Field(default_factory=list, description="extra directories of open_clip model JSONs")
     seed: int = Field(0, description="seed of random weights when pretrained is null")
@@ -30,6 +40,9 @@ class ExtractConfig(Section):
     pool_max_size: Optional[int] = Field(None, gt=0, description="autoscale the actor pool up to this many actors")
     num_gpus: float = Field(0, ge=0, description="GPUs per model actor; 0: run on the CPU")
     actor_num_cpus: float = Field(1, gt=0, description="CPUs reserved per model actor")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per model actor, e.g. {gpu_node: 1} to place the actors on nodes started with that resource"
+    )
     torch_threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads per actor; null: max(1, actor_num_cpus)")
     # decoding / preprocessing tasks
     decode_num_cpus: float = Field(1, gt=0, description="CPUs per decode+preprocess task (one task per pairs shard)")
