@@ -11,6 +11,10 @@ from lmeye.config import load_config, parse_overrides
 from lmeye.errors import user_errors
 
 COMMANDS = ["config", "demo", "download", "extract", "store", "instruct"]
+DESCRIPTION = (
+    "LingCloud: build the tables that train LMEye (download image-text pairs, extract CLIP features, "
+    "build instruction data) on Ray. Run `lmeye COMMAND --help` for one command."
+)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +57,7 @@ def add_stage_command(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmeye", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lmeye", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:

@@ -43,7 +43,13 @@ class ExtractConfig(Section):
     actor_resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources per model actor, e.g. {gpu_node: 1} to place the actors on nodes started with that resource"
     )
-    torch_threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads per actor; null: max(1, actor_num_cpus)")
+    torch_threads: Optional[int] = Field(
+        None, gt=0, description="torch intra-op threads per actor; null: on the CPU, the node's CPUs / the model actors "
+        "that fit on it (decoding is cheap and leaves its cores to the model); on a GPU, max(1, actor_num_cpus)"
+    )
+    actor_restarts: int = Field(
+        3, ge=0, description="times a fresh actor pool redoes the unfinished shards after a model actor dies"
+    )
     # decoding / preprocessing tasks
     decode_num_cpus: float = Field(1, gt=0, description="CPUs per decode+preprocess task (one task per pairs shard)")
     decode_memory_mb: int = Field(1024, gt=0, description="memory reserved per decode task (a worker with torch, plus a row group of image bytes)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -322,3 +323,73 @@ def test_a_tag_is_resolved_by_each_actor_into_its_own_nodes_cache(tmp_path):
     got = FeatureStore.open(tmp_path / "features").get(uids)["embedding"]
     cos = torch.nn.functional.cosine_similarity(torch.from_numpy(np.asarray(got, np.float32)), ref, dim=-1)
     assert cos.min().item() >= 0.9999, cos
+
+
+# ----------------------------------------------------------------------------- extraction as a user sees it
+
+
+def test_progress_counts_images_and_the_summary_splits_startup_from_steady_rate(tmp_path, ray_local, capfd):
+    build_pairs_table(tmp_path / "pairs", 9, shards=3, corrupt=1, failed=1, size=32)
+    assert main(["extract", str(tmp_path / "pairs"), str(tmp_path / "features"),
+                 "--set", f"extract.model={clip.TINY_MODEL}", "--set", "extract.pretrained=null",
+                 "--set", "extract.batch_size=2", "--set", "extract.decode_batch_rows=2",
+                 "--set", "extract.decode_num_cpus=0.5"]) == 0
+    out, err = capfd.readouterr()
+    assert "extract: 10/10 images 100%" in err  # 9 good + 1 corrupt success rows, not blocks
+    assert "/?" not in err and "row/s" not in err  # no Ray Data bar counting blocks against a guessed total
+    assert "constructor arguments in the object store" not in err
+    assert re.search(r"note: start-up \d+\.\ds \(.*\), then (\d+\.\d images/s steady over \d+ images|no more batches)", out), out
+    # the embedded test Ray has 2 CPUs and one model actor: it gets both, decoding's included
+    assert "torch threads per model actor: 2 (the CPUs of its node / the model actors that fit there" in out
+
+
+def test_auto_torch_threads_share_the_node_between_model_actors():
+    from pipelines.extract import auto_torch_threads
+
+    assert auto_torch_threads(2, 1, 1) == 2  # one actor: every core, the decoders' included
+    assert auto_torch_threads(16, 1, 4) == 4
+    assert auto_torch_threads(8, 2, 8) == 2  # only 4 actors of 2 CPUs fit on 8 CPUs
+    assert auto_torch_threads(1, 1, 3) == 1
+
+
+def test_a_killed_model_actor_is_replaced_and_the_run_completes(tmp_path, ray_local, capfd):
+    """SIGKILL the model actor mid-run (as an OOM kill would): a fresh pool redoes the unfinished shards."""
+    import threading
+
+    import psutil
+
+    from pipelines.extract import run
+
+    pairs = build_pairs_table(tmp_path / "pairs", 12, shards=4, corrupt=0, failed=0, size=32)
+    cfg = load_config(None, [f"data.root={tmp_path}", f"extract.model={clip.TINY_MODEL}", "extract.pretrained=null",
+                             "extract.batch_size=1", "extract.decode_batch_rows=1", "extract.decode_num_cpus=0.5",
+                             "extract.debug_delay_s=0.3"])
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(summary=run(cfg)), daemon=True)
+    thread.start()
+    victim, deadline = None, time.time() + 180
+    while victim is None and time.time() < deadline and thread.is_alive():
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if "_Encoder" in " ".join(p.cmdline()):
+                    victim = p
+            except psutil.Error:
+                pass
+        time.sleep(0.2)
+    if victim is None:
+        seen = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                seen.append(" ".join(p.cmdline())[:120])
+            except psutil.Error:
+                pass
+        pytest.fail(f"no model actor process found; thread alive {thread.is_alive()}; {result}; processes: {seen}")
+    time.sleep(1.5)  # let it encode a few batches
+    victim.kill()
+    thread.join(timeout=300)
+    summary = result["summary"]
+    assert summary.ok and summary.rows == 12, summary.render()
+    assert any(n.startswith("model actor lost") for n in summary.notes), summary.notes
+    table = _table(tmp_path / "features")
+    assert sorted(table["uid"].to_pylist()) == sorted(pairs["uid"].to_pylist())  # exactly one row per uid
+    assert "constructor arguments in the object store" not in capfd.readouterr().err
