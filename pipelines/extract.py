@@ -11,11 +11,17 @@ no-op when Ray is up) once its inputs and model have been checked, and only if w
 3. ``map_batches(_Encoder, compute=ActorPoolStrategy(...), num_gpus=...)``, the model actors:
    the tensor half of the preprocessing (scale, normalise), the visual tower under the
    configured precision (bf16 autocast on GPU by default), L2-normalised pooled embeddings
-   and, when asked, the visual tower's token features, as Arrow ``fixed_size_list`` columns;
+   and, when asked, the visual tower's token features, as Arrow ``fixed_size_list`` columns.
+   Each actor obtains the weights itself (a tag through open_clip into its node's cache; a file
+   at a path every node reads, sha256-checked). On the CPU its torch threads default to the
+   node's CPUs over the model actors there (``auto_torch_threads``). Ray's actor restarts are off
+   (Ray Data's constructor arguments live in the object store, where a restart cannot get them
+   back); a lost actor makes ``run`` start a fresh pipeline over the shards not yet written;
 4. the driver streams the results (``iter_batches``) into one features shard per pairs shard,
    written under a temporary name in row groups of ``row_group_rows`` and renamed when the
    shard has all its rows, then recorded in the manifest. Memory stays bounded by the blocks
-   in flight, not by the corpus or the shard size.
+   in flight, not by the corpus or the shard size. Progress is one line of images done / to do;
+   the summary separates start-up (up to the first results) from the steady-state rate.
 
 Resume: a features shard is finished when the manifest lists it with the pairs shard's sha256
 as input fingerprint and the same content config (model, checkpoint checksum, precision,
