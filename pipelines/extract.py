@@ -472,6 +472,7 @@ class _Progress:
 
         self.bar = tqdm(
             total=total, desc="extract", unit="img", file=sys.stderr, mininterval=1.0, dynamic_ncols=True,
+            disable=total == 0,  # nothing to do (a rerun over finished shards): no bar
             bar_format="{desc}: {n_fmt}/{total_fmt} images {percentage:3.0f}% [{elapsed}<{remaining}, {rate_fmt}]",
         )
         self.first: Optional[float] = None  # when the first batch of results arrived
