@@ -267,8 +267,14 @@ clip.save_checkpoint(clip.build_tiny_model(seed=3), SRC)
 caches = {k: os.path.join(tmp, k) for k in ("head_cache", "node2_cache", "driver_cache")}
 os.environ[clip.WEIGHTS_CACHE_ENV] = caches["driver_cache"]
 env = {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-cluster = Cluster(initialize_head=True, head_node_args={
-    "num_cpus": 1, "env_vars": {**env, clip.WEIGHTS_CACHE_ENV: caches["head_cache"]}})
+for attempt in range(3):  # a loaded CI machine (another Ray up beside it) can miss the GCS start-up wait
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "env_vars": {**env, clip.WEIGHTS_CACHE_ENV: caches["head_cache"]}})
+        break
+    except RuntimeError:
+        if attempt == 2:
+            raise
 cluster.add_node(num_cpus=1, resources={"node2": 1}, env_vars={**env, clip.WEIGHTS_CACHE_ENV: caches["node2_cache"]})
 ray.init(address=cluster.address, runtime_env={"worker_process_setup_hook": register, "env_vars": env})
 cfg = load_config(None, [f"data.root={tmp}", f"extract.model={clip.TINY_MODEL}", f"extract.pretrained={TAG}",
@@ -363,19 +369,22 @@ def test_a_killed_model_actor_is_replaced_and_the_run_completes(tmp_path, ray_lo
     pairs = build_pairs_table(tmp_path / "pairs", 12, shards=4, corrupt=0, failed=0, size=32)
     cfg = load_config(None, [f"data.root={tmp_path}", f"extract.model={clip.TINY_MODEL}", "extract.pretrained=null",
                              "extract.batch_size=1", "extract.decode_batch_rows=1", "extract.decode_num_cpus=0.5",
-                             "extract.debug_delay_s=0.3"])
+                             "extract.debug_delay_s=0.5"])
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # earlier tests' workers are not it
+    manifest = tmp_path / "features" / "_manifest.json"
     result = {}
     thread = threading.Thread(target=lambda: result.update(summary=run(cfg)), daemon=True)
     thread.start()
     victim, deadline = None, time.time() + 180
     while victim is None and time.time() < deadline and thread.is_alive():
-        for p in psutil.Process().children(recursive=True):
+        started = manifest.exists() and json.loads(manifest.read_text() or "{}").get("shards")
+        for p in psutil.Process().children(recursive=True) if started else []:  # once a shard is written
             try:
-                if "_Encoder" in " ".join(p.cmdline()):
+                if p.pid not in before and "_Encoder" in " ".join(p.cmdline()):
                     victim = p
             except psutil.Error:
                 pass
-        time.sleep(0.2)
+        time.sleep(0.1)
     if victim is None:
         seen = []
         for p in psutil.Process().children(recursive=True):
@@ -384,7 +393,6 @@ def test_a_killed_model_actor_is_replaced_and_the_run_completes(tmp_path, ray_lo
             except psutil.Error:
                 pass
         pytest.fail(f"no model actor process found; thread alive {thread.is_alive()}; {result}; processes: {seen}")
-    time.sleep(1.5)  # let it encode a few batches
     victim.kill()
     thread.join(timeout=300)
     summary = result["summary"]
