@@ -1,13 +1,16 @@
 """Extraction throughput and memory: the whole stage against the model's forward pass alone.
 
-    .venv/bin/python benchmarks/extract.py [--model ViT-B-32] [--images 256] [--batch-size 32] [--threads 1]
+    .venv/bin/python benchmarks/extract.py [--model ViT-B-32] [--images 256] [--batch-size 32] [--threads N]
 
 In one process, on the same demo images:
   * baseline: the model's forward pass alone (``encode_image`` + L2 norm) over the images already
     decoded and preprocessed into tensors, same model, batch size and torch threads;
   * the stage: ``pipelines.extract.run`` end to end (read pairs, decode + preprocess in CPU tasks,
     model in a 1-actor pool with the same threads, write the features table), on N and then 4N
-    images, each from a fresh output table; images/s = images / wall time of ``run``.
+    images, each from a fresh output table; images/s = images / wall time of ``run``. Without
+    ``--threads`` the stage runs with its default (``extract.torch_threads`` unset: the node's CPUs
+    over its model actors) and the forward pass gets the same count. The stage's own start-up /
+    steady-state split (its summary) is printed too.
 Memory: peak RSS of the whole process tree (driver, Ray's own processes, workers, the object
 store's shared pages) while each run is going, and the same above the idle level before it:
 the ratio 4N / N shows whether the stage streams (target <= 1.25). Throughput target: stage /
@@ -136,11 +139,13 @@ def stage_run(args, ckpt, work: str, n: int, tag: str):
                       size=args.image_size)
     sets = [
         f"data.root={root}", f"extract.model={args.model}", f"extract.pretrained={ckpt or 'null'}",
-        f"extract.batch_size={args.batch_size}", f"extract.torch_threads={args.threads}",
+        f"extract.batch_size={args.batch_size}",
         f"extract.precision={args.precision}", "extract.pool_size=1", "extract.dtype=float16",
         f"extract.num_gpus={1 if args.gpu else 0}", f"extract.decode_num_cpus={args.decode_cpus}",
         f"extract.actor_num_cpus={args.actor_cpus}", f"extract.decode_batch_rows={args.batch_size}",
     ]
+    if args.threads_given:
+        sets.append(f"extract.torch_threads={args.threads}")
     cfg = load_config(None, sets)
     idle = tree_rss_mb(os.getpid())
     with PeakSampler() as peak:
@@ -148,6 +153,9 @@ def stage_run(args, ckpt, work: str, n: int, tag: str):
         summary = extract.run(cfg)
         wall = time.perf_counter() - t
     assert summary.ok and summary.rows == n, summary.render()
+    for note in summary.notes:
+        if note.startswith(("start-up", "torch threads")):
+            print(f"  stage summary ({tag}): {note}")
     return n / wall, peak.peak, peak.peak - idle
 
 
@@ -157,7 +165,7 @@ def main() -> int:
     ap.add_argument("--pretrained", default=None, help="tag or checkpoint (default: random weights)")
     ap.add_argument("--images", type=int, default=256, help="N (the memory check also runs 4N)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the stage's own default)")
     ap.add_argument("--image-size", type=int, default=64, help="side of the generated demo images")
     ap.add_argument("--shard-rows", type=int, default=64)
     ap.add_argument("--precision", default="auto")
@@ -166,6 +174,11 @@ def main() -> int:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--no-memory", action="store_true", help="skip the 4N run")
     args = ap.parse_args()
+    args.threads_given = args.threads is not None
+    if not args.threads_given:
+        from pipelines.extract import auto_torch_threads
+
+        args.threads = auto_torch_threads(os.cpu_count() or 1, args.actor_cpus, 1) if not args.gpu else 1
 
     import ray
 

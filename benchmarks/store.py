@@ -5,7 +5,7 @@
 Compares, in one process on the same table and the same uids:
   * baseline: a pyarrow filter over the Parquet table (``uid in [...]``), what a reader without
     the store would do;
-  * ``FeatureStore.get`` (serving copy: sorted uint64 uid index + memory-mapped columns);
+  * ``FeatureStore.get`` (serving copy: sorted 128-bit uid index as two uint64 arrays + memory-mapped columns);
   * Lance ``take`` of the same rows by position, when ``pylance`` is installed (``pip install pylance``).
 Targets: get >= 20x faster than the filter; within 2x of Lance. Times are medians over
 ``--repeats`` fresh uid samples (first call reported too).

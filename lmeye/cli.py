@@ -20,6 +20,10 @@ COMMANDS = [
     "eval",
     "model",
 ]
+DESCRIPTION = (
+    "LingCloud: build the tables that train LMEye (download image-text pairs, extract CLIP features, "
+    "build instruction data) on Ray. Run `lmeye COMMAND --help` for one command."
+)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +66,7 @@ def add_stage_command(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmeye", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lmeye", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:

@@ -1,10 +1,24 @@
 """open_clip models for feature extraction: resolving, probing, loading, and the demo's tiny model.
 
 Every model goes through ``open_clip.create_model_and_transforms(name, pretrained=TAG_OR_PATH)``,
-the path real weights take: ``ViT-L-14`` with ``openai`` (LMEye's default), any other built-in
-architecture with a pretrained tag or a local checkpoint file, or an architecture from a JSON
+the path real weights take: ``ViT-L-14-quickgelu`` with ``openai`` (LMEye's default), any other
+built-in architecture with a pretrained tag or a checkpoint file, or an architecture from a JSON
 config in ``configs/models/`` (or a directory named in ``extract.model_config_dirs``).
 ``pretrained: null`` builds the architecture with random weights from a fixed seed (benchmarks).
+
+**Where weights come from.** The driver never downloads a tag's weights: it reads the tag's
+entry in open_clip's table (preprocessing, activation) and builds the model on the meta device.
+Each model actor resolves the tag itself, through open_clip, into a cache on its own node
+(``extract.weights_cache_dir``, else ``$LINGCLOUD_WEIGHTS_CACHE`` on that node, else open_clip's
+default), so workers on other machines never see a path that exists only on the driver. A
+checkpoint *file* must be readable at the same path on every node (shared storage); the driver
+records its sha256 and every actor checks it before loading.
+
+**Preprocessing and activation.** A tag brings its own preprocessing (mean/std, resize mode,
+interpolation): open_clip applies it when the tag is passed as the tag, which is what both the
+driver's probe and the actors do. A tag trained with QuickGELU on an architecture built with
+GELU (``ViT-L-14`` + ``openai``) gives wrong features without an error: ``check_activation``
+refuses it and names the ``-quickgelu`` architecture to use.
 
 The model's own inference preprocessing is split in two at its ``ToTensor`` step: the PIL part
 (resize, crop, RGB) runs in CPU tasks and ships ``uint8`` pixels, four times smaller than
@@ -65,29 +79,71 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
-def _is_tag(model: str, pretrained: str) -> bool:
+WEIGHTS_CACHE_ENV = "LINGCLOUD_WEIGHTS_CACHE"
+
+
+def tag_cfg(model: str, pretrained: Optional[str]) -> dict[str, Any]:
+    """open_clip's table entry for (model, tag), or {} when ``pretrained`` is not a tag of ``model``."""
+    if not pretrained:
+        return {}
     import open_clip
 
-    return bool(open_clip.get_pretrained_cfg(model.replace("/", "-"), pretrained))
+    return dict(open_clip.get_pretrained_cfg(model.replace("/", "-"), pretrained))
 
 
-def resolve_checkpoint(model: str, pretrained: Optional[str], cache_dir: Optional[str] = None) -> Optional[str]:
-    """The local checkpoint file for ``pretrained`` (a tag is downloaded by open_clip), or None."""
+def weights_cache_dir(configured: Optional[str] = None) -> Optional[str]:
+    """Where this node caches a tag's weights: the config, else $LINGCLOUD_WEIGHTS_CACHE here, else None
+    (open_clip's default: ~/.cache/clip, or the HF hub cache). Evaluated on the node that loads."""
+    return configured or os.environ.get(WEIGHTS_CACHE_ENV) or None
+
+
+def resolve_checkpoint(model: str, pretrained: Optional[str]) -> Optional[str]:
+    """The checkpoint file ``pretrained`` names, or None for a tag or random init (nothing is downloaded)."""
     if not pretrained:
+        return None
+    if tag_cfg(model, pretrained):
         return None
     if os.path.isfile(pretrained):
         return pretrained
     import open_clip
-    from open_clip.pretrained import download_pretrained
 
-    cfg = open_clip.get_pretrained_cfg(model.replace("/", "-"), pretrained)
-    if not cfg:
-        tags = open_clip.list_pretrained_tags_by_model(model.replace("/", "-"))
-        raise ModelError(
-            f"extract.pretrained {pretrained!r} is neither a file nor a pretrained tag of {model}"
-            + (f" (tags: {', '.join(tags)})" if tags else "")
-        )
-    return download_pretrained(cfg, cache_dir=cache_dir)
+    tags = open_clip.list_pretrained_tags_by_model(model.replace("/", "-"))
+    raise ModelError(
+        f"extract.pretrained {pretrained!r} is neither a file nor a pretrained tag of {model}"
+        + (f" (tags: {', '.join(tags)})" if tags else "")
+    )
+
+
+def check_activation(model: str, pretrained: Optional[str]) -> None:
+    """Refuse a tag whose weights were trained with another activation than the architecture's.
+
+    open_clip only warns (``QuickGELU mismatch``) and the features are silently wrong: the
+    ``openai`` weights were trained with QuickGELU, plain ``ViT-L-14`` is built with GELU.
+    """
+    import open_clip
+
+    cfg = tag_cfg(model, pretrained)
+    arch = open_clip.get_model_config(model.replace("/", "-")) or {}
+    if not cfg or bool(cfg.get("quick_gelu", False)) == bool(arch.get("quick_gelu", False)):
+        return
+    name = model.replace("/", "-")
+    if cfg.get("quick_gelu"):
+        fix = f"{name}-quickgelu"
+        why = f"the {pretrained!r} weights were trained with QuickGELU, {name} is built with GELU"
+    else:
+        fix = name.removesuffix("-quickgelu")
+        why = f"the {pretrained!r} weights were trained with GELU, {name} is built with QuickGELU"
+    raise ModelError(f"extract.model {model!r} with pretrained {pretrained!r}: {why}; use extract.model={fix}")
+
+
+def weights_id(model: str, pretrained: Optional[str], checkpoint_sha256: str, seed: int) -> str:
+    """What identifies the weights in the table's content config: a file's sha256, or the tag and its source."""
+    if checkpoint_sha256:
+        return f"sha256:{checkpoint_sha256}"
+    cfg = tag_cfg(model, pretrained)
+    if cfg:
+        return f"open_clip:{model}/{pretrained} ({cfg.get('hf_hub') or cfg.get('url') or cfg.get('file', '')})"
+    return f"random-init:seed={seed}"
 
 
 def file_sha256(path: str, chunk: int = 1 << 22) -> str:
@@ -106,8 +162,8 @@ class ModelSpec:
 
     model: str
     pretrained: Optional[str]  # tag or path as configured (None: random init)
-    checkpoint: Optional[str]  # resolved local file
-    checkpoint_sha256: str  # "" for random init
+    checkpoint: Optional[str]  # the checkpoint file (every node reads it); None for a tag or random init
+    checkpoint_sha256: str  # "" for a tag (resolved on each node) or random init
     seed: int
     image_size: tuple[int, int]
     embed_dim: int
@@ -118,15 +174,12 @@ class ModelSpec:
         return asdict(self)
 
 
-def _tag_preprocess(model: str, pretrained: Optional[str]) -> dict[str, Any]:
-    if not pretrained or os.path.isfile(pretrained) or not _is_tag(model, pretrained):
-        return {}
-    import open_clip
+def tag_preprocess(model: str, pretrained: Optional[str]) -> dict[str, Any]:
+    """The preprocessing a tag brings (mean, std, interpolation, resize mode, ...), as open_clip applies it."""
     from open_clip.transform import PreprocessCfg
 
-    cfg = open_clip.get_pretrained_cfg(model.replace("/", "-"), pretrained)
     keys = set(PreprocessCfg.__dataclass_fields__) - {"size"}
-    return {k: v for k, v in cfg.items() if k in keys}
+    return {k: v for k, v in tag_cfg(model, pretrained).items() if k in keys and v is not None}
 
 
 def probe_model(
@@ -147,10 +200,11 @@ def probe_model(
             f"extract.model {model!r}: no such open_clip architecture (add its JSON to configs/models/ "
             f"or extract.model_config_dirs); e.g. ViT-L-14, ViT-B-32, {TINY_MODEL}"
         )
-    checkpoint = resolve_checkpoint(model, pretrained) if with_checksum else None
-    sha = file_sha256(checkpoint) if checkpoint else ""
+    checkpoint = resolve_checkpoint(model, pretrained)
+    check_activation(model, pretrained)
+    sha = file_sha256(checkpoint) if checkpoint and with_checksum else ""
     with torch.device("meta"), _quiet_open_clip():
-        m = open_clip.create_model(model, pretrained=None, device="meta", force_preprocess_cfg=_tag_preprocess(model, pretrained))
+        m = open_clip.create_model(model, pretrained=None, device="meta", force_preprocess_cfg=tag_preprocess(model, pretrained))
     visual = m.visual
     size = tuple(visual.preprocess_cfg["size"]) if isinstance(visual.preprocess_cfg["size"], (tuple, list)) else (visual.preprocess_cfg["size"],) * 2
     token_shape = None
@@ -246,17 +300,23 @@ def load_visual(
     seed: int = 0,
     config_dirs: Iterable[str] = (),
     output_tokens: bool = False,
+    cache_dir: Optional[str] = None,
 ):
-    """Load the visual tower through open_clip (the text tower is dropped). Returns (visual, preprocess)."""
+    """Load the visual tower through open_clip (the text tower is dropped). Returns (visual, preprocess).
+
+    ``pretrained`` is passed as given: a tag is resolved by open_clip here, into ``cache_dir`` (None:
+    open_clip's default), with the tag's own preprocessing; a file is loaded from its path.
+    """
     import open_clip
     import torch
 
     register_model_configs(config_dirs)
+    check_activation(model, pretrained)
     create_precision = PRECISIONS[precision][0]
     torch.manual_seed(seed)  # random init (pretrained: null) is the same on every worker
     with _quiet_open_clip():
         m, _, preprocess = open_clip.create_model_and_transforms(
-            model, pretrained=pretrained or None, device=device, precision=create_precision
+            model, pretrained=pretrained or None, device=device, precision=create_precision, cache_dir=cache_dir
         )
     visual = m.visual.eval()
     if output_tokens:

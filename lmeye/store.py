@@ -3,9 +3,10 @@
 Parquet stays the table of record. Random reads come from a *serving copy* that the store builds
 from it on first open and keeps in step with the manifest:
 
-* ``uids.npy``: every successful row's uid as a ``uint64`` (the 16 hex characters of
-  ``lmeye.uid``), sorted: 8 bytes a row, memory-mapped, searched with ``np.searchsorted``; no
-  Python object per row, so 100M rows are an 800 MB file of which a lookup touches a few pages;
+* ``uid_hi.npy`` / ``uid_lo.npy``: every successful row's 128-bit uid (``lmeye.uid``) as two
+  ``uint64`` words, sorted by (hi, lo): 16 bytes a row, memory-mapped, searched with
+  ``np.searchsorted`` on ``hi`` (ties, ~3 in 10^10 rows, resolved on ``lo``); no Python object
+  per row, so 100M rows are a 1.6 GB pair of files of which a lookup touches a few pages;
 * ``<column>.npy``: the fixed-width columns (``embedding``, ``patch_tokens`` when the table has
   them) in the same uid order, memory-mapped, read with one gather per request;
 * ``meta.json``: the version it was built from, row count, column shapes and the model metadata.
@@ -17,6 +18,7 @@ a temporary directory and renamed, so concurrent openers never see half a copy. 
 whose version has no serving copy builds one; the newest ``keep_versions`` copies are kept.
 ``FeatureStore.open(path, version=V)`` pins a version: it opens V's serving copy when the table
 has moved on but the copy is still kept, and fails with a message naming both versions otherwise.
+V must be a version id (``VERSION_LEN`` lowercase hex digits), never a path fragment.
 
 Only ``status == success`` rows are served; failed rows stay in the Parquet table as data.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -39,13 +42,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lmeye.tables import Manifest, TableReader
-from lmeye.uid import uids_to_u64
+from lmeye.uid import UID_KEY, UID_LEN, key_order, key_to_uid, locate, uid_keys
 from schemas import SchemaError
 from schemas.features import FEATURES, SUCCESS, _is_vector, patch_shape_of
 
 SERVING = "_serving"
 VECTOR_COLUMNS = ("embedding", "patch_tokens")
-FORMAT = 1  # serving-copy layout version
+FORMAT = 2  # serving-copy layout version (2: 128-bit uids as uid_hi/uid_lo)
+VERSION_LEN = 16
+_VERSION_RE = re.compile(rf"[0-9a-f]{{{VERSION_LEN}}}")
+
 
 class MissingUidError(LookupError):
     """Requested uids that the table does not serve (absent, failed, or not a uid at all)."""
@@ -64,12 +70,12 @@ class VersionError(SchemaError):
 
 
 def table_version(manifest: Manifest) -> str:
-    """16 hex digits naming a table's content: schema version + every shard's checksum."""
+    """``VERSION_LEN`` hex digits naming a table's content: schema version + every shard's checksum."""
     blob = json.dumps(
         {"schema": manifest.schema_version, "shards": {n: s.sha256 for n, s in sorted(manifest.shards.items())}},
         sort_keys=True,
     ).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return hashlib.sha256(blob).hexdigest()[:VERSION_LEN]
 
 
 @dataclass
@@ -125,7 +131,8 @@ class FeatureStore:
         self._meta = meta
         self.version: str = meta["version"]
         self.current = current  # False: a pinned older version served from its kept copy
-        self._uids = _load(os.path.join(serving_dir, "uids.npy"))
+        self._hi = _load(os.path.join(serving_dir, "uid_hi.npy"))
+        self._lo = _load(os.path.join(serving_dir, "uid_lo.npy"))
         self._cols = {c: _load(os.path.join(serving_dir, f"{c}.npy")) for c in meta["columns"]}
 
     # ------------------------------------------------------------------ opening
@@ -144,6 +151,11 @@ class FeatureStore:
         copies elsewhere (default: ``<table>/_serving`` for local tables, ~/.cache otherwise).
         """
         path = str(path)
+        if version is not None and not (isinstance(version, str) and _VERSION_RE.fullmatch(version)):
+            raise VersionError(
+                f"{path}: {version!r} is not a features table version (expected {VERSION_LEN} lowercase hex "
+                "digits, as `lmeye store info` prints)"
+            )
         root = _default_serving_root(path, cache_dir)
         manifest = Manifest.load(path)
         current = table_version(manifest) if manifest is not None else None
@@ -199,7 +211,7 @@ class FeatureStore:
     @property
     def num_rows(self) -> int:
         """Rows served (successful rows)."""
-        return int(self._uids.shape[0])
+        return int(self._hi.shape[0])
 
     def __len__(self) -> int:
         return self.num_rows
@@ -219,13 +231,9 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ reads
     def _locate(self, uids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        keys, valid = uids_to_u64(uids)
-        if self._uids.shape[0] == 0:
-            return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
-        pos = np.searchsorted(self._uids, keys)
-        pos = np.minimum(pos, self._uids.shape[0] - 1)
-        found = valid & (np.asarray(self._uids[pos]) == keys)
-        return pos, found
+        keys, valid = uid_keys(uids)
+        pos, found = locate(self._hi, self._lo, keys)
+        return pos, found & valid
 
     def contains(self, uids: Sequence[str]) -> np.ndarray:
         """Boolean mask: which uids are served."""
@@ -334,25 +342,27 @@ def _build(reader: TableReader, version: str, root: str) -> None:
             for vc in pc.value_counts(t.column("status")).to_pylist():
                 by_status[vc["values"]] = by_status.get(vc["values"], 0) + vc["counts"]
             ok = pc.equal(t.column("status"), SUCCESS)
-            k, valid = uids_to_u64(t.column("uid").filter(ok))
+            k, valid = uid_keys(t.column("uid").filter(ok))
             if not valid.all():
                 bad = t.column("uid").filter(ok).combine_chunks().filter(pa.array(~valid))[0].as_py()
-                raise SchemaError(f"{reader.path}/{name}: column 'uid' holds {bad!r}, not a 16-hex-digit uid")
+                raise SchemaError(f"{reader.path}/{name}: column 'uid' holds {bad!r}, not a {UID_LEN}-hex-digit uid")
             keys.append(k)
             counts.append(k.size)
-        all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
-        order = np.argsort(all_keys, kind="stable")
-        sorted_keys = all_keys[order]
-        if sorted_keys.size > 1:
-            dup = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
+        all_keys = np.concatenate(keys) if keys else np.zeros(0, UID_KEY)
+        order = key_order(all_keys)
+        hi = all_keys["hi"][order]
+        lo = all_keys["lo"][order]
+        if hi.size > 1:
+            dup = np.flatnonzero((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1]))
             if dup.size:
-                raise SchemaError(f"{reader.path}: uid {int(sorted_keys[dup[0]]):016x} appears in more than one successful row")
+                raise SchemaError(f"{reader.path}: uid {key_to_uid(hi[dup[0]], lo[dup[0]])} appears in more than one successful row")
         dest = np.empty_like(order)
         dest[order] = np.arange(order.size)
         del all_keys, order
-        np.save(os.path.join(tmp, "uids.npy"), sorted_keys)
-        total = int(sorted_keys.size)
-        del sorted_keys
+        np.save(os.path.join(tmp, "uid_hi.npy"), hi)
+        np.save(os.path.join(tmp, "uid_lo.npy"), lo)
+        total = int(hi.size)
+        del hi, lo
         # pass 2: vector columns scattered into uid order
         outs = {}
         for c, spec in columns.items():

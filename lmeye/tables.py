@@ -338,10 +338,7 @@ class TableReader:
         if manifest.table != table.name:
             raise SchemaError(f"{where}: this is a '{manifest.table}' table, expected '{table.name}'")
         if manifest.schema_version != table.version:
-            raise SchemaError(
-                f"{where}: {table.name} schema version {manifest.schema_version}, "
-                f"this code reads version {table.version}"
-            )
+            raise SchemaError(table.version_mismatch(manifest.schema_version, where))
         self.listed = len(manifest.shards)
         self.incomplete = not manifest.complete
         if self.incomplete:

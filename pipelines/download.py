@@ -42,7 +42,7 @@ from lmeye.config import Config, DownloadConfig, dump_config
 from lmeye.report import StageSummary
 from lmeye.runtime import init_ray
 from lmeye.tables import TableWriter, ensure_writable, fingerprint
-from lmeye.uid import uid_for, uids_to_u64
+from lmeye.uid import UID_KEY, uid_for, uid_keys
 from schemas import SchemaError
 from schemas.pairs import PAIRS, SUCCESS
 
@@ -155,7 +155,7 @@ def plan_inputs(input_path: str, staging: str, cfg: DownloadConfig) -> Plan:
         fs.rm(sroot, recursive=True)
     fs.makedirs(sroot, exist_ok=True)
     counts: Counter = Counter()
-    seen = np.empty(0, dtype=np.uint64)  # every uid kept so far, sorted; 8 bytes a URL
+    seen = np.empty(0, dtype=UID_KEY)  # every uid kept so far, sorted; 16 bytes a URL
     tables: list[tuple[str, pa.Table]] = []
     for src in list_inputs(input_path, cfg.input_format):
         t = read_url_list(src, cfg)
@@ -164,7 +164,7 @@ def plan_inputs(input_path: str, staging: str, cfg: DownloadConfig) -> Plan:
         counts["empty_url"] += t.num_rows - pc.sum(valid).as_py() if t.num_rows else 0
         t = t.filter(valid)
         if cfg.dedupe_urls and t.num_rows:
-            ids, _ = uids_to_u64(t["uid"])
+            ids, _ = uid_keys(t["uid"])
             _, first = np.unique(ids, return_index=True)
             keep = np.zeros(len(ids), dtype=bool)
             keep[first] = True

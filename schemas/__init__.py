@@ -16,6 +16,13 @@ import pyarrow as pa
 
 TypeRule = Callable[[pa.DataType], bool]
 
+# Why a table written by an older schema version cannot be read, and what to do about it
+# (README, "Migrating tables"). Keyed by the version the table was written with.
+UID128_NOTE = (
+    "uids are 128-bit (32 hex characters) since schema version 2, 64-bit before; regenerate the table "
+    "by rerunning its stage (download, then extract and instruct) into a new folder, see README 'Migrating tables'"
+)
+
 
 class SchemaError(ValueError):
     """A table or file does not match its contract."""
@@ -30,6 +37,8 @@ class TableSchema:
     # instead of equality; the rule's docstring-less lambda is described by ``rules_doc``.
     type_rules: dict[str, TypeRule] = field(default_factory=dict)
     rules_doc: dict[str, str] = field(default_factory=dict)
+    # older version -> what changed since and how to migrate (named in the version error)
+    migrations: dict[int, str] = field(default_factory=dict)
 
     @property
     def columns(self) -> list[str]:
@@ -45,6 +54,9 @@ class TableSchema:
 
     def check(self, actual: pa.Schema, where: str) -> None:
         """Raise SchemaError naming ``where`` and the first offending column."""
+        version = (actual.metadata or {}).get(b"lingcloud.schema_version")
+        if version is not None and int(version) != self.version:  # an old file: say so, not "missing column"
+            raise SchemaError(self.version_mismatch(int(version), where))
         for expected in self.schema:
             if expected.name not in actual.names:
                 raise SchemaError(
@@ -59,12 +71,12 @@ class TableSchema:
                 raise SchemaError(
                     f"{where}: column '{expected.name}' has type {got}, expected {want}"
                 )
-        meta = actual.metadata or {}
-        version = meta.get(b"lingcloud.schema_version")
-        if version is not None and int(version) != self.version:
-            raise SchemaError(
-                f"{where}: {self.name} schema version {int(version)}, this code reads version {self.version}"
-            )
+
+    def version_mismatch(self, found: int, where: str) -> str:
+        """The message for a table or file written with schema version ``found``."""
+        msg = f"{where}: {self.name} schema version {found}, this code reads version {self.version}"
+        note = self.migrations.get(found)
+        return f"{msg}: {note}" if note else msg
 
     def empty(self) -> pa.Table:
         return self.schema.empty_table()

@@ -20,7 +20,7 @@ from typing import Optional
 
 import pyarrow as pa
 
-from schemas import TableSchema
+from schemas import UID128_NOTE, TableSchema
 from schemas.pairs import SUCCESS  # noqa: F401  (one word for success across tables)
 FAILED_TO_DECODE = "failed_to_decode"
 
@@ -38,7 +38,8 @@ def _is_vector(t: pa.DataType) -> bool:
 
 FEATURES = TableSchema(
     name="features",
-    version=1,
+    version=2,  # 2: 128-bit uids
+    migrations={1: UID128_NOTE},
     schema=pa.schema(
         [
             pa.field("uid", pa.string(), nullable=False),

@@ -21,7 +21,7 @@ Version 2 (was 1): ``uid`` may be null (text-only records) and ``source_id`` is 
 
 import pyarrow as pa
 
-from schemas import TableSchema
+from schemas import UID128_NOTE, TableSchema
 
 ROLE_USER = "user"
 ROLE_ASSISTANT = "assistant"
@@ -40,7 +40,8 @@ CONVERSATION = pa.list_(pa.field("item", TURN))
 
 INSTRUCTIONS = TableSchema(
     name="instructions",
-    version=2,
+    version=2,  # 2: 128-bit uids
+    migrations={1: UID128_NOTE},
     schema=pa.schema(
         [
             # 16 hex chars: hash of source + uid + conversation (+ the record's position in its

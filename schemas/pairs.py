@@ -2,7 +2,7 @@
 
 import pyarrow as pa
 
-from schemas import TableSchema
+from schemas import UID128_NOTE, TableSchema
 
 # Status values are img2dataset's own, so its documentation applies unchanged.
 SUCCESS = "success"
@@ -13,10 +13,11 @@ UID, URL, CAPTION, STATUS = "uid", "url", "caption", "status"
 
 PAIRS = TableSchema(
     name="pairs",
-    version=1,
+    version=2,  # 2: 128-bit uids
+    migrations={1: UID128_NOTE},
     schema=pa.schema(
         [
-            pa.field("uid", pa.string(), nullable=False),  # stable id from the URL alone (lmeye.uid)
+            pa.field("uid", pa.string(), nullable=False),  # 32 hex chars (128 bits) from the URL alone (lmeye.uid)
             pa.field("url", pa.string(), nullable=False),
             pa.field("caption", pa.string()),
             pa.field("status", pa.string(), nullable=False),

@@ -27,7 +27,7 @@ def _conftest():
 @pytest.fixture(scope="module")
 def tables(tmp_path_factory):
     """pairs (12 images + 1 corrupt + 1 failed), features (with a serving copy built inside it)
-    and instructions whose validation split is empty (the default val_fraction, 12 images)."""
+    and instructions whose validation split is empty (val_fraction 0: no 0-row shard may appear)."""
     root = tmp_path_factory.mktemp("anywhere")
     helpers = _conftest()
     pairs = helpers.build_pairs_table(root / "pairs", 12)
@@ -35,8 +35,7 @@ def tables(tmp_path_factory):
             if s == "success" and c != "not an image"]
     helpers.build_features_table(root / "features", good, failed=[pairs["uid"][12].as_py()], dim=DIM)
     FeatureStore.open(str(root / "features"))  # its serving copy (_serving/) lives inside the table folder
-    cfg = load_config(None, {"data.root": str(root)})
-    assert cfg.instruct.val_fraction == 0.01
+    cfg = load_config(None, {"data.root": str(root), "instruct.val_fraction": 0.0})
     run(cfg)
     rows = {name: Manifest.load(str(root / name)).num_rows for name in ("pairs", "features", "instructions")}
     assert rows == {"pairs": 14, "features": 13, "instructions": 12}

@@ -13,9 +13,19 @@ class ExtractConfig(Section):
     input: Optional[str] = Field(None, description="pairs table; default {data.root}/pairs")
     output: Optional[str] = Field(None, description="features table; default {data.root}/features")
     # the model (open_clip)
-    model: str = Field("ViT-L-14", description="open_clip architecture: built-in, or a JSON in configs/models/ or model_config_dirs")
+    model: str = Field(
+        "ViT-L-14-quickgelu",
+        description="open_clip architecture: built-in, or a JSON in configs/models/ or model_config_dirs "
+        "(a tag trained with QuickGELU needs the -quickgelu architecture; a mismatch is refused)",
+    )
     pretrained: Optional[str] = Field(
-        "openai", description="open_clip pretrained tag or a local checkpoint file; null: random weights from `seed`"
+        "openai",
+        description="open_clip pretrained tag (each model actor resolves it into its node's cache) or a checkpoint "
+        "file at a path every node reads; null: random weights from `seed`",
+    )
+    weights_cache_dir: Optional[str] = Field(
+        None, description="where each model actor caches a tag's weights on its node; null: $LINGCLOUD_WEIGHTS_CACHE "
+        "on that node, else open_clip's default (~/.cache/clip or the HF hub cache)"
     )
     model_config_dirs: list[str] = Field(default_factory=list, description="extra directories of open_clip model JSONs")
     seed: int = Field(0, description="seed of random weights when pretrained is null")
@@ -30,7 +40,16 @@ class ExtractConfig(Section):
     pool_max_size: Optional[int] = Field(None, gt=0, description="autoscale the actor pool up to this many actors")
     num_gpus: float = Field(0, ge=0, description="GPUs per model actor; 0: run on the CPU")
     actor_num_cpus: float = Field(1, gt=0, description="CPUs reserved per model actor")
-    torch_threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads per actor; null: max(1, actor_num_cpus)")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per model actor, e.g. {gpu_node: 1} to place the actors on nodes started with that resource"
+    )
+    torch_threads: Optional[int] = Field(
+        None, gt=0, description="torch intra-op threads per actor; null: on the CPU, the node's CPUs / the model actors "
+        "that fit on it (decoding is cheap and leaves its cores to the model); on a GPU, max(1, actor_num_cpus)"
+    )
+    actor_restarts: int = Field(
+        3, ge=0, description="times a fresh actor pool redoes the unfinished shards after a model actor dies"
+    )
     # decoding / preprocessing tasks
     decode_num_cpus: float = Field(1, gt=0, description="CPUs per decode+preprocess task (one task per pairs shard)")
     decode_memory_mb: int = Field(1024, gt=0, description="memory reserved per decode task (a worker with torch, plus a row group of image bytes)")

@@ -47,7 +47,8 @@ def demo_conversations(num_images: int = CORPUS_IMAGES, seed: int = SEED) -> lis
     from lmeye.demo.corpus import generate_items, qa_pairs
     from lmeye.templates import CAPTIONS
 
-    tasks = yaml.safe_load(CAPTIONS.read_text())
+    # the plain caption tasks (grounded QA is nested per fact kind; the corpus's own QA covers it)
+    tasks = {k: v for k, v in yaml.safe_load(CAPTIONS.read_text()).items() if "responses" in v}
     rng = random.Random(seed)
     convs = []
     for item in generate_items(num_images, seed):

@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from lmeye.uid import uids_to_u64
-
+from lmeye.uid import uid_keys as _uid_keys
 from schemas.instructions import CONVERSATION, CONVERSATION_COL, SAMPLE_ID, SOURCE_ID, TASK, UID
 
 MASK64 = (1 << 64) - 1
@@ -60,8 +59,10 @@ def seed64(*parts: Any) -> int:
 
 
 def uid_keys(uids: list[str] | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(uint64 key, valid) per uid: the stage's one use of the uid format (``lmeye.uid``)."""
-    return uids_to_u64(uids)
+    """(uint64 key, valid) per uid: the stage's one use of the uid format (``lmeye.uid``).
+    The key is the uid's top 64 bits: plenty to place it in a partition and a split."""
+    keys, valid = _uid_keys(uids)
+    return keys["hi"], valid
 
 
 def is_uid(text: str) -> bool:

@@ -85,3 +85,68 @@ def test_precision_resolution():
     assert clip.resolve_precision("auto", "cuda") == "amp_bf16"
     with pytest.raises(clip.ModelError):
         clip.resolve_precision("fp8", "cpu")
+
+
+def _preprocess_variants() -> dict[tuple, tuple[str, str]]:
+    """Every distinct preprocessing in open_clip's pretrained-tag table -> one (model, tag) using it
+    whose architecture matches the tag's activation (the pairs LingCloud accepts)."""
+    import open_clip
+
+    variants: dict[tuple, tuple[str, str]] = {}
+    for model, tag in open_clip.list_pretrained():
+        cfg = clip.tag_cfg(model, tag)
+        key = tuple(_plain(cfg.get(k)) for k in PREPROCESS_KEYS)
+        arch = open_clip.get_model_config(model) or {}
+        if key not in variants and bool(cfg.get("quick_gelu", False)) == bool(arch.get("quick_gelu", False)):
+            variants[key] = (model, tag)
+    return variants
+
+
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
+
+
+def _plain(v):
+    return tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def test_every_tag_preprocessing_variant_is_probed_without_downloading(tmp_path, monkeypatch):
+    """The driver takes a tag's own preprocessing from open_clip's table and downloads nothing."""
+    monkeypatch.setenv(clip.WEIGHTS_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # ~/.cache/clip would be open_clip's default
+    variants = _preprocess_variants()
+    assert len(variants) >= 8  # open_clip 3.3 has 8 (OpenAI, SigLIP, CLIPA, MobileCLIP, PE, ... settings)
+    for key, (model, tag) in variants.items():
+        spec = clip.probe_model(model, tag)
+        got = tuple(_plain(spec.preprocess_cfg.get(k)) for k in PREPROCESS_KEYS)
+        want = tuple(_plain(v) if v is not None else _plain(spec.preprocess_cfg.get(k))
+                     for k, v in zip(PREPROCESS_KEYS, key))  # a tag without fill_color keeps the default
+        assert got == want, (model, tag)
+        assert spec.checkpoint is None and spec.checkpoint_sha256 == ""
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "home").exists()
+
+
+def test_tags_trained_with_another_activation_are_refused(monkeypatch):
+    from open_clip.pretrained import _PRETRAINED
+
+    with pytest.raises(clip.ModelError, match="trained with QuickGELU.*use extract.model=ViT-L-14-quickgelu"):
+        clip.probe_model("ViT-L-14", "openai")
+    gelu = dict(clip.tag_cfg("ViT-L-14", "laion2b_s32b_b82k"))  # a GELU tag registered on a QuickGELU name
+    monkeypatch.setitem(_PRETRAINED["ViT-L-14-quickgelu"], "gelu_tag", gelu)
+    with pytest.raises(clip.ModelError, match="trained with GELU.*use extract.model=ViT-L-14$"):
+        clip.probe_model("ViT-L-14-quickgelu", "gelu_tag")
+    with pytest.raises(clip.ModelError, match="QuickGELU"):
+        clip.load_visual("ViT-B-32", "openai")  # refused before anything is downloaded
+    spec = clip.probe_model("ViT-L-14-quickgelu", "openai")
+    assert (spec.embed_dim, spec.image_size) == (768, (224, 224))
+
+
+def test_defaults_and_shipped_configs_name_matching_activations():
+    from pathlib import Path
+
+    configs = sorted((Path(clip.REPO_ROOT) / "configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in [None, *configs]:
+        ec = load_config(str(path) if path else None).extract
+        if ec.pretrained and clip.tag_cfg(ec.model, ec.pretrained):
+            clip.check_activation(ec.model, ec.pretrained)  # raises on a mismatch
+    assert load_config(None).extract.model == "ViT-L-14-quickgelu"

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from lmeye.cli import main
-from lmeye.store import FeatureStore, MissingUidError, VersionError, table_version, uids_to_u64
+from lmeye.store import FeatureStore, MissingUidError, VersionError, table_version
 from lmeye.tables import Manifest, TableWriter
 from lmeye.uid import uid_for
 from schemas import SchemaError
@@ -20,10 +20,11 @@ META = {"model": "toy", "pretrained": "none", "checkpoint_sha256": "", "image_si
         "embed_dim": "8", "precision": "fp32"}
 
 
-def write_features(path, n=40, shards=3, dim=8, failed=(3, 17), patch=None, seed=0, dtype="float16"):
+def write_features(path, n=40, shards=3, dim=8, failed=(3, 17), patch=None, seed=0, dtype="float16", uids=None):
     """A finished features table: rows i in ``failed`` are decode failures. Returns (uids, vectors)."""
     rng = np.random.default_rng(seed)
-    uids = [uid_for(f"http://x/{i}.jpg") for i in range(n)]
+    uids = list(uids) if uids is not None else [uid_for(f"http://x/{i}.jpg") for i in range(n)]
+    n = len(uids)
     vecs = rng.standard_normal((n, dim)).astype(dtype)
     toks = rng.standard_normal((n, patch[0] * patch[1])).astype(dtype) if patch else None
     schema = features_schema(dim, dtype, patch, META)
@@ -66,16 +67,16 @@ def test_missing_uids_raise_listing_them_or_come_back_masked(tmp_path):
     uids, vecs, _, ok = write_features(tmp_path / "f")
     store = FeatureStore.open(tmp_path / "f")
     failed_uid = uids[3]  # a decode failure: in the table, never served
-    ask = [uids[0], "ffffffffffffffff", failed_uid, "not-a-uid", uids[1]]
+    ask = [uids[0], "f" * 32, failed_uid, "not-a-uid", uids[1]]
     with pytest.raises(MissingUidError) as err:
         store.get(ask)
-    assert err.value.missing == ["ffffffffffffffff", failed_uid, "not-a-uid"]
+    assert err.value.missing == ["f" * 32, failed_uid, "not-a-uid"]
     assert "3 uid(s) not in" in str(err.value) and failed_uid in str(err.value)
     res = store.get(ask, on_missing="mask")
     assert res.found.tolist() == [True, False, False, False, True]
     np.testing.assert_array_equal(res["embedding"][[0, 4]], vecs[[0, 1]])
     assert not res["embedding"][1:4].any()
-    assert res.missing == ["ffffffffffffffff", failed_uid, "not-a-uid"]
+    assert res.missing == ["f" * 32, failed_uid, "not-a-uid"]
     assert store.contains(ask).tolist() == [True, False, False, False, True]
     assert uids[0] in store and failed_uid not in store
 
@@ -135,12 +136,42 @@ def test_incomplete_or_foreign_tables_are_refused(tmp_path, make_pairs):
         FeatureStore.open(path)
 
 
-def test_uid_parsing_is_vectorised_and_strict():
-    keys, valid = uids_to_u64(["0123456789abcdef", "FFFFFFFFFFFFFFFF", "xyz", None, "0123456789abcdeg"])
-    assert valid.tolist() == [True, True, False, False, False]
-    assert keys[0] == 0x0123456789ABCDEF and keys[1] == 0xFFFFFFFFFFFFFFFF
-    sliced = pa.array(["00000000000000aa", "00000000000000bb", "00000000000000cc"])[1:]
-    assert uids_to_u64(sliced)[0].tolist() == [0xBB, 0xCC]
+def test_uids_sharing_their_top_64_bits_are_told_apart(tmp_path):
+    """128-bit uids: two images whose uids agree on the first 16 hex characters are both served."""
+    top = uid_for("a")[:16]
+    uids = [top + uid_for(f"lo{i}")[16:] for i in range(6)] + [uid_for(f"http://x/{i}") for i in range(10)]
+    _, vecs, _, ok = write_features(tmp_path / "f", uids=uids, failed=())
+    store = FeatureStore.open(tmp_path / "f")
+    assert store.num_rows == len(uids)
+    order = list(np.random.default_rng(0).permutation(len(uids)))
+    np.testing.assert_array_equal(store.get([uids[i] for i in order])["embedding"], vecs[order])
+    assert not store.contains([top + "0" * 16, uids[0][:16]]).any()
+
+
+def test_a_version_must_be_a_version_id_not_a_path(tmp_path):
+    path = tmp_path / "f"
+    write_features(path)
+    FeatureStore.open(path)
+    for bad in ("../../../etc", "..", "/tmp", "0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0", "a/b"):
+        with pytest.raises(VersionError, match="is not a features table version"):
+            FeatureStore.open(path, version=bad)
+    assert main(["store", "info", str(path), "--version", "../x"]) == 2
+
+
+def test_tables_written_with_64_bit_uids_ask_to_be_regenerated(tmp_path, capsys):
+    path = tmp_path / "f"
+    write_features(path)
+    m = json.loads((path / "_manifest.json").read_text())
+    m["schema_version"] = 1
+    (path / "_manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SchemaError, match="schema version 1, this code reads version 2: uids are 128-bit.*regenerate"):
+        FeatureStore.open(path)
+    assert main(["store", "info", str(path)]) == 2
+    assert "regenerate" in capsys.readouterr().err
+    # a lone shard of an old table says the same, not "missing column"
+    old = FEATURES.schema.with_metadata({b"lingcloud.table": b"features", b"lingcloud.schema_version": b"1"})
+    with pytest.raises(SchemaError, match="version 1.*regenerate"):
+        FEATURES.check(old, "x.parquet")
 
 
 def test_cli_info_get_and_missing(tmp_path, capsys):
@@ -152,9 +183,9 @@ def test_cli_info_get_and_missing(tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     got = np.array(line.split("\t")[2].split(), dtype=np.float32)
     np.testing.assert_allclose(got, vecs[0].astype(np.float32), rtol=1e-5)
-    assert main(["store", "get", str(tmp_path / "f"), uids[0], "abababababababab"]) == 2
+    assert main(["store", "get", str(tmp_path / "f"), uids[0], "ab" * 16]) == 2
     captured = capsys.readouterr()
     assert captured.err.strip().startswith("lmeye store: error: 1 uid(s) not in")
-    assert captured.err.strip().endswith("abababababababab") and "\n" not in captured.err.strip()
-    assert main(["store", "get", "--json", "--mask", str(tmp_path / "f"), "abababababababab"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"uid": "abababababababab", "found": False}
+    assert captured.err.strip().endswith("ab" * 16) and "\n" not in captured.err.strip()
+    assert main(["store", "get", "--json", "--mask", str(tmp_path / "f"), "ab" * 16]) == 0
+    assert json.loads(capsys.readouterr().out) == {"uid": "ab" * 16, "found": False}

@@ -53,7 +53,7 @@ def test_reader_checks_version_and_completeness(tmp_path):
     m.schema_version = 99
     m.complete = True
     m.save(str(tmp_path))
-    with pytest.raises(SchemaError, match="schema version 99, this code reads version 1"):
+    with pytest.raises(SchemaError, match=f"schema version 99, this code reads version {PAIRS.version}"):
         TableReader(str(tmp_path), PAIRS)
     del w
 

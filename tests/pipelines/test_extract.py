@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,3 +196,210 @@ def test_resume_after_sigkill_redoes_only_unfinished_shards(tmp_path):
     assert sorted(table["uid"].to_pylist()) == sorted(pairs["uid"].to_pylist())  # exactly one row per uid
     assert json.loads(manifest.read_text())["complete"]
     assert not list((tmp_path / "features").glob(".*.tmp-*"))
+
+
+# ----------------------------------------------------------------------------- weights as users name them
+
+
+def test_every_tag_preprocessing_variant_reaches_the_model_actor(tmp_path, monkeypatch):
+    """A model actor loads a tag with the tag's own preprocessing, for every variant open_clip's table has
+    (random weights: each variant is registered as a tag of the tiny model whose file is local)."""
+    import io
+
+    import open_clip
+    import torch
+    from open_clip.pretrained import _PRETRAINED
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from PIL import Image
+
+    from pipelines.extract import _Encoder, _norm, _pil_part, decode_image
+
+    cfg = load_config(None, [f"data.root={tmp_path}", f"extract.model={clip.TINY_MODEL}", "extract.pretrained=null"])
+    ckpt = clip.ensure_demo_model(cfg.extract)
+    keys = ("mean", "std", "interpolation", "resize_mode", "fill_color")
+    variants = {tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in (c.get(k) for k in keys))
+                for c in (open_clip.get_pretrained_cfg(m, t) for m, t in open_clip.list_pretrained())}
+    assert len(variants) >= 8
+    settings = {"torch_threads": 1, "num_gpus": 0, "precision": "fp32", "model_config_dirs": [], "patch_tokens": False,
+                "dtype": "float32", "debug_delay_s": 0, "weights_cache_dir": str(tmp_path / "cache")}
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 70, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    for i, variant in enumerate(sorted(variants, key=repr)):
+        tag = f"variant{i}"
+        entry = {k: v for k, v in zip(keys, variant) if v is not None}
+        monkeypatch.setitem(_PRETRAINED.setdefault(clip.TINY_MODEL, {}), tag, {"file": ckpt, **entry})
+        spec = clip.probe_model(clip.TINY_MODEL, tag)
+        encoder = _Encoder(spec.to_dict(), settings)  # raised "differs from the driver's" before the fix
+        for k, v in entry.items():
+            assert _norm(encoder.visual.preprocess_cfg[k]) == _norm(v), (tag, k)
+        want = image_transform_v2(PreprocessCfg(**{**entry, "size": 32}), is_train=False)(Image.open(io.BytesIO(buf.getvalue())))
+        key = json.dumps({k: _norm(v) for k, v in spec.preprocess_cfg.items()}, sort_keys=True)
+        pixels = decode_image(buf.getvalue(), _pil_part(key), spec.image_size)
+        got = clip.pixels_to_tensor(pixels[None], encoder.tensor_steps)[0]
+        assert torch.equal(got, want), entry
+
+
+CLUSTER_SCRIPT = r'''
+import json, os, sys
+import numpy as np
+import ray
+from ray.cluster_utils import Cluster
+
+tmp = sys.argv[1]
+SRC = os.path.join(tmp, "shared", "tiny.safetensors")  # where "the hub" serves the tag's file from
+TAG = "lingcloud_test"
+
+
+def register():  # the tag, as open_clip's table would list it: a URL and its own preprocessing
+    from open_clip.pretrained import _PRETRAINED
+    from lmeye import clip
+    clip.register_model_configs()
+    _PRETRAINED.setdefault(clip.TINY_MODEL, {})[TAG] = {
+        "url": "file://" + SRC, "hf_hub": "", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+        "interpolation": "bilinear", "resize_mode": "squash"}
+
+
+from lmeye import clip
+from lmeye.config import load_config
+from pipelines.extract import run
+
+register()
+clip.save_checkpoint(clip.build_tiny_model(seed=3), SRC)
+caches = {k: os.path.join(tmp, k) for k in ("head_cache", "node2_cache", "driver_cache")}
+os.environ[clip.WEIGHTS_CACHE_ENV] = caches["driver_cache"]
+env = {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+for attempt in range(3):  # a loaded CI machine (another Ray up beside it) can miss the GCS start-up wait
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "env_vars": {**env, clip.WEIGHTS_CACHE_ENV: caches["head_cache"]}})
+        break
+    except RuntimeError:
+        if attempt == 2:
+            raise
+cluster.add_node(num_cpus=1, resources={"node2": 1}, env_vars={**env, clip.WEIGHTS_CACHE_ENV: caches["node2_cache"]})
+ray.init(address=cluster.address, runtime_env={"worker_process_setup_hook": register, "env_vars": env})
+cfg = load_config(None, [f"data.root={tmp}", f"extract.model={clip.TINY_MODEL}", f"extract.pretrained={TAG}",
+                         "extract.actor_resources={node2: 1}", "extract.decode_num_cpus=0.5",
+                         "extract.actor_num_cpus=0.5", "extract.decode_memory_mb=64", "extract.dtype=float32"])
+summary = run(cfg)
+ray.shutdown()
+cluster.shutdown()
+print("RESULT " + json.dumps({
+    "ok": summary.ok, "rows": summary.rows, "notes": summary.notes,
+    "files": {k: sorted(os.listdir(v)) if os.path.isdir(v) else [] for k, v in caches.items()},
+}))
+'''
+
+
+def test_a_tag_is_resolved_by_each_actor_into_its_own_nodes_cache(tmp_path):
+    """Two Ray nodes; the model actor is forced onto the second, whose weights cache is empty: it
+    fetches the tag itself (open_clip's own resolution) and the driver downloads nothing."""
+    import io
+
+    import open_clip
+    import torch
+    from open_clip.pretrained import _PRETRAINED
+    from PIL import Image
+
+    pairs = build_pairs_table(tmp_path / "pairs", 6, shards=2, corrupt=0, failed=0, size=40)
+    script = tmp_path / "cluster_extract.py"
+    script.write_text(CLUSTER_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(REPO), HOME=str(tmp_path / "home"))  # open_clip's default cache would be in HOME
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=500)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(line[len("RESULT "):])
+    assert res["ok"] and res["rows"] == 6, res
+    assert res["files"]["node2_cache"] == ["tiny.safetensors"]  # fetched on the actor's node
+    assert res["files"]["driver_cache"] == [] and res["files"]["head_cache"] == []  # nothing via the driver
+    assert not (tmp_path / "home").exists()
+    # and the features are the tag's model with the tag's preprocessing (mean/std 0.5, squash, bilinear)
+    clip.register_model_configs()
+    entry = {"file": str(tmp_path / "shared" / "tiny.safetensors"), "mean": (0.5,) * 3, "std": (0.5,) * 3,
+             "interpolation": "bilinear", "resize_mode": "squash"}
+    _PRETRAINED.setdefault(clip.TINY_MODEL, {})["lingcloud_test_ref"] = entry
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(clip.TINY_MODEL, pretrained="lingcloud_test_ref")
+    finally:
+        del _PRETRAINED[clip.TINY_MODEL]["lingcloud_test_ref"]
+    uids, images = pairs["uid"].to_pylist(), pairs["image"].to_pylist()
+    with torch.no_grad():
+        ref = model.eval().encode_image(torch.stack([preprocess(Image.open(io.BytesIO(b))) for b in images]), normalize=True)
+    got = FeatureStore.open(tmp_path / "features").get(uids)["embedding"]
+    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(np.asarray(got, np.float32)), ref, dim=-1)
+    assert cos.min().item() >= 0.9999, cos
+
+
+# ----------------------------------------------------------------------------- extraction as a user sees it
+
+
+def test_progress_counts_images_and_the_summary_splits_startup_from_steady_rate(tmp_path, ray_local, capfd):
+    build_pairs_table(tmp_path / "pairs", 9, shards=3, corrupt=1, failed=1, size=32)
+    assert main(["extract", str(tmp_path / "pairs"), str(tmp_path / "features"),
+                 "--set", f"extract.model={clip.TINY_MODEL}", "--set", "extract.pretrained=null",
+                 "--set", "extract.batch_size=2", "--set", "extract.decode_batch_rows=2",
+                 "--set", "extract.decode_num_cpus=0.5"]) == 0
+    out, err = capfd.readouterr()
+    assert "extract: 10/10 images 100%" in err  # 9 good + 1 corrupt success rows, not blocks
+    assert "/?" not in err and "row/s" not in err  # no Ray Data bar counting blocks against a guessed total
+    assert "constructor arguments in the object store" not in err
+    assert re.search(r"note: start-up \d+\.\ds \(.*\), then (\d+\.\d images/s steady over \d+ images|no more batches)", out), out
+    # the embedded test Ray has 2 CPUs and one model actor: it gets both, decoding's included
+    assert "torch threads per model actor: 2 (the CPUs of its node / the model actors that fit there" in out
+
+
+def test_auto_torch_threads_share_the_node_between_model_actors():
+    from pipelines.extract import auto_torch_threads
+
+    assert auto_torch_threads(2, 1, 1) == 2  # one actor: every core, the decoders' included
+    assert auto_torch_threads(16, 1, 4) == 4
+    assert auto_torch_threads(8, 2, 8) == 2  # only 4 actors of 2 CPUs fit on 8 CPUs
+    assert auto_torch_threads(1, 1, 3) == 1
+
+
+def test_a_killed_model_actor_is_replaced_and_the_run_completes(tmp_path, ray_local, capfd):
+    """SIGKILL the model actor mid-run (as an OOM kill would): a fresh pool redoes the unfinished shards."""
+    import threading
+
+    import psutil
+
+    from pipelines.extract import run
+
+    pairs = build_pairs_table(tmp_path / "pairs", 12, shards=4, corrupt=0, failed=0, size=32)
+    cfg = load_config(None, [f"data.root={tmp_path}", f"extract.model={clip.TINY_MODEL}", "extract.pretrained=null",
+                             "extract.batch_size=1", "extract.decode_batch_rows=1", "extract.decode_num_cpus=0.5",
+                             "extract.debug_delay_s=0.5"])
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # earlier tests' workers are not it
+    manifest = tmp_path / "features" / "_manifest.json"
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(summary=run(cfg)), daemon=True)
+    thread.start()
+    victim, deadline = None, time.time() + 180
+    while victim is None and time.time() < deadline and thread.is_alive():
+        started = manifest.exists() and json.loads(manifest.read_text() or "{}").get("shards")
+        for p in psutil.Process().children(recursive=True) if started else []:  # once a shard is written
+            try:
+                if p.pid not in before and "_Encoder" in " ".join(p.cmdline()):
+                    victim = p
+            except psutil.Error:
+                pass
+        time.sleep(0.1)
+    if victim is None:
+        seen = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                seen.append(" ".join(p.cmdline())[:120])
+            except psutil.Error:
+                pass
+        pytest.fail(f"no model actor process found; thread alive {thread.is_alive()}; {result}; processes: {seen}")
+    victim.kill()
+    thread.join(timeout=300)
+    summary = result["summary"]
+    assert summary.ok and summary.rows == 12, summary.render()
+    assert any(n.startswith("model actor lost") for n in summary.notes), summary.notes
+    table = _table(tmp_path / "features")
+    assert sorted(table["uid"].to_pylist()) == sorted(pairs["uid"].to_pylist())  # exactly one row per uid
+    assert "constructor arguments in the object store" not in capfd.readouterr().err
