@@ -4,6 +4,7 @@ checkpoint of the stand-in IPN (lmeye.serve.testing) that names that table."""
 from __future__ import annotations
 
 import importlib.util
+import io
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ def _build_pairs_table(*args, **kwargs):
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory, ray_local):
+    from PIL import Image
+
     from lmeye import clip
     from lmeye.cli import main
     from lmeye.config import load_config
@@ -41,7 +44,9 @@ def served(tmp_path_factory, ray_local):
     files = {}
     for row in pairs.to_pylist():
         if row["status"] == SUCCESS:
-            path = images / f"{row['uid']}.img"
+            with Image.open(io.BytesIO(row["image"])) as img:
+                suffix = img.format.lower()
+            path = images / f"{row['uid']}.{suffix}"
             path.write_bytes(row["image"])
             files[row["uid"]] = path
     checkpoint = write_fake_checkpoint(str(root / "checkpoint"), features=str(root / "features"))
