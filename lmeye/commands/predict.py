@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         positionals=[("instructions", "predict.input", "instructions table (default: predict.input, else instruct.output)"),
                      ("predictions", "predict.output", "predictions table to write (default: {data.root}/predictions)")],
     )
-    p.add_argument("--checkpoint", dest="_checkpoint", help="shorthand for --set predict.checkpoint=DIR")
+    p.add_argument("--checkpoint", dest="_checkpoint", metavar="DIR", help="shorthand for --set predict.checkpoint=DIR")
     run = p.get_default("func")
 
     def with_checkpoint(args: argparse.Namespace) -> int:
