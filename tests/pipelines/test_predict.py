@@ -28,14 +28,14 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def build_tables(root: Path, images: int = 6, shards: int = 2) -> dict:
-    """A features table (4-d embeddings, 2x3 patch tokens) and an instructions table whose rows are
+def build_tables(root: Path, images: int = 6, shards: int = 2, dim: int = 4, patch: tuple[int, int] = (2, 3)) -> dict:
+    """A features table (dim-wide embeddings, patch tokens) and an instructions table whose rows are
     one question per image per split, plus one row whose image has no features and one too long."""
     uids = [uid_for(f"http://127.0.0.1/images/{i}.png") for i in range(images)]
     rng = np.random.default_rng(0)
-    emb = rng.standard_normal((images, 4)).astype(np.float32)
-    tokens = rng.standard_normal((images, 6)).astype(np.float32)
-    schema = features_schema(4, "float32", (2, 3))
+    emb = rng.standard_normal((images, dim)).astype(np.float32)
+    tokens = rng.standard_normal((images, patch[0] * patch[1])).astype(np.float32)
+    schema = features_schema(dim, "float32", patch)
     features = pa.Table.from_pydict(
         {"uid": uids, "status": [SUCCESS] * images, "error_message": [None] * images,
          "embedding": list(emb), "patch_tokens": list(tokens)}, schema=schema)
@@ -61,7 +61,7 @@ def build_tables(root: Path, images: int = 6, shards: int = 2) -> dict:
         w.write(names[-1], table.slice(k * per, per))
     w.finalize(names, stats={})
     ckpt = write_fake_checkpoint(str(root / "checkpoint"))
-    return {"uids": uids, "emb": emb, "rows": rows, "checkpoint": ckpt}
+    return {"uids": uids, "emb": emb, "tokens": tokens.reshape(images, *patch), "rows": rows, "checkpoint": ckpt}
 
 
 def _read(path: Path) -> pa.Table:
@@ -87,6 +87,32 @@ def test_predictions_one_row_per_sample_with_features_joined(tmp_path, ray_local
     assert got["toolong000000000"]["status"] == "too_long" and got["toolong000000000"]["answer"] is None
     assert main(args) == 0  # a rerun finds everything done
     assert "shards written 0, already done 2" in capsys.readouterr().out
+
+
+def test_predictions_of_the_real_ipn_equal_its_chat_answers(tmp_path, ray_local):
+    import torch
+
+    from lmeye.model import IPN
+    from lmeye.model.demo import build_tiny_llm
+    from lmeye.model.testing import FEATURE_DIM, PATCH_SHAPE, tiny_clip_checkpoint, tiny_model_config, tiny_tokenizer
+
+    t = build_tables(tmp_path, images=3, shards=1, dim=FEATURE_DIM, patch=PATCH_SHAPE)
+    llm = build_tiny_llm(str(tmp_path / "llm"), "llama", tiny_tokenizer())
+    ipn = IPN.from_config(tiny_model_config(llm, tiny_clip_checkpoint(str(tmp_path / "clip.safetensors"))), FEATURE_DIM, PATCH_SHAPE)
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-zero transmission: answers depend on the image
+        for p in ipn.own_parameters().values():
+            p.normal_(0, 0.3)
+    ipn.save_pretrained(str(tmp_path / "ipn"))
+    ipn.eval()
+    assert main(["predict", str(tmp_path / "instructions"), str(tmp_path / "predictions"), "--checkpoint", str(tmp_path / "ipn"),
+                 "--set", f"predict.features={tmp_path / 'features'}", "--set", "predict.max_new_tokens=8",
+                 "--set", "predict.actor_num_cpus=0.5", "--set", "predict.batch_size=4"]) == 0
+    got = {r["sample_id"]: r for r in _read(tmp_path / "predictions").to_pylist()}
+    for i in range(3):  # batched, left-padded generation gives each row what it gets alone
+        row = got[f"{i:04d}v".ljust(16, "0")]
+        ctx = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": f"what is {i}?"}]
+        assert row["answer"] == ipn.chat(ctx, t["emb"][i], t["tokens"][i], max_new_tokens=8).strip()
 
 
 def test_missing_checkpoint_is_one_line(tmp_path, capsys):
