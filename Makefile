@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,15 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/lmeye demo --config configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q --durations=15 tests
+
+# The web demo's browser test drives Debian's chromium (browser builds cannot be downloaded by
+# selenium or playwright here); install it when missing (CI runs as root on Debian).
+browser:
+	@test -x /usr/bin/chromedriver || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
 
 clean:
 	rm -rf $(VENV) demo_out

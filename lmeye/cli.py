@@ -17,12 +17,16 @@ COMMANDS = [
     "extract",
     "store",
     "instruct",
-    "eval",
+    "predict",
     "model",
+    "eval",
+    "chat",
+    "app",
 ]
 DESCRIPTION = (
-    "LingCloud: build the tables that train LMEye (download image-text pairs, extract CLIP features, "
-    "build instruction data) on Ray. Run `lmeye COMMAND --help` for one command."
+    "LingCloud: the platform behind LMEye, an Interactive Perception Network that gives a frozen LLM eyes. "
+    "It builds the tables (download image-text pairs, extract CLIP features, build instruction data) on Ray, "
+    "trains the IPN, serves it and evaluates it. Run `lmeye COMMAND --help` for one command."
 )
 
 

@@ -19,6 +19,7 @@ from lmeye.config.download import DownloadConfig
 from lmeye.config.extract import ExtractConfig
 from lmeye.config.instruct import InstructConfig
 from lmeye.config.model import ModelConfig
+from lmeye.config.predict import PredictConfig
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,7 @@ class Config(Section):
     extract: ExtractConfig = ExtractConfig()
     instruct: InstructConfig = InstructConfig()
     model: ModelConfig = ModelConfig()
+    predict: PredictConfig = PredictConfig()
 
     @model_validator(mode="after")
     def _default_paths(self) -> "Config":
