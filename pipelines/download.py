@@ -22,6 +22,7 @@ One entry function, ``run(cfg)``. What it adds around ``img2dataset.download``:
 from __future__ import annotations
 
 import gzip
+import importlib
 import io
 import itertools
 import json
@@ -586,8 +587,8 @@ class _GuardedRayDistributor:
 
 
 def _img2dataset_pass(cfg: DownloadConfig, urls_dir: str, raw_dir: str, oom: int) -> None:
-    import img2dataset.main as img2dataset_main
-
+    # (the package exports a function named `main`, so the module is fetched by name)
+    img2dataset_main = importlib.import_module("img2dataset.main")
     # img2dataset picks its Ray distributor by name from this module: ours wraps each shard
     # task in the guarded opener, the rest of img2dataset is used unchanged.
     original = img2dataset_main.ray_distributor
