@@ -243,8 +243,8 @@ def test_non_http_urls_become_failed_rows_and_are_never_fetched(tmp_path, corpus
         (f"{server.base_url}/big/200000", "big, sized"),
         (f"{server.base_url}/big/200000/unsized", "big, unsized"),
     ]
-    urls = tmp_path / "urls.csv"
-    urls.write_text("url,caption\n" + "".join(f"{u},{c}\n" for u, c in rows))
+    urls = tmp_path / "urls.jsonl"
+    urls.write_text("".join(json.dumps({"url": u, "caption": c}) + "\n" for u, c in rows))
     out = tmp_path / "pairs"
     summary = run(_cfg(urls, out, **{"download.disable_all_reencoding": True,
                                       "download.max_response_bytes": 100_000}))

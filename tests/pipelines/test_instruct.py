@@ -14,7 +14,7 @@ from lmeye.cli import main
 from lmeye.config import ConfigError, load_config
 from lmeye.demo.corpus import qa_pairs, write_corpus
 from lmeye.errors import UserError
-from lmeye.tables import Manifest, TableReader, TableWriter
+from lmeye.tables import Manifest, TableMismatch, TableReader, TableWriter, overwriting
 from lmeye.uid import uid_for
 from pipelines.instruct import Placement, run, split_files
 from pipelines.instruct_sources import Malformed, iter_records, key_of, load_templates
@@ -464,9 +464,12 @@ def test_rerun_skips_and_killed_run_resumes(world, tmp_path):
     assert resumed.shards_done == 2 and resumed.shards_skipped == 2 * parts - 2
     assert read_rows(cfg) == before
     assert_adds_up(cfg)
-    # changed input: everything is redone
+    # changed input: refused unless told to overwrite, then everything is redone
     write_json(tmp_path / "v.json", recs[:-1])
-    redo = run(cfg)
+    with pytest.raises(TableMismatch, match="built from other inputs"):
+        run(cfg)
+    with overwriting():
+        redo = run(cfg)
     assert redo.rows == first.rows - 1
 
 
