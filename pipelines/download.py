@@ -212,9 +212,12 @@ def read_url_list(path: str, cfg: DownloadConfig) -> pa.Table:
 
 URL_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()), ("caption", pa.string())])
 SPILL_SCHEMA = pa.schema([("seq", pa.int64())] + list(URL_SCHEMA))
-# Input bytes per planning partition: the planner holds one partition at a time, so this (not
-# the length of the URL list) bounds its memory.
-PARTITION_BYTES = 128 << 20
+# Spilled bytes per planning partition: the planner holds one partition at a time, so this (not
+# the length of the URL list) bounds its memory. Input is first spread over up to SPILL_FANOUT
+# partitions (one per SPILL_BYTES of input); larger ones are split again when read.
+PARTITION_BYTES = 64 << 20
+SPILL_BYTES = 4 << 20
+SPILL_FANOUT = 64
 GZIP_RATIO = 4  # guessed expansion of a gzipped list, to size the partitions
 FETCHED = r"^[hH][tT][tT][pP][sS]?://"  # only http and https are ever fetched
 
@@ -246,20 +249,24 @@ class Plan:
 
 
 class _Partitions:
-    """Rows spilled to local files by uid hash, so every copy of a URL lands in one partition."""
+    """Rows spilled to local files by a hash of their uid, so every copy of a URL lands in one
+    partition. A partition that came out larger than ``PARTITION_BYTES`` (the input size was
+    only an estimate) is split again with another hash when it is read: memory stays bounded
+    whatever the estimate was."""
 
-    def __init__(self, folder: str, count: int):
-        self.folder, self.count = folder, count
+    def __init__(self, folder: str, count: int, level: int = 0):
+        self.folder, self.count, self.level = folder, count, level
         self.writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
 
     def path(self, p: int) -> str:
-        return os.path.join(self.folder, f"{p:05d}.arrow")
+        return os.path.join(self.folder, f"{self.level}-{p:05d}.arrow")
 
     def add(self, table: pa.Table) -> None:
         if self.count == 1:
             parts = {0: table}
-        else:  # crc32 of the opaque uid string: stable across runs and machines
-            keys = np.fromiter((zlib.crc32(u.encode()) for u in table["uid"].to_pylist()),
+        else:  # crc32 of the opaque uid string (salted by level): stable across runs and machines
+            salt = str(self.level).encode()
+            keys = np.fromiter((zlib.crc32(u.encode(), zlib.crc32(salt)) for u in table["uid"].to_pylist()),
                                dtype=np.uint32, count=table.num_rows) % self.count
             order = np.argsort(keys, kind="stable")
             bounds = np.searchsorted(keys[order], np.arange(self.count + 1))
@@ -274,21 +281,80 @@ class _Partitions:
         for w in self.writers.values():
             w.close()
 
-    def read(self, p: int) -> pa.Table:
-        if p not in self.writers:
-            return SPILL_SCHEMA.empty_table()
-        with pa.memory_map(self.path(p)) as source:
-            return pa.ipc.open_stream(source).read_all()
+    def tables(self) -> Iterator[pa.Table]:
+        """Each partition in turn (in a fixed order), none over ``PARTITION_BYTES`` if splittable."""
+        for p in range(self.count):
+            if p not in self.writers:
+                continue
+            path = self.path(p)
+            size = os.path.getsize(path)
+            if size > PARTITION_BYTES and self.level < 4:
+                sub = _Partitions(self.folder, math.ceil(size / PARTITION_BYTES) + 1, self.level + 1)
+                try:
+                    with pa.memory_map(path) as source:
+                        for batch in pa.ipc.open_stream(source):
+                            sub.add(pa.Table.from_batches([batch]))
+                finally:
+                    sub.close()
+                os.remove(path)
+                yield from sub.tables()
+                continue
+            with pa.memory_map(path) as source:
+                table = pa.ipc.open_stream(source).read_all()
+            yield table
+            del table
+            os.remove(path)
 
 
 def _first_of_each_uid(t: pa.Table) -> pa.Table:
-    """Keep the first row (lowest input position) of each uid, in input order."""
-    t = t.sort_by([("uid", "ascending"), ("seq", "ascending")])
-    uids = t["uid"].combine_chunks()
-    keep = np.ones(t.num_rows, dtype=bool)
+    """Keep the first row of each uid. A partition's rows are in input order (spilling keeps
+    it), and the sort is stable, so the first of each run of equal uids is the earliest copy."""
+    order = pc.sort_indices(t["uid"])
+    uids = t["uid"].take(order).combine_chunks()
+    first = np.ones(t.num_rows, dtype=bool)
     if t.num_rows > 1:
-        keep[1:] = pc.not_equal(uids.slice(1), uids.slice(0, t.num_rows - 1)).to_numpy(zero_copy_only=False)
-    return t.filter(pa.array(keep)).sort_by("seq")
+        first[1:] = pc.not_equal(uids.slice(1), uids.slice(0, t.num_rows - 1)).to_numpy(zero_copy_only=False)
+    return t.take(np.sort(order.to_numpy()[first]))
+
+
+class _ShardCutter:
+    """Writes planned rows as files of whole shards. img2dataset shards each input file on its
+    own: carrying the remainder over to the next file keeps every shard but the last full."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, folder: str, samples_per_shard: int, inputs: list[str],
+                 keep_rows_file: bool):
+        self.fs, self.folder, self.n, self.inputs = fs, folder, samples_per_shard, inputs
+        self.keep_rows_file = keep_rows_file
+        self.rest: pa.Table | None = None
+        self.files: list[str] = []
+        self.shards: list[PlannedShard] = []
+
+    def add(self, t: pa.Table) -> None:
+        if self.rest is not None:
+            t = pa.concat_tables([self.rest, t])
+        cut = t.num_rows // self.n * self.n
+        if cut:
+            self._write(t.slice(0, cut))
+        # a compact copy: a slice would keep the whole partition's buffers alive
+        self.rest = t.take(np.arange(cut, t.num_rows)) if cut < t.num_rows else None
+
+    def finish(self) -> None:
+        if self.rest is not None:
+            self._write(self.rest)
+            self.rest = None
+
+    def _write(self, t: pa.Table) -> None:
+        f = self.fs.unstrip_protocol(f"{self.folder}/{len(self.files):05d}.parquet")
+        with self.fs.open(f, "wb") as sink:
+            pq.write_table(t.drop_columns(["seq"]), sink)
+        self.files.append(f)
+        src = pc.shift_right(t["seq"], 40)
+        for start in range(0, t.num_rows, self.n):
+            rows = t.slice(start, self.n)
+            inputs = [self.inputs[i] for i in sorted(pc.unique(src.slice(start, rows.num_rows)).to_pylist())]
+            self.shards.append(PlannedShard(
+                -1, "", rows.num_rows, fingerprint(rows["uid"].to_pylist()), inputs,
+                rows_file=f if self.keep_rows_file else "", offset=start))
 
 
 def plan_inputs(input_path: str, staging: str, cfg: DownloadConfig) -> Plan:
@@ -298,9 +364,9 @@ def plan_inputs(input_path: str, staging: str, cfg: DownloadConfig) -> Plan:
 
     1. each list is read in batches; every row gets its input position and goes to a local
        spill partition chosen by a hash of its uid (all copies of a URL meet in one);
-    2. each partition in turn is deduplicated (first copy wins), put back in input order and
-       written as one img2dataset input file; URLs whose scheme is not http/https are set
-       aside as rejected rows, never shown to img2dataset.
+    2. each partition in turn is deduplicated (first copy wins) and cut into files of whole
+       shards for img2dataset; URLs whose scheme is not http/https are set aside as rejected
+       rows (``staging/rejected``), never shown to img2dataset.
 
     The layout depends on the input alone (contents and sizes), so shards and uids are the
     same on every run: that is what makes resume exact.
@@ -313,8 +379,10 @@ def plan_inputs(input_path: str, staging: str, cfg: DownloadConfig) -> Plan:
         fs.makedirs(f"{sroot}/{sub}", exist_ok=True)
     in_fs = fsspec.core.url_to_fs(files[0])[0]
     est = sum(in_fs.size(fsspec.core.url_to_fs(f)[1]) for f in files) * (GZIP_RATIO if fmt.endswith(".gz") else 1)
-    n_parts = max(1, math.ceil(est / PARTITION_BYTES))
+    n_parts = max(1, min(SPILL_FANOUT, math.ceil(est / SPILL_BYTES)))
     counts: Counter = Counter()
+    cutters = {kind: _ShardCutter(fs, f"{sroot}/{kind}", cfg.samples_per_shard, files, kind == "rejected")
+               for kind in ("urls", "rejected")}
     with tempfile.TemporaryDirectory(prefix="lmeye-download-plan-") as tmp:
         spill = _Partitions(tmp, n_parts)
         seq = 0
@@ -331,39 +399,22 @@ def plan_inputs(input_path: str, staging: str, cfg: DownloadConfig) -> Plan:
                     seq += t.num_rows
         finally:
             spill.close()
-
-        # Shards of each partition as they are laid out; ids and names once the count is known.
-        layout: dict[str, list[PlannedShard]] = {"urls": [], "rejected": []}
-        urls_files: list[str] = []
-        for p in range(n_parts):
-            t = spill.read(p)
+        for t in spill.tables():
             if cfg.dedupe_urls and t.num_rows:
                 before = t.num_rows
                 t = _first_of_each_uid(t)
                 counts["duplicate_url"] += before - t.num_rows
-            elif t.num_rows:
-                t = t.sort_by("seq")
             ok = pc.match_substring_regex(t["url"], FETCHED)
-            for folder, part in (("urls", t.filter(ok)), ("rejected", t.filter(pc.invert(ok)))):
-                if not part.num_rows:
-                    continue
-                f = fs.unstrip_protocol(f"{sroot}/{folder}/{p:05d}.parquet")
-                with fs.open(f, "wb") as sink:
-                    pq.write_table(part.drop_columns(["seq"]), sink)
-                if folder == "urls":
-                    urls_files.append(f)
-                src = pc.shift_right(part["seq"], 40)
-                for start in range(0, part.num_rows, cfg.samples_per_shard):
-                    rows = part.slice(start, cfg.samples_per_shard)
-                    inputs = [files[i] for i in sorted(pc.unique(src.slice(start, rows.num_rows)).to_pylist())]
-                    layout[folder].append(PlannedShard(
-                        -1, "", rows.num_rows, fingerprint(rows["uid"].to_pylist()), inputs,
-                        rows_file=f if folder == "rejected" else "", offset=start))
-            del t
+            cutters["urls"].add(t.filter(ok))
+            cutters["rejected"].add(t.filter(pc.invert(ok)))
+            del t, ok
+    for c in cutters.values():
+        c.finish()
 
     # img2dataset numbers its shards across its input files in name order: fetched shards take
     # the first ids, rejected ones (written by this stage, not img2dataset) the ids after them.
-    fetch, rejected = layout["urls"], layout["rejected"]
+    fetch, rejected = cutters["urls"].shards, cutters["rejected"].shards
+    urls_files = cutters["urls"].files
     oom = max(5, len(str(max(len(fetch) + len(rejected) - 1, 0))))
     for i, s in enumerate(fetch + rejected):
         s.shard_id, s.name = i, f"{i:0{oom}d}.parquet"
