@@ -3,18 +3,25 @@
 One entry function, ``run(cfg)``. What it adds around ``img2dataset.download``:
 
 1. **Input contract.** Every URL list (csv, tsv, json, jsonl, parquet, txt; gzipped too; a file
-   or a folder) is read here first: a missing url column is an error naming the file and the
-   columns it has, rows get their ``uid``, duplicate URLs and empty ones are counted and
-   dropped, and an empty list ends in an empty table. img2dataset then reads our normalised
-   copy (``_staging/urls``), so its sharding is deterministic: shard *k* always holds the same
-   rows, which is what makes resume exact.
-2. **Commit as shards finish.** A committer thread watches img2dataset's output; each shard
+   or a folder; the format from the extension unless configured) is streamed here first: a
+   missing url column is an error naming the file and the columns it has, rows get their
+   ``uid``, duplicate URLs and empty ones are counted and dropped (dedupe by spilling to uid-hash
+   partitions, so memory does not grow with the list), and an empty list ends in an empty
+   table. img2dataset then reads our normalised copy (``_staging/urls``), so its sharding is
+   deterministic: shard *k* always holds the same rows, which is what makes resume exact.
+2. **Only http and https.** Any other scheme (``file:``, ``data:``, ``ftp:``...) never reaches
+   img2dataset: such rows are failed rows (``unsupported_url_scheme``) written by this stage.
+   img2dataset's own fetches go through an opener with http/https handlers only (redirects
+   included) and a cap on the body (``download.max_response_bytes``), checked by Content-Length
+   and while reading, so a huge body is a failed row, never read whole.
+3. **Commit as shards finish.** A committer thread watches img2dataset's output; each shard
    that has its ``_stats.json`` (img2dataset writes it last) is checked against the rows it
    should hold, rewritten into the `pairs` schema under a temporary name, renamed, and
    recorded in the manifest. A SIGKILL at any point loses at most the shards in flight.
-3. **Retries.** img2dataset's Ray distributor ignores ``max_shard_retry``; we rerun the pass
-   for the shards still missing, up to ``download.max_shard_retry`` times.
-4. **Resume.** Finished shards (manifest + file) get a ``_stats.json`` marker in the staging
+4. **Retries.** img2dataset's Ray distributor ignores ``max_shard_retry``; we rerun the pass
+   for the shards still missing, up to ``download.max_shard_retry`` times. A pass that raises
+   keeps its traceback in the log and the manifest (``stats.pass_errors``).
+5. **Resume.** Finished shards (manifest + file) get a ``_stats.json`` marker in the staging
    folder before img2dataset starts, so its own incremental mode skips them: a finished shard
    is never downloaded again.
 """

@@ -53,3 +53,21 @@ def test_every_stage_command_takes_overwrite():
     parser = build_parser()
     for argv in (["download", "in.csv", "out"], ["extract", "p", "f"], ["instruct"]):
         assert parser.parse_args([*argv, "--overwrite"]).overwrite is True
+
+
+@pytest.mark.parametrize("argv", [
+    lambda shard, tmp: ["extract", str(shard), str(tmp / "features")],
+    lambda shard, tmp: ["store", "info", str(shard)],
+    lambda shard, tmp: ["instruct", "--set", f"data.root={tmp}", "--set", f"instruct.pairs={shard}",
+                        "--set", "instruct.require_features=false"],
+])
+def test_a_shard_file_given_as_a_table_is_one_line(argv, make_pairs, tmp_path, capsys):
+    from lmeye.cli import main
+
+    path, _ = make_pairs(num_images=2, shards=1)
+    shard = next(path.glob("*.parquet"))
+    args = argv(shard, tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{shard}: is a file, not a table folder" in err and f"did you mean {path}?" in err
