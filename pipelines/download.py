@@ -311,6 +311,7 @@ class _Partitions:
             yield table
             del table
             os.remove(path)
+            pa.default_memory_pool().release_unused()  # hand the partition's memory back before the next
 
 
 def _first_of_each_uid(t: pa.Table) -> pa.Table:
@@ -404,6 +405,7 @@ def plan_inputs(input_path: str, staging: str, cfg: DownloadConfig) -> Plan:
                     spill.add(t.add_column(0, "seq", pa.array(np.arange(seq, seq + t.num_rows, dtype=np.int64)
                                                               + (src_index << 40))))
                     seq += t.num_rows
+                    pa.default_memory_pool().release_unused()  # keep the footprint at one batch
         finally:
             spill.close()
         for t in spill.tables():
