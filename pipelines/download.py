@@ -35,6 +35,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -638,25 +639,33 @@ class _GuardedRayDistributor:
     def __call__(self, processes_count, downloader, reader, subjob_size, max_shard_retry) -> None:
         import ray
 
+        # img2dataset's SIGINT handler exits with code 0 as if all was well: Ctrl-C must stop
+        # the stage as an interruption instead (the entry point reports it, exit code 130).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         task = ray.remote(_fetch_shard)
         ray.get([task.remote(downloader, shard, self.limit) for shard in reader])
-
-
-# ----------------------------------------------------------------------------- the stage
-
 
 
 def _img2dataset_pass(cfg: DownloadConfig, urls_dir: str, raw_dir: str, oom: int) -> None:
     # (the package exports a function named `main`, so the module is fetched by name)
     img2dataset_main = importlib.import_module("img2dataset.main")
-    # img2dataset picks its Ray distributor by name from this module: ours wraps each shard
-    # task in the guarded opener, the rest of img2dataset is used unchanged.
-    original = img2dataset_main.ray_distributor
-    img2dataset_main.ray_distributor = _GuardedRayDistributor(cfg.max_response_bytes)
+    from pipelines.download_logger import QuietLoggerProcess
+    # img2dataset picks its Ray distributor and logger class by name from this module: ours
+    # add the fetching guard and Ctrl-C handling; the rest of img2dataset is used unchanged.
+    swapped = {"ray_distributor": _GuardedRayDistributor(cfg.max_response_bytes),
+               "LoggerProcess": QuietLoggerProcess}
+    original = {k: getattr(img2dataset_main, k) for k in swapped}
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    for k, v in swapped.items():
+        setattr(img2dataset_main, k, v)
     try:
         _call_img2dataset(img2dataset_main.download, cfg, urls_dir, raw_dir, oom)
+    except SystemExit:  # img2dataset's own SIGINT handler, before our distributor replaced it
+        raise KeyboardInterrupt from None
     finally:
-        img2dataset_main.ray_distributor = original
+        for k, v in original.items():
+            setattr(img2dataset_main, k, v)
+        signal.signal(signal.SIGINT, previous_sigint)
 
 
 def _call_img2dataset(img2dataset_download, cfg: DownloadConfig, urls_dir: str, raw_dir: str, oom: int) -> None:

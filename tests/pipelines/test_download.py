@@ -423,3 +423,26 @@ def test_streaming_plan_dedupes_across_partitions_and_is_deterministic(tmp_path,
     fetched = pa.concat_tables(pq.read_table(f) for f in a.files)
     assert sorted(fetched["uid"].to_pylist()) == sorted({uid_for(u) for u in urls if u.startswith("http")})
     assert fetched.num_rows == sum(s.rows for s in a.shards)
+
+
+def test_ctrl_c_during_the_download_exits_130_with_one_line(tmp_path, corpus, server):
+    # Ctrl-C reaches the whole foreground process group: the driver and img2dataset's helpers.
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption\n" + "".join(f"{server.base_url}/slow/3/images/{n},x\n" for n in corpus.good_names()))
+    out = tmp_path / "pairs"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    server.clear_log()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmeye.cli", "download", str(urls), str(out), "--set", "download.samples_per_shard=2",
+         "--set", "download.thread_count=1", "--set", "ray.num_cpus=2"],
+        cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not server.requests and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert server.requests, "the download never started"
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert stderr.strip().endswith("interrupted; rerun the same command to resume")
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert (out / "_manifest.json").exists() and not (out / "_staging").exists()
