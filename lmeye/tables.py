@@ -20,9 +20,9 @@ All paths go through fsspec, so ``s3://``, ``gs://`` and local paths behave alik
 
 from __future__ import annotations
 
-import hashlib
 import contextlib
 import contextvars
+import hashlib
 import json
 import os
 import subprocess
