@@ -643,7 +643,18 @@ class _GuardedRayDistributor:
         # the stage as an interruption instead (the entry point reports it, exit code 130).
         signal.signal(signal.SIGINT, signal.default_int_handler)
         task = ray.remote(_fetch_shard)
-        ray.get([task.remote(downloader, shard, self.limit) for shard in reader])
+        refs = [task.remote(downloader, shard, self.limit) for shard in reader]
+        try:
+            ray.get(refs)
+        except KeyboardInterrupt:
+            # Stop the shard tasks before the stage removes its scratch folder under them
+            # (they would fail reading it and print tracebacks after the driver's last line).
+            for ref in refs:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001 - already finished or gone
+                    pass
+            raise
 
 
 def _img2dataset_pass(cfg: DownloadConfig, urls_dir: str, raw_dir: str, oom: int) -> None:
