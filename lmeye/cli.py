@@ -8,6 +8,7 @@ import importlib
 import sys
 
 from lmeye.config import load_config, parse_overrides
+from lmeye.entry import EXIT_INTERRUPTED, INTERRUPTED, add_overwrite_arg
 from lmeye.errors import user_errors
 
 COMMANDS = [
@@ -57,13 +58,14 @@ def add_stage_command(
     for arg, _key, arg_help in positionals:
         p.add_argument(arg, nargs="?", help=arg_help)
     add_config_args(p)
+    add_overwrite_arg(p)
 
     def run(args: argparse.Namespace) -> int:
         from lmeye.entry import run_stage
 
         stage = importlib.import_module(f"pipelines.{name}").run
         cfg = config_from_args(args, **{key: getattr(args, arg) for arg, key, _ in positionals})
-        return run_stage(stage, cfg)
+        return run_stage(stage, cfg, overwrite=args.overwrite)
 
     p.set_defaults(func=run)
     return p
@@ -90,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as err:
         print(f"lmeye {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a stage's own handling (config loading, imports)
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

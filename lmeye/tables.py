@@ -14,13 +14,19 @@ killable and rerunnable:
   ``write_shard`` and hand the returned ``ShardInfo`` back to it;
 * a shard counts as finished when the manifest lists it with the current config
   fingerprint and the same input fingerprint, and its file is there with the recorded
-  size. Anything else is stale and gets redone.
+  size and sha256. Anything else is stale and gets redone;
+* a stage writes only into an empty folder or a table of its own kind, and removes only
+  files its manifest lists or its own temporaries: never a file it did not write;
+* a table built from other inputs or another content config is replaced only when the
+  user says so (``overwrite``, the CLI's ``--overwrite``).
 
 All paths go through fsspec, so ``s3://``, ``gs://`` and local paths behave alike.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -37,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import lmeye
+from lmeye.errors import UserError
 from schemas import SchemaError, TableSchema
 
 MANIFEST = "_manifest.json"
@@ -48,10 +55,39 @@ SPLIT_PREFIXES = ("train-", "validation-", "test-")
 def shard_file(name: str) -> str:
     """The file (inside the table directory) that holds shard ``name``: HF-split-prefixed."""
     return name if name.startswith(SPLIT_PREFIXES) else "train-" + name
+STAGING = "_staging"  # a stage's scratch folder inside its output table
 
 
 class OutputNotWritable(OSError):
     """The output location cannot be written; raised before any work starts."""
+
+
+class NotATableFolder(UserError):
+    """A path that should be a table folder is something else (a shard file, a user's folder)."""
+
+
+class TableMismatch(UserError):
+    """The output table was built from other inputs or another content config."""
+
+
+# Set by the entry points for one stage run (`--overwrite`); a TableWriter created without an
+# explicit ``overwrite`` argument follows it, so every stage honours the flag unchanged.
+_OVERWRITE: contextvars.ContextVar[bool] = contextvars.ContextVar("lmeye_overwrite", default=False)
+
+
+@contextlib.contextmanager
+def overwriting(enabled: bool = True) -> Iterator[None]:
+    """Within this block, TableWriter replaces a table built from other inputs or config."""
+    token = _OVERWRITE.set(enabled)
+    try:
+        yield
+    finally:
+        _OVERWRITE.reset(token)
+
+
+def _is_temporary(name: str) -> bool:
+    """Files and folders a stage makes for itself and may always remove."""
+    return name == STAGING or name.startswith(".write-probe-") or ".tmp-" in name
 
 
 def fingerprint(obj: Any) -> str:
@@ -189,6 +225,7 @@ class Manifest:
     metadata: dict[str, str] = field(default_factory=dict)  # table-level facts (model name, dims...)
     config: dict[str, Any] = field(default_factory=dict)
     updated: float = 0.0
+    replaced_rows: int | None = None  # set when --overwrite replaced a table from other inputs/config
 
     @property
     def num_rows(self) -> int:
@@ -212,7 +249,8 @@ class Manifest:
         where = _join(path, MANIFEST)
         try:
             text = fs.cat_file(_join(root, MANIFEST)).decode()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            check_not_a_file(path)
             return None
         return cls.from_json(text, where)
 
@@ -224,20 +262,77 @@ class Manifest:
         fs.mv(tmp, _join(root, MANIFEST))
 
 
-def ensure_writable(path: str) -> None:
-    """Create ``path`` and prove a file can be written there, or raise OutputNotWritable."""
+def check_not_a_file(path: str) -> None:
+    """One clear line when a file (say a shard) is given where a table folder is expected."""
+    fs, root = fsspec.core.url_to_fs(path)
+    if fs.isfile(root):
+        parent = path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else "."
+        raise NotATableFolder(
+            f"{path}: is a file, not a table folder (a table is the folder holding {MANIFEST}; "
+            f"did you mean {parent}?)"
+        )
+
+
+def ensure_writable(path: str, table: TableSchema | None = None) -> bool:
+    """Create ``path`` and prove a file can be written there, or raise OutputNotWritable.
+
+    With ``table``: refuse a folder that holds anything but a ``table`` table (its manifest)
+    or a stage's own temporaries, before any work starts, so a stage never writes over or
+    removes a user's files. Returns True when this call created the folder.
+    """
+    fs, root = fsspec.core.url_to_fs(path)
     try:
-        fs, root = fsspec.core.url_to_fs(path)
+        existed = fs.exists(root)
+    except (OSError, ValueError):
+        existed = False
+    if existed and table is not None:
+        check_not_a_file(path)
+        manifest = Manifest.load(path)
+        if manifest is None:
+            foreign = sorted(n for n in (os.path.basename(f.rstrip("/")) for f in fs.ls(root, detail=False))
+                             if not _is_temporary(n))
+            if foreign:
+                raise OutputNotWritable(
+                    f"{path}: not empty and not a {table.name} table (no {MANIFEST}; it holds "
+                    f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                    "refusing to write there: choose a new or empty folder"
+                )
+        elif manifest.table != table.name:
+            raise OutputNotWritable(
+                f"{path}: holds a {manifest.table} table, not a {table.name} table; refusing to write there"
+            )
+    try:
         fs.makedirs(root, exist_ok=True)
         probe = _join(root, f".write-probe-{uuid.uuid4().hex[:8]}")
         fs.pipe_file(probe, b"ok")
         fs.rm_file(probe)
     except (OSError, PermissionError, ValueError) as err:
         raise OutputNotWritable(f"{path}: output is not writable ({err.__class__.__name__}: {err})") from None
+    return not existed
+
+
+def remove_temporaries(path: str, created: bool = False) -> None:
+    """After a run that stopped: remove the stage's scratch folder, and the output folder itself
+    when this run created it and nothing else was written there (no empty folders left behind)."""
+    fs, root = fsspec.core.url_to_fs(path)
+    staging = _join(root, STAGING)
+    try:
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+        if created and fs.exists(root) and not fs.ls(root, detail=False):
+            fs.rmdir(root)
+    except OSError:
+        pass  # best effort: a later run cleans up the same way
 
 
 class TableWriter:
-    """The driver's view of one output table: which shards are done, and the manifest."""
+    """The driver's view of one output table: which shards are done, and the manifest.
+
+    An existing table built from other inputs or another content config is refused with one
+    line naming both fingerprints, unless ``overwrite`` (default: the ``overwriting()``
+    context, i.e. the CLI's ``--overwrite``); ``replaced_rows`` then counts the old rows
+    that the new table does not keep.
+    """
 
     def __init__(
         self,
@@ -246,8 +341,9 @@ class TableWriter:
         *,
         config: dict[str, Any],
         input_fingerprint: str = "",
+        overwrite: bool | None = None,
     ):
-        ensure_writable(path)
+        ensure_writable(path, table)
         self.path = path
         self.fs, self.root = fsspec.core.url_to_fs(path)
         cfg_fp = fingerprint(config)
@@ -257,8 +353,22 @@ class TableWriter:
                 f"{_join(path, MANIFEST)}: holds a {old.table} v{old.schema_version} table, "
                 f"refusing to overwrite it with {table.name} v{table.version}"
             )
+        overwrite = _OVERWRITE.get() if overwrite is None else overwrite
+        self.overwrote = False
+        if old is not None and old.shards and (old.config_fingerprint, old.input_fingerprint) != (cfg_fp, input_fingerprint):
+            if not overwrite:
+                what = "content config" if old.config_fingerprint != cfg_fp else "inputs"
+                raise TableMismatch(
+                    f"{path}: holds a {table.name} table built from other {what} "
+                    f"(table: config {old.config_fingerprint}, inputs {old.input_fingerprint}; "
+                    f"this run: config {cfg_fp}, inputs {input_fingerprint}); "
+                    "pass --overwrite to replace it, or write to another folder"
+                )
+            self.overwrote = True
+        self._old_shards = dict(old.shards) if old is not None else {}
         keep = old.shards if old is not None and old.config_fingerprint == cfg_fp else {}
         self.stale = set(old.shards) - set(keep) if old is not None else set()
+        self._verified: set[tuple[str, str]] = set()
         self.manifest = Manifest(
             table=table.name,
             schema_version=table.version,
@@ -272,13 +382,26 @@ class TableWriter:
         self.manifest.save(path)
 
     def is_done(self, name: str, input_fingerprint: str = "") -> bool:
+        """Listed for these inputs, and the file is there with the recorded size and sha256."""
         info = self.manifest.shards.get(name)
         if info is None or info.input_fingerprint != input_fingerprint:
             return False
+        if (name, info.sha256) in self._verified:
+            return True
+        path = _join(self.root, shard_file(name))
         try:
-            return self.fs.size(_join(self.root, shard_file(name))) == info.bytes
+            if self.fs.size(path) != info.bytes:
+                return False
+            sha = hashlib.sha256()
+            with self.fs.open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    sha.update(block)
         except FileNotFoundError:
             return False
+        if sha.hexdigest() != info.sha256:
+            return False
+        self._verified.add((name, info.sha256))
+        return True
 
     def done_shards(self) -> dict[str, ShardInfo]:
         return {n: s for n, s in self.manifest.shards.items() if self.is_done(n, s.input_fingerprint)}
@@ -286,6 +409,7 @@ class TableWriter:
     def record(self, info: ShardInfo) -> None:
         """Add a shard written by ``write_shard`` (here or on a worker) and persist the manifest."""
         self.manifest.shards[info.name] = info
+        self._verified.add((info.name, info.sha256))
         self.manifest.complete = False
         self.manifest.save(self.path)
 
@@ -294,16 +418,28 @@ class TableWriter:
         self.record(info)
         return info
 
+    @property
+    def replaced_rows(self) -> int:
+        """Rows of the table found at the start that the table as it stands no longer holds."""
+        now = self.manifest.shards
+        return sum(s.rows for n, s in self._old_shards.items() if n not in now or now[n].sha256 != s.sha256)
+
     def finalize(self, expected: Iterable[str], stats: dict[str, Any], metadata: dict[str, str] | None = None) -> Manifest:
-        """Drop shards that are not part of this run's result, then mark the table complete."""
+        """Drop shards that are not part of this run's result, then mark the table complete.
+
+        Only files a manifest listed (this one or the one found at the start) and the stage's
+        own temporary files are removed: anything else in the folder is not ours.
+        """
         expected = set(expected)
-        files = {shard_file(n) for n in expected}
+        listed = set(self.manifest.shards) | set(self._old_shards)
         for name in list(self.manifest.shards):
             if name not in expected:
                 del self.manifest.shards[name]
-        for f in self.fs.glob(_join(self.root, "*" + SHARD_SUFFIX)) + self.fs.glob(_join(self.root, ".*.tmp-*")):
-            if os.path.basename(f) not in files:
-                self.fs.rm_file(f)
+        for name in sorted(listed - expected):
+            if self.fs.exists(_join(self.root, shard_file(name))):
+                self.fs.rm_file(_join(self.root, shard_file(name)))
+        for f in self.fs.glob(_join(self.root, ".*.tmp-*")):
+            self.fs.rm_file(f)
         missing = expected - set(self.manifest.shards)
         if missing:
             raise RuntimeError(f"{self.path}: shards never written: {sorted(missing)[:5]}")
@@ -311,6 +447,8 @@ class TableWriter:
         if metadata:
             self.manifest.metadata.update(metadata)
         self.manifest.complete = True
+        if self.overwrote:
+            self.manifest.replaced_rows = self.replaced_rows
         self.manifest.save(self.path)
         return self.manifest
 
@@ -330,8 +468,6 @@ class TableReader:
         self.table = table
         self.fs, self.root = fsspec.core.url_to_fs(path)
         where = _join(path, MANIFEST)
-        if self.fs.isfile(self.root):
-            raise SchemaError(f"{path}: is a file; a {table.name} table is the folder that holds {MANIFEST} and the shards")
         manifest = Manifest.load(path)
         if manifest is None:
             raise SchemaError(f"{where}: not found; is {path} a {table.name} table written by LingCloud?")

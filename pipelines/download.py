@@ -3,18 +3,25 @@
 One entry function, ``run(cfg)``. What it adds around ``img2dataset.download``:
 
 1. **Input contract.** Every URL list (csv, tsv, json, jsonl, parquet, txt; gzipped too; a file
-   or a folder) is read here first: a missing url column is an error naming the file and the
-   columns it has, rows get their ``uid``, duplicate URLs and empty ones are counted and
-   dropped, and an empty list ends in an empty table. img2dataset then reads our normalised
-   copy (``_staging/urls``), so its sharding is deterministic: shard *k* always holds the same
-   rows, which is what makes resume exact.
-2. **Commit as shards finish.** A committer thread watches img2dataset's output; each shard
+   or a folder; the format from the extension unless configured) is streamed here first: a
+   missing url column is an error naming the file and the columns it has, rows get their
+   ``uid``, duplicate URLs and empty ones are counted and dropped (dedupe by spilling to uid-hash
+   partitions, so memory does not grow with the list), and an empty list ends in an empty
+   table. img2dataset then reads our normalised copy (``_staging/urls``), so its sharding is
+   deterministic: shard *k* always holds the same rows, which is what makes resume exact.
+2. **Only http and https.** Any other scheme (``file:``, ``data:``, ``ftp:``...) never reaches
+   img2dataset: such rows are failed rows (``unsupported_url_scheme``) written by this stage.
+   img2dataset's own fetches go through an opener with http/https handlers only (redirects
+   included) and a cap on the body (``download.max_response_bytes``), checked by Content-Length
+   and while reading, so a huge body is a failed row, never read whole.
+3. **Commit as shards finish.** A committer thread watches img2dataset's output; each shard
    that has its ``_stats.json`` (img2dataset writes it last) is checked against the rows it
    should hold, rewritten into the `pairs` schema under a temporary name, renamed, and
    recorded in the manifest. A SIGKILL at any point loses at most the shards in flight.
-3. **Retries.** img2dataset's Ray distributor ignores ``max_shard_retry``; we rerun the pass
-   for the shards still missing, up to ``download.max_shard_retry`` times.
-4. **Resume.** Finished shards (manifest + file) get a ``_stats.json`` marker in the staging
+4. **Retries.** img2dataset's Ray distributor ignores ``max_shard_retry``; we rerun the pass
+   for the shards still missing, up to ``download.max_shard_retry`` times. A pass that raises
+   keeps its traceback in the log and the manifest (``stats.pass_errors``).
+5. **Resume.** Finished shards (manifest + file) get a ``_stats.json`` marker in the staging
    folder before img2dataset starts, so its own incremental mode skips them: a finished shard
    is never downloaded again.
 """
@@ -22,13 +29,23 @@ One entry function, ``run(cfg)``. What it adds around ``img2dataset.download``:
 from __future__ import annotations
 
 import gzip
+import importlib
 import io
+import itertools
 import json
 import math
+import os
+import signal
+import sys
+import tempfile
 import threading
 import time
+import traceback
+import urllib.request
+import zlib
 from collections import Counter
 from dataclasses import dataclass
+from typing import Iterator
 
 import fsspec
 import numpy as np
@@ -41,12 +58,13 @@ import pyarrow.parquet as pq
 from lmeye.config import Config, DownloadConfig, dump_config
 from lmeye.report import StageSummary
 from lmeye.runtime import init_ray
-from lmeye.tables import TableWriter, ensure_writable, fingerprint
-from lmeye.uid import UID_KEY, uid_for, uid_keys
+from lmeye.tables import STAGING, TableWriter, ensure_writable, fingerprint, remove_temporaries
+from lmeye.uid import uid_for
 from schemas import SchemaError
-from schemas.pairs import PAIRS, SUCCESS
+from schemas.pairs import FAILED_TO_DOWNLOAD, PAIRS, SUCCESS
 
-STAGING = "_staging"
+UNSUPPORTED_SCHEME = "unsupported_url_scheme"
+TOO_LARGE = "response_too_large"
 # Keys that shape the table's content. Throughput knobs (threads, time-outs, retries) are left
 # out so that resuming with, say, a longer time-out keeps the shards already finished.
 CONTENT_KEYS = (
@@ -63,64 +81,126 @@ class InputError(SchemaError):
 
 # ----------------------------------------------------------------------------- input lists
 
-
-def _read_any(fs: fsspec.AbstractFileSystem, path: str, fmt: str, cfg: DownloadConfig) -> pa.Table:
-    """Read one URL list the way img2dataset would, but keep every column as a string."""
-    raw = fs.cat_file(path)
-    if fmt.endswith(".gz"):
-        raw = gzip.decompress(raw)
-    base = fmt.removesuffix(".gz")
-    if base == "parquet":
-        return pq.read_table(io.BytesIO(raw))
-    if base == "txt":
-        lines = raw.decode("utf-8").splitlines()
-        return pa.table({cfg.url_col: [line for line in lines if line.strip()]})
-    if base == "json":
-        return pa.Table.from_pylist(json.loads(raw))
-    if base == "jsonl":
-        return pajson.read_json(io.BytesIO(raw)) if raw.strip() else pa.table({})
-    delimiter = "\t" if base == "tsv" else ","
-    if not raw.strip():
-        return pa.table({})
-    strings = {c: pa.string() for c in (cfg.url_col, cfg.caption_col) if c}
-    return pacsv.read_csv(
-        io.BytesIO(raw),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-        convert_options=pacsv.ConvertOptions(column_types=strings),
-    )
+FORMATS = ("csv", "tsv", "jsonl", "json", "parquet", "txt")  # each also gzipped (".gz")
+BATCH_ROWS = 65_536  # rows per batch while streaming a URL list
+READ_BLOCK = 16 << 20  # bytes per block of the streaming csv/jsonl readers
 
 
-def list_inputs(path: str, fmt: str) -> list[str]:
-    """A file, or the files of a folder with the format's extension (img2dataset's rule)."""
+def infer_format(path: str) -> str | None:
+    """``urls.tsv.gz`` -> ``tsv.gz``; None when the extension names no known format."""
+    name = path.rstrip("/").rsplit("/", 1)[-1].lower()
+    gz = name.endswith(".gz")
+    base = name.removesuffix(".gz").rsplit(".", 1)
+    if len(base) == 2 and base[1] in FORMATS:
+        return base[1] + (".gz" if gz else "")
+    return None
+
+
+def resolve_inputs(path: str, fmt: str | None) -> tuple[list[str], str, bool]:
+    """The input files, their format, and whether the format was inferred from extensions.
+
+    A file, or the files of a folder with the format's extension (img2dataset's rule). With no
+    format configured, it is the extension's; a folder must hold lists of one format only.
+    """
     fs, root = fsspec.core.url_to_fs(path)
     if not fs.exists(root):
         raise FileNotFoundError(f"{path}: URL list not found")
-    if fs.isdir(root):
+    known = ", ".join(f".{f}" for f in FORMATS) + " (each also .gz)"
+    if not fs.isdir(root):
+        if fmt is None:
+            fmt = infer_format(path)
+            if fmt is None:
+                raise InputError(f"{path}: cannot tell the URL list's format from its extension "
+                                 f"(known: {known}); set download.input_format")
+            return [path], fmt, True
+        return [path], fmt, False
+    if fmt is not None:
         files = sorted(fs.glob(root.rstrip("/") + "/*." + fmt))
         if not files:
             raise InputError(f"{path}: folder holds no *.{fmt} files (download.input_format is {fmt})")
-        return [fs.unstrip_protocol(f) for f in files]
-    return [path]
+        return [fs.unstrip_protocol(f) for f in files], fmt, False
+    by_format: dict[str, list[str]] = {}
+    for f in sorted(fs.find(root, maxdepth=1)):
+        found = infer_format(f)
+        if found is not None:
+            by_format.setdefault(found, []).append(fs.unstrip_protocol(f))
+    if len(by_format) != 1:
+        what = f"mixes {', '.join(sorted(by_format))}" if by_format else f"holds no URL lists ({known})"
+        raise InputError(f"{path}: folder {what}; set download.input_format")
+    (fmt, files), = by_format.items()
+    return files, fmt, True
 
 
-def read_url_list(path: str, cfg: DownloadConfig) -> pa.Table:
-    """One input file as a (uid, url, caption) table, in input order, before deduplication."""
+def _column_names(cfg: DownloadConfig, fmt: str) -> tuple[str, str | None]:
+    caption_col = None if fmt.startswith("txt") else cfg.caption_col  # txt: URLs only
+    return cfg.url_col, caption_col
+
+
+def _raw_batches(f, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Table]:
+    """Stream one opened URL list as tables of at most a few MB, every column kept as read."""
+    base = fmt.removesuffix(".gz")
+    if base == "parquet":
+        if fmt.endswith(".gz"):  # parquet needs seeking: a gzipped one is read whole
+            f = io.BytesIO(f.read())
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS):
+            yield pa.Table.from_batches([batch])
+        return
+    if base == "txt":
+        lines = io.TextIOWrapper(f, encoding="utf-8")
+        while chunk := list(itertools.islice(lines, BATCH_ROWS)):
+            yield pa.table({cfg.url_col: pa.array([s for s in (c.strip() for c in chunk) if s], pa.string())})
+        return
+    if base == "json":  # one JSON array: not streamable, read whole
+        raw = f.read()
+        yield pa.Table.from_pylist(json.loads(raw)) if raw.strip() else pa.table({})
+        return
+    head = f.peek(1) if hasattr(f, "peek") else b"?"
+    if not head:  # an empty file: an empty list, not an error
+        yield pa.table({})
+        return
+    if base == "jsonl":
+        reader = pajson.open_json(f, read_options=pajson.ReadOptions(block_size=READ_BLOCK))
+    else:
+        strings = {c: pa.string() for c in _column_names(cfg, fmt) if c}
+        reader = pacsv.open_csv(
+            f, read_options=pacsv.ReadOptions(block_size=READ_BLOCK),
+            parse_options=pacsv.ParseOptions(delimiter="\t" if base == "tsv" else ",", newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(column_types=strings),
+        )
+    yield reader.schema.empty_table()  # the columns, checked even when there is no row
+    for batch in reader:
+        yield pa.Table.from_batches([batch])
+
+
+def iter_url_batches(path: str, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Table]:
+    """One input file as a stream of (uid, url, caption) tables, in input order, before dedupe.
+
+    The url is trimmed; an empty one gets a null uid (counted and dropped by the planner).
+    """
+    url_col, caption_col = _column_names(cfg, fmt)
     fs, p = fsspec.core.url_to_fs(path)
     try:
-        table = _read_any(fs, p, cfg.input_format, cfg)
-    except (pa.ArrowInvalid, ValueError, UnicodeDecodeError, OSError) as err:
-        raise InputError(f"{path}: cannot read as {cfg.input_format} ({str(err).splitlines()[0]})") from None
-    if table.num_columns == 0:  # an empty file: an empty list, not an error
-        return pa.table({"uid": pa.array([], pa.string()), "url": pa.array([], pa.string()),
-                         "caption": pa.array([], pa.string())})
-    caption_col = None if cfg.input_format.startswith("txt") else cfg.caption_col  # txt: URLs only
-    for role, col in (("url", cfg.url_col), ("caption", caption_col)):
-        if col is not None and col not in table.column_names:
-            raise InputError(
-                f"{path}: no {role} column '{col}' (columns: {', '.join(table.column_names)}); "
-                f"set download.{role}_col"
-            )
-    urls = pc.utf8_trim_whitespace(pc.cast(table[cfg.url_col], pa.string()))
+        with fs.open(p, "rb") as raw:
+            f = gzip.GzipFile(fileobj=raw) if fmt.endswith(".gz") else raw
+            for table in _raw_batches(f, fmt, cfg):
+                if table.num_columns == 0:
+                    continue
+                for role, col in (("url", url_col), ("caption", caption_col)):
+                    if col is not None and col not in table.column_names:
+                        raise InputError(
+                            f"{path}: no {role} column '{col}' (columns: {', '.join(table.column_names)}); "
+                            f"set download.{role}_col"
+                        )
+                if table.num_rows:
+                    yield _normalise(table, url_col, caption_col)
+    except (pa.ArrowInvalid, ValueError, UnicodeDecodeError, OSError, EOFError) as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(f"{path}: cannot read as {fmt} ({str(err).splitlines()[0]})") from None
+
+
+def _normalise(table: pa.Table, url_col: str, caption_col: str | None) -> pa.Table:
+    urls = pc.utf8_trim_whitespace(pc.cast(table[url_col], pa.string()))
     captions = (
         pc.cast(table[caption_col], pa.string()) if caption_col else pa.nulls(table.num_rows, pa.string())
     )
@@ -131,63 +211,226 @@ def read_url_list(path: str, cfg: DownloadConfig) -> pa.Table:
     })
 
 
+def read_url_list(path: str, cfg: DownloadConfig) -> pa.Table:
+    """One whole input file as a (uid, url, caption) table (small lists and tests)."""
+    fmt = cfg.input_format or resolve_inputs(path, None)[1]
+    parts = list(iter_url_batches(path, fmt, cfg))
+    return pa.concat_tables(parts) if parts else URL_SCHEMA.empty_table()
+
+
+URL_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()), ("caption", pa.string())])
+SPILL_SCHEMA = pa.schema([("seq", pa.int64())] + list(URL_SCHEMA))
+# Spilled bytes per planning partition: the planner holds one partition at a time, so this (not
+# the length of the URL list) bounds its memory. Input is first spread over up to SPILL_FANOUT
+# partitions (one per SPILL_BYTES of input); larger ones are split again when read.
+PARTITION_BYTES = 64 << 20
+SPILL_BYTES = 4 << 20
+SPILL_FANOUT = 64
+GZIP_RATIO = 4  # guessed expansion of a gzipped list, to size the partitions
+FETCHED = r"^[hH][tT][tT][pP][sS]?://"  # only http and https are ever fetched
+
+
 @dataclass
 class PlannedShard:
     shard_id: int
     name: str  # pairs shard file name, the same id img2dataset gives it
     rows: int
     fingerprint: str  # of the uids it must hold, in order
-    source: str  # the input file it comes from
+    sources: list[str]  # the input lists its rows come from
+    rows_file: str = ""  # rejected rows (not fetched): the staging file holding them
+    offset: int = 0  # and where they start in it
 
 
 @dataclass
 class Plan:
     files: list[str]  # normalised url files img2dataset will read
-    shards: list[PlannedShard]
-    counts: Counter  # input accounting: rows, empty_url, duplicate_url
+    shards: list[PlannedShard]  # what img2dataset fetches
+    rejected: list[PlannedShard]  # URLs never fetched (scheme not http/https): failed rows, written here
+    counts: Counter  # input accounting: input_rows, empty_url, duplicate_url, rows, unsupported_url_scheme
     oom_shard_count: int
+    input_format: str
+    format_inferred: bool
+
+    @property
+    def all_shards(self) -> list[PlannedShard]:
+        return self.shards + self.rejected
+
+
+class _Partitions:
+    """Rows spilled to local files by a hash of their uid, so every copy of a URL lands in one
+    partition. A partition that came out larger than ``PARTITION_BYTES`` (the input size was
+    only an estimate) is split again with another hash when it is read: memory stays bounded
+    whatever the estimate was."""
+
+    def __init__(self, folder: str, count: int, level: int = 0):
+        self.folder, self.count, self.level = folder, count, level
+        self.writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+
+    def path(self, p: int) -> str:
+        return os.path.join(self.folder, f"{self.level}-{p:05d}.arrow")
+
+    def add(self, table: pa.Table) -> None:
+        if self.count == 1:
+            parts = {0: table}
+        else:  # crc32 of the opaque uid string (salted by level): stable across runs and machines
+            salt = str(self.level).encode()
+            keys = np.fromiter((zlib.crc32(u.encode(), zlib.crc32(salt)) for u in table["uid"].to_pylist()),
+                               dtype=np.uint32, count=table.num_rows) % self.count
+            order = np.argsort(keys, kind="stable")
+            bounds = np.searchsorted(keys[order], np.arange(self.count + 1))
+            parts = {p: table.take(order[bounds[p]:bounds[p + 1]])
+                     for p in range(self.count) if bounds[p + 1] > bounds[p]}
+        for p, part in parts.items():
+            if p not in self.writers:
+                self.writers[p] = pa.ipc.new_stream(self.path(p), SPILL_SCHEMA)
+            self.writers[p].write_table(part)
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+
+    def tables(self) -> Iterator[pa.Table]:
+        """Each partition in turn (in a fixed order), none over ``PARTITION_BYTES`` if splittable."""
+        for p in range(self.count):
+            if p not in self.writers:
+                continue
+            path = self.path(p)
+            size = os.path.getsize(path)
+            if size > PARTITION_BYTES and self.level < 4:
+                sub = _Partitions(self.folder, math.ceil(size / PARTITION_BYTES) + 1, self.level + 1)
+                try:
+                    with pa.memory_map(path) as source:
+                        for batch in pa.ipc.open_stream(source):
+                            sub.add(pa.Table.from_batches([batch]))
+                finally:
+                    sub.close()
+                os.remove(path)
+                yield from sub.tables()
+                continue
+            with pa.memory_map(path) as source:
+                table = pa.ipc.open_stream(source).read_all()
+            yield table
+            del table
+            os.remove(path)
+            pa.default_memory_pool().release_unused()  # hand the partition's memory back before the next
+
+
+def _first_of_each_uid(t: pa.Table) -> pa.Table:
+    """Keep the first row of each uid. A partition's rows are in input order (spilling keeps
+    it), and the sort is stable, so the first of each run of equal uids is the earliest copy."""
+    order = pc.sort_indices(t["uid"])
+    uids = t["uid"].take(order).combine_chunks()
+    first = np.ones(t.num_rows, dtype=bool)
+    if t.num_rows > 1:
+        first[1:] = pc.not_equal(uids.slice(1), uids.slice(0, t.num_rows - 1)).to_numpy(zero_copy_only=False)
+    return t.take(np.sort(order.to_numpy()[first]))
+
+
+class _ShardCutter:
+    """Writes planned rows as files of whole shards. img2dataset shards each input file on its
+    own: carrying the remainder over to the next file keeps every shard but the last full."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, folder: str, samples_per_shard: int, inputs: list[str],
+                 keep_rows_file: bool):
+        self.fs, self.folder, self.n, self.inputs = fs, folder, samples_per_shard, inputs
+        self.keep_rows_file = keep_rows_file
+        self.rest: pa.Table | None = None
+        self.files: list[str] = []
+        self.shards: list[PlannedShard] = []
+
+    def add(self, t: pa.Table) -> None:
+        if self.rest is not None:
+            t = pa.concat_tables([self.rest, t])
+        cut = t.num_rows // self.n * self.n
+        if cut:
+            self._write(t.slice(0, cut))
+        # a compact copy: a slice would keep the whole partition's buffers alive
+        self.rest = t.take(np.arange(cut, t.num_rows)) if cut < t.num_rows else None
+
+    def finish(self) -> None:
+        if self.rest is not None:
+            self._write(self.rest)
+            self.rest = None
+
+    def _write(self, t: pa.Table) -> None:
+        f = self.fs.unstrip_protocol(f"{self.folder}/{len(self.files):05d}.parquet")
+        with self.fs.open(f, "wb") as sink:
+            pq.write_table(t.drop_columns(["seq"]), sink)
+        self.files.append(f)
+        src = pc.shift_right(t["seq"], 40)
+        for start in range(0, t.num_rows, self.n):
+            rows = t.slice(start, self.n)
+            inputs = [self.inputs[i] for i in sorted(pc.unique(src.slice(start, rows.num_rows)).to_pylist())]
+            self.shards.append(PlannedShard(
+                -1, "", rows.num_rows, fingerprint(rows["uid"].to_pylist()), inputs,
+                rows_file=f if self.keep_rows_file else "", offset=start))
 
 
 def plan_inputs(input_path: str, staging: str, cfg: DownloadConfig) -> Plan:
-    """Normalise every input file into ``staging/urls`` and lay out the shards img2dataset makes."""
-    fs, sroot = fsspec.core.url_to_fs(staging + "/urls")
-    if fs.exists(sroot):
-        fs.rm(sroot, recursive=True)
-    fs.makedirs(sroot, exist_ok=True)
+    """Normalise every input list into ``staging/urls`` and lay out the shards img2dataset makes.
+
+    Streaming, with memory bounded by ``PARTITION_BYTES`` whatever the list's length:
+
+    1. each list is read in batches; every row gets its input position and goes to a local
+       spill partition chosen by a hash of its uid (all copies of a URL meet in one);
+    2. each partition in turn is deduplicated (first copy wins) and cut into files of whole
+       shards for img2dataset; URLs whose scheme is not http/https are set aside as rejected
+       rows (``staging/rejected``), never shown to img2dataset.
+
+    The layout depends on the input alone (contents and sizes), so shards and uids are the
+    same on every run: that is what makes resume exact.
+    """
+    files, fmt, inferred = resolve_inputs(input_path, cfg.input_format)
+    fs, sroot = fsspec.core.url_to_fs(staging)
+    for sub in ("urls", "rejected"):
+        if fs.exists(f"{sroot}/{sub}"):
+            fs.rm(f"{sroot}/{sub}", recursive=True)
+        fs.makedirs(f"{sroot}/{sub}", exist_ok=True)
+    in_fs = fsspec.core.url_to_fs(files[0])[0]
+    est = sum(in_fs.size(fsspec.core.url_to_fs(f)[1]) for f in files) * (GZIP_RATIO if fmt.endswith(".gz") else 1)
+    n_parts = max(1, min(SPILL_FANOUT, math.ceil(est / SPILL_BYTES)))
     counts: Counter = Counter()
-    seen = np.empty(0, dtype=UID_KEY)  # every uid kept so far, sorted; 16 bytes a URL
-    tables: list[tuple[str, pa.Table]] = []
-    for src in list_inputs(input_path, cfg.input_format):
-        t = read_url_list(src, cfg)
-        counts["input_rows"] += t.num_rows
-        valid = pc.is_valid(t["uid"])
-        counts["empty_url"] += t.num_rows - pc.sum(valid).as_py() if t.num_rows else 0
-        t = t.filter(valid)
-        if cfg.dedupe_urls and t.num_rows:
-            ids, _ = uid_keys(t["uid"])
-            _, first = np.unique(ids, return_index=True)
-            keep = np.zeros(len(ids), dtype=bool)
-            keep[first] = True
-            keep &= ~np.isin(ids, seen)
-            seen = np.union1d(seen, ids[keep])
-            counts["duplicate_url"] += int(len(ids) - keep.sum())
-            t = t.filter(pa.array(keep))
-        if t.num_rows:
-            tables.append((src, t))
-    n_shards = sum(math.ceil(t.num_rows / cfg.samples_per_shard) for _, t in tables)
-    oom = max(5, len(str(max(n_shards - 1, 0))))
-    files, shards, next_id = [], [], 0
-    for i, (src, t) in enumerate(tables):
-        f = f"{sroot}/{i:05d}.parquet"
-        with fs.open(f, "wb") as out:
-            pq.write_table(t, out)
-        files.append(fs.unstrip_protocol(f))
-        for start in range(0, t.num_rows, cfg.samples_per_shard):
-            part = t["uid"].slice(start, cfg.samples_per_shard).to_pylist()
-            shards.append(PlannedShard(next_id, f"{next_id:0{oom}d}.parquet", len(part), fingerprint(part), src))
-            next_id += 1
-    counts["rows"] = sum(s.rows for s in shards)
-    return Plan(files, shards, counts, oom)
+    cutters = {kind: _ShardCutter(fs, f"{sroot}/{kind}", cfg.samples_per_shard, files, kind == "rejected")
+               for kind in ("urls", "rejected")}
+    with tempfile.TemporaryDirectory(prefix="lmeye-download-plan-") as tmp:
+        spill = _Partitions(tmp, n_parts)
+        seq = 0
+        try:
+            for src_index, src in enumerate(files):
+                for t in iter_url_batches(src, fmt, cfg):
+                    counts["input_rows"] += t.num_rows
+                    valid = pc.is_valid(t["uid"])
+                    t = t.filter(valid)
+                    counts["empty_url"] += len(valid) - t.num_rows
+                    # position = (file, row): the file index rides in the high bits
+                    spill.add(t.add_column(0, "seq", pa.array(np.arange(seq, seq + t.num_rows, dtype=np.int64)
+                                                              + (src_index << 40))))
+                    seq += t.num_rows
+                    pa.default_memory_pool().release_unused()  # keep the footprint at one batch
+        finally:
+            spill.close()
+        for t in spill.tables():
+            if cfg.dedupe_urls and t.num_rows:
+                before = t.num_rows
+                t = _first_of_each_uid(t)
+                counts["duplicate_url"] += before - t.num_rows
+            ok = pc.match_substring_regex(t["url"], FETCHED)
+            cutters["urls"].add(t.filter(ok))
+            cutters["rejected"].add(t.filter(pc.invert(ok)))
+            del t, ok
+    for c in cutters.values():
+        c.finish()
+
+    # img2dataset numbers its shards across its input files in name order: fetched shards take
+    # the first ids, rejected ones (written by this stage, not img2dataset) the ids after them.
+    fetch, rejected = cutters["urls"].shards, cutters["rejected"].shards
+    urls_files = cutters["urls"].files
+    oom = max(5, len(str(max(len(fetch) + len(rejected) - 1, 0))))
+    for i, s in enumerate(fetch + rejected):
+        s.shard_id, s.name = i, f"{i:0{oom}d}.parquet"
+    counts["rows"] = sum(s.rows for s in fetch + rejected)
+    counts[UNSUPPORTED_SCHEME] = sum(s.rows for s in rejected)
+    return Plan(urls_files, fetch, rejected, counts, oom, fmt, inferred)
 
 
 # ----------------------------------------------------------------------------- raw -> pairs
@@ -263,7 +506,7 @@ class Committer:
             self.fs.rm_file(stats_file)
             return False
         info = self.writer.write(
-            s.name, table, inputs=[s.source], input_fingerprint=s.fingerprint,
+            s.name, table, inputs=s.sources, input_fingerprint=s.fingerprint,
             stats={"duration": stats.get("duration")} | _row_counts(table),
             compression=PAIRS_COMPRESSION,
         )
@@ -303,12 +546,140 @@ class Committer:
         self.sweep()
 
 
-# ----------------------------------------------------------------------------- the stage
+def rejected_pairs(rows: pa.Table) -> pa.Table:
+    """Rows whose URL is never fetched, as failed `pairs` rows. The message names the scheme rule
+    only: it must not depend on anything a fetch would have found (a local file existing or not)."""
+    n = rows.num_rows
+    null_int = pa.nulls(n, pa.int32())
+    cols = {
+        "uid": rows["uid"], "url": rows["url"], "caption": rows["caption"],
+        "status": pa.array([FAILED_TO_DOWNLOAD] * n, pa.string()),
+        "error_message": pa.array([f"{UNSUPPORTED_SCHEME}: only http and https URLs are fetched"] * n, pa.string()),
+        "width": null_int, "height": null_int, "original_width": null_int, "original_height": null_int,
+        "sha256": pa.nulls(n, pa.string()), "image": pa.nulls(n, pa.binary()),
+    }
+    schema = PAIRS.with_metadata(PAIRS.schema)
+    return pa.table({f.name: pc.cast(cols[f.name], f.type) for f in schema}, schema=schema)
+
+
+# ----------------------------------------------------------------------------- fetching guard
+
+
+class ResponseTooLarge(OSError):
+    """A response body over ``download.max_response_bytes``; the row fails with this message."""
+
+
+class _BoundedResponses(urllib.request.BaseHandler):
+    """Refuse bodies over ``limit`` bytes: by Content-Length before reading, else while reading,
+    so at most ``limit + 1`` bytes of a response are ever held."""
+
+    handler_order = 400  # before HTTPErrorProcessor: error bodies are bounded too
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def _too_large(self, response) -> ResponseTooLarge:
+        response.close()
+        return ResponseTooLarge(f"{TOO_LARGE}: body over download.max_response_bytes ({self.limit} bytes)")
+
+    def http_response(self, request, response):
+        length = (response.headers.get("Content-Length") or "").strip()
+        if length.isdigit() and int(length) > self.limit:
+            raise self._too_large(response)
+        read, seen = response.read, [0]
+
+        def bounded_read(amt=None):
+            want = self.limit + 1 - seen[0] if amt is None or amt < 0 else min(amt, self.limit + 1 - seen[0])
+            parts = []
+            while want > 0:
+                block = read(min(want, 1 << 20))
+                if not block:
+                    break
+                parts.append(block)
+                seen[0] += len(block)
+                want -= len(block)
+                if amt is not None and amt >= 0:
+                    break
+            if seen[0] > self.limit:
+                raise self._too_large(response)
+            return b"".join(parts)
+
+        response.read = bounded_read
+        return response
+
+    https_response = http_response
+
+
+def guarded_opener(limit: int) -> urllib.request.OpenerDirector:
+    """urllib's opener with http and https only (no file:, data:, ftp: handlers, also after a
+    redirect) and response bodies capped at ``limit`` bytes."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPRedirectHandler(), urllib.request.HTTPErrorProcessor(), _BoundedResponses(limit),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
+def _fetch_shard(downloader, shard, limit: int):
+    """A Ray task: img2dataset's shard download, behind the guarded opener. img2dataset fetches
+    with ``urllib.request.urlopen``, which uses the process's installed opener."""
+    urllib.request.install_opener(guarded_opener(limit))
+    return downloader(shard)
+
+
+class _GuardedRayDistributor:
+    """img2dataset's Ray distributor, with each shard task behind the guarded opener."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def __call__(self, processes_count, downloader, reader, subjob_size, max_shard_retry) -> None:
+        import ray
+
+        # img2dataset's SIGINT handler exits with code 0 as if all was well: Ctrl-C must stop
+        # the stage as an interruption instead (the entry point reports it, exit code 130).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        task = ray.remote(_fetch_shard)
+        refs = [task.remote(downloader, shard, self.limit) for shard in reader]
+        try:
+            ray.get(refs)
+        except KeyboardInterrupt:
+            # Stop the shard tasks before the stage removes its scratch folder under them
+            # (they would fail reading it and print tracebacks after the driver's last line).
+            for ref in refs:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001 - already finished or gone
+                    pass
+            raise
 
 
 def _img2dataset_pass(cfg: DownloadConfig, urls_dir: str, raw_dir: str, oom: int) -> None:
-    from img2dataset import download as img2dataset_download
+    # (the package exports a function named `main`, so the module is fetched by name)
+    img2dataset_main = importlib.import_module("img2dataset.main")
+    from pipelines.download_logger import QuietLoggerProcess
+    # img2dataset picks its Ray distributor and logger class by name from this module: ours
+    # add the fetching guard and Ctrl-C handling; the rest of img2dataset is used unchanged.
+    swapped = {"ray_distributor": _GuardedRayDistributor(cfg.max_response_bytes),
+               "LoggerProcess": QuietLoggerProcess}
+    original = {k: getattr(img2dataset_main, k) for k in swapped}
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    for k, v in swapped.items():
+        setattr(img2dataset_main, k, v)
+    try:
+        _call_img2dataset(img2dataset_main.download, cfg, urls_dir, raw_dir, oom)
+    except SystemExit:  # img2dataset's own SIGINT handler, before our distributor replaced it
+        raise KeyboardInterrupt from None
+    finally:
+        for k, v in original.items():
+            setattr(img2dataset_main, k, v)
+        signal.signal(signal.SIGINT, previous_sigint)
 
+
+def _call_img2dataset(img2dataset_download, cfg: DownloadConfig, urls_dir: str, raw_dir: str, oom: int) -> None:
     img2dataset_download(
         url_list=urls_dir,
         input_format="parquet",
@@ -359,21 +730,43 @@ def run(cfg: Config) -> StageSummary:
     if not d.input:
         raise InputError("download.input: no URL list given (set it in the config or pass INPUT)")
     output = d.output
-    ensure_writable(output)  # before anything is downloaded
-    started = time.time()
+    created = ensure_writable(output, PAIRS)  # before anything is read or downloaded
     staging = output.rstrip("/") + "/" + STAGING
+    try:
+        return _run(cfg, staging)
+    finally:  # finished, failed or interrupted: no scratch (and no empty folder of ours) is left
+        remove_temporaries(output, created)
+
+
+def _run(cfg: Config, staging: str) -> StageSummary:
+    d = cfg.download
+    output = d.output
+    started = time.time()
     raw_dir = staging + "/raw"
     plan = plan_inputs(d.input, staging, d)
     content = {k: v for k, v in dump_config(cfg)["download"].items() if k in CONTENT_KEYS}
+    content["input_format"] = plan.input_format  # as used, whether configured or inferred
     writer = TableWriter(output, PAIRS, config=content,
-                         input_fingerprint=fingerprint([s.fingerprint for s in plan.shards]))
+                         input_fingerprint=fingerprint([s.fingerprint for s in plan.all_shards]))
     fs, raw_root = fsspec.core.url_to_fs(raw_dir)
     fs.makedirs(raw_root, exist_ok=True)
     committer = Committer(writer, raw_dir, plan, d)
     skipped = len(plan.shards) - len(committer.pending)
     committer.prepare(plan)
+    for s in plan.rejected:  # never fetched: written here, as failed rows
+        if writer.is_done(s.name, s.fingerprint):
+            skipped += 1
+            continue
+        with fsspec.open(s.rows_file, "rb") as f:
+            rows = pq.read_table(f).slice(s.offset, s.rows)
+        table = rejected_pairs(rows)
+        writer.write(s.name, table, inputs=s.sources, input_fingerprint=s.fingerprint,
+                     stats=_row_counts(table), compression=PAIRS_COMPRESSION)
+        committer.written.append(s.name)
 
-    notes: list[str] = []
+    notes = [f"input format {plan.input_format}"
+             + (" (inferred from the file extension)" if plan.format_inferred else " (download.input_format)")]
+    pass_errors: list[str] = []
     download_seconds = 0.0
     if committer.pending:
         init_ray(cfg.ray)
@@ -388,34 +781,42 @@ def run(cfg: Config) -> StageSummary:
         try:
             _img2dataset_pass(d, staging + "/urls", raw_dir, plan.oom_shard_count)
         except Exception as err:  # a Ray task or worker died: retry what is missing
-            notes.append(f"pass {attempt + 1} raised {err.__class__.__name__}: {str(err).splitlines()[0][:200]}")
+            # ...but a bug (a wrong keyword after an upgrade) must stay visible: the whole
+            # traceback goes to the log and the manifest, the summary gets one line.
+            trace = traceback.format_exc()
+            print(f"[download] pass {attempt + 1} failed:\n{trace}", file=sys.stderr, flush=True)
+            pass_errors.append(trace)
+            notes.append(f"pass {attempt + 1} raised {err.__class__.__name__}: {str(err).splitlines()[0][:200]} "
+                         "(traceback in the log and the manifest)")
         finally:
             committer.stop(thread)
             download_seconds += time.time() - t0
 
-    expected = [s.name for s in plan.shards]
+    expected = [s.name for s in plan.all_shards]
     by_status: Counter = Counter()
     reasons: Counter = Counter()
-    for shard in plan.shards:  # this run's shards only: the manifest may still list stale ones
+    for shard in plan.all_shards:  # this run's shards only: the manifest may still list stale ones
         if writer.is_done(shard.name, shard.fingerprint):
             info = writer.manifest.shards[shard.name]
             by_status.update(info.stats.get("by_status", {}))
             reasons.update(info.stats.get("errors", {}))
     summary = StageSummary(
         stage="download", output=output, rows=sum(by_status.values()),
-        counts=dict(by_status) | {k: v for k, v in plan.counts.items() if k in ("empty_url", "duplicate_url") and v},
+        counts=dict(by_status) | {k: v for k, v in plan.counts.items()
+                                  if k in ("empty_url", "duplicate_url", UNSUPPORTED_SCHEME) and v},
         failures=dict(reasons), shards_done=len(committer.written), shards_skipped=skipped,
         seconds=time.time() - started,
         rate=(committer.ok_done / download_seconds) if download_seconds > 0 else None, rate_unit="img/s",
         notes=notes,
     )
+    stats = summary.to_dict() | {"input": dict(plan.counts), "pass_errors": pass_errors}
     if committer.pending:
         missing = sorted(s.name for s in committer.pending.values())
         summary.ok = False
         summary.notes.append(f"{len(missing)} shard(s) still failing after {d.max_shard_retry} retries: "
                              f"{', '.join(missing[:10])}; rerun the same command to resume")
+        writer.manifest.stats = stats  # the tracebacks stay with the table for the rerun to see
+        writer.manifest.save(output)
         return summary
-    writer.finalize(expected, stats=summary.to_dict() | {"input": dict(plan.counts)})
-    fs_out, out_root = fsspec.core.url_to_fs(staging)
-    fs_out.rm(out_root, recursive=True)
+    writer.finalize(expected, stats=stats)
     return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lmeye.cli import add_config_args, config_from_args
+from lmeye.entry import add_overwrite_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,6 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="build LMEyeMID-style instruction data (captions, VQA, LLaVA, LMEyeMID) as the instructions table",
     )
     add_config_args(p)
+    add_overwrite_arg(p)
     p.add_argument(
         "--export-hf", metavar="DIR", default=None,
         help="also write a Hugging Face DatasetDict (train, validation) to DIR; open it with datasets.load_from_disk",
@@ -25,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from lmeye.entry import run_stage
     from pipelines.instruct import run
 
     cfg = config_from_args(args)
@@ -32,6 +35,4 @@ def _run(args: argparse.Namespace) -> int:
         cfg.instruct.export_hf = args.export_hf
     if args.allow_incomplete:
         cfg.instruct.allow_incomplete = True
-    summary = run(cfg)  # needs no Ray: the stage runs on this process alone
-    print(summary.render(), flush=True)
-    return 0 if summary.ok else 1
+    return run_stage(run, cfg, overwrite=args.overwrite)  # needs no Ray: the stage runs on this process alone

@@ -10,14 +10,18 @@ from pydantic import Field
 from lmeye.config.base import Section
 
 InputFormat = Literal[
-    "txt", "txt.gz", "csv", "csv.gz", "tsv", "tsv.gz", "json", "json.gz", "jsonl", "jsonl.gz", "parquet"
+    "txt", "txt.gz", "csv", "csv.gz", "tsv", "tsv.gz", "json", "json.gz", "jsonl", "jsonl.gz", "parquet", "parquet.gz"
 ]
+# img2dataset's names for OpenCV interpolations (img2dataset.resizer): checked at config load,
+# not when the first shard is resized on a worker.
+Interpolation = Literal["nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"]
 
 
 class DownloadConfig(Section):
     input: Optional[str] = Field(None, description="URL list: a file or a folder of files (fsspec path)")
     output: Optional[str] = Field(None, description="pairs table; default {data.root}/pairs")
-    input_format: InputFormat = Field("csv", description="img2dataset input format of the URL list")
+    input_format: Optional[InputFormat] = Field(
+        None, description="format of the URL list; null: from the file extension (the summary says which)")
     url_col: str = Field("url", description="column of the URL list holding the URL")
     caption_col: Optional[str] = Field("caption", description="column holding the caption; null: none")
     # resizing, passed through to img2dataset unchanged
@@ -25,8 +29,8 @@ class DownloadConfig(Section):
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = Field(
         "border", description="img2dataset resize mode")
     resize_only_if_bigger: bool = Field(False, description="never upscale")
-    upscale_interpolation: str = Field("lanczos", description="cv2 interpolation when upscaling")
-    downscale_interpolation: str = Field("area", description="cv2 interpolation when downscaling")
+    upscale_interpolation: Interpolation = Field("lanczos", description="cv2 interpolation when upscaling")
+    downscale_interpolation: Interpolation = Field("area", description="cv2 interpolation when downscaling")
     encode_format: Literal["jpg", "png", "webp"] = Field("jpg", description="format of the stored image bytes")
     encode_quality: int = Field(95, ge=0, le=100, description="jpg/webp quality (png: compression 0-9)")
     skip_reencode: bool = Field(False, description="keep the original bytes when no resize is needed")
@@ -39,6 +43,9 @@ class DownloadConfig(Section):
     thread_count: int = Field(64, gt=0, description="download threads per shard task")
     timeout: int = Field(10, gt=0, description="seconds per request")
     retries: int = Field(0, ge=0, description="per-URL retries inside img2dataset")
+    max_response_bytes: int = Field(
+        64 << 20, gt=0, description="a response body larger than this is a failed row (never read whole); "
+        "only http and https URLs are fetched")
     max_shard_retry: int = Field(2, ge=0, description="reruns of shards whose task failed (img2dataset's Ray path has none)")
     user_agent_token: Optional[str] = Field(None, description="added to the User-Agent header")
     disallowed_header_directives: list[str] = Field(

@@ -4,6 +4,9 @@ Routes:
 - `/<path>`: the file `root/<path>` (GET and HEAD), else 404.
 - `/status/<code>/<anything>`: answers HTTP `<code>` (how the corpus simulates a 500).
 - `/slow/<seconds>/<path>`: sleeps (at most 30 s), then serves `/<path>`; provokes time-outs.
+- `/big/<bytes>[/unsized]`: a body of that many bytes (at most 4 GiB), generated as it is sent;
+  `unsized` omits Content-Length (the body ends when the connection closes). Tests the cap on
+  response sizes without a big file on disk.
 
 Use `DemoServer` in-process, `python -m lmeye.demo.server ROOT [--port N]` from a shell or a job,
 or `start_server_process` when the server must outlive a process a test kills.
@@ -25,6 +28,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 MAX_SLOW_SECONDS = 30.0
+MAX_BIG_BYTES = 4 << 30
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the `lmeye` package
 
 
@@ -43,6 +47,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, send_body: bool) -> None:
         path = unquote(urlsplit(self.path).path)
         self.server.demo._log(path)
+        parts = path.lstrip("/").split("/")
+        if parts[0] == "big" and len(parts) >= 2 and parts[1].isdigit():
+            self._big(min(int(parts[1]), MAX_BIG_BYTES), sized="unsized" not in parts[2:], send_body=send_body)
+            return
         status, body, content_type = self._route(path)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -50,6 +58,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if send_body:
             self.wfile.write(body)
+
+    def _big(self, size: int, sized: bool, send_body: bool) -> None:
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "image/jpeg")
+        if sized:
+            self.send_header("Content-Length", str(size))
+        self.end_headers()
+        block = b"\0" * (1 << 16)
+        try:
+            while send_body and size > 0:  # stop as soon as the client hangs up
+                self.wfile.write(block[:size])
+                size -= len(block)
+        except (ConnectionError, OSError):
+            pass
+        self.close_connection = True
 
     def _route(self, path: str) -> tuple[int, bytes, str]:
         parts = path.lstrip("/").split("/")

@@ -29,7 +29,7 @@ def write_features(path, n=40, shards=3, dim=8, failed=(3, 17), patch=None, seed
     toks = rng.standard_normal((n, patch[0] * patch[1])).astype(dtype) if patch else None
     schema = features_schema(dim, dtype, patch, META)
     ok = np.array([i not in failed for i in range(n)])
-    writer = TableWriter(str(path), FEATURES, config={"toy": seed})
+    writer = TableWriter(str(path), FEATURES, config={"toy": seed}, overwrite=True)  # tests regenerate tables in place
     per = -(-n // shards)
     names = []
     for k, start in enumerate(range(0, n, per)):

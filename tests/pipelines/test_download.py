@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -207,3 +208,241 @@ def test_sigkill_partway_then_rerun_resumes_exactly(tmp_path, corpus, server):
             assert fetched[path] == 1, f"{path} was downloaded again after its shard was finished"
         else:
             assert fetched[path] >= 1
+
+
+# ----------------------------------------------------------------------------- security
+
+
+def test_guarded_opener_fetches_http_only_and_caps_bodies(server):
+    import urllib.error
+
+    from pipelines.download import ResponseTooLarge, guarded_opener
+
+    opener = guarded_opener(limit=10_000)
+    with opener.open(f"{server.base_url}/big/10000", timeout=5) as r:
+        assert len(r.read()) == 10_000  # exactly the cap: fine
+    for tail in ("big/10001", "big/10001/unsized", "big/4000000000/unsized"):  # by header, then by reading
+        with pytest.raises(ResponseTooLarge, match="response_too_large"):
+            with opener.open(f"{server.base_url}/{tail}", timeout=5) as r:
+                r.read()
+    for url in ("file:///etc/passwd", "data:text/plain;base64,aGk=", "ftp://127.0.0.1/x"):
+        with pytest.raises(urllib.error.URLError, match="unknown url type"):
+            opener.open(url, timeout=5)
+
+
+def test_non_http_urls_become_failed_rows_and_are_never_fetched(tmp_path, corpus, server, ray_local):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0\n")
+    good = f"{server.base_url}/images/{corpus.items[0].name}"
+    rows = [
+        (good, "good"),
+        (f"file://{secret}", "existing local file"),
+        (f"file://{tmp_path}/missing.txt", "missing local file"),
+        ("data:image/png;base64,iVBORw0KGgo=", "data url"),
+        ("ftp://127.0.0.1/x.jpg", "ftp"),
+        (f"{server.base_url}/big/200000", "big, sized"),
+        (f"{server.base_url}/big/200000/unsized", "big, unsized"),
+    ]
+    urls = tmp_path / "urls.jsonl"
+    urls.write_text("".join(json.dumps({"url": u, "caption": c}) + "\n" for u, c in rows))
+    out = tmp_path / "pairs"
+    summary = run(_cfg(urls, out, **{"download.disable_all_reencoding": True,
+                                      "download.max_response_bytes": 100_000}))
+    assert summary.ok, summary.render()
+    table = {r["caption"]: r for r in TableReader(str(out), PAIRS).read().to_pylist()}
+    assert set(table) == {c for _, c in rows}  # every input row is in pairs, with its status
+    assert table["good"]["status"] == SUCCESS
+    local = [table[c] for c in ("existing local file", "missing local file", "data url", "ftp")]
+    for row in local:
+        assert row["status"] == "failed_to_download" and row["image"] is None
+        assert row["error_message"].startswith("unsupported_url_scheme")
+    # the message says nothing about whether the local path exists
+    assert local[0]["error_message"] == local[1]["error_message"]
+    for c in ("big, sized", "big, unsized"):
+        assert table[c]["status"] == "failed_to_download"
+        assert table[c]["error_message"].startswith("response_too_large")
+    assert summary.counts["unsupported_url_scheme"] == 4
+    assert not any("secret" in p or "missing" in p for p in server.requests)
+
+
+# ----------------------------------------------------------------------------- never delete user files
+
+
+def _scheme_only_list(path: Path, n: int) -> Path:
+    """URLs that are never fetched: the stage writes their rows itself, so no Ray is needed."""
+    path.write_text("url,caption\n" + "".join(f"ftp://example.invalid/{i}.jpg,c{i}\n" for i in range(n)))
+    return path
+
+
+def test_foreign_output_folder_is_refused_and_its_files_kept(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    urls = _scheme_only_list(folder / "urls.csv", 3)
+    (folder / "urls.parquet").write_bytes(b"the user's own parquet")
+    (folder / "00000.parquet").write_bytes(b"named like a shard")
+    rc = main(["download", str(urls), str(folder)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err
+    assert err.startswith(f"lmeye download: error: {folder}: not empty and not a pairs table")
+    assert sorted(p.name for p in folder.iterdir()) == ["00000.parquet", "urls.csv", "urls.parquet"]
+    assert (folder / "00000.parquet").read_bytes() == b"named like a shard"
+
+
+def test_rerun_with_other_list_refused_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "pairs"
+    first = _scheme_only_list(tmp_path / "a.csv", 3)
+    assert main(["download", str(first), str(out)]) == 0
+    second = _scheme_only_list(tmp_path / "b.csv", 1)
+    capsys.readouterr()
+    assert main(["download", str(second), str(out)]) == 2
+    err = capsys.readouterr().err
+    old_fp = json.loads((out / "_manifest.json").read_text())["input_fingerprint"]
+    assert err.count("\n") == 1 and "built from other inputs" in err and "--overwrite" in err
+    assert re.search(rf"table: config \w+, inputs {old_fp}; this run: config \w+, inputs (?!{old_fp})\w+", err)
+    assert TableReader(str(out), PAIRS).num_rows == 3  # untouched
+    assert main(["download", str(second), str(out), "--overwrite"]) == 0
+    assert "--overwrite: replaced 3 row(s)" in capsys.readouterr().out
+    assert TableReader(str(out), PAIRS).num_rows == 1
+    assert not (out / "_staging").exists()
+
+
+def test_failed_run_leaves_no_staging_or_empty_folder(tmp_path):
+    bad = tmp_path / "urls.csv"
+    bad.write_text("link\nhttp://x/a.jpg\n")
+    out = tmp_path / "pairs"
+    with pytest.raises(Exception, match="no url column"):
+        run(_cfg(bad, out))
+    assert not out.exists()
+    out.mkdir()  # an existing (empty) folder is kept, without scratch
+    with pytest.raises(Exception, match="no url column"):
+        run(_cfg(bad, out))
+    assert out.exists() and list(out.iterdir()) == []
+
+
+def test_pass_error_keeps_its_traceback_in_log_and_manifest(tmp_path, monkeypatch, capsys):
+    import pipelines.download as download
+
+    def broken(*args, **kwargs):
+        raise TypeError("download() got an unexpected keyword argument 'bogus'")
+
+    monkeypatch.setattr(download, "_call_img2dataset", broken)
+    monkeypatch.setattr(download, "init_ray", lambda cfg: None)
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption\nhttp://127.0.0.1:1/a.jpg,a\n")
+    summary = run(_cfg(urls, tmp_path / "pairs", **{"download.max_shard_retry": 1}))
+    assert not summary.ok
+    err = capsys.readouterr().err
+    assert err.count("Traceback (most recent call last)") == 2 and "unexpected keyword argument 'bogus'" in err
+    stats = json.loads((tmp_path / "pairs" / "_manifest.json").read_text())["stats"]
+    assert len(stats["pass_errors"]) == 2 and "TypeError" in stats["pass_errors"][0]
+    assert "in broken" in stats["pass_errors"][0]  # the frame that raised, not just a note
+    assert not (tmp_path / "pairs" / "_staging").exists()
+
+
+# ----------------------------------------------------------------------------- usability
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet", "json", "txt", "csv.gz", "parquet.gz"])
+def test_input_format_is_inferred_from_the_extension(tmp_path, fmt):
+    import gzip
+
+    from pipelines.download import plan_inputs
+
+    base = fmt.removesuffix(".gz")
+    urls = [f"http://h/{i}.jpg" for i in range(5)]
+    path = tmp_path / f"urls.{base}"
+    if base in ("csv", "tsv", "jsonl", "parquet"):
+        write_url_list_plain = pa.table({"url": urls, "caption": [f"c{i}" for i in range(5)]})
+        if base == "parquet":
+            pq.write_table(write_url_list_plain, path)
+        elif base == "jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in write_url_list_plain.to_pylist()))
+        else:
+            sep = "\t" if base == "tsv" else ","
+            path.write_text(f"url{sep}caption\n" + "".join(f"{u}{sep}c{i}\n" for i, u in enumerate(urls)))
+    elif base == "json":
+        path.write_text(json.dumps([{"url": u, "caption": "x"} for u in urls]))
+    else:
+        path.write_text("\n".join(urls))
+    if fmt.endswith(".gz"):
+        gz = tmp_path / f"urls.{fmt}"
+        gz.write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+        path = gz
+    cfg = _cfg(path, tmp_path / "out").download
+    assert cfg.input_format is None  # the default: infer
+    plan = plan_inputs(str(path), str(tmp_path / "staging"), cfg)
+    assert plan.input_format == fmt and plan.format_inferred and plan.counts["rows"] == 5
+
+
+def test_uninferable_or_mixed_inputs_are_one_line(tmp_path, capsys):
+    odd = tmp_path / "urls.dat"
+    odd.write_text("http://h/a.jpg\n")
+    assert main(["download", str(odd), str(tmp_path / "o1")]) == 2
+    assert "urls.dat: cannot tell the URL list's format from its extension" in capsys.readouterr().err
+    mixed = tmp_path / "in"
+    mixed.mkdir()
+    (mixed / "a.csv").write_text("url\nhttp://h/a.jpg\n")
+    (mixed / "b.txt").write_text("http://h/b.jpg\n")
+    assert main(["download", str(mixed), str(tmp_path / "o2")]) == 2
+    assert "folder mixes csv, txt; set download.input_format" in capsys.readouterr().err
+
+
+def test_summary_says_which_input_format_was_used(tmp_path):
+    urls = _scheme_only_list(tmp_path / "urls.csv", 2)
+    summary = run(_cfg(urls, tmp_path / "pairs"))
+    assert "input format csv (inferred from the file extension)" in summary.render()
+    again = run(_cfg(urls, tmp_path / "pairs", **{"download.input_format": "csv"}))
+    assert again.ok and again.shards_skipped == 1  # the same table: configured or inferred alike
+    assert "input format csv (download.input_format)" in again.render()
+
+
+def test_interpolation_names_are_checked_at_config_load():
+    from lmeye.config import ConfigError
+
+    with pytest.raises(ConfigError, match="downscale_interpolation"):
+        load_config(None, {"download.downscale_interpolation": "lanczoz"})
+
+
+# ----------------------------------------------------------------------------- scale
+
+
+def test_streaming_plan_dedupes_across_partitions_and_is_deterministic(tmp_path, monkeypatch):
+    import pipelines.download as download
+
+    monkeypatch.setattr(download, "PARTITION_BYTES", 2_000)  # force many spill partitions
+    urls = [f"http://h/{i % 700}.jpg" for i in range(1000)] + ["file:///etc/passwd", ""]
+    path = tmp_path / "urls.txt"
+    path.write_text("\n".join(urls) + "\n")
+    cfg = _cfg(path, tmp_path / "out", **{"download.samples_per_shard": 64}).download
+    a = download.plan_inputs(str(path), str(tmp_path / "s1"), cfg)
+    b = download.plan_inputs(str(path), str(tmp_path / "s2"), cfg)
+    assert a.counts["duplicate_url"] == 300 and a.counts["rows"] == 701
+    assert a.counts["unsupported_url_scheme"] == 1 and len(a.rejected) == 1
+    assert [(s.name, s.fingerprint) for s in a.all_shards] == [(s.name, s.fingerprint) for s in b.all_shards]
+    fetched = pa.concat_tables(pq.read_table(f) for f in a.files)
+    assert sorted(fetched["uid"].to_pylist()) == sorted({uid_for(u) for u in urls if u.startswith("http")})
+    assert fetched.num_rows == sum(s.rows for s in a.shards)
+
+
+def test_ctrl_c_during_the_download_exits_130_with_one_line(tmp_path, corpus, server):
+    # Ctrl-C reaches the whole foreground process group: the driver and img2dataset's helpers.
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption\n" + "".join(f"{server.base_url}/slow/3/images/{n},x\n" for n in corpus.good_names()))
+    out = tmp_path / "pairs"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    server.clear_log()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmeye.cli", "download", str(urls), str(out), "--set", "download.samples_per_shard=2",
+         "--set", "download.thread_count=1", "--set", "ray.num_cpus=2"],
+        cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not server.requests and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert server.requests, "the download never started"
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "interrupted; rerun the same command to resume" in stderr.splitlines()
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert (out / "_manifest.json").exists() and not (out / "_staging").exists()

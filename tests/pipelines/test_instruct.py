@@ -14,7 +14,7 @@ from lmeye.cli import main
 from lmeye.config import ConfigError, load_config
 from lmeye.demo.corpus import qa_pairs, write_corpus
 from lmeye.errors import UserError
-from lmeye.tables import Manifest, TableReader, TableWriter
+from lmeye.tables import Manifest, NotATableFolder, TableMismatch, TableReader, TableWriter, overwriting
 from lmeye.uid import uid_for
 from pipelines.instruct import Placement, run, split_files
 from pipelines.instruct.captions import load_templates
@@ -472,9 +472,12 @@ def test_rerun_skips_and_killed_run_resumes(world, tmp_path):
     assert resumed.shards_done == len(victim_partition) and resumed.shards_skipped == shards - len(victim_partition)
     assert read_rows(cfg) == before
     assert_adds_up(cfg)
-    # changed input: everything is redone
+    # changed input: refused unless told to overwrite, then everything is redone
     write_json(tmp_path / "v.json", recs[:-1])
-    redo = run(cfg)
+    with pytest.raises(TableMismatch, match="built from other inputs"):
+        run(cfg)
+    with overwriting():
+        redo = run(cfg)
     assert redo.rows == first.rows - 1
 
 
@@ -716,7 +719,7 @@ def test_incomplete_features_and_schema_mismatch_are_refused(world, tmp_path):
 def test_a_table_path_that_is_a_file_is_one_line(world, tmp_path):
     shard = sorted((tmp_path / "pairs").glob("*.parquet"))[0]
     cfg = make_cfg(tmp_path, [{"kind": "captions"}], pairs=str(shard))
-    with pytest.raises(SchemaError, match="is a file; a pairs table is the folder"):
+    with pytest.raises(NotATableFolder, match="is a file, not a table folder"):
         run(cfg)
 
 
