@@ -10,6 +10,7 @@ from typing import Callable
 from lmeye.config import Config, load_config
 from lmeye.errors import user_errors
 from lmeye.report import StageSummary
+from lmeye.stages import run_recorded
 
 StageFn = Callable[[Config], StageSummary]
 
@@ -17,7 +18,7 @@ StageFn = Callable[[Config], StageSummary]
 def run_stage(stage: StageFn, cfg: Config) -> int:
     # Stages connect to Ray themselves (lmeye.runtime.init_ray, idempotent), after checking
     # their inputs, so a bad input fails in a second instead of after Ray's start-up.
-    summary = stage(cfg)
+    summary = run_recorded(stage, cfg)  # a registered stage's manifest gets its provenance
     print(summary.render(), flush=True)
     return 0 if summary.ok else 1
 

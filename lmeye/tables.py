@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import lmeye
+from lmeye import provenance
 from schemas import SchemaError, TableSchema
 
 MANIFEST = "_manifest.json"
@@ -177,6 +178,7 @@ class Manifest:
     metadata: dict[str, str] = field(default_factory=dict)  # table-level facts (model name, dims...)
     config: dict[str, Any] = field(default_factory=dict)
     updated: float = 0.0
+    provenance: dict[str, Any] = field(default_factory=dict)  # stage, inputs, run config: lmeye/provenance.py
 
     @property
     def num_rows(self) -> int:
@@ -245,6 +247,9 @@ class TableWriter:
                 f"{_join(path, MANIFEST)}: holds a {old.table} v{old.schema_version} table, "
                 f"refusing to overwrite it with {table.name} v{table.version}"
             )
+        run = provenance.for_output(path)
+        if run is not None and run.keep_versions and old is not None and old.shards and old.config_fingerprint != cfg_fp:
+            raise provenance.ConfigChanged(path, old.config_fingerprint, cfg_fp)
         keep = old.shards if old is not None and old.config_fingerprint == cfg_fp else {}
         self.stale = set(old.shards) - set(keep) if old is not None else set()
         self.manifest = Manifest(
@@ -256,6 +261,7 @@ class TableWriter:
             shards=dict(keep),
             config=config,
             metadata=dict(old.metadata) if old is not None and keep else {},
+            provenance=dict(run.record) if run is not None else {},
         )
         self.manifest.save(path)
 
