@@ -20,7 +20,6 @@ from lmeye.lineage import CHECKPOINT_LINEAGE, lineage, write_checkpoint_lineage
 from lmeye.stages import STAGES, record_for
 from lmeye.tables import Manifest, TableWriter
 from schemas.features import FEATURES, SUCCESS, features_schema
-from schemas.pairs import PAIRS
 
 REPO = Path(__file__).resolve().parents[2]
 
