@@ -115,11 +115,13 @@ def pairs(tmp_path):
 
 def _run_scenario(root: Path, kill: bool) -> dict:
     ray_tmp = tempfile.mkdtemp(prefix="lc-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray take 127.0.0.1 as this machine's address; otherwise
+    # ray.init rewrites a 127.0.0.1 GCS address to the host's routable IP, where nothing listens.
     env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO), NO_ALBUMENTATIONS_UPDATE="1",
-               RAY_USAGE_STATS_ENABLED="0")
+               RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, __file__, str(root), "kill" if kill else "plain"],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=540)
+                          env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
