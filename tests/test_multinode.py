@@ -48,12 +48,12 @@ def _kill_second_node_when_busy(cluster, worker, out_dir: Path, events: dict) ->
     the node's processes (no graceful stop), then add a replacement node as an autoscaler would."""
     deadline = time.time() + 240
     while time.time() < deadline:
-        on_worker = [a for a in _encoder_actors() if a["Address"]["NodeID"] == worker.unique_id and a["State"] == "ALIVE"]
+        on_worker = [a for a in _encoder_actors() if a["Address"]["NodeID"] == worker.node_id and a["State"] == "ALIVE"]
         shards = list(out_dir.glob("0*.parquet"))
         if on_worker and shards:
             events["killed_after_shards"] = len(shards)
             cluster.remove_node(worker, allow_graceful=False)
-            events["killed"] = worker.unique_id
+            events["killed"] = worker.node_id
             cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
             return
         time.sleep(0.2)
@@ -89,7 +89,7 @@ def scenario(root: Path, kill: bool) -> dict:
             killer.join(timeout=5)
         return {
             "ok": summary.ok, "notes": summary.notes,
-            "head": cluster.head_node.unique_id, "second": worker.unique_id,
+            "head": cluster.head_node.node_id, "second": worker.node_id,
             "actor_nodes": sorted({a["Address"]["NodeID"] for a in _encoder_actors()}),
             "events": events,
         }
