@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,8 +121,11 @@ def _run_scenario(root: Path, kill: bool) -> dict:
     env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO), NO_ALBUMENTATIONS_UPDATE="1",
                RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, __file__, str(root), "kill" if kill else "plain"],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    try:
+        proc = subprocess.run([sys.executable, __file__, str(root), "kill" if kill else "plain"],
+                              env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
