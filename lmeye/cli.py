@@ -23,6 +23,8 @@ COMMANDS = [
     "eval",
     "chat",
     "app",
+    "lineage",
+    "regenerate",
 ]
 DESCRIPTION = (
     "LingCloud: the platform behind LMEye, an Interactive Perception Network that gives a frozen LLM eyes. "

@@ -10,6 +10,7 @@ from typing import Callable
 from lmeye.config import Config, load_config
 from lmeye.errors import user_errors
 from lmeye.report import StageSummary
+from lmeye.stages import run_recorded
 
 StageFn = Callable[[Config], StageSummary]
 
@@ -33,7 +34,7 @@ def run_stage(stage: StageFn, cfg: Config, *, overwrite: bool = False) -> int:
 
     try:
         with overwriting(overwrite):
-            summary = stage(cfg)
+            summary = run_recorded(stage, cfg)  # a registered stage's manifest gets its provenance
     except KeyboardInterrupt:
         # Every stage commits finished shards as it goes: the rerun resumes from them.
         print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 import lmeye
 from lmeye.errors import UserError
+from lmeye import provenance
 from schemas import SchemaError, TableSchema
 
 MANIFEST = "_manifest.json"
@@ -226,6 +227,7 @@ class Manifest:
     config: dict[str, Any] = field(default_factory=dict)
     updated: float = 0.0
     replaced_rows: int | None = None  # set when --overwrite replaced a table from other inputs/config
+    provenance: dict[str, Any] = field(default_factory=dict)  # stage, inputs, run config: lmeye/provenance.py
 
     @property
     def num_rows(self) -> int:
@@ -353,6 +355,9 @@ class TableWriter:
                 f"{_join(path, MANIFEST)}: holds a {old.table} v{old.schema_version} table, "
                 f"refusing to overwrite it with {table.name} v{table.version}"
             )
+        run = provenance.for_output(path)
+        if run is not None and run.keep_versions and old is not None and old.shards and old.config_fingerprint != cfg_fp:
+            raise provenance.ConfigChanged(path, old.config_fingerprint, cfg_fp)
         overwrite = _OVERWRITE.get() if overwrite is None else overwrite
         self.overwrote = False
         if old is not None and old.shards and (old.config_fingerprint, old.input_fingerprint) != (cfg_fp, input_fingerprint):
@@ -378,6 +383,7 @@ class TableWriter:
             shards=dict(keep),
             config=config,
             metadata=dict(old.metadata) if old is not None and keep else {},
+            provenance=dict(run.record) if run is not None else {},
         )
         self.manifest.save(path)
 

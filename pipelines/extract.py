@@ -220,11 +220,15 @@ class _Encoder:
             t, d = self.token_shape
             tokens = np.zeros((n, t * d), dtype=self.store)
         idx = np.flatnonzero(ok)
-        if idx.size:
-            e, tok = self._forward(pixels[idx] if idx.size < n else pixels)
-            emb[idx] = e
+        # Fixed chunks of whole blocks: CPU matmuls round by batch composition, so a row's
+        # features must not depend on which rows of other shards arrived beside it.
+        step = self.settings["batch_size"]
+        for start in range(0, idx.size, step):
+            part = idx[start:start + step]
+            e, tok = self._forward(pixels[part])
+            emb[part] = e
             if tokens is not None:
-                tokens[idx] = tok.reshape(idx.size, -1)
+                tokens[part] = tok.reshape(part.size, -1)
         if self.settings["debug_delay_s"]:
             time.sleep(self.settings["debug_delay_s"])
         failed = ~ok
@@ -584,6 +588,7 @@ def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pair
         "patch_tokens": ec.patch_tokens,
         "dtype": ec.dtype,
         "debug_delay_s": ec.debug_delay_s,
+        "batch_size": ec.batch_size,
     }
     # Ray Data passes an actor's constructor arguments through the object store, where Ray cannot
     # restore them for a restart (ray-project/ray#53727: "constructor arguments in the object store and
@@ -594,7 +599,7 @@ def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pair
         return ds.map_batches(
             _Encoder,
             fn_constructor_kwargs={"spec": spec.to_dict(), "settings": settings},
-            batch_size=ec.batch_size,
+            batch_size=None,  # whole blocks; the actor runs them in chunks of batch_size
             batch_format="pyarrow",
             compute=compute,
             num_cpus=ec.actor_num_cpus,
