@@ -18,6 +18,7 @@ from lmeye.config.base import Section
 from lmeye.config.download import DownloadConfig
 from lmeye.config.extract import ExtractConfig
 from lmeye.config.instruct import InstructConfig
+from lmeye.config.train import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,7 @@ class Config(Section):
     download: DownloadConfig = DownloadConfig()
     extract: ExtractConfig = ExtractConfig()
     instruct: InstructConfig = InstructConfig()
+    train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
     def _default_paths(self) -> "Config":

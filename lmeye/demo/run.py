@@ -24,7 +24,7 @@ URL_FILE = {"csv": "urls.csv", "tsv": "urls.tsv", "jsonl": "urls.jsonl", "parque
 def _optional_stages() -> list[tuple[str, Callable[[Config], StageSummary]]]:
     """Stages after download, in order; each joins the demo once its module exists."""
     stages = []
-    for name in ("extract", "instruct"):
+    for name in ("extract", "instruct", "train"):
         try:
             module = importlib.import_module(f"pipelines.{name}")
         except ModuleNotFoundError as err:
