@@ -273,6 +273,24 @@ def _summary(stage: TrainStage, directory: str, metrics: dict[str, Any], seconds
     return s
 
 
+def loop_config(cfg: Config, stage: TrainStage, factory: Any, files: dict[str, list[str]], store: Any,
+                init_dir: Optional[str], directory: str) -> tuple[dict[str, Any], int]:
+    """What every worker of the stage gets (``lmeye.train.loop.train_loop``), and the train rows."""
+    tc = cfg.train
+    rows = _count_rows(files[TRAIN], _task_filter(stage))
+    if rows == 0:
+        raise UserError(f"train stage {stage.name}: no train rows of tasks {stage.tasks or 'any'} in the instructions table")
+    micro, accum = stage_value(tc, stage, "micro_batch_size"), stage_value(tc, stage, "grad_accum")
+    total = math.ceil(rows / (tc.num_workers * micro * accum)) * stage.epochs
+    total = min(total, stage.max_steps or total)
+    config = {
+        "cfg": dump_config(cfg), "stage": stage.model_dump(mode="json"), "factory": factory,
+        "features": store.path, "features_version": store.version, "init_dir": init_dir,
+        "total_steps": total, "metrics_path": f"{directory}/metrics.jsonl",
+    }
+    return config, rows
+
+
 def _run_stage(cfg: Config, stage: TrainStage, factory: Any, files: dict[str, list[str]], store: Any,
                output: str, init_dir: Optional[str]) -> StageSummary:
     from lmeye.runtime import init_ray
@@ -292,21 +310,12 @@ def _run_stage(cfg: Config, stage: TrainStage, factory: Any, files: dict[str, li
             summary.notes.insert(0, "already trained with this config and these inputs; nothing redone")
             return summary
         _check_same_run(directory, fp, stage)
-    expr = _task_filter(stage)
-    rows = _count_rows(files[TRAIN], expr)
-    if rows == 0:
-        raise UserError(f"train stage {stage.name}: no train rows of tasks {stage.tasks or 'any'} in the instructions table")
-    micro, accum = stage_value(tc, stage, "micro_batch_size"), stage_value(tc, stage, "grad_accum")
-    total = math.ceil(rows / (tc.num_workers * micro * accum)) * stage.epochs
-    total = min(total, stage.max_steps or total)
+    config, rows = loop_config(cfg, stage, factory, files, store, init_dir, directory)
+    micro, accum, total = (stage_value(tc, stage, "micro_batch_size"), stage_value(tc, stage, "grad_accum"),
+                           config["total_steps"])
     os.makedirs(directory, exist_ok=True)
     with open(f"{directory}/run.json", "w") as f:
         json.dump({"fingerprint": fp}, f)
-    config = {
-        "cfg": dump_config(cfg), "stage": stage.model_dump(mode="json"), "factory": factory,
-        "features": store.path, "features_version": store.version, "init_dir": init_dir,
-        "total_steps": total, "metrics_path": f"{directory}/metrics.jsonl",
-    }
     print(f"[train {stage.name}] {rows} train rows, {tc.num_workers} workers x {micro} rows x {accum} accumulation, "
           f"about {total} steps; output {directory}", flush=True)
     init_ray(cfg.ray)
@@ -362,6 +371,8 @@ def run(cfg: Config, *, factory: Any = None) -> StageSummary:
                 raise FileNotFoundError(f"train stage {stage.name}: init_from {stage.init_from}: no model at {init_dir}; "
                                         f"train stage {stage.init_from} first")
             _check_feature_shape(factory, init_dir, store, stage)
+        if _count_rows(files[TRAIN], _task_filter(stage)) == 0:
+            raise UserError(f"train stage {stage.name}: no train rows of tasks {stage.tasks or 'any'} in the instructions table")
         plan.append((stage, init_dir))
     summary: Optional[StageSummary] = None
     for i, (stage, init_dir) in enumerate(plan):

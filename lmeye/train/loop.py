@@ -256,6 +256,7 @@ class Worker:
                 break  # max_steps inside the epoch: the epoch is not finished
             self.state.epoch += 1
             self.seen_prev, self.seen_new = np.zeros(0, np.uint64), []
+        self.train_seconds = time.time() - self._started  # training alone: no start-up, no validation
 
     def _after_step(self, acc: list[float], t0: float) -> None:
         loss_rows, rows, tokens, *skips = self._sum([acc[0], acc[1], acc[2], *self._skip_vector()])
@@ -307,8 +308,8 @@ class Worker:
 
     def finish(self, val: dict[str, Any]) -> None:
         self.state.done = True
-        seconds = time.time() - getattr(self, "_started", time.time())
-        self.checkpoint(dict(getattr(self, "last", {}), step=self.state.step, final=True, train_seconds=seconds,
+        self.checkpoint(dict(getattr(self, "last", {}), step=self.state.step, final=True,
+                             train_seconds=getattr(self, "train_seconds", 0.0),
                              rows=self.state.rows, skipped=json.dumps(self.state.skipped), **val))
 
 

@@ -253,7 +253,8 @@ def write_instructions(path: Path, rows: list[dict], shards: int = 3) -> None:
 
 
 def build_tables(root: Path, n_train: int = 40, n_val: int = 6, missing: tuple[int, ...] = (5, 22),
-                 too_long: tuple[int, ...] = (9, 31), text_only: tuple[int, ...] = (13,), dim: int = 8) -> dict[str, Any]:
+                 too_long: tuple[int, ...] = (9, 31), text_only: tuple[int, ...] = (13,), dim: int = 8,
+                 patch: Optional[tuple[int, int]] = (4, 6)) -> dict[str, Any]:
     """An instructions table (train rows 0..n_train-1 and validation rows) and a features table.
 
     Train row i has key ``q{i}`` (the first user turn starts with it). Rows in ``missing`` name an
@@ -279,6 +280,6 @@ def build_tables(root: Path, n_train: int = 40, n_val: int = 6, missing: tuple[i
         if split == "train" and i not in missing and i not in too_long:
             trainable.append(question)
     write_instructions(root / "instructions", rows)
-    write_features(root / "features", feature_uids, dim=dim)
+    write_features(root / "features", feature_uids, dim=dim, patch=patch)
     return {"instructions": root / "instructions", "features": root / "features", "trainable": trainable,
             "rows": rows}
