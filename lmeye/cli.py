@@ -10,7 +10,7 @@ import sys
 from lmeye.config import load_config, parse_overrides
 from lmeye.errors import user_errors
 
-COMMANDS = ["config", "demo", "download", "extract", "store", "instruct", "train"]
+COMMANDS = ["config", "demo", "download", "extract", "store", "instruct", "model", "train"]
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

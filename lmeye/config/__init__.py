@@ -18,6 +18,7 @@ from lmeye.config.base import Section
 from lmeye.config.download import DownloadConfig
 from lmeye.config.extract import ExtractConfig
 from lmeye.config.instruct import InstructConfig
+from lmeye.config.model import ModelConfig
 from lmeye.config.train import TrainConfig
 
 
@@ -55,6 +56,7 @@ class Config(Section):
     download: DownloadConfig = DownloadConfig()
     extract: ExtractConfig = ExtractConfig()
     instruct: InstructConfig = InstructConfig()
+    model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")

@@ -31,6 +31,8 @@ class IPNFactory:
         if model_cfg is None:
             raise UserError("model: the config has no model section; the train stage needs one (model.llm)")
         llm = model_cfg.llm
+        if not llm:
+            raise UserError("model.llm: not set; name the frozen LLM's directory (the demo builds one: lmeye.model.demo)")
         try:
             from transformers import AutoConfig
 

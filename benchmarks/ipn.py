@@ -1,0 +1,116 @@
+"""One IPN answer with prefix KV reuse vs two full passes (upstream LMEye's way), same inputs.
+
+    .venv/bin/python benchmarks/ipn.py [--family llama] [--hidden 512] [--layers 8] \
+        [--prefix-words 150] [--answer-words 12] [--batch 4] [--new-tokens 16] [--repeats 5] [--device cpu]
+
+A random LLM of ``--family`` (built from a transformers config) around the demo tokenizer and the
+tiny CLIP; one batch of image questions whose prefix (template + <img> + the user's text + <img-q>)
+is ``--prefix-words`` words long. Measured, interleaved, median of ``--repeats``:
+  * training step (forward + backward of the loss): ``ipn(batch)`` (pass 1 over the prefix, pass 2
+    over <img-d> + answer on the prefix cache) vs ``ipn(batch, reuse_prefix=False)`` (pass 2 reruns
+    the whole sequence);
+  * answering (``generate`` of ``--new-tokens`` greedy tokens, batch 1): from the prefix cache vs
+    generate over the full embeddings without it.
+Prints each time and the ratio full / reuse (> 1: reuse is faster). The logits of both paths are
+checked to agree (<= 1e-4) first, so the two paths compute the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmeye.model import IPN  # noqa: E402
+from lmeye.model.demo import build_tiny_llm  # noqa: E402
+from lmeye.model.testing import FEATURE_DIM, PATCH_SHAPE, features, tiny_clip_checkpoint, tiny_model_config, tiny_tokenizer  # noqa: E402
+
+SIZES = {  # family -> config keys for --hidden / --layers
+    "llama": ("hidden_size", "num_hidden_layers", {"intermediate_size": 4, "num_attention_heads": 64, "num_key_value_heads": 64}),
+    "qwen2": ("hidden_size", "num_hidden_layers", {"intermediate_size": 4, "num_attention_heads": 64, "num_key_value_heads": 64}),
+    "gpt2": ("n_embd", "n_layer", {"n_head": 64}),
+}
+
+
+def build(args, root: str) -> IPN:
+    tok = tiny_tokenizer()
+    h_key, l_key, extra = SIZES[args.family]
+    sizes = {h_key: args.hidden, l_key: args.layers, "max_position_embeddings" if args.family != "gpt2" else "n_positions": 2048}
+    for k, per in extra.items():  # widths that scale with --hidden: 4x MLP, heads of 64
+        sizes[k] = args.hidden * per if k.startswith("intermediate") else max(1, args.hidden // per)
+    llm = build_tiny_llm(f"{root}/llm", args.family, tok, **sizes)
+    cfg = tiny_model_config(llm, tiny_clip_checkpoint(f"{root}/clip.safetensors"), max_length=2048)
+    ipn = IPN.from_config(cfg, FEATURE_DIM, PATCH_SHAPE).to(args.device)
+    with torch.no_grad():
+        torch.nn.init.normal_(ipn.transmit.weight, std=0.1)  # a trained-looking IPN: <img-d> depend on the request
+    return ipn
+
+
+def timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--family", default="llama", choices=sorted(SIZES))
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--prefix-words", type=int, default=150)
+    p.add_argument("--answer-words", type=int, default=12)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as root:
+        ipn = build(args, root)
+        words = ("the red circle is at the top left and the blue square is in the centre " * 100).split()
+        question = " ".join(words[: args.prefix_words]) + ". What colour is the circle?"
+        answer = " ".join(words[: args.answer_words])
+        conv = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        encs = [ipn.encode(conv, True)] * args.batch
+        emb, patches = features(args.batch)
+        batch = {k: v.to(args.device) for k, v in ipn.collate(encs, emb, patches).items()}
+        prompt = {k: v.to(args.device) for k, v in ipn.collate([ipn.encode(conv[:1], True, for_generation=True)], emb[:1], patches[:1]).items()}
+        print(f"{args.family}: hidden {args.hidden}, {args.layers} layers, {sum(p.numel() for p in ipn.llm.parameters()):,} LLM parameters; "
+              f"prefix {batch['prefix_ids'].shape[1]} tokens, suffix {batch['suffix_ids'].shape[1]} (k=5 <img-d> + answer), batch {args.batch}; "
+              f"device {args.device}, {torch.get_num_threads()} threads")
+        with torch.no_grad():
+            a, b = ipn(batch, return_logits=True), ipn(batch, reuse_prefix=False, return_logits=True)
+            diff = (a.logits - b.logits)[batch["suffix_mask"].bool()].abs().max().item()
+        assert diff <= 1e-4, diff
+        print(f"check: max |logit difference| reuse vs full = {diff:.2e}")
+
+        def step(reuse: bool):
+            ipn.zero_grad()
+            ipn(batch, reuse_prefix=reuse).loss.backward()
+
+        def answer_once(reuse: bool):
+            ipn.generate(prompt, max_new_tokens=args.new_tokens, reuse_prefix=reuse, min_new_tokens=args.new_tokens)
+
+        for name, fn in (("training step (fwd+bwd)", step), (f"answer ({args.new_tokens} new tokens)", answer_once)):
+            fn(True), fn(False)  # warm-up
+            times = {True: [], False: []}
+            for _ in range(args.repeats):
+                for reuse in (True, False):
+                    times[reuse].append(timed(lambda: fn(reuse), args.device))
+            reuse_t, full_t = statistics.median(times[True]), statistics.median(times[False])
+            print(f"{name:<28} reuse {reuse_t * 1e3:8.1f} ms   two full passes {full_t * 1e3:8.1f} ms   ratio {full_t / reuse_t:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

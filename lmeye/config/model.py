@@ -1,0 +1,44 @@
+"""`model:` — the IPN (owned by the model): which frozen LLM and CLIP it joins, and its sizes."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from lmeye.config.base import Section
+
+
+class ModelConfig(Section):
+    # the frozen parts (referenced, never copied into a checkpoint)
+    llm: Optional[str] = Field(
+        None, description="directory (or hub name where a network exists) of a causal LM, loaded frozen with AutoModelForCausalLM; required to build an IPN"
+    )
+    tokenizer: Optional[str] = Field(None, description="tokenizer directory or name; null: the llm's")
+    clip_model: str = Field("ViT-L-14", description="open_clip architecture whose frozen text tower runs RVII (rvii: clip_text)")
+    clip_pretrained: Optional[str] = Field(
+        "openai", description="open_clip pretrained tag or local checkpoint file of clip_model; null: random weights (tests only)"
+    )
+    clip_model_config_dirs: list[str] = Field(default_factory=list, description="extra directories of open_clip model JSONs")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the frozen LLM and CLIP text tower")
+    attn_implementation: Optional[str] = Field(None, description="LLM attention kernel (sdpa, eager, ...); null: transformers' default")
+    # the IPN's own (trained) parts
+    rvii: Literal["clip_text", "transformer"] = Field(
+        "clip_text",
+        description="request-based visual interaction: the frozen CLIP text transformer over [BOS, image tokens, request, EOS] (LMEye), or a small trained transformer (no CLIP text tower needed)",
+    )
+    num_img: int = Field(1, gt=0, description="`<img>` prompt embeddings from the visual mapping of the pooled image embedding")
+    num_img_d: int = Field(5, gt=0, description="k: `<img-d>` embeddings the RVII result is transmitted through (LMEye: 5)")
+    rvii_image_tokens: int = Field(
+        32, gt=0, description="most image tokens entering RVII; more patch tokens are average-pooled down to this many (CLIP's text context is 77)"
+    )
+    rvii_width: int = Field(256, gt=0, description="width of the trained RVII transformer (rvii: transformer)")
+    rvii_layers: int = Field(2, gt=0, description="layers of the trained RVII transformer (rvii: transformer)")
+    rvii_heads: int = Field(4, gt=0, description="attention heads of the trained RVII transformer (rvii: transformer)")
+    seed: int = Field(0, description="seed of the IPN's initial weights")
+    # text
+    max_length: int = Field(
+        512, gt=0,
+        description="token budget of one sample (capped by the LLM's context); longer: later turns, then the answer's tail are cut; a sample that would lose its first answer token is skipped (too_long)",
+    )
+    system_prompt: Optional[str] = Field(None, description="system turn put before every conversation (when the chat template has one)")

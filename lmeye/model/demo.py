@@ -1,0 +1,194 @@
+"""The offline demo's tiny LLM: a LLaMA-family model and a tokenizer, both trained on the demo
+corpus's own text and saved with ``save_pretrained``, so they load like real weights
+(``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(dir)``).
+
+Steps, all deterministic (fixed seeds, one fixed corpus):
+1. text: conversations built from the synthetic corpus (captions with the instruct stage's caption
+   templates, and the question/answer pairs), rendered with the chat template below;
+2. tokenizer: byte-level BPE trained with the ``tokenizers`` library, plus the chat's special tokens;
+3. model: ``configs/models/lingcloud-tiny-llm.json`` (a ``LlamaConfig``), trained briefly as a plain
+   language model on that text so it stands in for a pretrained LLM (it knows the words and the
+   chat format; without the image it can only guess the answers).
+The result is cached in ``{data.root}/models/lingcloud-tiny-llm/`` with a stamp of everything it was
+built from; a matching stamp means it is reused as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lmeye.clip import MODEL_CONFIG_DIR
+
+NAME = "lingcloud-tiny-llm"
+CONFIG_JSON = MODEL_CONFIG_DIR / f"{NAME}.json"
+STAMP = "lingcloud_demo.json"
+CORPUS_IMAGES = 512  # more than the demo renders: the LM sees more sentences than the pipeline has images
+SEED = 0
+STEPS = 200
+BATCH = 32
+LR = 3e-3
+SPECIAL = ["<pad>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def demo_conversations(num_images: int = CORPUS_IMAGES, seed: int = SEED) -> list[list[dict[str, str]]]:
+    """User/assistant pairs about the synthetic images: caption tasks and question/answer pairs."""
+    import yaml
+
+    from lmeye.demo.corpus import generate_items, qa_pairs
+    from lmeye.templates import CAPTIONS
+
+    tasks = yaml.safe_load(CAPTIONS.read_text())
+    rng = random.Random(seed)
+    convs = []
+    for item in generate_items(num_images, seed):
+        task = tasks[rng.choice(sorted(tasks))]
+        clause = item.caption[0].lower() + item.caption[1:].rstrip(".")
+        answer = rng.choice(task["responses"]).format(caption=item.caption, caption_clause=clause)
+        convs.append([{"role": "user", "content": rng.choice(task["prompts"])}, {"role": "assistant", "content": answer}])
+        for qa in qa_pairs(item):
+            convs.append([{"role": "user", "content": qa["question"]}, {"role": "assistant", "content": qa["answer"]}])
+    return convs
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE over ``texts`` with the chat's special tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="<|end|>", pad_token="<pad>", chat_template=CHAT_TEMPLATE,
+        model_max_length=256,
+    )
+
+
+RECIPE_VERSION = 1  # bump when the text, tokenizer or training recipe changes in a way the constants don't show
+
+
+def _fingerprint(model_json: dict[str, Any]) -> str:
+    recipe = [RECIPE_VERSION, model_json, CORPUS_IMAGES, SEED, BATCH, LR, SPECIAL, CHAT_TEMPLATE]
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_demo_llm(directory: str, steps: int = STEPS) -> str:
+    """Build the tokenizer and the briefly trained tiny LLaMA into ``directory`` (overwritten)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_json = json.loads(CONFIG_JSON.read_text())
+    convs = demo_conversations()
+    texts = [" ".join(t["content"] for t in c) for c in convs]
+    tok = build_tokenizer(texts, model_json["vocab_size"])
+    config = AutoConfig.for_model(**{**model_json, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(config)
+    rendered = [tok.apply_chat_template(c, tokenize=False) for c in convs]
+    ids = [tok(r, add_special_tokens=False)["input_ids"] for r in rendered]
+    if steps:
+        _pretrain(model, ids, tok.pad_token_id, steps)
+    tmp = Path(f"{directory}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / STAMP).write_text(json.dumps({"fingerprint": _fingerprint(model_json), "steps": steps, "seed": SEED, "conversations": len(convs)}, indent=2))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+    try:
+        tmp.rename(directory)
+    except OSError:  # another process finished the same build first: keep its copy
+        if not (Path(directory) / STAMP).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _pretrain(model, ids: list[list[int]], pad: int, steps: int) -> None:
+    """A few hundred AdamW steps of next-token prediction on the rendered conversations."""
+    import torch
+
+    gen = torch.Generator().manual_seed(SEED)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same sums in the same order on every machine, and no contention
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        pick = torch.randint(len(ids), (BATCH,), generator=gen).tolist()
+        width = max(len(ids[i]) for i in pick)
+        x = torch.full((BATCH, width), pad)
+        m = torch.zeros(BATCH, width, dtype=torch.long)
+        for r, i in enumerate(pick):
+            x[r, : len(ids[i])] = torch.tensor(ids[i])
+            m[r, : len(ids[i])] = 1
+        loss = model(input_ids=x, attention_mask=m, labels=x.masked_fill(m == 0, -100)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    model.eval()
+
+
+def ensure_demo_llm(cfg, steps: int = STEPS) -> str:
+    """Make sure the demo LLM exists (built once, cached); point ``cfg.model.llm`` at it; return its path.
+
+    ``cfg`` is the whole config: the default place is ``{data.root}/models/lingcloud-tiny-llm``.
+    When ``model.clip_pretrained`` is null and ``model.clip_model`` is the extract stage's model,
+    it is pointed at the extract stage's demo CLIP checkpoint (built if absent), so RVII runs the
+    text tower of the very CLIP that made the features.
+    """
+    path = cfg.model.llm or f"{cfg.data.root.rstrip('/')}/models/{NAME}"
+    stamp = Path(path) / STAMP
+    want = _fingerprint(json.loads(CONFIG_JSON.read_text()))
+    built = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if (built.get("fingerprint"), built.get("steps")) != (want, steps):
+        build_demo_llm(path, steps)
+    if cfg.model.llm != path:
+        cfg.model.llm = path
+    if cfg.model.rvii == "clip_text" and cfg.model.clip_pretrained is None and cfg.model.clip_model == cfg.extract.model:
+        from lmeye.clip import ensure_demo_model
+
+        cfg.model.clip_pretrained = ensure_demo_model(cfg.extract)
+    return path
+
+
+# Tiny random configs of other families: tests and benchmarks run the same IPN code over them.
+TINY_FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256},
+    "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256},
+    "qwen2": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256},
+    "opt": {"model_type": "opt", "hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "word_embed_proj_dim": 32, "max_position_embeddings": 256},
+    "bloom": {"model_type": "bloom", "hidden_size": 32, "n_layer": 2, "n_head": 4},
+}
+
+
+def build_tiny_llm(directory: str, family: str, tokenizer, seed: int = 0, **overrides: Any) -> str:
+    """A random tiny causal LM of ``family`` (see TINY_FAMILIES) sharing ``tokenizer``, saved like real weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = {**TINY_FAMILIES[family], **overrides}
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config = AutoConfig.for_model(**spec, vocab_size=len(tokenizer), **ids)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,388 @@
+"""The IPN: LMEye's Interactive Perception Network around a frozen causal LLM.
+
+Data flow of one batch (``forward`` and ``generate`` share it up to the second pass)::
+
+    image embedding --visual mapping--> <img> x num_img  --.
+    prefix text + <img> + <img-q> --LLM pass 1 (cache)--> request = last hidden state at <img-q>
+    request --linear--> k request vectors --RVII with image tokens--> k vectors
+            --transmission--> <img-d> x k
+    [<img-d> x k, rest of the conversation] --LLM pass 2 on the prefix cache--> logits -> loss / tokens
+
+Pass 1 covers the prefix only and its keys/values are reused by pass 2, so an answer costs one
+prefix pass plus k + answer tokens; upstream LMEye reruns the whole sequence (``reuse_prefix=False``
+here, kept as the reference that tests and ``benchmarks/ipn.py`` compare against).
+
+Batch layout: prefixes are left-padded (so ``<img-q>`` is the last prefix position in every row)
+and suffixes are left-padded too (pads between prefix and suffix, so generation appends at the
+right edge for every row). Position ids are ``cumsum(mask) - 1``, which makes every row's
+positions exactly those it has alone; this is what makes a mixed batch give each sample's own
+loss. Text-only rows take the same path with no slots.
+
+Only the IPN's own parameters train; the LLM and the CLIP text tower are frozen (requires_grad
+False, eval mode), and the LLM's vocabulary and embedding matrix are never resized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmeye.config.model import ModelConfig
+from lmeye.errors import UserError
+from lmeye.model.rvii import ClipTextRVII, TransformerRVII, load_clip_text_tower
+from lmeye.model.text import IGNORE, IMG, IMG_D, IMG_Q, TextCodec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FROZEN_PREFIXES = ("llm.", "rvii.tower.")  # referenced by the config, never saved
+PARTS = {  # part name -> the IPN's own parameter-name prefixes (describe, set_trainable)
+    "visual_mapping": ("img_proj.", "img_embed"),
+    "request": ("imgq_embed", "request_proj."),
+    "rvii": ("rvii.",),
+    "transmission": ("transmit.", "imgd_embed"),
+}
+
+
+@dataclass
+class IPNOutput:
+    loss: torch.Tensor  # mean over every answer token of the batch
+    per_sample_loss: torch.Tensor  # (B,) mean over each sample's answer tokens
+    logits: Optional[torch.Tensor] = None  # (B, S, V) over the suffix
+    num_tokens: Optional[torch.Tensor] = None  # (B,) answer tokens per sample
+
+
+def load_llm(cfg: ModelConfig):
+    """(frozen causal LM, tokenizer) from ``cfg.llm``; one UserError naming the path if it is not one."""
+    import os
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line per loaded model is enough
+    if not cfg.llm:
+        raise UserError("model.llm is not set: name a causal LM directory (the demo builds one with lmeye.model.demo.ensure_demo_llm)")
+    try:
+        llm_cfg = AutoConfig.from_pretrained(cfg.llm)
+    except (OSError, ValueError) as err:
+        where = "no such directory" if not os.path.exists(cfg.llm) else "no usable config.json"
+        raise UserError(f"model.llm {cfg.llm!r}: {where} ({str(err).splitlines()[0]})") from None
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(llm_cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"model.llm {cfg.llm!r} is not a causal LM ({type(llm_cfg).__name__} has no AutoModelForCausalLM class)")
+    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype]}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, **kwargs)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise UserError(f"model.llm {cfg.llm!r} is not a causal LM ({type(llm_cfg).__name__})") from None
+        raise
+    except OSError as err:
+        raise UserError(f"model.llm {cfg.llm!r}: cannot load weights ({str(err).splitlines()[0]})") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.llm)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.tokenizer {cfg.tokenizer or cfg.llm!r}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # pads are masked; any id works
+    return llm, tok
+
+
+def llm_context(llm) -> int:
+    c = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        if getattr(c, key, None):
+            return int(getattr(c, key))
+    return 1 << 30
+
+
+class IPN(nn.Module):
+    def __init__(self, cfg: ModelConfig, feature_dim: int, patch_shape: Optional[tuple[int, int]], llm, tokenizer, clip_tower=None):
+        super().__init__()
+        self.cfg = cfg
+        self.feature_dim = int(feature_dim)
+        self.patch_shape = tuple(int(x) for x in patch_shape) if patch_shape else None
+        self.llm = llm.eval()
+        for p in self.llm.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        hidden = int(llm.get_input_embeddings().weight.shape[1])
+        self.hidden = hidden
+        k = cfg.num_img_d
+        torch.manual_seed(cfg.seed)  # the same config gives the same initial IPN
+        # 1. visual mapping: pooled embedding -> <img> x num_img (LMEye stage 1: imageLinear + embedding)
+        self.img_proj = nn.Linear(self.feature_dim, cfg.num_img * hidden)
+        self.img_embed = nn.Parameter(torch.zeros(cfg.num_img, hidden))
+        # 2. request acquisition: the learned <img-q> embedding; its hidden state -> k request vectors
+        self.imgq_embed = nn.Parameter(torch.randn(hidden) * 0.02)
+        # 3. RVII over the image tokens (patch tokens, or the pooled embedding as one token)
+        image_dim = self.patch_shape[1] if self.patch_shape else self.feature_dim
+        if cfg.rvii == "clip_text":
+            if clip_tower is None:
+                raise UserError("model.rvii clip_text needs the CLIP text tower (model.clip_model / clip_pretrained)")
+            self.rvii = ClipTextRVII(clip_tower, image_dim, k, cfg.rvii_image_tokens)
+        else:
+            self.rvii = TransformerRVII(image_dim, k, cfg.rvii_width, cfg.rvii_layers, cfg.rvii_heads, cfg.rvii_image_tokens)
+        self.request_proj = nn.Linear(hidden, k * self.rvii.request_width)
+        # 4. transmission: RVII output -> added to the learned <img-d> embeddings. Zero-initialised,
+        # so an untrained IPN feeds the LLM constant <img-d> embeddings rather than noise.
+        self.transmit = nn.Linear(self.rvii.out_dim, hidden)
+        nn.init.zeros_(self.transmit.weight)
+        nn.init.zeros_(self.transmit.bias)
+        self.imgd_embed = nn.Parameter(torch.randn(k, hidden) * 0.02)
+        self.codec = TextCodec(tokenizer, num_img=cfg.num_img, num_img_d=k, max_length=min(cfg.max_length, llm_context(llm)), system_prompt=cfg.system_prompt)
+        self.set_trainable("instruct")
+
+    # ---------------------------------------------------------------------------------------
+    # construction, parameters, saving
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, feature_dim: int, patch_shape: Optional[Sequence[int]] = None) -> "IPN":
+        """A fresh IPN (weights from ``cfg.seed``) around the configured frozen LLM and CLIP text tower."""
+        llm, tok = load_llm(cfg)
+        tower = None
+        if cfg.rvii == "clip_text":
+            tower = load_clip_text_tower(cfg.clip_model, cfg.clip_pretrained, cfg.clip_model_config_dirs, torch.float32)
+        return cls(cfg, feature_dim, tuple(patch_shape) if patch_shape else None, llm, tok, tower)
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "IPN":
+        from lmeye.model.io import load_ipn
+
+        return load_ipn(directory)
+
+    def save_pretrained(self, directory: str) -> str:
+        from lmeye.model.io import save_ipn
+
+        return save_ipn(self, directory)
+
+    def own_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if not n.startswith(FROZEN_PREFIXES)}
+
+    def set_trainable(self, stage: Literal["align", "instruct"], train_visual_mapping: bool = True) -> None:
+        """align: the visual mapping only (LMEye stage 1); instruct: request, RVII, transmission (+ mapping)."""
+        if stage not in ("align", "instruct"):
+            raise UserError(f"unknown training stage {stage!r}; one of align, instruct")
+        parts = {"visual_mapping"} if stage == "align" else {"request", "rvii", "transmission"} | ({"visual_mapping"} if train_visual_mapping else set())
+        for name, p in self.own_parameters().items():
+            p.requires_grad_(any(name.startswith(PARTS[part]) for part in parts))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.own_parameters().values() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every IPN-own weight (whatever the stage), i.e. what a checkpoint holds."""
+        return {n: p.detach() for n, p in self.own_parameters().items()}
+
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        own = self.own_parameters()
+        missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        if missing or extra:
+            raise UserError(f"IPN weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+        for n, p in own.items():
+            if tuple(sd[n].shape) != tuple(p.shape):
+                raise UserError(f"IPN weight {n}: shape {tuple(sd[n].shape)} in the checkpoint, {tuple(p.shape)} in the model")
+            with torch.no_grad():
+                p.copy_(sd[n].to(p.dtype))
+
+    def train(self, mode: bool = True) -> "IPN":
+        super().train(mode)
+        self.llm.eval()  # frozen parts stay in eval mode (no dropout)
+        if isinstance(self.rvii, ClipTextRVII):
+            self.rvii.tower.eval()
+        return self
+
+    # ---------------------------------------------------------------------------------------
+    # data
+    def encode(self, conversation: list[dict], has_image: bool, for_generation: bool = False) -> Optional[dict]:
+        """Token ids of one sample (lmeye.model.text); None when it cannot fit ``max_length``."""
+        return self.codec.encode(conversation, has_image, for_generation)
+
+    @property
+    def encode_counts(self) -> dict[str, int]:
+        """How many samples ``encode`` took whole (encoded), cut (truncated) or skipped (too_long)."""
+        return dict(self.codec.counts)
+
+    def check_features(self, embed_dim: int, patch_shape: Optional[Sequence[int]]) -> None:
+        """Raise (naming both numbers) when a features table does not fit this IPN; call before any step."""
+        if int(embed_dim) != self.feature_dim:
+            raise UserError(f"features have embedding dimension {embed_dim}, the IPN expects {self.feature_dim}")
+        if self.patch_shape and patch_shape and int(patch_shape[1]) != self.patch_shape[1]:
+            raise UserError(f"features have patch-token width {patch_shape[1]}, the IPN expects {self.patch_shape[1]}")
+        if self.patch_shape and not patch_shape:
+            raise UserError(f"the IPN expects patch tokens {self.patch_shape}, the features have none")
+
+    def collate(self, encs: list[dict], embeddings: Optional[np.ndarray] = None, patch_tokens: Optional[np.ndarray] = None) -> dict[str, torch.Tensor]:
+        """Pad encoded samples into one batch (CPU tensors). Rows of text-only samples in
+        ``embeddings`` / ``patch_tokens`` are ignored (pass zeros)."""
+        b = len(encs)
+        pad = self.tokenizer.pad_token_id
+        p_len = max(len(e["prefix_ids"]) for e in encs)
+        s_len = max(len(e["suffix_ids"]) for e in encs)
+        out = {
+            "prefix_ids": torch.full((b, p_len), pad, dtype=torch.long),
+            "prefix_mask": torch.zeros(b, p_len, dtype=torch.long),
+            "suffix_ids": torch.full((b, s_len), pad, dtype=torch.long),
+            "suffix_mask": torch.zeros(b, s_len, dtype=torch.long),
+            "labels": torch.full((b, s_len), IGNORE, dtype=torch.long),
+            "has_image": torch.tensor([e["has_image"] for e in encs], dtype=torch.bool),
+        }
+        for i, e in enumerate(encs):  # left padding for both parts (see the module docstring)
+            n, m = len(e["prefix_ids"]), len(e["suffix_ids"])
+            out["prefix_ids"][i, p_len - n :] = torch.tensor(e["prefix_ids"])
+            out["prefix_mask"][i, p_len - n :] = 1
+            out["suffix_ids"][i, s_len - m :] = torch.tensor(e["suffix_ids"])
+            out["suffix_mask"][i, s_len - m :] = 1
+            out["labels"][i, s_len - m :] = torch.tensor(e["labels"])
+        if out["has_image"].any():
+            if embeddings is None:
+                raise UserError("a batch with images needs their embeddings")
+            emb = np.asarray(embeddings, dtype=np.float32).reshape(b, -1)
+            self.check_features(emb.shape[1], None if patch_tokens is None else np.asarray(patch_tokens).shape[1:])
+            out["embeddings"] = torch.from_numpy(emb)
+            if self.patch_shape:
+                out["patch_tokens"] = torch.from_numpy(np.asarray(patch_tokens, dtype=np.float32).reshape(b, -1, self.patch_shape[1]))
+        return out
+
+    # ---------------------------------------------------------------------------------------
+    # the two passes
+    @property
+    def device(self) -> torch.device:
+        return self.imgq_embed.device
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(ids.clamp(min=0))
+
+    def _prefix_embeds(self, batch: dict) -> torch.Tensor:
+        ids = batch["prefix_ids"]
+        emb = self._embed(ids)
+        dtype = emb.dtype
+        q = ids == IMG_Q
+        emb = torch.where(q[..., None], self.imgq_embed.to(dtype), emb)
+        img = ids == IMG
+        if img.any():
+            mapped = self.img_proj(batch["embeddings"].to(self.img_proj.weight.dtype)).view(len(ids), self.cfg.num_img, -1) + self.img_embed
+            slot = (img.cumsum(1) - 1).clamp(min=0)  # j-th <img> of a row gets its j-th mapped vector
+            emb = torch.where(img[..., None], mapped.to(dtype).gather(1, slot[..., None].expand(-1, -1, emb.shape[-1])), emb)
+        return emb
+
+    def _img_d(self, batch: dict, request_state: torch.Tensor) -> torch.Tensor:
+        """(B, k, H) <img-d> embeddings: learned embeddings + transmission(RVII(request, image tokens))."""
+        k = self.cfg.num_img_d
+        w = self.request_proj.weight
+        request = self.request_proj(request_state.to(w.dtype)).view(len(request_state), k, -1)
+        if "patch_tokens" in batch:
+            tokens = batch["patch_tokens"].to(w.dtype)
+        else:  # no patch tokens in the features table: RVII sees the pooled embedding as one token
+            tokens = batch["embeddings"].to(w.dtype)[:, None]
+        return self.imgd_embed + self.transmit(self.rvii(request, tokens).to(w.dtype))
+
+    def _suffix_embeds(self, batch: dict, request_state: Optional[torch.Tensor]) -> torch.Tensor:
+        ids = batch["suffix_ids"]
+        emb = self._embed(ids)
+        d = ids == IMG_D
+        if d.any():
+            img_d = self._img_d(batch, request_state).to(emb.dtype)
+            slot = (d.cumsum(1) - 1).clamp(min=0)
+            emb = torch.where(d[..., None], img_d.gather(1, slot[..., None].expand(-1, -1, emb.shape[-1])), emb)
+        return emb
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _prefix_pass(self, batch: dict):
+        """Pass 1 over the prefixes: (prefix embeddings, cache, request state at <img-q>)."""
+        from transformers import DynamicCache
+
+        emb = self._prefix_embeds(batch)
+        mask = batch["prefix_mask"]
+        cache = DynamicCache(config=self.llm.config)
+        out = self.llm(
+            inputs_embeds=emb, attention_mask=mask, position_ids=positions(mask),
+            cache=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1,
+        )
+        return emb, out.cache, out.hidden_states[-1][:, -1]  # left padding: <img-q> is the last position
+
+    def forward(self, batch: dict, reuse_prefix: bool = True, return_logits: bool = False) -> IPNOutput:
+        """Loss on the answer tokens. ``reuse_prefix=False`` recomputes the whole sequence in pass 2
+        (upstream's way; the reference for tests and the benchmark)."""
+        batch = self._to_device(batch)
+        prefix_emb, cache, request = self._prefix_pass(batch)
+        suffix_emb = self._suffix_embeds(batch, request)
+        mask = torch.cat([batch["prefix_mask"], batch["suffix_mask"]], dim=1)
+        pos = positions(mask)
+        p_len = prefix_emb.shape[1]
+        if reuse_prefix:
+            logits = self.llm(inputs_embeds=suffix_emb, attention_mask=mask, position_ids=pos[:, p_len:], cache=cache, use_cache=True).logits
+        else:
+            full = torch.cat([prefix_emb, suffix_emb], dim=1)
+            logits = self.llm(inputs_embeds=full, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, p_len:]
+        labels = batch["labels"]
+        # logits at suffix position t predict token t+1; the first suffix token is never an answer token
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none")
+        counted = (labels[:, 1:] != IGNORE).sum(1)
+        per_sample = nll.sum(1) / counted.clamp(min=1)
+        loss = nll.sum() / counted.sum().clamp(min=1)
+        return IPNOutput(loss=loss, per_sample_loss=per_sample, logits=logits if return_logits else None, num_tokens=counted)
+
+    # ---------------------------------------------------------------------------------------
+    # inference
+    @torch.no_grad()
+    def generate(
+        self, batch: dict, max_new_tokens: int = 32, do_sample: bool = False, num_beams: int = 1,
+        streamer=None, reuse_prefix: bool = True, **generation_kwargs: Any,
+    ) -> list[str]:
+        """Answers for a batch of prompts (``encode(..., for_generation=True)`` + ``collate``), decoded.
+
+        ``generate`` is given the FULL embeddings plus a copy of the prefix cache (REFERENCES §8): it
+        computes only the <img-d> and prompt-tail positions before decoding."""
+        batch = self._to_device(batch)
+        prefix_emb, cache, request = self._prefix_pass(batch)
+        full = torch.cat([prefix_emb, self._suffix_embeds(batch, request)], dim=1)
+        mask = torch.cat([batch["prefix_mask"], batch["suffix_mask"]], dim=1)
+        kwargs: dict[str, Any] = {}
+        if reuse_prefix:
+            if num_beams > 1:
+                cache.batch_repeat_interleave(num_beams)  # generate expands the inputs, not a given cache
+            kwargs["cache"] = cache
+        tok = self.tokenizer
+        out = self.llm.generate(
+            inputs_embeds=full, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            num_beams=num_beams, streamer=streamer, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            **kwargs, **generation_kwargs,
+        )
+        return tok.batch_decode(out, skip_special_tokens=True)
+
+    def chat(self, conversation: list[dict], embedding=None, patch_tokens=None, **gen: Any) -> str:
+        """One answer to ``conversation`` (ending with the user's turn), about one image or none."""
+        enc = self.encode(conversation, embedding is not None, for_generation=True)
+        if enc is None:
+            raise UserError(f"the conversation does not fit the model's {self.codec.max_length} tokens")
+        emb = None if embedding is None else np.asarray(embedding)[None]
+        pt = None if patch_tokens is None else np.asarray(patch_tokens)[None]
+        return self.generate(self.collate([enc], emb, pt), **gen)[0]
+
+    @torch.no_grad()
+    def score_choices(self, conversation: list[dict], choices: list[str], embedding=None, patch_tokens=None, reduction: Literal["sum", "mean"] = "sum") -> list[float]:
+        """Log-likelihood of each choice as the assistant's answer to ``conversation`` (ending with the
+        user's turn); the answer's tokens include the template's end-of-turn marker. Higher is better."""
+        has_image = embedding is not None
+        encs = [self.encode(list(conversation) + [{"role": "assistant", "content": c}], has_image) for c in choices]
+        if any(e is None for e in encs):
+            raise UserError(f"a choice does not fit the model's {self.codec.max_length} tokens")
+        n = len(choices)
+        emb = None if embedding is None else np.repeat(np.asarray(embedding)[None], n, 0)
+        pt = None if patch_tokens is None else np.repeat(np.asarray(patch_tokens)[None], n, 0)
+        out = self.forward(self.collate(encs, emb, pt))
+        nll = out.per_sample_loss * (out.num_tokens if reduction == "sum" else 1)
+        return (-nll).tolist()
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding: every row gets the positions it would have alone."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)

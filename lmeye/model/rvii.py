@@ -1,0 +1,132 @@
+"""RVII, request-based visual information interaction: the LLM's request meets the image features.
+
+Both variants take the request vectors (k of them, from the hidden state at ``<img-q>``) and the
+image tokens (projected patch tokens, or the projected pooled embedding when the features table
+has no patch tokens) and return k vectors, which transmission maps to the k ``<img-d>`` embeddings.
+
+* ``ClipTextRVII`` (default, LMEye's): ``[BOS, image tokens, request x k, EOS]`` through the
+  *frozen* open_clip text transformer (its causal mask, positional embeddings and final norm);
+  the k outputs just before EOS (the request slots, which have seen every image token) go
+  through the frozen ``text_projection``. Upstream takes the last 5 outputs including EOS (an
+  off-by-one, REFERENCES §4); here they are exactly the request slots.
+* ``TransformerRVII``: k learned queries plus the request vectors attend, with the image tokens,
+  in a small trained transformer; no CLIP text tower is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmeye.errors import UserError
+
+
+def pool_tokens(tokens: torch.Tensor, most: int) -> torch.Tensor:
+    """(B, T, D) -> (B, min(T, most), D) by average pooling along the token axis."""
+    if tokens.shape[1] <= most:
+        return tokens
+    return F.adaptive_avg_pool1d(tokens.transpose(1, 2), most).transpose(1, 2)
+
+
+class ClipTextTower(nn.Module):
+    """The frozen parts of an open_clip text tower that RVII needs (no vocabulary beyond BOS/EOS)."""
+
+    def __init__(self, clip_model: nn.Module, sot_id: int, eot_id: int):
+        super().__init__()
+        text = getattr(clip_model, "text", clip_model)  # CustomTextCLIP keeps it under .text
+        for name in ("transformer", "positional_embedding", "ln_final", "text_projection", "token_embedding"):
+            if getattr(text, name, None) is None:
+                raise UserError(f"CLIP model {type(clip_model).__name__}: its text tower has no {name} (RVII needs an open_clip text transformer)")
+        self.transformer = text.transformer
+        self.ln_final = text.ln_final
+        proj = text.text_projection
+        self.text_projection = proj if isinstance(proj, nn.Module) else nn.Parameter(proj.detach().clone())
+        self.positional_embedding = nn.Parameter(text.positional_embedding.detach().clone())
+        with torch.no_grad():
+            ends = text.token_embedding(torch.tensor([sot_id, eot_id]))
+        self.bos_eos = nn.Parameter(ends.detach().clone())  # only these two rows of the vocabulary are used
+        self.width = int(self.positional_embedding.shape[1])
+        self.context_length = int(self.positional_embedding.shape[0])
+        self.embed_dim = int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, middle: torch.Tensor) -> torch.Tensor:
+        """(B, L, width) soft prompts -> (B, L, width) final-norm outputs over [BOS, middle, EOS], middle part only."""
+        b, length = middle.shape[0], middle.shape[1] + 2
+        if length > self.context_length:
+            raise UserError(f"RVII sequence of {length} tokens exceeds the CLIP text context ({self.context_length}); lower model.rvii_image_tokens")
+        bos, eos = self.bos_eos.to(middle.dtype)[:, None].expand(-1, b, -1)
+        x = torch.cat([bos[:, None], middle, eos[:, None]], dim=1) + self.positional_embedding[:length].to(middle.dtype)
+        mask = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
+        x = self.ln_final(self.transformer(x, attn_mask=mask))
+        return x[:, 1:-1]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.text_projection(x) if isinstance(self.text_projection, nn.Module) else x @ self.text_projection
+
+
+class ClipTextRVII(nn.Module):
+    """LMEye's RVII on a frozen CLIP text tower; trained: the image-token projection."""
+
+    def __init__(self, tower: ClipTextTower, image_dim: int, num_img_d: int, max_image_tokens: int):
+        super().__init__()
+        self.tower = tower
+        self.num_img_d = num_img_d
+        self.max_image_tokens = min(max_image_tokens, tower.context_length - num_img_d - 2)
+        self.image_proj = nn.Linear(image_dim, tower.width)
+        self.request_width = tower.width
+        self.out_dim = tower.embed_dim
+
+    def forward(self, request: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """request (B, k, width), image_tokens (B, T, image_dim) -> (B, k, embed_dim)."""
+        img = self.image_proj(pool_tokens(image_tokens, self.max_image_tokens))
+        out = self.tower(torch.cat([img, request], dim=1))
+        return self.tower.project(out[:, -self.num_img_d :])
+
+
+class TransformerRVII(nn.Module):
+    """The trained alternative: k learned queries (+ request) and the image tokens in a small transformer."""
+
+    def __init__(self, image_dim: int, num_img_d: int, width: int, layers: int, heads: int, max_image_tokens: int):
+        super().__init__()
+        self.num_img_d = num_img_d
+        self.max_image_tokens = max_image_tokens
+        self.image_proj = nn.Linear(image_dim, width)
+        self.queries = nn.Parameter(torch.randn(num_img_d, width) * 0.02)
+        self.kind = nn.Parameter(torch.zeros(2, width))  # image / query type embeddings
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.request_width = width
+        self.out_dim = width
+
+    def forward(self, request: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        img = self.image_proj(pool_tokens(image_tokens, self.max_image_tokens)) + self.kind[0]
+        q = request + self.queries + self.kind[1]
+        out = self.encoder(torch.cat([img, q], dim=1))
+        return self.norm(out[:, -self.num_img_d :])
+
+
+def load_clip_text_tower(model: str, pretrained: Optional[str], config_dirs: list[str], dtype: torch.dtype) -> ClipTextTower:
+    """The frozen text tower of an open_clip model (the visual tower is dropped right after loading)."""
+    import os
+
+    import open_clip
+
+    from lmeye.clip import _quiet_open_clip, register_model_configs
+
+    register_model_configs(config_dirs)
+    if open_clip.get_model_config(model.replace("/", "-")) is None and not model.startswith(("hf-hub:", "local-dir:")):
+        raise UserError(f"model.clip_model {model!r}: no such open_clip architecture (add its JSON to configs/models/ or model.clip_model_config_dirs)")
+    if pretrained and not os.path.isfile(pretrained) and not open_clip.get_pretrained_cfg(model.replace("/", "-"), pretrained):
+        raise UserError(f"model.clip_pretrained {pretrained!r}: neither an existing file nor a pretrained tag of {model}")
+    with _quiet_open_clip():
+        clip = open_clip.create_model(model, pretrained=pretrained or None)
+    tok = open_clip.get_tokenizer(model)
+    tower = ClipTextTower(clip, getattr(tok, "sot_token_id", 49406), getattr(tok, "eot_token_id", 49407))
+    del clip
+    return tower.to(dtype).eval()

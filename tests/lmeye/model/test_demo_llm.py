@@ -1,0 +1,32 @@
+"""The demo's tiny LLM: built from the corpus text, deterministic, cached, loads like real weights."""
+
+from __future__ import annotations
+
+import os
+
+from lmeye.config import load_config
+from lmeye.model.demo import NAME, ensure_demo_llm
+
+
+def test_demo_llm_is_deterministic_cached_and_loads_with_auto_classes(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    cfg = load_config("configs/demo.yaml", {"data.root": str(tmp_path / "a"), "model.llm": None})
+    path = ensure_demo_llm(cfg, steps=2)
+    assert path == f"{tmp_path}/a/models/{NAME}" and cfg.model.llm == path
+    assert cfg.model.clip_pretrained and os.path.isfile(cfg.model.clip_pretrained)  # the extract stage's tiny CLIP
+    files = sorted(os.listdir(path))
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    mtime = os.path.getmtime(f"{path}/model.safetensors")
+    assert ensure_demo_llm(cfg, steps=2) == path and os.path.getmtime(f"{path}/model.safetensors") == mtime  # cached
+
+    other = load_config("configs/demo.yaml", {"data.root": str(tmp_path / "b"), "model.llm": None})
+    again = ensure_demo_llm(other, steps=2)
+    for name in ("tokenizer.json", "model.safetensors"):
+        assert open(f"{path}/{name}", "rb").read() == open(f"{again}/{name}", "rb").read(), name
+
+    tok = AutoTokenizer.from_pretrained(path)
+    assert isinstance(AutoModelForCausalLM.from_pretrained(path), LlamaForCausalLM)
+    text = tok.apply_chat_template([{"role": "user", "content": "What colour is the circle?"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<s><|user|>\nWhat colour is the circle?<|end|>\n<|assistant|>\n"
+    assert tok.unk_token_id is None or tok.unk_token_id not in tok(text)["input_ids"]

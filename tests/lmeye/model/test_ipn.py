@@ -1,0 +1,190 @@
+"""The IPN's two passes: prefix KV reuse is exact, only IPN weights train, batches don't leak."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmeye.errors import UserError
+from lmeye.model import IPN
+
+from lmeye.model.testing import FAMILIES, FEATURE_DIM, MORE_FAMILIES, QA, batch_of, features
+
+
+def _wake(ipn: IPN) -> IPN:
+    """Non-zero transmission, so the <img-d> slots really depend on the request and the image."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in ipn.own_parameters().values():
+            p.normal_(0, 0.3)
+    return ipn
+
+
+@pytest.mark.parametrize("family", FAMILIES + MORE_FAMILIES)
+def test_prefix_reuse_equals_full_recomputation(ipn_factory, family):
+    ipn = _wake(ipn_factory(family))
+    batch = batch_of(ipn)
+    with torch.no_grad():
+        cached = ipn(batch, return_logits=True)
+        full = ipn(batch, reuse_prefix=False, return_logits=True)
+    real = batch["suffix_mask"].bool()
+    assert (cached.logits - full.logits)[real].abs().max().item() <= 1e-4
+    assert torch.allclose(cached.per_sample_loss, full.per_sample_loss, atol=1e-5)
+    # generation on the same cached path gives what a generate() without the cache gives
+    prompts = ipn.collate([ipn.encode(c[:1], img, for_generation=True) for c, img in QA], *features(len(QA)))
+    assert ipn.generate(prompts, max_new_tokens=6) == ipn.generate(prompts, max_new_tokens=6, reuse_prefix=False)
+
+
+def test_gradients_through_the_cache_equal_the_full_pass(ipn_factory):
+    ipn = _wake(ipn_factory("llama"))
+    batch = batch_of(ipn)
+    grads = []
+    for reuse in (True, False):
+        ipn.zero_grad()
+        ipn(batch, reuse_prefix=reuse).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in ipn.own_parameters().items() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n
+
+
+def test_only_ipn_parameters_train(ipn_factory):
+    ipn = ipn_factory("llama")
+    frozen = {n: t.clone() for n, t in ipn.state_dict().items() if n.startswith(("llm.", "rvii.tower."))}
+    assert any(n.startswith("rvii.tower.") for n in frozen)  # the CLIP text tower is part of the model...
+    before = {n: p.detach().clone() for n, p in ipn.own_parameters().items()}
+    opt = torch.optim.Adam(ipn.trainable_parameters(), lr=1e-2)
+    batch = batch_of(ipn)
+    ipn.train()
+    for _ in range(2):  # transmission starts at zero: the parts behind it get gradients from step 2
+        opt.zero_grad()
+        ipn(batch).loss.backward()
+        opt.step()
+    for n, p in ipn.named_parameters():
+        if n.startswith(("llm.", "rvii.tower.")):
+            assert not p.requires_grad and p.grad is None, n
+    for n, t in ipn.state_dict().items():
+        if n in frozen:
+            assert torch.equal(t, frozen[n]), f"{n} changed"  # ...and it is untouched
+    changed = {n for n, p in ipn.own_parameters().items() if not torch.equal(p.detach(), before[n])}
+    assert changed == set(before)
+    assert not ipn.llm.training  # frozen parts stay in eval mode
+
+
+def test_align_stage_trains_the_visual_mapping_only(ipn_factory):
+    ipn = ipn_factory("llama")
+    ipn.set_trainable("align")
+    names = {n for n, p in ipn.own_parameters().items() if p.requires_grad}
+    assert names == {"img_proj.weight", "img_proj.bias", "img_embed"}
+    ipn.set_trainable("instruct", train_visual_mapping=False)
+    names = {n for n, p in ipn.own_parameters().items() if p.requires_grad}
+    assert "img_proj.weight" not in names and {"imgq_embed", "transmit.weight", "imgd_embed"} <= names
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_mixed_batch_gives_each_samples_own_loss(ipn_factory, family):
+    ipn = _wake(ipn_factory(family))
+    emb, patches = features(len(QA))
+    encs = [ipn.encode(c, img) for c, img in QA]
+    with torch.no_grad():
+        together = ipn(ipn.collate(encs, emb, patches)).per_sample_loss
+        alone = [ipn(ipn.collate([e], emb[i : i + 1], patches[i : i + 1])).per_sample_loss[0] for i, e in enumerate(encs)]
+    assert torch.allclose(together, torch.stack(alone), atol=1e-5)
+
+
+def test_text_only_sample_goes_through_the_llm_alone(ipn_factory):
+    ipn = _wake(ipn_factory("llama"))
+    conv, _ = QA[2]
+    enc = ipn.encode(conv, has_image=False)
+    with torch.no_grad():
+        got = ipn(ipn.collate([enc])).loss
+        ids = torch.tensor([enc["prefix_ids"] + enc["suffix_ids"]])
+        labels = torch.tensor([[-100] * len(enc["prefix_ids"]) + enc["labels"]])
+        want = ipn.llm(input_ids=ids, labels=labels).loss
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_generate_greedy_sampling_beam_and_streamer(ipn_factory):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.ids = []
+
+        def put(self, value):
+            self.ids += value.flatten().tolist()
+
+        def end(self):
+            pass
+
+    ipn = _wake(ipn_factory("llama"))
+    conv = QA[0][0][:1]
+    emb, patches = features(1)
+    prompt = ipn.collate([ipn.encode(conv, True, for_generation=True)], emb, patches)
+    greedy = ipn.generate(prompt, max_new_tokens=5)
+    torch.manual_seed(0)
+    sampled = ipn.generate(prompt, max_new_tokens=5, do_sample=True, top_k=20, temperature=0.8)
+    torch.manual_seed(0)
+    assert ipn.generate(prompt, max_new_tokens=5, do_sample=True, top_k=20, temperature=0.8) == sampled
+    beam = ipn.generate(prompt, max_new_tokens=5, num_beams=3)
+    assert beam == ipn.generate(prompt, max_new_tokens=5, num_beams=3, reuse_prefix=False)
+    assert all(isinstance(t, str) for t in greedy + sampled + beam)
+    streamer = Collect()
+    assert ipn.generate(prompt, max_new_tokens=5, streamer=streamer) == greedy
+    assert ipn.tokenizer.decode(streamer.ids, skip_special_tokens=True) == greedy[0]
+    assert ipn.chat(conv, emb[0], patches[0], max_new_tokens=5) == greedy[0]
+
+
+def test_score_choices_is_the_answer_log_likelihood(ipn_factory):
+    ipn = _wake(ipn_factory("llama"))
+    conv = QA[0][0][:1]
+    emb, patches = features(1)
+    scores = ipn.score_choices(conv, ["red", "blue square"], emb[0], patches[0])
+    enc = ipn.encode(conv + [{"role": "assistant", "content": "blue square"}], True)
+    with torch.no_grad():
+        out = ipn(ipn.collate([enc], emb, patches))
+    assert len(scores) == 2 and scores[1] == pytest.approx(-(out.per_sample_loss * out.num_tokens).item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("patch_shape", [(16, 64), None])
+def test_trained_rvii_and_pooled_only_features(ipn_factory, patch_shape):
+    ipn = ipn_factory("qwen2", patch_shape=patch_shape, rvii="transformer", rvii_width=32, rvii_heads=2, clip_pretrained="missing-is-fine")
+    assert not any(n.startswith("rvii.tower.") for n, _ in ipn.named_parameters())  # no CLIP text tower loaded
+    _wake(ipn)
+    batch = batch_of(ipn, patch_shape=patch_shape)
+    assert ("patch_tokens" in batch) == (patch_shape is not None)
+    out = ipn(batch)
+    out.loss.backward()
+    assert ipn.rvii.image_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert (ipn(batch, return_logits=True).logits - ipn(batch, reuse_prefix=False, return_logits=True).logits)[batch["suffix_mask"].bool()].abs().max() <= 1e-4
+
+
+def test_feature_dimension_mismatch_names_both_numbers(ipn_factory):
+    ipn = ipn_factory("llama")
+    encs = [ipn.encode(c, img) for c, img in QA]
+    with pytest.raises(UserError, match=f"dimension 48, the IPN expects {FEATURE_DIM}"):
+        ipn.collate(encs, np.zeros((len(QA), 48), np.float32), np.zeros((len(QA), 16, 64), np.float32))
+    with pytest.raises(UserError, match="patch-token width 32, the IPN expects 64"):
+        ipn.check_features(FEATURE_DIM, (16, 32))
+
+
+def test_bad_llm_paths_are_one_clear_error(model_cfg, tmp_path):
+    from transformers import T5Config
+
+    with pytest.raises(UserError, match="no-such-llm"):
+        IPN.from_config(model_cfg(llm=str(tmp_path / "no-such-llm")), FEATURE_DIM, None)
+    T5Config(vocab_size=50, d_model=16, d_ff=16, num_layers=1, num_heads=2).save_pretrained(tmp_path / "t5")  # seq2seq, not causal
+    with pytest.raises(UserError, match="is not a causal LM"):
+        IPN.from_config(model_cfg(llm=str(tmp_path / "t5")), FEATURE_DIM, None)
+    with pytest.raises(UserError, match="no-such-clip"):
+        IPN.from_config(model_cfg(clip_model="no-such-clip"), FEATURE_DIM, None)
+
+
+def test_bfloat16_llm_with_float32_ipn_weights(ipn_factory):
+    ipn = ipn_factory("opt", dtype="bfloat16")
+    assert next(ipn.llm.parameters()).dtype == torch.bfloat16 and ipn.img_proj.weight.dtype == torch.float32
+    out = ipn(batch_of(ipn))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and ipn.img_proj.weight.grad.abs().sum() > 0
