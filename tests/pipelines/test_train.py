@@ -45,7 +45,7 @@ def _overrides(tables: dict, output: Path, **extra) -> dict:
         "train.instructions": str(tables["instructions"]), "train.features": str(tables["features"]),
         "train.output": str(output), "train.num_workers": 2, "train.cpus_per_worker": 0.5,
         "train.zero_stage": 2, "train.precision": "fp32", "train.micro_batch_size": 4, "train.grad_accum": ACCUM,
-        "train.checkpoint_every": 2, "train.log_every": 1, "train.shuffle_buffer": 8, "train.lr": 0.05,
+        "train.checkpoint_every": 2, "train.keep_checkpoints": 10, "train.log_every": 1, "train.shuffle_buffer": 8, "train.lr": 0.05,
         "train.warmup_steps": 1, "train.stages": [{"name": "s1", "trainable": "instruct", "train_visual_mapping": True}],
     }
     base.update(extra)
@@ -62,6 +62,10 @@ def _start(tmp: Path, name: str, overrides: dict, log_dir: Path, delay_s: float 
         proc = subprocess.Popen([sys.executable, str(RUNNER), str(spec)], cwd=REPO, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
 
 
 def _weights(model_dir: Path) -> dict:
@@ -115,7 +119,7 @@ def test_sigkill_mid_epoch_then_resume_latest_trains_the_rest_once_and_matches(r
         ckpt = None
         while time.time() < deadline and ckpt is None:
             assert proc.poll() is None, log.read_text()[-3000:]
-            done = [p for p in (out / "s1").glob("checkpoint_*") if (p / "state.json").exists() and (p / "seen" / "rank1.npy").exists()]
+            done = [p for p in _checkpoints(out / "s1") if (p / "state.json").exists() and (p / "seen" / "rank1.npy").exists()]
             ckpt = done[0] if done else None
             time.sleep(0.05)
         assert ckpt is not None, "no checkpoint in time"
@@ -133,7 +137,7 @@ def test_sigkill_mid_epoch_then_resume_latest_trains_the_rest_once_and_matches(r
     resumed = re.search(r"resumed at epoch 0 step (\d+)", log2.read_text())
     assert resumed, log2.read_text()[-3000:]
     step = int(resumed.group(1))
-    ckpt = next(p for p in (out / "s1").glob("checkpoint_*") if json.loads((p / "state.json").read_text())["step"] == step)
+    ckpt = next(p for p in _checkpoints(out / "s1") if json.loads((p / "state.json").read_text())["step"] == step)
     seen = np.concatenate([np.load(p) for p in (ckpt / "seen").glob("rank*.npy")])
     # which rows the checkpoint had trained: every seen row that is trainable
     by_key = {r["conversation"][0]["content"]: r["sample_id"] for r in tables["rows"]}
