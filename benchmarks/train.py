@@ -80,23 +80,25 @@ def main() -> int:
     if args.fake:
         tables = fake.build_tables(work, n_train=args.rows, n_val=8, missing=(), too_long=(), text_only=())
         factory = fake.FakeFactory()
+        overrides_model = {}
     else:  # the real IPN (tiny demo LLaMA) on demo-width features
-        tables = fake.build_tables(work, n_train=args.rows, n_val=8, missing=(), too_long=(), text_only=(), dim=32)
+        tables = fake.build_tables(work, n_train=args.rows, n_val=8, missing=(), too_long=(), text_only=(), dim=32,
+                                   patch=(16, 64))
         factory = None
+        overrides_model = {"model.llm": None}
     overrides = {
         "data.root": str(work), "ray.num_cpus": 2, "train.instructions": str(tables["instructions"]),
         "train.features": str(tables["features"]), "train.output": str(work / "out"), "train.resume": "never",
         "train.num_workers": args.workers, "train.cpus_per_worker": 0.5, "train.zero_stage": 2,
         "train.precision": "fp32", "train.micro_batch_size": args.micro, "train.checkpoint_every": 10**6,
         "train.log_every": 10**6, "train.val_max_rows": 8, "train.shuffle_buffer": 0,
-        "train.stages": [{"name": "bench", "trainable": "instruct", "train_visual_mapping": True}],
+        "train.stages": [{"name": "bench", "trainable": "instruct", "train_visual_mapping": True}], **overrides_model,
     }
-    cfg = load_config(None, overrides)
-    if not args.fake:
+    cfg = load_config(None if args.fake else REPO / "configs" / "demo.yaml", overrides)
+    if not args.fake:  # the demo's tiny LLM and CLIP (built once under the work folder)
         from lmeye.model.demo import ensure_demo_llm
 
-        overrides["model.llm"] = ensure_demo_llm(cfg)
-        cfg = load_config(None, overrides)
+        ensure_demo_llm(cfg)
     init_ray(cfg.ray)
 
     summary = stage.run(cfg, factory=factory)

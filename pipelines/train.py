@@ -221,8 +221,13 @@ def _stage_fingerprint(cfg: Config, stage: TrainStage, files: dict[str, list[str
         tc.pop(k, None)
     tc.pop("stages")
     model = getattr(cfg, "model", None)
+    init = None
+    if init_dir is not None and os.path.isdir(init_dir):  # a retrained earlier stage makes this one stale
+        init = {n: (st.st_size, st.st_mtime_ns) for n in sorted(os.listdir(init_dir))
+                for st in [os.stat(os.path.join(init_dir, n))]}
     return fingerprint({"train": tc, "stage": stage.model_dump(mode="json"), "files": files, "features": store.version,
-                        "model": model.model_dump(mode="json") if model is not None else None, "init": init_dir})
+                        "model": model.model_dump(mode="json") if model is not None else None,
+                        "init": [init_dir, init]})
 
 
 def _finished(directory: str, fp: str) -> Optional[dict[str, Any]]:
