@@ -11,7 +11,8 @@ in one command and on the same Ray:
 2. *memory*: the same worker, model, DeepSpeed config and batches, but every batch is read and
    collated before the clock starts, so only the steps are timed.
 
-Both rates are rows trained per second of training (Ray's start-up and validation excluded). It
+Both rates are rows trained per second of steps (the table run's first step, which also waits for
+Ray Data's start-up, is left out and reported separately; Ray's start-up and validation never count). It
 prints both and their ratio (target >= 0.9). ``--fake`` uses the test's fake IPN (a model so small
 that the ratio measures the data path alone, a worst case); by default the real IPN of the demo
 (``lmeye.model``, tiny LLaMA and CLIP features of the demo's width).
@@ -59,7 +60,13 @@ def in_memory_loop(config: dict) -> None:
         rows += w._micro_step(prep)[1]
     seconds = time.time() - t0
     total = w._sum([float(rows)])[0]
-    ray.train.report({"rows": total, "seconds": seconds, "samples_per_s": total / seconds})
+    import tempfile
+
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:  # Ray Train V2 keeps only the metrics of reports with a checkpoint
+        ray.train.report({"rows": total, "seconds": seconds, "samples_per_s": total / seconds},
+                         checkpoint=Checkpoint.from_directory(tmp))
 
 
 def main() -> int:
@@ -104,7 +111,13 @@ def main() -> int:
     summary = stage.run(cfg, factory=factory)
     with open(work / "out" / "bench" / "summary.json") as f:
         metrics = json.load(f)["metrics"]
-    table_rate = metrics["rows"] / metrics["train_seconds"]
+    # per-step rows / step time (the step's time includes pulling its batches); the first step also
+    # waits for Ray Data's start-up, a one-off cost that the in-memory run pays before its clock
+    with open(work / "out" / "bench" / "metrics.jsonl") as f:
+        steps = [json.loads(line) for line in f][1:]
+    table_rows = sum(r["rows"] for r in steps)
+    table_seconds = sum(r["rows"] / r["samples_per_s"] for r in steps if r["rows"])
+    table_rate = table_rows / table_seconds
 
     # the in-memory run: the same config, data and workers, another loop
     from ray.train import RunConfig, ScalingConfig
@@ -123,7 +136,8 @@ def main() -> int:
     captured = result.metrics
     memory_rate = captured["samples_per_s"]
     print(summary.render())
-    print(f"tables: {table_rate:.1f} rows/s ({metrics['rows']} rows in {metrics['train_seconds']:.1f}s)")
+    print(f"tables: {table_rate:.1f} rows/s ({table_rows} rows in {table_seconds:.1f}s after the first step; "
+          f"with Ray Data's start-up: {metrics['rows'] / metrics['train_seconds']:.1f} rows/s)")
     print(f"memory: {memory_rate:.1f} rows/s ({captured['rows']:.0f} rows in {captured['seconds']:.1f}s)")
     print(f"ratio tables/memory: {table_rate / memory_rate:.2f} (target >= 0.9)")
     if not args.keep:
