@@ -188,10 +188,29 @@ class Worker:
             self.ipn.save_pretrained(directory)
 
     # ------------------------------------------------------------------ training
-    def _next_batch(self, batches: Any) -> Optional[Any]:
+    def _prepared(self, batches: Any) -> Any:
+        """``maker.prepare`` one batch ahead in a thread: feature reads, tokenisation and collation
+        overlap the step (torch releases the GIL while it computes). Same batches, same order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        it = iter(batches)
+
+        def prepare_next() -> Optional[Any]:
+            table = next(it, None)
+            return None if table is None else self.maker.prepare(table, self.seen_prev)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="lingcloud-batches") as pool:
+            pending = pool.submit(prepare_next)
+            while True:
+                prep = pending.result()
+                if prep is None:
+                    return
+                pending = pool.submit(prepare_next)
+                yield prep
+
+    def _next_batch(self, prepared: Any) -> Optional[Any]:
         """The next micro-batch with something not yet seen; None when the shard is exhausted."""
-        for table in batches:
-            prep = self.maker.prepare(table, self.seen_prev)
+        for prep in prepared:
             self._skips.update(prep.skipped)
             if prep.seen.size == 0:
                 continue  # every row was trained before the resume
@@ -224,7 +243,7 @@ class Worker:
         window = [0.0, 0, 0]  # rows and tokens since the last log
         while self.state.epoch < st.epochs and self.state.step < max_steps:
             seed = tc.seed + self.state.epoch
-            batches = iter(shard.iter_batches(
+            batches = self._prepared(shard.iter_batches(
                 batch_size=self.micro, batch_format="pyarrow", prefetch_batches=1,
                 local_shuffle_buffer_size=tc.shuffle_buffer or None,
                 local_shuffle_seed=seed if tc.shuffle_buffer else None,
