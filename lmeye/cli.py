@@ -18,6 +18,7 @@ COMMANDS = [
     "extract",
     "store",
     "instruct",
+    "train",
     "predict",
     "model",
     "eval",

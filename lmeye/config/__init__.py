@@ -20,6 +20,7 @@ from lmeye.config.extract import ExtractConfig
 from lmeye.config.instruct import InstructConfig
 from lmeye.config.model import ModelConfig
 from lmeye.config.predict import PredictConfig
+from lmeye.config.train import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -57,6 +58,7 @@ class Config(Section):
     extract: ExtractConfig = ExtractConfig()
     instruct: InstructConfig = InstructConfig()
     model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
     predict: PredictConfig = PredictConfig()
 
     @model_validator(mode="after")

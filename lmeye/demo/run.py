@@ -24,7 +24,7 @@ URL_FILE = {"csv": "urls.csv", "tsv": "urls.tsv", "jsonl": "urls.jsonl", "parque
 def _optional_stages() -> list[tuple[str, Callable[[Config], StageSummary]]]:
     """Stages after download, in order; each joins the demo once its module exists."""
     stages = []
-    for name in ("extract", "instruct"):
+    for name in ("extract", "instruct", "train"):
         try:
             module = importlib.import_module(f"pipelines.{name}")
         except ModuleNotFoundError as err:
@@ -58,6 +58,10 @@ def run_demo(cfg: Config) -> list[StageSummary]:
             from lmeye.clip import ensure_demo_model
 
             ensure_demo_model(cfg.extract)
+        if name == "train":  # the tiny LLM the IPN wraps, built once
+            from lmeye.model.demo import ensure_demo_llm
+
+            ensure_demo_llm(cfg)
         summaries.append(stage(cfg))
         print(summaries[-1].render(), flush=True)
     status = "ok" if all(s.ok for s in summaries) else "INCOMPLETE"

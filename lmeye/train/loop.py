@@ -1,0 +1,375 @@
+"""The loop each Ray Train worker runs for one stage: DeepSpeed inside Ray Train.
+
+``train_loop(config)`` is handed to ``TorchTrainer``; ``config`` carries the validated config
+(as JSON), the stage, the model factory, the features table and its version, and the step
+count of the schedule. On each worker:
+
+1. build the IPN through the factory (fresh, or loaded from ``init_from``), make the stage's
+   parameters trainable, and ``deepspeed.initialize`` with only those in the optimizer (the
+   frozen LLM and CLIP never enter it);
+2. resume from ``ray.train.get_checkpoint()`` when Ray Train has one (a rerun with the same
+   run name, or a restart after a worker failure): DeepSpeed's state, the step, the rows seen
+   in this epoch and the RNGs (``lmeye.train.checkpoint``);
+3. stream this worker's shard of the `instructions` rows (``get_dataset_shard("train")``),
+   turn each Arrow batch into a model batch (``lmeye.train.data``) and step. Shards may hold
+   different row counts, and rows may be skipped: before every micro-step the ranks agree
+   whether any of them still has data, and a rank that has none steps with a zero loss, so
+   every rank makes the same collective calls and every row is trained exactly once;
+4. every ``checkpoint_every`` steps and at the end, checkpoint; every ``log_every`` steps,
+   report metrics and print a progress line (rank 0 also appends every step to metrics.jsonl);
+5. at the end, validation loss and exact-match accuracy on the ``validation`` shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections import Counter
+from typing import Any, Optional
+
+import numpy as np
+
+from lmeye.train.checkpoint import (
+    DS_DIR,
+    DS_TAG,
+    MODEL_DIR,
+    STATE,
+    TrainState,
+    load_seen,
+    load_state,
+    restore_rng,
+    safe_checkpoint_engine,
+    save_rank_files,
+)
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _to_device(batch: dict[str, Any], device: Any, precision: str) -> dict[str, Any]:
+    import torch
+
+    dtype = getattr(torch, DTYPES[precision])
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+            if v.is_floating_point():
+                v = v.to(dtype)  # DeepSpeed casts the module, not the inputs
+        out[k] = v
+    return out
+
+
+def _tokens(batch: Optional[dict[str, Any]]) -> int:
+    if batch is None:
+        return 0
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = batch.get("labels")
+        return int((mask != -100).sum()) if mask is not None else 0
+    return int(mask.sum())
+
+
+class Worker:
+    """State of one rank for one stage (see module doc)."""
+
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+        import torch
+
+        from lmeye.config import Config
+        from lmeye.config.train import TrainStage
+        from lmeye.store import FeatureStore
+        from lmeye.train.data import BatchMaker
+
+        self.cfg = Config.model_validate(config["cfg"])
+        self.tc = self.cfg.train
+        self.stage = TrainStage.model_validate(config["stage"])
+        self.factory = config["factory"]
+        self.total_steps = int(config["total_steps"])
+        self.metrics_path = config["metrics_path"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        random.seed(self.tc.seed)
+        np.random.seed(self.tc.seed)
+        torch.manual_seed(self.tc.seed)
+        self.store = FeatureStore.open(config["features"], version=config["features_version"])
+        ipn = (self.factory.load(config["init_dir"]) if config.get("init_dir")
+               else self.factory.build(self.cfg, self.store.dim, self.store.patch_shape))
+        ipn.set_trainable(self.stage.trainable, train_visual_mapping=self.stage.train_visual_mapping)
+        self.ipn = ipn
+        self.params = [p for p in ipn.trainable_parameters() if p.requires_grad]
+        self.maker = BatchMaker(ipn, self.store, on_missing=self.tc.on_missing_features, on_too_long=self.tc.on_too_long)
+        self._init_engine(config)
+        self.state = TrainState(stage=self.stage.name, world_size=self.world)
+        self.seen_prev = np.zeros(0, np.uint64)  # rows of this epoch trained before the resume
+        self.seen_new: list[np.ndarray] = []
+
+    def _init_engine(self, config: dict[str, Any]) -> None:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        from lmeye.train.ds_config import deepspeed_config, scheduler_fn
+
+        ds_cfg = deepspeed_config(self.tc, self.stage, self.world, self.total_steps)
+        self.accum = ds_cfg["gradient_accumulation_steps"]
+        self.micro = ds_cfg["train_micro_batch_size_per_gpu"]
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.ipn, model_parameters=self.params, config=ds_cfg,
+            lr_scheduler=scheduler_fn(self.tc, self.stage, self.total_steps),
+        )
+        safe_checkpoint_engine(self.engine.checkpoint_engine)
+        self.device = get_accelerator().device_name(self.engine.local_rank)
+
+    # ------------------------------------------------------------------ collectives
+    def _sum(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return
+        with ckpt.as_directory() as d:
+            state = load_state(d)
+            self.engine.load_checkpoint(
+                os.path.join(d, DS_DIR), tag=DS_TAG, load_module_strict=False,
+                load_optimizer_states=True, load_lr_scheduler_states=True,
+            )
+            self.seen_prev = load_seen(d)
+            restore_rng(d, self.rank)
+        state.world_size = self.world
+        self.state = state
+        if self.rank == 0:
+            print(f"[train {self.stage.name}] resumed at epoch {state.epoch} step {state.step} "
+                  f"({self.seen_prev.size} rows of this epoch already seen)", flush=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self, metrics: dict[str, Any]) -> None:
+        import ray.train
+        import torch.distributed as dist
+        from ray.train import Checkpoint
+
+        tmp = tempfile.mkdtemp(prefix="lingcloud-ckpt-")
+        try:
+            self.engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True)
+            seen = np.concatenate([self.seen_prev if self.rank == 0 else np.zeros(0, np.uint64), *self.seen_new])
+            save_rank_files(tmp, self.rank, seen)
+            self.save_model(os.path.join(tmp, MODEL_DIR))
+            if self.rank == 0:
+                with open(os.path.join(tmp, STATE), "w") as f:
+                    f.write(self.state.to_json())
+            if self.world > 1:
+                dist.barrier()
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def save_model(self, directory: str) -> None:
+        """Rank 0 writes the model directory (under ZeRO-3 every rank gathers the weights first)."""
+        if self.tc.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(self.params, modifier_rank=None):
+                if self.rank == 0:
+                    self.ipn.save_pretrained(directory)
+        elif self.rank == 0:
+            self.ipn.save_pretrained(directory)
+
+    # ------------------------------------------------------------------ training
+    def _prepared(self, batches: Any) -> Any:
+        """``maker.prepare`` one batch ahead in a thread: feature reads, tokenisation and collation
+        overlap the step (torch releases the GIL while it computes). Same batches, same order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        it = iter(batches)
+
+        def prepare_next() -> Optional[Any]:
+            table = next(it, None)
+            return None if table is None else self.maker.prepare(table, self.seen_prev)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="lingcloud-batches") as pool:
+            pending = pool.submit(prepare_next)
+            while True:
+                prep = pending.result()
+                if prep is None:
+                    return
+                pending = pool.submit(prepare_next)
+                yield prep
+
+    def _next_batch(self, prepared: Any) -> Optional[Any]:
+        """The next micro-batch with something not yet seen; None when the shard is exhausted."""
+        for prep in prepared:
+            self._skips.update(prep.skipped)
+            if prep.seen.size == 0:
+                continue  # every row was trained before the resume
+            self.seen_new.append(prep.seen)
+            return prep
+        return None
+
+    def _micro_step(self, prep: Optional[Any]) -> tuple[float, int, int]:
+        batch = prep.batch if prep is not None else None
+        zero = sum(p.sum() for p in self.params) * 0.0  # every trainable parameter in every rank's graph
+        if batch is not None:
+            out = self.engine(_to_device(batch, self.device, self.tc.precision))
+            loss = out.loss + zero
+            value = float(out.loss.detach().float())
+        else:
+            loss, value = zero, 0.0
+        self.engine.backward(loss)
+        self.engine.step()
+        rows = prep.rows if prep is not None else 0
+        return value * rows, rows, _tokens(batch)
+
+    def train(self) -> None:
+        import ray.train
+
+        tc, st = self.tc, self.stage
+        shard = ray.train.get_dataset_shard("train")
+        max_steps = st.max_steps or float("inf")
+        self._skips: Counter = Counter()
+        last_log = self._started = time.time()
+        window = [0.0, 0, 0]  # rows and tokens since the last log
+        while self.state.epoch < st.epochs and self.state.step < max_steps:
+            seed = tc.seed + self.state.epoch
+            batches = self._prepared(shard.iter_batches(
+                batch_size=self.micro, batch_format="pyarrow", prefetch_batches=1,
+                local_shuffle_buffer_size=tc.shuffle_buffer or None,
+                local_shuffle_seed=seed if tc.shuffle_buffer else None,
+            ))
+            mine_done = ended = False
+            while self.state.step < max_steps:
+                t0 = time.time()
+                acc = [0.0, 0, 0]  # loss*rows, rows, tokens of this rank in this step
+                for k in range(self.accum):
+                    prep = None if mine_done else self._next_batch(batches)
+                    mine_done = prep is None
+                    alive = self._sum([0.0 if mine_done else 1.0])[0]
+                    if alive == 0 and k == 0:
+                        ended = True  # no rank has data left: the epoch is over
+                        break
+                    # alive == 0 later in the step: zero-loss micro-steps complete the accumulation
+                    loss_rows, rows, tokens = self._micro_step(prep)
+                    acc = [acc[0] + loss_rows, acc[1] + rows, acc[2] + tokens]
+                if ended:
+                    break
+                self._after_step(acc, t0)
+                window = [window[0], window[1] + self._last_rows, window[2] + self._last_tokens]
+                if self.state.step % tc.log_every == 0:
+                    self._report(time.time() - last_log, window)
+                    last_log, window = time.time(), [0.0, 0, 0]
+                if self.state.step % tc.checkpoint_every == 0:
+                    self._checkpoint_now()
+            if not ended:
+                break  # max_steps inside the epoch: the epoch is not finished
+            self.state.epoch += 1
+            self.seen_prev, self.seen_new = np.zeros(0, np.uint64), []
+        self.train_seconds = time.time() - self._started  # training alone: no start-up, no validation
+
+    def _after_step(self, acc: list[float], t0: float) -> None:
+        loss_rows, rows, tokens, *skips = self._sum([acc[0], acc[1], acc[2], *self._skip_vector()])
+        self._skips.clear()
+        self.state.step += 1
+        self.state.rows += int(rows)
+        self.state.tokens += int(tokens)
+        for reason, n in zip(SKIP_REASONS, skips):
+            if n:
+                self.state.skipped[reason] = self.state.skipped.get(reason, 0) + int(n)
+        self._last_rows, self._last_tokens = int(rows), int(tokens)
+        seconds = max(time.time() - t0, 1e-9)
+        self.last = {
+            "stage": self.stage.name, "step": self.state.step, "epoch": self.state.epoch,
+            "loss": loss_rows / rows if rows else None, "lr": float(self.scheduler.get_last_lr()[0]),
+            "rows": int(rows), "samples_per_s": rows / seconds, "tokens_per_s": tokens / seconds,
+        }
+        if self.rank == 0:
+            _append_jsonl(self.metrics_path, self.last)
+
+    def _skip_vector(self) -> list[float]:
+        return [float(self._skips.get(r, 0)) for r in SKIP_REASONS]
+
+    def _report(self, seconds: float, window: list[float]) -> None:
+        import ray.train
+
+        rate = window[1] / max(seconds, 1e-9)
+        metrics = dict(self.last, window_samples_per_s=rate, window_tokens_per_s=window[2] / max(seconds, 1e-9))
+        if self.rank == 0:
+            loss = f"{self.last['loss']:.4f}" if self.last["loss"] is not None else "-"
+            total = f"/{self.total_steps}" if self.total_steps else ""
+            print(f"[train {self.stage.name}] step {self.state.step}{total}  epoch {self.state.epoch}  loss {loss}  "
+                  f"lr {self.last['lr']:.2e}  {rate:.1f} samples/s  {metrics['window_tokens_per_s']:.0f} tokens/s", flush=True)
+        if self.state.step % self.tc.checkpoint_every != 0:  # a checkpoint step reports with its checkpoint
+            ray.train.report(metrics)
+
+    def _checkpoint_now(self) -> None:
+        self.checkpoint(dict(getattr(self, "last", {}), step=self.state.step))
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> dict[str, Any]:
+        import ray.train
+
+        from lmeye.train.evaluate import evaluate
+
+        shard = ray.train.get_dataset_shard("validation")
+        local = evaluate(self.engine, self.ipn, self.maker, shard, self.micro, self.device, self.tc)
+        return _merge_eval(local, self.world)
+
+    def finish(self, val: dict[str, Any]) -> None:
+        self.state.done = True
+        self.checkpoint(dict(getattr(self, "last", {}), step=self.state.step, final=True,
+                             train_seconds=getattr(self, "train_seconds", 0.0),
+                             rows=self.state.rows, skipped=json.dumps(self.state.skipped), **val))
+
+
+SKIP_REASONS = ("missing_features", "too_long", "resumed_skip")
+
+
+def _merge_eval(local: dict[str, Any], world: int) -> dict[str, Any]:
+    """Sum every rank's validation counts (small dicts, gathered once)."""
+    import torch.distributed as dist
+
+    parts = [local]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, local)
+    total: dict[str, float] = Counter()
+    for p in parts:
+        for k, v in p.items():
+            total[k] += v
+    out: dict[str, Any] = {}
+    if total.get("val_loss_rows"):
+        out["val_loss"] = total["val_loss_sum"] / total["val_loss_rows"]
+    if total.get("val_rows"):
+        out["val_exact_match"] = total["val_correct"] / total["val_rows"]
+        out["val_rows"] = int(total["val_rows"])
+    for k in sorted(total):
+        if k.startswith("rows:"):
+            task = k[5:]
+            out[f"val_exact_match[{task}]"] = total[f"correct:{task}"] / total[k]
+    return out
+
+
+def _append_jsonl(path: str, record: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The ``train_loop_per_worker`` of the stage's ``TorchTrainer``."""
+    w = Worker(config)
+    w.resume()
+    if not w.state.done:
+        w.train()
+        w.finish(w.validate())

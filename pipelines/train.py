@@ -1,0 +1,393 @@
+"""The train stage: the IPN trained with DeepSpeed on Ray Train, streaming the tables.
+
+``run(cfg)`` runs the configured training stages in order (``train.stages``; the shipped configs
+have ``align`` then ``instruct``, which starts from ``align``'s model). For each stage:
+
+1. *Checks on the driver, before any worker starts* (each one clear error): the instructions
+   table, the features table (opened through the feature store, which also builds its serving
+   copy once, not once per worker), the LLM named by the model section, the ``init_from`` model
+   and that its feature width matches the features table.
+2. *Data*: the ``train`` (and ``validation``) shards of the instructions table are read with Ray
+   Data (the stage's tasks pushed down as a Parquet filter), one block per shard, block order
+   shuffled with the seed, and split across the workers with ``streaming_split`` (unequal
+   shares allowed, so no row is dropped); with ``train.deterministic`` Ray Data keeps the order
+   and the split is the same on every run. Workers read image features by uid from the
+   feature store (memory-mapped gathers, one per batch), not through a Ray Data join: the store
+   read costs a gather per batch on the worker, a join would shuffle the features table through
+   the object store on every epoch.
+3. *Ray Train*: a ``TorchTrainer`` with the configured workers runs ``lmeye.train.loop`` (DeepSpeed
+   inside), run name = the stage name under ``train.output``; rerunning with ``resume: latest``
+   continues from its last checkpoint, ``max_failures`` restarts failed workers from it.
+4. *Output*: ``{train.output}/{stage}/model`` (the final IPN), ``metrics.jsonl``, ``loss.png``,
+   ``summary.json``; the stage summary has rows trained and skipped, validation loss and accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Optional
+
+import fsspec
+import pyarrow.dataset as pads
+
+from lmeye.config import Config, dump_config
+from lmeye.config.train import TrainConfig, TrainStage
+from lmeye.errors import UserError
+from lmeye.report import StageSummary
+from lmeye.tables import Manifest, TableReader, fingerprint
+from lmeye.train.checkpoint import MODEL_DIR
+from lmeye.train.ds_config import stage_value
+from lmeye.train.model_factory import IPNFactory
+from schemas.instructions import INSTRUCTIONS, TRAIN, VALIDATION
+
+STAGE = "train"
+COLUMNS = ["sample_id", "uid", "task", "conversation"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths and checks (driver, before Ray)
+
+
+def _paths(cfg: Config) -> tuple[str, str, str]:
+    tc = cfg.train
+    output = tc.output or f"{cfg.data.root.rstrip('/')}/train"
+    fs, _ = fsspec.core.url_to_fs(output)
+    if "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+        output = os.path.abspath(output)  # Ray Train wants an absolute storage path
+    return (tc.instructions or cfg.instruct.output, tc.features or cfg.extract.output, output)
+
+
+def stage_dir(output: str, stage: str) -> str:
+    return f"{output.rstrip('/')}/{stage}"
+
+
+def _open_features(path: str) -> Any:
+    from lmeye.store import FeatureStore
+
+    if Manifest.load(path) is None:
+        raise FileNotFoundError(f"train.features: no features table at {path}; run `lmeye extract` first")
+    return FeatureStore.open(path)
+
+
+def _split_files(path: str) -> dict[str, list[str]]:
+    if Manifest.load(path) is None:
+        raise FileNotFoundError(f"train.instructions: no instructions table at {path}; run `lmeye instruct` first")
+    reader = TableReader(path, INSTRUCTIONS)
+    out: dict[str, list[str]] = {TRAIN: [], VALIDATION: []}
+    for name, file in zip(reader.shard_names, reader.files):
+        out.setdefault(name.split("-", 1)[0], []).append(file)
+    return out
+
+
+def _task_filter(stage: TrainStage) -> Optional[pads.Expression]:
+    expr = None
+    if stage.tasks is not None:
+        expr = pads.field("task").isin(stage.tasks)
+    if stage.exclude_tasks:
+        out = ~pads.field("task").isin(stage.exclude_tasks)
+        expr = out if expr is None else expr & out
+    return expr
+
+
+def _count_rows(files: list[str], expr: Optional[pads.Expression]) -> int:
+    if not files:
+        return 0
+    return pads.dataset(files, format="parquet").count_rows(filter=expr)
+
+
+def _init_dir(stage: TrainStage, output: str, earlier: list[str]) -> Optional[str]:
+    """The model directory a stage starts from: an earlier stage's model/, or a path."""
+    if stage.init_from is None:
+        return None
+    if stage.init_from in earlier:
+        return f"{stage_dir(output, stage.init_from)}/{MODEL_DIR}"
+    path = stage.init_from
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"train stage {stage.name}: init_from {path!r} is neither an earlier stage's name nor a model directory"
+        )
+    return path
+
+
+def _check_feature_shape(factory: Any, init_dir: str, store: Any, stage: TrainStage) -> None:
+    dim, patch = factory.feature_shape(init_dir)
+    if dim is not None and dim != store.dim:
+        raise UserError(
+            f"train stage {stage.name}: {init_dir} was built for {dim}-d features, but {store.path} holds "
+            f"{store.dim}-d features (model {store.model or '?'}); use the features it was trained on"
+        )
+    if patch is not None and store.patch_shape is not None and tuple(patch) != tuple(store.patch_shape):
+        raise UserError(
+            f"train stage {stage.name}: {init_dir} was built for patch tokens {tuple(patch)}, "
+            f"but {store.path} holds {tuple(store.patch_shape)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def _datasets(files: dict[str, list[str]], stage: TrainStage, tc: TrainConfig) -> dict[str, Any]:
+    """Ray Datasets of the stage's train and validation rows (see the module doc).
+
+    Blocks of exactly one optimizer step's rows (``micro_batch_size * grad_accum``, a streaming
+    repartition) keep the split balanced to within one block, whatever the shard sizes. The
+    shard order is shuffled here with the seed (no barrier); rows are shuffled again on each
+    worker by the shuffle buffer.
+    """
+    import random
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress line instead
+    expr = _task_filter(stage)
+    step_rows = stage_value(tc, stage, "micro_batch_size") * stage_value(tc, stage, "grad_accum")
+    out = {}
+    for split in (TRAIN, VALIDATION):
+        paths = list(files.get(split) or [])
+        if not paths:
+            continue
+        if split == TRAIN and tc.shuffle_buffer:
+            random.Random(tc.seed).shuffle(paths)
+        ds = ray.data.read_parquet(paths, columns=COLUMNS, override_num_blocks=len(paths), shuffle=None)
+        if expr is not None:  # a whole block per call, so blocks (and the split) stay as read
+            ds = ds.map_batches(_select, fn_kwargs={"expr": expr}, batch_format="pyarrow", batch_size=None)
+        if split == TRAIN:
+            ds = ds.repartition(target_num_rows_per_block=step_rows, strict=True)
+        elif tc.val_max_rows:
+            ds = ds.limit(tc.val_max_rows)
+        out[split] = ds
+    return out
+
+
+def _select(table: Any, expr: pads.Expression) -> Any:
+    return pads.dataset(table).to_table(filter=expr)
+
+
+def _data_config(deterministic: bool) -> Any:
+    from ray.train import DataConfig
+
+    class UnequalSplit(DataConfig):
+        """Ray Train's DataConfig with ``equal=False``: equal shares would drop up to
+        ``num_workers - 1`` rows an epoch; the loop copes with unequal shares instead."""
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                opts = self._resolve_execution_options(name)
+                opts.preserve_order = deterministic
+                ds.context.execution_options = opts
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=None)):
+                    output[i][name] = split
+            return output
+
+    return UnequalSplit()
+
+
+def _fit(config: dict[str, Any], datasets: dict[str, Any], tc: TrainConfig, name: str, output: str) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from lmeye.train.loop import train_loop
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name, storage_path=output,
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=_data_config(tc.deterministic),
+    )
+    return trainer.fit()
+
+
+# ---------------------------------------------------------------------------------------------
+# One stage
+
+
+def _stage_fingerprint(cfg: Config, stage: TrainStage, files: dict[str, list[str]], store: Any, init_dir: Optional[str]) -> str:
+    tc = dump_config(cfg)["train"]
+    for k in ("only", "resume", "log_every", "max_failures", "output"):
+        tc.pop(k, None)
+    tc.pop("stages")
+    model = getattr(cfg, "model", None)
+    init = None
+    if init_dir is not None and os.path.isdir(init_dir):  # a retrained earlier stage makes this one stale
+        init = {n: (st.st_size, st.st_mtime_ns) for n in sorted(os.listdir(init_dir))
+                for st in [os.stat(os.path.join(init_dir, n))]}
+    return fingerprint({"train": tc, "stage": stage.model_dump(mode="json"), "files": files, "features": store.version,
+                        "model": model.model_dump(mode="json") if model is not None else None,
+                        "init": [init_dir, init]})
+
+
+def _finished(directory: str, fp: str) -> Optional[dict[str, Any]]:
+    try:
+        with open(f"{directory}/summary.json") as f:
+            done = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+    if done.get("fingerprint") == fp and os.path.isdir(f"{directory}/{MODEL_DIR}"):
+        return done
+    return None
+
+
+def _check_same_run(directory: str, fp: str, stage: TrainStage) -> None:
+    """Checkpoints of another config or other inputs are not resumed silently."""
+    try:
+        with open(f"{directory}/run.json") as f:
+            old = json.load(f).get("fingerprint")
+    except (FileNotFoundError, ValueError):
+        return
+    if old != fp:
+        raise UserError(
+            f"train stage {stage.name}: {directory} holds a run of another config or other inputs; "
+            "set train.resume: never to start this stage over (its checkpoints are deleted)"
+        )
+
+
+def _summary(stage: TrainStage, directory: str, metrics: dict[str, Any], seconds: float, ok: bool) -> StageSummary:
+    s = StageSummary(stage=f"{STAGE} {stage.name}", output=f"{directory}/{MODEL_DIR}", seconds=seconds, ok=ok,
+                     rate_unit="samples/s")
+    s.rows = int(metrics.get("rows", 0) or 0)
+    s.counts = {"steps": int(metrics.get("step", 0) or 0)}
+    skipped = metrics.get("skipped", "{}")
+    for reason, n in (json.loads(skipped) if isinstance(skipped, str) else skipped).items():
+        if reason != "resumed_skip":
+            s.failures[f"skipped: {reason}"] = n
+    train_seconds = metrics.get("train_seconds") or seconds
+    if train_seconds > 0 and s.rows:
+        s.rate = s.rows / train_seconds  # training proper, without Ray's start-up
+    if metrics.get("val_rows"):
+        s.counts["val_rows"] = int(metrics["val_rows"])
+    parts = [f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("val_") and isinstance(v, float)]
+    if parts:
+        s.notes.append("validation: " + ", ".join(parts))
+    if metrics.get("loss") is not None:
+        s.notes.append(f"last step loss {metrics['loss']:.4f}")
+    s.notes.append(f"metrics {directory}/metrics.jsonl, loss curve {directory}/loss.png")
+    return s
+
+
+def loop_config(cfg: Config, stage: TrainStage, factory: Any, files: dict[str, list[str]], store: Any,
+                init_dir: Optional[str], directory: str) -> tuple[dict[str, Any], int]:
+    """What every worker of the stage gets (``lmeye.train.loop.train_loop``), and the train rows."""
+    tc = cfg.train
+    rows = _count_rows(files[TRAIN], _task_filter(stage))
+    if rows == 0:
+        raise UserError(f"train stage {stage.name}: no train rows of tasks {stage.tasks or 'any'} in the instructions table")
+    micro, accum = stage_value(tc, stage, "micro_batch_size"), stage_value(tc, stage, "grad_accum")
+    total = math.ceil(rows / (tc.num_workers * micro * accum)) * stage.epochs
+    total = min(total, stage.max_steps or total)
+    config = {
+        "cfg": dump_config(cfg), "stage": stage.model_dump(mode="json"), "factory": factory,
+        "features": store.path, "features_version": store.version, "init_dir": init_dir,
+        "total_steps": total, "metrics_path": f"{directory}/metrics.jsonl",
+    }
+    return config, rows
+
+
+def _run_stage(cfg: Config, stage: TrainStage, factory: Any, files: dict[str, list[str]], store: Any,
+               output: str, init_dir: Optional[str]) -> StageSummary:
+    from lmeye.runtime import init_ray
+    from lmeye.train.plot import plot_loss
+
+    tc = cfg.train
+    started = time.time()
+    directory = stage_dir(output, stage.name)
+    fp = _stage_fingerprint(cfg, stage, files, store, init_dir)
+    if tc.resume == "never":
+        shutil.rmtree(directory, ignore_errors=True)
+    else:
+        done = _finished(directory, fp)
+        if done is not None:
+            summary = _summary(stage, directory, done["metrics"], 0.0, True)
+            summary.rate = None
+            summary.notes.insert(0, "already trained with this config and these inputs; nothing redone")
+            return summary
+        _check_same_run(directory, fp, stage)
+    config, rows = loop_config(cfg, stage, factory, files, store, init_dir, directory)
+    micro, accum, total = (stage_value(tc, stage, "micro_batch_size"), stage_value(tc, stage, "grad_accum"),
+                           config["total_steps"])
+    os.makedirs(directory, exist_ok=True)
+    with open(f"{directory}/run.json", "w") as f:
+        json.dump({"fingerprint": fp}, f)
+    print(f"[train {stage.name}] {rows} train rows, {tc.num_workers} workers x {micro} rows x {accum} accumulation, "
+          f"about {total} steps; output {directory}", flush=True)
+    init_ray(cfg.ray)
+    error = None
+    try:
+        result = _fit(config, _datasets(files, stage, tc), tc, stage.name, output)
+        error = result.error
+    except Exception as err:  # Ray Train's own failure type varies by version; the message is what matters
+        result, error = None, err
+    metrics = dict(result.metrics or {}) if result is not None else {}
+    ok = error is None and bool(metrics.get("final"))
+    if ok:
+        with result.checkpoint.as_directory() as d:
+            shutil.rmtree(f"{directory}/{MODEL_DIR}", ignore_errors=True)
+            shutil.copytree(os.path.join(d, MODEL_DIR), f"{directory}/{MODEL_DIR}")
+    plot_loss(f"{directory}/metrics.jsonl", f"{directory}/loss.png", title=f"stage {stage.name}")
+    summary = _summary(stage, directory, metrics, time.time() - started, ok)
+    if ok:
+        with open(f"{directory}/summary.json", "w") as f:
+            json.dump({"fingerprint": fp, "metrics": metrics, "summary": summary.to_dict()}, f, indent=1, default=str)
+    else:
+        summary.notes.insert(0, f"training failed: {str(error).strip().splitlines()[-1] if error else 'no final checkpoint'}"
+                                f"; rerun with train.resume: latest to continue from the last checkpoint")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(cfg: Config, *, factory: Any = None) -> StageSummary:
+    """Train every configured stage in order; print each stage's summary but the last, return the last.
+
+    ``factory`` builds and loads the model (default ``IPNFactory``: ``lmeye.model``); tests pass a fake.
+    """
+    factory = factory or IPNFactory()
+    instructions, features, output = _paths(cfg)
+    tc = cfg.train
+    stages = [s for s in tc.stages if tc.only is None or s.name in tc.only]
+    if not stages:
+        raise UserError("train.stages: no stage to run")
+    files = _split_files(instructions)
+    store = _open_features(features)
+    factory.check(cfg)
+    names = [s.name for s in tc.stages]
+    plan = []
+    for stage in stages:
+        earlier = names[: names.index(stage.name)]
+        init_dir = _init_dir(stage, output, earlier)
+        running_before = stage.init_from in [s.name for s in stages[: stages.index(stage)]]
+        if init_dir is not None and not running_before:
+            if not os.path.isdir(init_dir):
+                raise FileNotFoundError(f"train stage {stage.name}: init_from {stage.init_from}: no model at {init_dir}; "
+                                        f"train stage {stage.init_from} first")
+            _check_feature_shape(factory, init_dir, store, stage)
+        if _count_rows(files[TRAIN], _task_filter(stage)) == 0:
+            raise UserError(f"train stage {stage.name}: no train rows of tasks {stage.tasks or 'any'} in the instructions table")
+        plan.append((stage, init_dir))
+    summary: Optional[StageSummary] = None
+    for i, (stage, init_dir) in enumerate(plan):
+        if summary is not None:
+            print(summary.render(), flush=True)
+        summary = _run_stage(cfg, stage, factory, files, store, output, init_dir)
+        if not summary.ok:
+            break
+    assert summary is not None
+    return summary
+
+
+__all__ = ["run", "stage_dir"]

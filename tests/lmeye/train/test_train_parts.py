@@ -1,0 +1,115 @@
+"""The trainer's parts without Ray: config, schedule, DeepSpeed dict, batches, checkpoint files, plot."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from lmeye.config import ConfigError, load_config
+from lmeye.errors import UserError
+from lmeye.store import FeatureStore
+from lmeye.train.checkpoint import load_seen, restore_rng, save_rank_files
+from lmeye.train.data import BatchMaker
+from lmeye.train.ds_config import deepspeed_config, lr_factor
+from lmeye.train.evaluate import normalise
+from lmeye.train.plot import plot_loss
+
+
+
+def _fake():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fake_ipn_file", Path(__file__).with_name("fake_ipn.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load()
+
+
+def test_default_stages_are_align_then_instruct_from_align():
+    tc = load_config(None).train
+    assert [(s.name, s.trainable, s.init_from) for s in tc.stages] == [("align", "align", None), ("instruct", "instruct", "align")]
+    assert tc.stages[0].tasks == ["short_caption", "detailed_description", "grounded_qa"] and tc.stages[1].tasks is None
+
+
+@pytest.mark.parametrize("override, word", [
+    ({"train.stages": [{"name": "a", "trainable": "align"}, {"name": "a", "trainable": "instruct"}]}, "duplicate stage name"),
+    ({"train.only": ["nope"]}, "no stage named 'nope'"),
+    ({"train.zero_stage": 4}, "train.zero_stage"),
+    ({"train.stages": [{"name": "a", "trainable": "align", "epoch": 2}]}, "unknown key"),
+])
+def test_bad_train_config_is_one_line(override, word):
+    with pytest.raises(ConfigError, match=word):
+        load_config(None, override)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = lr_factor("cosine", warmup=4, total_steps=14)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(9) == pytest.approx(0.5) and f(14) == pytest.approx(0.0) and f(100) == pytest.approx(0.0)
+    lin = lr_factor("linear", warmup=0, total_steps=10)
+    assert lin(0) == 1.0 and lin(5) == pytest.approx(0.5)
+    assert lr_factor("constant", 0, 10)(7) == 1.0
+
+
+def test_deepspeed_config_from_the_section():
+    cfg = load_config(None, {"train.zero_stage": 3, "train.precision": "bf16", "train.micro_batch_size": 4,
+                             "train.grad_accum": 2, "train.grad_clip": 0.5,
+                             "train.stages": [{"name": "a", "trainable": "align", "lr": 0.01}]})
+    ds = deepspeed_config(cfg.train, cfg.train.stages[0], world_size=2, total_steps=10)
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["optimizer"]["params"]["lr"] == 0.01 and ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["gradient_clipping"] == 0.5
+
+
+def test_batch_maker_skips_counts_and_filters_seen(tmp_path):
+    fake = _fake()
+    t = fake.build_tables(tmp_path)
+    store = FeatureStore.open(t["features"])
+    ipn = fake.FakeIPN(store.dim, store.patch_shape)
+    maker = BatchMaker(ipn, store)
+    train = [r for r in t["rows"] if r["split"] == "train"]
+    table = pa.Table.from_pylist([{k: r[k] for k in ("sample_id", "uid", "task", "conversation")} for r in train])
+    prep = maker.prepare(table)
+    assert dict(prep.skipped) == {"missing_features": 2, "too_long": 2}
+    assert prep.rows == len(t["trainable"]) and sorted(prep.batch["keys"]) == sorted(t["trainable"])
+    assert prep.seen.size == table.num_rows  # skipped rows are seen too
+    text_only = prep.batch["keys"].index(train[13]["conversation"][0]["content"])
+    assert not bool(prep.batch["has_image"][text_only]) and float(prep.batch["embeddings"][text_only].abs().sum()) == 0
+    again = maker.prepare(table, seen=prep.seen[:10])
+    assert again.skipped["resumed_skip"] == 10 and again.seen.size == table.num_rows - 10
+    with pytest.raises(UserError, match="no features"):
+        BatchMaker(ipn, store, on_missing="error").prepare(table)
+    with pytest.raises(UserError, match="max_length"):
+        BatchMaker(ipn, store, on_too_long="error").prepare(table.slice(6, 4))
+
+
+def test_rank_files_round_trip_without_pickle(tmp_path):
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    save_rank_files(str(tmp_path), 0, np.array([3, 1], np.uint64))
+    save_rank_files(str(tmp_path), 1, np.array([2, 3], np.uint64))
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    restore_rng(str(tmp_path), 0)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+    assert load_seen(str(tmp_path)).tolist() == [1, 2, 3]
+    assert json.loads((tmp_path / "rng" / "rank1.json").read_text())["torch"]
+
+
+def test_loss_plot_and_normalise(tmp_path):
+    m = tmp_path / "metrics.jsonl"
+    m.write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)) + "\n")
+    assert plot_loss(str(m), str(tmp_path / "loss.png"))
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert not plot_loss(str(tmp_path / "none.jsonl"), str(tmp_path / "x.png"))
+    assert normalise("  Red. ") == "red" and normalise("top  Left") == "top left"
