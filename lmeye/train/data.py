@@ -26,7 +26,6 @@ import numpy as np
 import pyarrow as pa
 
 from lmeye.errors import UserError
-from lmeye.uid import uids_to_u64
 
 
 @dataclass
@@ -37,8 +36,16 @@ class Prepared:
     skipped: Counter = field(default_factory=Counter)
 
 
+def hex64(values: list) -> tuple[np.ndarray, np.ndarray]:
+    """(uint64 key, valid) per 16-hex-digit ``sample_id``: what a checkpoint's seen set stores."""
+    valid = np.array([isinstance(v, str) and len(v) == 16 and all(c in "0123456789abcdef" for c in v) for v in values],
+                     dtype=bool)
+    keys = np.array([int(v, 16) if ok else 0 for v, ok in zip(values, valid)], dtype=np.uint64)
+    return keys, valid
+
+
 def sample_keys(table: pa.Table) -> np.ndarray:
-    keys, valid = uids_to_u64(table.column("sample_id"))
+    keys, valid = hex64(table.column("sample_id").to_pylist())
     if not valid.all():
         bad = table.column("sample_id").combine_chunks().filter(pa.array(~valid))[0].as_py()
         raise UserError(f"instructions table: sample_id {bad!r} is not 16 hex digits")

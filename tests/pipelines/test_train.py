@@ -22,7 +22,7 @@ import pytest
 from lmeye.cli import main
 from lmeye.config import load_config
 from lmeye.errors import UserError
-from lmeye.uid import uids_to_u64
+from lmeye.train.data import hex64
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = REPO / "tests" / "lmeye" / "train" / "run_fake.py"
@@ -142,7 +142,7 @@ def test_sigkill_mid_epoch_then_resume_latest_trains_the_rest_once_and_matches(r
     # which rows the checkpoint had trained: every seen row that is trainable
     by_key = {r["conversation"][0]["content"]: r["sample_id"] for r in tables["rows"]}
     trainable = tables["trainable"]
-    before = [k for k in trainable if uids_to_u64([by_key[k]])[0][0] in set(seen.tolist())]
+    before = [k for k in trainable if hex64([by_key[k]])[0][0] in set(seen.tolist())]
     after = [k for rank in fake.read_log(str(tmp_path / "log2")).values() for rec in rank for k in rec["keys"]]
     assert 0 < len(before) < len(trainable)  # killed mid-epoch
     assert len(after) == len(set(after)) and not set(after) & set(before)  # none twice
