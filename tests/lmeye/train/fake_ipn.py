@@ -275,7 +275,7 @@ def build_tables(root: Path, n_train: int = 40, n_val: int = 6, missing: tuple[i
             feature_uids.append(uid)
         answer = "red" if i % 2 else "blue"
         question = key + (" word" * 40 if split == "train" and i in too_long else " what colour")
-        rows.append({"sample_id": uid_for(f"sample/{i}"), "uid": uid, "task": tasks[i % 2], "split": split,
+        rows.append({"sample_id": uid_for(f"sample/{i}")[:16], "uid": uid, "task": tasks[i % 2], "split": split,
                      "conversation": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
         if split == "train" and i not in missing and i not in too_long:
             trainable.append(question)
