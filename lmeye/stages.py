@@ -18,7 +18,7 @@ import fsspec
 from lmeye import provenance
 from lmeye.config import Config, dump_config
 from lmeye.report import StageSummary
-from lmeye.tables import Manifest, fingerprint
+from lmeye.tables import Manifest, NotATableFolder, fingerprint
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def manifest_of(path: str) -> Optional[Manifest]:
     """The table manifest at ``path``; None for anything else (a file, a plain folder, nothing)."""
     try:
         return Manifest.load(path)
-    except (NotADirectoryError, IsADirectoryError):
+    except (NotADirectoryError, IsADirectoryError, NotATableFolder):
         return None
 
 

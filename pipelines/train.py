@@ -55,10 +55,13 @@ COLUMNS = ["sample_id", "uid", "task", "conversation"]
 def _paths(cfg: Config) -> tuple[str, str, str]:
     tc = cfg.train
     output = tc.output or f"{cfg.data.root.rstrip('/')}/train"
-    fs, _ = fsspec.core.url_to_fs(output)
-    if "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
-        output = os.path.abspath(output)  # Ray Train wants an absolute storage path
-    return (tc.instructions or cfg.instruct.output, tc.features or cfg.extract.output, output)
+
+    def absolute(path: str) -> str:  # Ray Train wants an absolute storage path; workers have their own cwd
+        fs, _ = fsspec.core.url_to_fs(path)
+        local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+        return os.path.abspath(path) if local else path
+
+    return (absolute(tc.instructions or cfg.instruct.output), absolute(tc.features or cfg.extract.output), absolute(output))
 
 
 def stage_dir(output: str, stage: str) -> str:

@@ -48,6 +48,8 @@ class DemoConfig(Section):
         description="loopback port of the corpus server; fixed, because uids come from URLs and a rerun must see the same ones",
     )
     corpus_dir: Optional[str] = Field(None, description="default {data.root}/corpus")
+    eval_images: int = Field(12, gt=0, description="held-out images in the demo's MME/MMBench/SEED-Bench-layout sets")
+    eval_max_new_tokens: int = Field(8, gt=0, description="answer length of the demo's evaluation (answers are a word or two)")
 
 
 class Config(Section):

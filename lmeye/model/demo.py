@@ -153,6 +153,8 @@ def ensure_demo_llm(cfg, steps: int = STEPS) -> str:
     text tower of the very CLIP that made the features.
     """
     path = cfg.model.llm or f"{cfg.data.root.rstrip('/')}/models/{NAME}"
+    if "://" not in path:  # Ray workers do not share the driver's working directory
+        path = os.path.abspath(path)
     stamp = Path(path) / STAMP
     want = _fingerprint(json.loads(CONFIG_JSON.read_text()))
     built = json.loads(stamp.read_text()) if stamp.is_file() else {}
@@ -163,7 +165,8 @@ def ensure_demo_llm(cfg, steps: int = STEPS) -> str:
     if cfg.model.rvii == "clip_text" and cfg.model.clip_pretrained is None and cfg.model.clip_model == cfg.extract.model:
         from lmeye.clip import ensure_demo_model
 
-        cfg.model.clip_pretrained = ensure_demo_model(cfg.extract)
+        clip = ensure_demo_model(cfg.extract)
+        cfg.model.clip_pretrained = clip if "://" in clip else os.path.abspath(clip)
     return path
 
 
