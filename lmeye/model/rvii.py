@@ -117,14 +117,19 @@ def load_clip_text_tower(model: str, pretrained: Optional[str], config_dirs: lis
 
     import open_clip
 
-    from lmeye.clip import _quiet_open_clip, register_model_configs
+    from lmeye.clip import DEMO_SEED, _quiet_open_clip, register_model_configs
 
     register_model_configs(config_dirs)
     if open_clip.get_model_config(model.replace("/", "-")) is None and not model.startswith(("hf-hub:", "local-dir:")):
         raise UserError(f"model.clip_model {model!r}: no such open_clip architecture (add its JSON to configs/models/ or model.clip_model_config_dirs)")
     if pretrained and not os.path.isfile(pretrained) and not open_clip.get_pretrained_cfg(model.replace("/", "-"), pretrained):
         raise UserError(f"model.clip_pretrained {pretrained!r}: neither an existing file nor a pretrained tag of {model}")
-    with _quiet_open_clip():
+    # Random weights (no pretrained) come from a fixed seed in a private RNG state: the frozen tower is
+    # never saved, so every worker, and every later load of a trained IPN, must rebuild the very same
+    # one (an unseeded tower differs per process and the trained projections around it mean nothing).
+    # The seed is the demo extractor's, so the tower is the text half of the CLIP that made the features.
+    with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DEMO_SEED)
         clip = open_clip.create_model(model, pretrained=pretrained or None)
     tok = open_clip.get_tokenizer(model)
     tower = ClipTextTower(clip, getattr(tok, "sot_token_id", 49406), getattr(tok, "eot_token_id", 49407))

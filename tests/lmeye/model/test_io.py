@@ -61,3 +61,15 @@ def test_load_checks_names_and_shapes(trained, tmp_path):
         load_ipn(str(d))
     with pytest.raises(UserError, match="not an IPN directory"):
         load_ipn(str(tmp_path / "nothing"))
+
+
+def test_a_random_clip_text_tower_is_the_same_in_every_process():
+    """The frozen tower is never saved: with no pretrained weights, a load after any use of the RNG
+    (another worker, a later evaluation) must rebuild exactly the tower the IPN was trained with."""
+    from lmeye.model.rvii import load_clip_text_tower
+
+    first = load_clip_text_tower("lingcloud-tiny-vit", None, [], torch.float32)
+    torch.randn(1000)  # what a training loop, a data shuffle or another model would consume
+    again = load_clip_text_tower("lingcloud-tiny-vit", None, [], torch.float32)
+    state = again.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in first.state_dict().items())
