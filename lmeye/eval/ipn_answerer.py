@@ -54,10 +54,12 @@ class IPNAnswerer:
         return texts[0]
 
     def choice_loglik(self, image: Any, question: str, choices: list[str]) -> list[float]:
-        batch = self._batch(image, question)
-        if batch is None:
-            return [float("-inf")] * len(choices)
-        scores = self.ipn.score_choices(batch, choices)  # summed log-probability per choice
+        conversation = [{"role": "user", "content": question}]
+        emb, patches = self._features(image) if image is not None else (None, None)
+        try:  # summed log-probability per choice
+            scores = self.ipn.score_choices(conversation, choices, embedding=emb, patch_tokens=patches)
+        except UserError:
+            return [float("-inf")] * len(choices)  # a choice cannot fit max_length: scored wrong
         return [float(s) for s in np.asarray(scores, dtype=np.float64).reshape(-1)]
 
 
@@ -96,5 +98,5 @@ def build_answerer(checkpoint: str | Path, max_new_tokens: int = 32) -> IPNAnswe
 
     ipn = load_ipn(str(path))
     ipn.eval()
-    featurize, dim = clip_featurizer(ipn.config, output_tokens=getattr(ipn, "patch_shape", None) is not None)
+    featurize, dim = clip_featurizer(ipn.cfg, output_tokens=getattr(ipn, "patch_shape", None) is not None)
     return IPNAnswerer(ipn, featurize, dim, max_new_tokens=max_new_tokens)

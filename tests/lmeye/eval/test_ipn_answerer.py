@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from lmeye.errors import UserError
 from lmeye.eval.ipn_answerer import IPNAnswerer
 
 
@@ -25,7 +26,11 @@ class FakeIPN:
         self.calls.append(("generate", kwargs))
         return ["a red circle"]
 
-    def score_choices(self, batch, choices):
+    def score_choices(self, conversation, choices, embedding=None, patch_tokens=None):
+        # the real IPN's signature: the conversation up to the user's turn, features of one image
+        self.calls.append(("score_choices", conversation, embedding, patch_tokens))
+        if not self.fits:
+            raise UserError("a choice does not fit the model's 8 tokens")
         return np.array([-len(c) for c in choices], dtype=np.float32)
 
 
