@@ -1,4 +1,4 @@
-"""The demo pipeline end to end: corpus -> loopback HTTP -> download -> extract -> instruct."""
+"""The demo pipeline end to end: corpus -> loopback HTTP -> download -> extract -> instruct -> train -> evaluate."""
 
 from __future__ import annotations
 
@@ -22,15 +22,26 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_local, capsys):
     # One port for both runs: uids come from URLs, so a rerun must serve the same ones.
     cfg = load_config("configs/demo.yaml", {
         "data.root": str(tmp_path / "demo"), "demo.num_images": 16, "demo.port": _free_port(),
-        "download.samples_per_shard": 8,
+        "download.samples_per_shard": 8, "demo.eval_images": 3,
     })
     summaries = run_demo(cfg)
     out = capsys.readouterr().out
-    assert [s.stage for s in summaries] == ["download", "extract", "instruct"]
+    assert [s.stage for s in summaries] == ["download", "extract", "instruct", "train instruct"]
     assert all(s.ok for s in summaries), out
-    for stage in ("download", "extract", "instruct"):
+    for stage in ("download", "extract", "instruct", "train align", "train instruct"):
         assert f"== {stage} finished" in out
     assert "[demo] ok" in out
+
+    # trained, evaluated, reported: both stages' models, the three benchmarks, the plots
+    root = tmp_path / "demo"
+    for stage in ("align", "instruct"):
+        assert (root / "train" / stage / "model" / "ipn.safetensors").is_file()
+    for bench in ("mme", "mmbench", "seedbench"):
+        assert (root / "eval" / f"{bench}.json").is_file(), bench
+    report = (root / "report" / "report.md").read_text()
+    for png in ("loss_curves.png", "row_counts.png", "accuracy_by_type.png", "benchmark_scores.png"):
+        assert (root / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png in report
+    assert "LingCloud demo: summary" in out and "SEED-Bench" in out
 
     pairs = TableReader(cfg.download.output, PAIRS).read(columns=["uid", "url", "status"])
     assert pairs.num_rows == 16 + 4  # every good image and every broken entry, once
