@@ -18,7 +18,7 @@ from lmeye.cli import main
 from lmeye.config import load_config
 from lmeye.lineage import CHECKPOINT_LINEAGE, lineage, write_checkpoint_lineage
 from lmeye.stages import STAGES, record_for
-from lmeye.tables import Manifest, TableWriter
+from lmeye.tables import Manifest, TableWriter, shard_file
 from schemas.features import FEATURES, SUCCESS, features_schema
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ def write_features(path: Path, pairs: Path, cfg) -> None:
     with provenance.recording(str(path), record_for(STAGES["extract"], cfg)):
         writer = TableWriter(str(path), FEATURES, config={"model": "fake"})
     for name, info in sorted(source.shards.items()):
-        uids = pa.parquet.read_table(pairs / name, columns=["uid"])["uid"].to_pylist()
+        uids = pa.parquet.read_table(pairs / shard_file(name), columns=["uid"])["uid"].to_pylist()
         emb = np.ones((len(uids), 4), np.float32)
         table = pa.table({
             "uid": uids, "status": [SUCCESS] * len(uids), "error_message": pa.nulls(len(uids), pa.string()),

@@ -19,7 +19,7 @@ from lmeye import clip
 from lmeye.cli import main
 from lmeye.config import load_config
 from lmeye.store import FeatureStore, table_version
-from lmeye.tables import Manifest, TableWriter
+from lmeye.tables import Manifest, TableWriter, shard_file
 from lmeye.uid import uid_for
 from schemas.pairs import PAIRS
 from schemas.pairs import SUCCESS as PAIRS_SUCCESS
@@ -39,7 +39,7 @@ def build_pairs_table(*args, **kwargs) -> pa.Table:
 def _shards(path: Path) -> dict[str, tuple[int, str]]:
     """name -> (mtime_ns, sha256 recorded in the manifest)."""
     m = json.loads((path / "_manifest.json").read_text())
-    return {n: ((path / n).stat().st_mtime_ns, s["sha256"]) for n, s in m["shards"].items()}
+    return {n: ((path / shard_file(n)).stat().st_mtime_ns, s["sha256"]) for n, s in m["shards"].items()}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_rebuilt_from_scratch_every_shard_checksum_is_identical(made):
     assert sorted(a) == ["00000.parquet", "00001.parquet", "00002.parquet"]
     assert {n: sha for n, (_, sha) in a.items()} == {n: sha for n, (_, sha) in b.items()}
     for name in a:  # the recorded checksum is the file's
-        assert (made / "features_a" / name).read_bytes() == (made / "features_b" / name).read_bytes()
+        assert (made / "features_a" / shard_file(name)).read_bytes() == (made / "features_b" / shard_file(name)).read_bytes()
 
 
 def test_up_to_date_recomputes_nothing(made, capsys):
@@ -95,7 +95,7 @@ def test_changed_config_writes_a_new_version_and_the_old_stays_readable(made, ca
     assert _shards(old_dir) == before  # the old version is untouched
     pinned = FeatureStore.open(str(old_dir), version=old_version)
     new = FeatureStore.open(str(new_dir))
-    some = pq.read_table(old_dir / "00000.parquet", columns=["uid", "status"]).filter(
+    some = pq.read_table(old_dir / shard_file("00000.parquet"), columns=["uid", "status"]).filter(
         pa.compute.equal(pa.compute.field("status"), "success"))["uid"].to_pylist()
     old_emb, new_emb = pinned.get(some)["embedding"], new.get(some)["embedding"]
     assert old_emb.dtype == np.float32 and new_emb.dtype == np.float16 and pinned.info()["rows_served"] == uids
@@ -108,7 +108,7 @@ def test_changed_config_writes_a_new_version_and_the_old_stays_readable(made, ca
 
 def _rewrite_pairs(pairs: Path) -> set[str]:
     """Shard 00001 loses its first row, shard 00003 is new; returns the success uids afterwards."""
-    old = {n: pq.read_table(pairs / n) for n in ("00000.parquet", "00001.parquet", "00002.parquet")}
+    old = {n: pq.read_table(pairs / shard_file(n)) for n in ("00000.parquet", "00001.parquet", "00002.parquet")}
     writer = TableWriter(str(pairs), PAIRS, config={"fixture": "pairs", "seed": 0})  # same config: shards kept
     writer.write("00001.parquet", old["00001.parquet"].slice(1))
     extra = old["00000.parquet"].slice(0, 3)
