@@ -25,7 +25,7 @@ from lmeye.errors import UserError
 from lmeye.provenance import ConfigChanged
 from lmeye.report import StageSummary
 from lmeye.stages import STAGES, Stage, input_paths, run, version_of
-from lmeye.tables import MANIFEST, Manifest
+from lmeye.tables import MANIFEST, Manifest, shard_file
 
 VERSION_SUFFIX = re.compile(r"@[0-9a-f]{16}$")
 
@@ -95,7 +95,7 @@ def plan(path: str, overrides: Iterable[str] = ()) -> Plan:
     fs, root = fsspec.core.url_to_fs(path)
     for name, info in sorted(manifest.shards.items()):
         try:
-            intact = fs.size(root.rstrip("/") + "/" + name) == info.bytes
+            intact = fs.size(root.rstrip("/") + "/" + shard_file(name)) == info.bytes
         except FileNotFoundError:
             intact = False
         if not intact:

@@ -522,6 +522,23 @@ def auto_torch_threads(node_cpus: float, actor_num_cpus: float, pool_max: int) -
     return max(1, int(node_cpus // actors))
 
 
+def encoder_settings(ec: ExtractConfig, precision: str) -> dict[str, Any]:
+    """What a model actor (``_Encoder``) is built with; chat and eval build the same one."""
+    return {
+        "torch_threads": ec.torch_threads or (max(1, int(ec.actor_num_cpus)) if ec.num_gpus > 0 else None),
+        "actor_num_cpus": ec.actor_num_cpus,
+        "pool_max": ec.pool_max_size or ec.pool_size,
+        "num_gpus": ec.num_gpus,
+        "precision": precision,
+        "model_config_dirs": list(ec.model_config_dirs),
+        "weights_cache_dir": ec.weights_cache_dir,
+        "patch_tokens": ec.patch_tokens,
+        "dtype": ec.dtype,
+        "debug_delay_s": ec.debug_delay_s,
+        "batch_size": ec.batch_size,
+    }
+
+
 def _node_cpus() -> float:
     """CPUs Ray gives this worker's node (the node the calling actor runs on)."""
     import ray
@@ -577,19 +594,7 @@ def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pair
         compute = ray.data.ActorPoolStrategy(min_size=ec.pool_size, max_size=max(ec.pool_size, ec.pool_max_size))
     else:
         compute = ray.data.ActorPoolStrategy(size=ec.pool_size)
-    settings = {
-        "torch_threads": ec.torch_threads or (max(1, int(ec.actor_num_cpus)) if ec.num_gpus > 0 else None),
-        "actor_num_cpus": ec.actor_num_cpus,
-        "pool_max": ec.pool_max_size or ec.pool_size,
-        "num_gpus": ec.num_gpus,
-        "precision": precision,
-        "model_config_dirs": list(ec.model_config_dirs),
-        "weights_cache_dir": ec.weights_cache_dir,
-        "patch_tokens": ec.patch_tokens,
-        "dtype": ec.dtype,
-        "debug_delay_s": ec.debug_delay_s,
-        "batch_size": ec.batch_size,
-    }
+    settings = encoder_settings(ec, precision)
     # Ray Data passes an actor's constructor arguments through the object store, where Ray cannot
     # restore them for a restart (ray-project/ray#53727: "constructor arguments in the object store and
     # max_restarts > 0 ... restart will fail"). So Ray's own actor restarts are off and the stage restarts

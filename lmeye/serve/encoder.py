@@ -11,6 +11,7 @@ question's image gets the features that image has in the table, bit for bit.
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import Iterable, Optional, Sequence
 
@@ -67,10 +68,9 @@ class ImageEncoder:
         self._pil_part = extract._pil_part(
             json.dumps({k: extract._norm(v) for k, v in spec.preprocess_cfg.items()}, sort_keys=True)
         )
-        settings = {
-            "torch_threads": None, "num_gpus": 0, "precision": ec.precision, "model_config_dirs": list(ec.model_config_dirs),
-            "patch_tokens": ec.patch_tokens, "dtype": ec.dtype, "debug_delay_s": 0,
-        }
+        # the table's own settings, on this process's CPU threads (no Ray here), no debug delay
+        settings = {**extract.encoder_settings(ec, ec.precision),
+                    "torch_threads": os.cpu_count() or 1, "num_gpus": 0, "debug_delay_s": 0}
         self._actor = extract._Encoder(spec.to_dict(), settings)
         self._decode = extract.decode_image
 

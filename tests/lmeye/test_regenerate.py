@@ -117,7 +117,7 @@ def _rewrite_pairs(pairs: Path) -> set[str]:
     writer.write("00003.parquet", extra.cast(PAIRS.schema))
     names = ["00000.parquet", "00001.parquet", "00002.parquet", "00003.parquet"]
     writer.finalize(names, stats={})
-    table = pa.concat_tables(pq.read_table(pairs / n) for n in names)
+    table = pa.concat_tables(pq.read_table(pairs / shard_file(n)) for n in names)
     return {u for u, s in zip(table["uid"].to_pylist(), table["status"].to_pylist()) if s == PAIRS_SUCCESS}
 
 
