@@ -25,7 +25,7 @@ from lmeye.errors import UserError
 from lmeye.provenance import ConfigChanged
 from lmeye.report import StageSummary
 from lmeye.stages import STAGES, Stage, input_paths, run, version_of
-from lmeye.tables import MANIFEST, Manifest, shard_file
+from lmeye.tables import MANIFEST, Manifest, overwriting, shard_file
 
 VERSION_SUFFIX = re.compile(r"@[0-9a-f]{16}$")
 
@@ -114,7 +114,10 @@ def regenerate(path: str, overrides: Iterable[str] = ()) -> Outcome:
     if not p.reasons:
         return Outcome(path=path, action="up-to-date", reasons=[])
     try:
-        summary = run(p.stage, p.cfg, keep_versions=True)
+        # Changed inputs replace the derived shards in place: regenerating is the user's consent to
+        # that (--overwrite); a changed content config still goes to a new version (ConfigChanged).
+        with overwriting(True):
+            summary = run(p.stage, p.cfg, keep_versions=True)
         return Outcome(path=path, action="updated", reasons=p.reasons, summary=summary)
     except ConfigChanged as changed:
         new_path = version_path(path, changed.new)

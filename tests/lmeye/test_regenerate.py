@@ -135,7 +135,7 @@ def test_changed_and_added_input_shards_recompute_only_their_shards(made, capsys
     for name in ("00000.parquet", "00002.parquet"):  # derived from unchanged shards: not rewritten
         assert after[name] == before[name]
     assert after["00001.parquet"][1] != before["00001.parquet"][1]
-    uids = pa.concat_tables(pq.read_table(feats / n, columns=["uid"]) for n in after)["uid"].to_pylist()
+    uids = pa.concat_tables(pq.read_table(feats / shard_file(n), columns=["uid"]) for n in after)["uid"].to_pylist()
     assert len(uids) == len(set(uids)) and set(uids) == success
     assert main(["regenerate", str(feats)]) == 0
     assert "up to date" in capsys.readouterr().out
