@@ -6,6 +6,10 @@ STAMP  := $(VENV)/.installed
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_USAGE_STATS_ENABLED := 0
+# offline by design: no hub look-ups, no analytics or download-count calls
+export HF_HUB_OFFLINE := 1
+export HF_UPDATE_DOWNLOAD_COUNTS := 0
+export GRADIO_ANALYTICS_ENABLED := False
 
 .PHONY: demo test venv clean bench browser
 
