@@ -8,11 +8,7 @@ cluster never meets the session's embedded Ray nor any other Ray on the machine.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,19 +16,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from lingcloud_testing import build_pairs_table, run_own_cluster
+
+from lmeye.tables import shard_file
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def build_pairs_table(*args, **kwargs) -> pa.Table:
-    """tests/conftest.py's builder (conftest is not importable by name under --import-mode=importlib)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_lingcloud_test_conftest", REPO / "tests" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_pairs_table(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- the subprocess
@@ -50,7 +39,7 @@ def _kill_second_node_when_busy(cluster, worker, out_dir: Path, events: dict) ->
     deadline = time.time() + 240
     while time.time() < deadline:
         on_worker = [a for a in _encoder_actors() if a["Address"]["NodeID"] == worker.node_id and a["State"] == "ALIVE"]
-        shards = list(out_dir.glob("0*.parquet"))
+        shards = list(out_dir.glob("train-*.parquet"))
         if on_worker and shards:
             events["killed_after_shards"] = len(shards)
             cluster.remove_node(worker, allow_graceful=False)
@@ -115,17 +104,7 @@ def pairs(tmp_path):
 
 
 def _run_scenario(root: Path, kill: bool) -> dict:
-    ray_tmp = tempfile.mkdtemp(prefix="lc-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray take 127.0.0.1 as this machine's address; otherwise
-    # ray.init rewrites a 127.0.0.1 GCS address to the host's routable IP, where nothing listens.
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO), NO_ALBUMENTATIONS_UPDATE="1",
-               RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    env.pop("RAY_ADDRESS", None)
-    try:
-        proc = subprocess.run([sys.executable, __file__, str(root), "kill" if kill else "plain"],
-                              env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    proc = run_own_cluster([__file__, str(root), "kill" if kill else "plain"], cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -134,7 +113,8 @@ def _one_row_per_successful_uid(root: Path, table: pa.Table) -> None:
     success = {u for u, s in zip(table["uid"].to_pylist(), table["status"].to_pylist()) if s == "success"}
     manifest = json.loads((root / "features" / "_manifest.json").read_text())
     assert manifest["complete"]
-    got = pa.concat_tables(pq.read_table(root / "features" / n, columns=["uid"]) for n in sorted(manifest["shards"]))
+    got = pa.concat_tables(pq.read_table(root / "features" / shard_file(n), columns=["uid"])
+                          for n in sorted(manifest["shards"]))
     uids = got["uid"].to_pylist()
     assert len(uids) == len(set(uids)) and set(uids) == success
 

@@ -3,11 +3,9 @@ every table (pairs, features, instructions) by folder or glob, as the README sho
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from lingcloud_testing import build_features_table, build_pairs_table
 
 from lmeye.config import load_config
 from lmeye.store import FeatureStore
@@ -17,23 +15,15 @@ from pipelines.instruct import run
 DIM = 4
 
 
-def _conftest():
-    spec = importlib.util.spec_from_file_location("_lingcloud_test_conftest", Path(__file__).resolve().parent / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tables(tmp_path_factory):
     """pairs (12 images + 1 corrupt + 1 failed), features (with a serving copy built inside it)
     and instructions whose validation split is empty (val_fraction 0: no 0-row shard may appear)."""
     root = tmp_path_factory.mktemp("anywhere")
-    helpers = _conftest()
-    pairs = helpers.build_pairs_table(root / "pairs", 12)
+    pairs = build_pairs_table(root / "pairs", 12)
     good = [u for u, s, c in zip(pairs["uid"].to_pylist(), pairs["status"].to_pylist(), pairs["caption"].to_pylist())
             if s == "success" and c != "not an image"]
-    helpers.build_features_table(root / "features", good, failed=[pairs["uid"][12].as_py()], dim=DIM)
+    build_features_table(root / "features", good, failed=[pairs["uid"][12].as_py()], dim=DIM)
     FeatureStore.open(str(root / "features"))  # its serving copy (_serving/) lives inside the table folder
     cfg = load_config(None, {"data.root": str(root), "instruct.val_fraction": 0.0})
     run(cfg)

@@ -5,13 +5,13 @@ Tables are written in-process (no Ray) under the same provenance recording the s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from lingcloud_testing import build_pairs_table
 
 from lmeye import provenance
 from lmeye.cli import main
@@ -22,14 +22,6 @@ from lmeye.tables import Manifest, TableWriter, shard_file
 from schemas.features import FEATURES, SUCCESS, features_schema
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def build_pairs_table(*args, **kwargs) -> pa.Table:
-    """tests/conftest.py's builder (conftest is not importable by name under --import-mode=importlib)."""
-    spec = importlib.util.spec_from_file_location("_lingcloud_test_conftest", REPO / "tests" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_pairs_table(*args, **kwargs)
 
 
 def write_features(path: Path, pairs: Path, cfg) -> None:

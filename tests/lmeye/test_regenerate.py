@@ -6,7 +6,6 @@ changes the pairs table.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from lingcloud_testing import build_pairs_table
 
 from lmeye import clip
 from lmeye.cli import main
@@ -26,14 +26,6 @@ from schemas.pairs import SUCCESS as PAIRS_SUCCESS
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def build_pairs_table(*args, **kwargs) -> pa.Table:
-    """tests/conftest.py's builder (conftest is not importable by name under --import-mode=importlib)."""
-    spec = importlib.util.spec_from_file_location("_lingcloud_test_conftest", REPO / "tests" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_pairs_table(*args, **kwargs)
 
 
 def _shards(path: Path) -> dict[str, tuple[int, str]]:

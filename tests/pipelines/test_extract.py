@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from lingcloud_testing import build_pairs_table, run_own_cluster
 
 from lmeye import clip
 from lmeye.cli import main
@@ -27,16 +28,6 @@ from schemas.pairs import SUCCESS as PAIRS_SUCCESS
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def build_pairs_table(*args, **kwargs) -> pa.Table:
-    """tests/conftest.py's builder (conftest is not importable by name under --import-mode=importlib)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_lingcloud_test_conftest", REPO / "tests" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_pairs_table(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -269,15 +260,11 @@ clip.save_checkpoint(clip.build_tiny_model(seed=3), SRC)
 caches = {k: os.path.join(tmp, k) for k in ("head_cache", "node2_cache", "driver_cache")}
 os.environ[clip.WEIGHTS_CACHE_ENV] = caches["driver_cache"]
 env = {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-for attempt in range(3):  # a loaded CI machine (another Ray up beside it) can miss the GCS start-up wait
-    try:
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "env_vars": {**env, clip.WEIGHTS_CACHE_ENV: caches["head_cache"]}})
-        break
-    except RuntimeError:
-        if attempt == 2:
-            raise
-cluster.add_node(num_cpus=1, resources={"node2": 1}, env_vars={**env, clip.WEIGHTS_CACHE_ENV: caches["node2_cache"]})
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+    "env_vars": {**env, clip.WEIGHTS_CACHE_ENV: caches["head_cache"]}})
+cluster.add_node(num_cpus=1, resources={"node2": 1}, node_ip_address="127.0.0.1",
+                 env_vars={**env, clip.WEIGHTS_CACHE_ENV: caches["node2_cache"]})
 ray.init(address=cluster.address, runtime_env={"worker_process_setup_hook": register, "env_vars": env})
 cfg = load_config(None, [f"data.root={tmp}", f"extract.model={clip.TINY_MODEL}", f"extract.pretrained={TAG}",
                          "extract.actor_resources={node2: 1}", "extract.decode_num_cpus=0.5",
@@ -305,10 +292,8 @@ def test_a_tag_is_resolved_by_each_actor_into_its_own_nodes_cache(tmp_path):
     pairs = build_pairs_table(tmp_path / "pairs", 6, shards=2, corrupt=0, failed=0, size=40)
     script = tmp_path / "cluster_extract.py"
     script.write_text(CLUSTER_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(REPO), HOME=str(tmp_path / "home"))  # open_clip's default cache would be in HOME
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=500)
+    # HOME is moved: open_clip's default cache would be in it, and nothing may land there
+    proc = run_own_cluster([str(script), str(tmp_path)], cwd=REPO, env={"HOME": str(tmp_path / "home")})
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(line[len("RESULT "):])

@@ -9,12 +9,21 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from lingcloud_testing import build_features_table
 
 from lmeye.cli import main
 from lmeye.config import ConfigError, load_config
 from lmeye.demo.corpus import qa_pairs, write_corpus
 from lmeye.errors import UserError
-from lmeye.tables import Manifest, NotATableFolder, TableMismatch, TableReader, TableWriter, overwriting
+from lmeye.tables import (
+    Manifest,
+    NotATableFolder,
+    TableMismatch,
+    TableReader,
+    TableWriter,
+    overwriting,
+)
+from lmeye.templates import CAPTIONS
 from lmeye.uid import uid_for
 from pipelines.instruct import Placement, run, split_files
 from pipelines.instruct.captions import load_templates
@@ -23,7 +32,6 @@ from pipelines.instruct.jsonio import Malformed, iter_records
 from schemas import SchemaError
 from schemas.features import FEATURES
 from schemas.instructions import INSTRUCTIONS
-from lmeye.templates import CAPTIONS
 
 OUTCOMES = ("kept", "duplicate", "no_features", "sampled_out", "over_cap", "malformed")
 
@@ -32,19 +40,9 @@ OUTCOMES = ("kept", "duplicate", "no_features", "sampled_out", "over_cap", "malf
 # helpers
 
 
-def _conftest():
-    """tests/conftest.py (not importable by name under --import-mode=importlib)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_lingcloud_test_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def write_features(path: Path, uids: list[str], failed: list[str] = ()) -> Path:
     """A features table (uid, status, error_message, embedding), as the extract stage writes it."""
-    return _conftest().build_features_table(path, list(uids), list(failed))
+    return build_features_table(path, list(uids), list(failed))
 
 
 def success_uids(pairs: pa.Table) -> list[str]:

@@ -3,20 +3,13 @@ checkpoint of the stand-in IPN (lmeye.serve.testing) that names that table."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 from pathlib import Path
 
 import pytest
+from lingcloud_testing import build_pairs_table as _build_pairs_table
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-def _build_pairs_table(*args, **kwargs):
-    spec = importlib.util.spec_from_file_location("_lingcloud_test_conftest", REPO / "tests" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_pairs_table(*args, **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,121 @@
+"""Test helpers importable by name from any test (``pythonpath = ["tests"]`` in pyproject):
+tables built as the stages would write them, without downloading or a model, and a runner for
+scripts that start their own Ray cluster.
+
+conftest.py's fixtures wrap these; tests that need them outside a fixture import them from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+
+from lmeye.demo.corpus import generate_items, render
+from lmeye.tables import TableWriter
+from lmeye.uid import uid_for
+from schemas.pairs import FAILED_TO_DOWNLOAD, PAIRS, SUCCESS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_pairs_table(
+    path: str | Path,
+    num_images: int = 12,
+    *,
+    shards: int = 2,
+    seed: int = 0,
+    size: int = 32,
+    corrupt: int = 1,
+    failed: int = 1,
+) -> pa.Table:
+    """Write a `pairs` table as the download stage would, without downloading.
+
+    Rows: ``num_images`` good demo images, then ``corrupt`` rows marked success whose bytes
+    are not an image (to exercise decode failures downstream), then ``failed`` rows that
+    failed to download. Returns the concatenated table.
+    """
+    items = generate_items(num_images, seed=seed)
+    rows = []
+    for item in items:
+        img = render(item, size=size)
+        url = f"http://127.0.0.1/images/{item.name}"
+        rows.append(
+            dict(uid=uid_for(url), url=url, caption=item.caption, status=SUCCESS, error_message=None,
+                 width=size, height=size, original_width=size, original_height=size,
+                 sha256=hashlib.sha256(img).hexdigest(), image=img)
+        )
+    for i in range(corrupt):
+        url = f"http://127.0.0.1/images/corrupt_{i}.jpg"
+        rows.append(dict(uid=uid_for(url), url=url, caption="not an image", status=SUCCESS, error_message=None,
+                         width=size, height=size, original_width=size, original_height=size,
+                         sha256=None, image=b"this is not a jpeg"))
+    for i in range(failed):
+        url = f"http://127.0.0.1/images/missing_{i}.jpg"
+        rows.append(dict(uid=uid_for(url), url=url, caption="missing", status=FAILED_TO_DOWNLOAD,
+                         error_message="HTTP Error 404: Not Found", width=None, height=None,
+                         original_width=None, original_height=None, sha256=None, image=None))
+    table = pa.Table.from_pylist(rows, schema=PAIRS.with_metadata(PAIRS.schema))
+    writer = TableWriter(str(path), PAIRS, config={"fixture": "pairs", "seed": seed})
+    per = max(1, -(-table.num_rows // shards))
+    names = []
+    for k, start in enumerate(range(0, table.num_rows, per)):
+        name = f"{k:05d}.parquet"
+        writer.write(name, table.slice(start, per))
+        names.append(name)
+    counts = pa.compute.value_counts(table["status"]).to_pylist()
+    writer.finalize(names, stats={"by_status": {c["values"]: c["counts"] for c in counts}})
+    return table
+
+
+def build_features_table(path: str | Path, uids: list[str], failed: list[str] = (), *, dim: int = 4,
+                         shards: int = 2) -> Path:
+    """Write a `features` table as the extract stage would, without a model: a deterministic
+    unit ``embedding`` of width ``dim`` per uid, and ``failed`` uids as failed_to_decode rows."""
+    import numpy as np
+
+    from schemas.features import FAILED_TO_DECODE, FEATURES, features_schema
+
+    schema = features_schema(dim, "float32")
+    rows = [(u, SUCCESS, None) for u in uids] + [(u, FAILED_TO_DECODE, "cannot identify image file") for u in failed]
+    vectors = []
+    for u, status, _ in rows:
+        v = np.frombuffer(hashlib.sha256(u.encode()).digest()[: 4 * dim], dtype=np.uint8)[:dim].astype(np.float32) + 1
+        vectors.append((v / np.linalg.norm(v)).tolist() if status == SUCCESS else None)
+    table = pa.table({"uid": [r[0] for r in rows], "status": [r[1] for r in rows], "error_message": [r[2] for r in rows],
+                      "embedding": vectors}, schema=schema)
+    writer = TableWriter(str(path), FEATURES, config={"fixture": "features", "dim": dim})
+    per = max(1, -(-table.num_rows // shards))
+    names = []
+    for k, start in enumerate(range(0, max(table.num_rows, 1), per)):
+        names.append(f"{k:05d}.parquet")
+        writer.write(names[-1], table.slice(start, per))
+    writer.finalize(names, stats={}, metadata={"embed_dim": str(dim), "dtype": "float32"})
+    return Path(path)
+
+
+def run_own_cluster(args: list[str], *, cwd: Path, env: dict[str, str] | None = None,
+                    timeout: float = 500) -> subprocess.CompletedProcess:
+    """Run ``python *args`` that starts its own Ray cluster (``ray.cluster_utils.Cluster``).
+
+    The child gets its own short ``RAY_TMPDIR``, so its cluster never meets the session's embedded Ray
+    (sharing /tmp/ray made a second head miss its GCS start-up wait on a loaded 2-core machine), and
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which makes Ray keep 127.0.0.1 as this machine's address
+    (otherwise ``ray.init`` rewrites a 127.0.0.1 GCS address to the host's routable IP, where nothing
+    listens). No ``RAY_ADDRESS`` leaks in.
+    """
+    ray_tmp = tempfile.mkdtemp(prefix="lc-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    child = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO), NO_ALBUMENTATIONS_UPDATE="1",
+                 RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", **(env or {}))
+    child.pop("RAY_ADDRESS", None)
+    try:
+        return subprocess.run([sys.executable, *args], env=child, cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
