@@ -275,6 +275,8 @@ def _summary(stage: TrainStage, directory: str, metrics: dict[str, Any], seconds
     parts = [f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("val_") and isinstance(v, float)]
     if parts:
         s.notes.append("validation: " + ", ".join(parts))
+    elif not metrics.get("val_rows"):
+        s.notes.append("validation: none (no validation rows for this stage's tasks)")
     if metrics.get("loss") is not None:
         s.notes.append(f"last step loss {metrics['loss']:.4f}")
     s.notes.append(f"metrics {directory}/metrics.jsonl, loss curve {directory}/loss.png")

@@ -26,8 +26,9 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_local, capsys):
     })
     summaries = run_demo(cfg)
     out = capsys.readouterr().out
-    assert [s.stage for s in summaries] == ["download", "extract", "instruct", "train instruct"]
-    assert all(s.ok for s in summaries), out
+    got = [(s.stage, s.ok, s.notes) for s in summaries]
+    assert [s.stage for s in summaries] == ["download", "extract", "instruct", "train instruct"], got
+    assert all(s.ok for s in summaries), got
     for stage in ("download", "extract", "instruct", "train align", "train instruct"):
         assert f"== {stage} finished" in out
     assert "[demo] ok" in out

@@ -321,7 +321,10 @@ class Worker:
 
         from lmeye.train.evaluate import evaluate
 
-        shard = ray.train.get_dataset_shard("validation")
+        try:
+            shard = ray.train.get_dataset_shard("validation")
+        except KeyError:  # the stage has no validation rows (a small corpus's split can leave none)
+            return {}
         local = evaluate(self.engine, self.ipn, self.maker, shard, self.micro, self.device, self.tc)
         return _merge_eval(local, self.world)
 

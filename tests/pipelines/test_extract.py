@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from lingcloud_testing import build_pairs_table, run_own_cluster
+from lingcloud_testing import build_pairs_table
 
 from lmeye import clip
 from lmeye.cli import main
@@ -231,91 +231,7 @@ def test_every_tag_preprocessing_variant_reaches_the_model_actor(tmp_path, monke
         assert torch.equal(got, want), entry
 
 
-CLUSTER_SCRIPT = r'''
-import json, os, sys
-import numpy as np
-import ray
-from ray.cluster_utils import Cluster
-
-tmp = sys.argv[1]
-SRC = os.path.join(tmp, "shared", "tiny.safetensors")  # where "the hub" serves the tag's file from
-TAG = "lingcloud_test"
-
-
-def register():  # the tag, as open_clip's table would list it: a URL and its own preprocessing
-    from open_clip.pretrained import _PRETRAINED
-    from lmeye import clip
-    clip.register_model_configs()
-    _PRETRAINED.setdefault(clip.TINY_MODEL, {})[TAG] = {
-        "url": "file://" + SRC, "hf_hub": "", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
-        "interpolation": "bilinear", "resize_mode": "squash"}
-
-
-from lmeye import clip
-from lmeye.config import load_config
-from pipelines.extract import run
-
-register()
-clip.save_checkpoint(clip.build_tiny_model(seed=3), SRC)
-caches = {k: os.path.join(tmp, k) for k in ("head_cache", "node2_cache", "driver_cache")}
-os.environ[clip.WEIGHTS_CACHE_ENV] = caches["driver_cache"]
-env = {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-cluster = Cluster(initialize_head=True, head_node_args={
-    "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False,
-    "env_vars": {**env, clip.WEIGHTS_CACHE_ENV: caches["head_cache"]}})
-cluster.add_node(num_cpus=1, resources={"node2": 1}, node_ip_address="127.0.0.1",
-                 env_vars={**env, clip.WEIGHTS_CACHE_ENV: caches["node2_cache"]})
-ray.init(address=cluster.address, runtime_env={"worker_process_setup_hook": register, "env_vars": env})
-cfg = load_config(None, [f"data.root={tmp}", f"extract.model={clip.TINY_MODEL}", f"extract.pretrained={TAG}",
-                         "extract.actor_resources={node2: 1}", "extract.decode_num_cpus=0.5",
-                         "extract.actor_num_cpus=0.5", "extract.decode_memory_mb=64", "extract.dtype=float32"])
-summary = run(cfg)
-ray.shutdown()
-cluster.shutdown()
-print("RESULT " + json.dumps({
-    "ok": summary.ok, "rows": summary.rows, "notes": summary.notes,
-    "files": {k: sorted(os.listdir(v)) if os.path.isdir(v) else [] for k, v in caches.items()},
-}))
-'''
-
-
-def test_a_tag_is_resolved_by_each_actor_into_its_own_nodes_cache(tmp_path):
-    """Two Ray nodes; the model actor is forced onto the second, whose weights cache is empty: it
-    fetches the tag itself (open_clip's own resolution) and the driver downloads nothing."""
-    import io
-
-    import open_clip
-    import torch
-    from open_clip.pretrained import _PRETRAINED
-    from PIL import Image
-
-    pairs = build_pairs_table(tmp_path / "pairs", 6, shards=2, corrupt=0, failed=0, size=40)
-    script = tmp_path / "cluster_extract.py"
-    script.write_text(CLUSTER_SCRIPT)
-    # HOME is moved: open_clip's default cache would be in it, and nothing may land there
-    proc = run_own_cluster([str(script), str(tmp_path)], cwd=REPO, env={"HOME": str(tmp_path / "home")})
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(line[len("RESULT "):])
-    assert res["ok"] and res["rows"] == 6, res
-    assert res["files"]["node2_cache"] == ["tiny.safetensors"]  # fetched on the actor's node
-    assert res["files"]["driver_cache"] == [] and res["files"]["head_cache"] == []  # nothing via the driver
-    assert not (tmp_path / "home").exists()
-    # and the features are the tag's model with the tag's preprocessing (mean/std 0.5, squash, bilinear)
-    clip.register_model_configs()
-    entry = {"file": str(tmp_path / "shared" / "tiny.safetensors"), "mean": (0.5,) * 3, "std": (0.5,) * 3,
-             "interpolation": "bilinear", "resize_mode": "squash"}
-    _PRETRAINED.setdefault(clip.TINY_MODEL, {})["lingcloud_test_ref"] = entry
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(clip.TINY_MODEL, pretrained="lingcloud_test_ref")
-    finally:
-        del _PRETRAINED[clip.TINY_MODEL]["lingcloud_test_ref"]
-    uids, images = pairs["uid"].to_pylist(), pairs["image"].to_pylist()
-    with torch.no_grad():
-        ref = model.eval().encode_image(torch.stack([preprocess(Image.open(io.BytesIO(b))) for b in images]), normalize=True)
-    got = FeatureStore.open(tmp_path / "features").get(uids)["embedding"]
-    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(np.asarray(got, np.float32)), ref, dim=-1)
-    assert cos.min().item() >= 0.9999, cos
+# Each actor resolving a tag into its own node's cache, on two Ray nodes: tests/test_multinode.py
 
 
 # ----------------------------------------------------------------------------- extraction as a user sees it

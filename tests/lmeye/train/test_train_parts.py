@@ -113,3 +113,17 @@ def test_loss_plot_and_normalise(tmp_path):
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert not plot_loss(str(tmp_path / "none.jsonl"), str(tmp_path / "x.png"))
     assert normalise("  Red. ") == "red" and normalise("top  Left") == "top left"
+
+
+def test_a_stage_without_validation_rows_skips_validation(monkeypatch):
+    """A small corpus's uid split can leave a stage's tasks no validation rows: Ray Train then has no
+    "validation" shard, and the stage must still finish (it once failed both workers)."""
+    import ray.train
+
+    from lmeye.train.loop import Worker
+
+    def no_shard(name):
+        raise KeyError(f"Dataset shard for {name!r} not found")
+
+    monkeypatch.setattr(ray.train, "get_dataset_shard", no_shard)
+    assert Worker.validate(object()) == {}
