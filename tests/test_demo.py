@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pyarrow.compute as pc
@@ -44,6 +45,8 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_local, capsys):
     root = tmp_path / "demo"
     for stage in ("align", "instruct"):
         assert (root / "train" / stage / "model" / "ipn.safetensors").is_file()
+        recorded = json.loads((root / "train" / stage / "model" / "ipn_config.json").read_text())["features"]
+        assert recorded == str(cfg.extract.output)  # chat and eval encode images with this table's extractor
     for bench in ("mme", "mmbench", "seedbench"):
         assert (root / "eval" / f"{bench}.json").is_file(), bench
     report = (root / "report" / "report.md").read_text()

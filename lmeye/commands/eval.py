@@ -13,6 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("benchmark", choices=BENCHMARKS)
     p.add_argument("--checkpoint", required=True, help="folder written by training (IPN save_pretrained)")
     p.add_argument("--data", required=True, help="MME: the root folder; MMBench: the TSV; SEED-Bench: the JSON (or its folder)")
+    p.add_argument("--features", help="the features table the model was trained on (default: the one its ipn_config.json names)")
     p.add_argument("--out", default="eval_results", help="folder for the JSON result and Markdown table (default: eval_results)")
     p.add_argument("--image-dir", help="SEED-Bench only: image folder (default: SEED-Bench-image/ beside the JSON)")
     p.add_argument("--limit", type=int, help="score only the first N questions (MME: images)")
@@ -28,7 +29,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.image_dir and args.benchmark != "seedbench":
         raise UserError("--image-dir is for seedbench only")
-    answerer = ipn_answerer.build_answerer(args.checkpoint, max_new_tokens=args.max_new_tokens)
+    answerer = ipn_answerer.build_answerer(args.checkpoint, max_new_tokens=args.max_new_tokens, features=args.features)
     result = evaluate(args.benchmark, answerer, args.data, args.out, args.limit, args.image_dir)
     print(f"[eval {args.benchmark}] {headline(result)}; wrote {args.out}/{args.benchmark}.json and .md")
     return 0

@@ -1,5 +1,5 @@
-"""The real ``Answerer``: a trained IPN (``lmeye.model``, see IPN_CONTRACT) with image features computed
-on the fly by the CLIP visual tower the features table was made with.
+"""The real ``Answerer``: a trained IPN (``lmeye.model``) with image features computed on the fly by
+the extractor of the features table it was trained on (``lmeye.serve.encoder.ImageEncoder``, as chat).
 
 Everything heavy is imported lazily, so ``lmeye.eval`` and its tests need neither torch nor a model.
 ``build_answerer`` is the one factory the ``lmeye eval`` command calls.
@@ -63,40 +63,28 @@ class IPNAnswerer:
         return [float(s) for s in np.asarray(scores, dtype=np.float64).reshape(-1)]
 
 
-def clip_featurizer(model_cfg: Any, output_tokens: bool) -> tuple[Featurize, int]:
-    """The visual tower and preprocessing of extract (``lmeye.clip``), fp32 on CPU: (featurize, dim)."""
-    import torch
-    from PIL import Image
-
-    from lmeye import clip
-
-    visual, preprocess = clip.load_visual(
-        model_cfg.clip_model, model_cfg.clip_pretrained,
-        config_dirs=getattr(model_cfg, "clip_model_config_dirs", ()) or (), output_tokens=output_tokens,
-    )
-    pil_part, tensor_steps = clip.split_transform(preprocess)
-    size = tuple(visual.preprocess_cfg["size"]) if isinstance(visual.preprocess_cfg["size"], (tuple, list)) else (visual.preprocess_cfg["size"],) * 2
+def encoder_featurizer(encoder: Any) -> tuple[Featurize, int]:
+    """One image at a time through ``lmeye.serve.encoder.ImageEncoder`` (the extractor of the features
+    table the model was trained on, with its preprocessing and stored dtype): (featurize, dim)."""
 
     def featurize(image: Any) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        pixels = clip.to_pixels(pil_part, image, size)[None]
-        with torch.inference_mode():
-            out = visual(clip.pixels_to_tensor(pixels, tensor_steps))
-        pooled, tokens = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
-        emb = torch.nn.functional.normalize(pooled.float(), dim=-1)[0].numpy()
-        return emb, None if tokens is None else tokens[0].float().numpy()
+        emb, tokens = encoder.encode([image])
+        return emb[0], None if tokens is None else tokens[0]
 
-    probe, _ = featurize(Image.new("RGB", size))
-    return featurize, int(probe.shape[-1])
+    return featurize, int(encoder.dim)
 
 
-def build_answerer(checkpoint: str | Path, max_new_tokens: int = 32) -> IPNAnswerer:
-    """Load the IPN saved in ``checkpoint`` (``load_ipn``) and the CLIP tower its config names."""
-    path = Path(checkpoint)
-    if not path.is_dir():
-        raise UserError(f"{path}: checkpoint folder not found")
-    from lmeye.model import load_ipn
+def build_answerer(checkpoint: str | Path, max_new_tokens: int = 32, features: Optional[str] = None) -> IPNAnswerer:
+    """Load the IPN saved in ``checkpoint`` and the image encoder of its features table (``features``,
+    else the table its ``ipn_config.json`` names), as chat does (``lmeye.serve.loader``)."""
+    from lmeye.serve.encoder import ImageEncoder
+    from lmeye.serve.loader import CONFIG_FILE, features_table_of, load_ipn_dir
 
-    ipn = load_ipn(str(path))
-    ipn.eval()
-    featurize, dim = clip_featurizer(ipn.cfg, output_tokens=getattr(ipn, "patch_shape", None) is not None)
+    path = str(checkpoint)
+    table = features_table_of(path, features)  # also checks the folder is a checkpoint
+    if table is None:
+        raise UserError(f"{path}/{CONFIG_FILE}: names no features table; pass the one the model was trained on "
+                        "(--features TABLE) so images are encoded the same way")
+    ipn = load_ipn_dir(path)
+    featurize, dim = encoder_featurizer(ImageEncoder(table))
     return IPNAnswerer(ipn, featurize, dim, max_new_tokens=max_new_tokens)

@@ -1,8 +1,8 @@
 """An IPN on disk: a directory with ``ipn_config.json`` and ``ipn.safetensors``; never a pickle.
 
 The JSON names the frozen LLM and CLIP (they are referenced by path or name, not copied), the
-whole ``model:`` section, the feature shapes the IPN was built for, and every saved weight's
-shape. Loading rebuilds the IPN from that config and checks the weights' names and shapes
+whole ``model:`` section, the feature shapes the IPN was built for, the `features` table it was
+trained on (when trained by the train stage), and every saved weight's shape. Loading rebuilds the IPN from that config and checks the weights' names and shapes
 against both the JSON and the freshly built model before copying them in.
 """
 
@@ -31,6 +31,8 @@ def ipn_config(ipn) -> dict[str, Any]:
         "model": ipn.cfg.model_dump(mode="json"),
         "feature_dim": ipn.feature_dim,
         "patch_shape": list(ipn.patch_shape) if ipn.patch_shape else None,
+        # the table whose extractor encodes new images for this model (chat, eval); set by training
+        "features": getattr(ipn, "features_table", None),
         "llm": {"name_or_path": ipn.cfg.llm, "class": type(ipn.llm).__name__, "hidden_size": ipn.hidden},
         "clip": {"model": ipn.cfg.clip_model, "pretrained": ipn.cfg.clip_pretrained} if ipn.cfg.rvii == "clip_text" else None,
         "weights": {n: list(t.shape) for n, t in ipn.trainable_state_dict().items()},
@@ -86,4 +88,5 @@ def load_ipn(directory: str, **overrides: Any):
         raise UserError(f"{path}: weights do not match {CONFIG_FILE} (e.g. {bad[:5]})")
     ipn = IPN.from_config(cfg, meta["feature_dim"], meta["patch_shape"])
     ipn.load_trainable_state_dict(state)
+    ipn.features_table = meta.get("features")
     return ipn

@@ -100,6 +100,7 @@ class Worker:
         ipn = (self.factory.load(config["init_dir"]) if config.get("init_dir")
                else self.factory.build(self.cfg, self.store.dim, self.store.patch_shape))
         ipn.set_trainable(self.stage.trainable, train_visual_mapping=self.stage.train_visual_mapping)
+        ipn.features_table = config["features"]  # saved in the model's JSON: chat and eval encode images with it
         self.ipn = ipn
         self.params = [p for p in ipn.trainable_parameters() if p.requires_grad]
         self.maker = BatchMaker(ipn, self.store, on_missing=self.tc.on_missing_features, on_too_long=self.tc.on_too_long)

@@ -29,7 +29,7 @@ def _seed(tmp_path):
 
 def test_eval_command_writes_json_and_markdown(tmp_path, monkeypatch, capsys):
     built = []
-    monkeypatch.setattr(ipn_answerer, "build_answerer", lambda ckpt, max_new_tokens: built.append(ckpt) or FirstChoice())
+    monkeypatch.setattr(ipn_answerer, "build_answerer", lambda ckpt, max_new_tokens, features=None: built.append(ckpt) or FirstChoice())
     data = _seed(tmp_path)
     assert main(["eval", "seedbench", "--checkpoint", "ckpt", "--data", str(data), "--out", str(tmp_path / "out")]) == 0
     assert built == ["ckpt"]
@@ -39,7 +39,7 @@ def test_eval_command_writes_json_and_markdown(tmp_path, monkeypatch, capsys):
 
 
 def test_bad_layout_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ipn_answerer, "build_answerer", lambda ckpt, max_new_tokens: FirstChoice())
+    monkeypatch.setattr(ipn_answerer, "build_answerer", lambda ckpt, max_new_tokens, features=None: FirstChoice())
     (tmp_path / "x.tsv").write_text("index\tquestion\n1\tQ\n")
     assert main(["eval", "mmbench", "--checkpoint", "c", "--data", str(tmp_path / "x.tsv")]) == 2
     err = capsys.readouterr().err.strip()

@@ -71,27 +71,3 @@ def test_choice_loglik_and_prompts_that_do_not_fit():
     too_long = IPNAnswerer(FakeIPN(fits=False), _featurize, feature_dim=3)
     assert too_long.answer(None, "Q") == ""
     assert too_long.choice_loglik(None, "Q", ["a", "b"]) == [float("-inf")] * 2
-
-
-def test_clip_featurizer_gives_the_models_own_normalised_embedding(tmp_path):
-    from types import SimpleNamespace
-
-    import open_clip
-    import torch
-
-    from lmeye import clip
-    from lmeye.config import load_config
-    from lmeye.eval.ipn_answerer import clip_featurizer
-
-    cfg = load_config(None, [f"data.root={tmp_path}", f"extract.model={clip.TINY_MODEL}", "extract.pretrained=null"])
-    ckpt = clip.ensure_demo_model(cfg.extract)
-    model_cfg = SimpleNamespace(clip_model=clip.TINY_MODEL, clip_pretrained=ckpt, clip_model_config_dirs=[])
-    featurize, dim = clip_featurizer(model_cfg, output_tokens=True)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
-    emb, tokens = featurize(image)
-
-    model, _, preprocess = open_clip.create_model_and_transforms(clip.TINY_MODEL, pretrained=ckpt)
-    with torch.no_grad():
-        reference = model.encode_image(preprocess(image)[None], normalize=True)[0].numpy()
-    assert dim == 32 and tokens.shape == (16, 64)
-    np.testing.assert_allclose(emb, reference, rtol=1e-5, atol=1e-6)

@@ -47,3 +47,30 @@ def test_chat_on_a_demo_image_with_the_ipn(served, ipn_checkpoint):
     assert list(bot.ask(str(path), question, max_new_tokens=12, num_beams=3, stream=True)) == [beams]
     assert isinstance(bot.ask(str(path), question, max_new_tokens=12, do_sample=True, temperature=0.8, top_p=0.9), str)
     assert bot.ask(None, question, max_new_tokens=12) == ipn.chat(conv, None, None, max_new_tokens=12).strip()
+
+
+def test_eval_answers_with_the_features_tables_encoder_as_chat_does(served, ipn_checkpoint):
+    """``lmeye eval``'s answerer encodes a benchmark image with the extractor of the model's features
+    table (the one ``ipn_config.json`` names, or ``--features``): its answer is the IPN's answer for
+    the features the table holds for that image."""
+    import json
+
+    from PIL import Image
+
+    from lmeye.errors import UserError
+    from lmeye.eval.ipn_answerer import build_answerer
+
+    ckpt, ipn = ipn_checkpoint
+    ipn.eval()
+    with pytest.raises(UserError, match=r"ipn_config.json: names no features table; pass .*--features"):
+        build_answerer(ckpt)
+    named = json.loads(open(f"{ckpt}/ipn_config.json").read())
+    assert named["features"] is None  # saved outside training: no table recorded
+    answerer = build_answerer(ckpt, max_new_tokens=12, features=str(served["features"]))
+    uid, path = next(iter(served["images"].items()))
+    got = FeatureStore.open(str(served["features"])).get([uid], ["embedding", "patch_tokens"])
+    question = "What colour is the shape?"
+    want = ipn.chat([{"role": "user", "content": question}], got["embedding"][0], got["patch_tokens"][0],
+                    max_new_tokens=12).strip()
+    with Image.open(path) as image:
+        assert answerer.answer(image.convert("RGB"), question).strip() == want
