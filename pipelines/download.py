@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 
 from lmeye.config import Config, DownloadConfig, dump_config
 from lmeye.report import StageSummary
-from lmeye.runtime import init_ray
+from lmeye.runtime import init_ray, storage_runtime_env
 from lmeye.tables import STAGING, TableWriter, ensure_writable, fingerprint, remove_temporaries
 from lmeye.uid import uid_for
 from schemas import SchemaError
@@ -642,7 +642,7 @@ class _GuardedRayDistributor:
         # img2dataset's SIGINT handler exits with code 0 as if all was well: Ctrl-C must stop
         # the stage as an interruption instead (the entry point reports it, exit code 130).
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        task = ray.remote(_fetch_shard)
+        task = ray.remote(_fetch_shard).options(runtime_env=storage_runtime_env())
         refs = [task.remote(downloader, shard, self.limit) for shard in reader]
         try:
             ray.get(refs)
