@@ -166,9 +166,12 @@ class _HashingFile:
             self.closed = True
 
     def discard(self) -> None:
-        """Abandon an object-store upload: nothing becomes visible (s3fs aborts it)."""
+        """Abandon an object-store upload: nothing becomes visible. s3fs aborts a multipart
+        upload; a buffered file marked closed never sends its last (or only) part."""
         if not self.closed:
             getattr(self.f, "discard", lambda: None)()
+            with contextlib.suppress(AttributeError):
+                self.f.closed = True
             self.f = io.BytesIO()  # the Parquet writer's last bytes go nowhere
 
 

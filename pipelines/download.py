@@ -16,8 +16,8 @@ One entry function, ``run(cfg)``. What it adds around ``img2dataset.download``:
    and while reading, so a huge body is a failed row, never read whole.
 3. **Commit as shards finish.** A committer thread watches img2dataset's output; each shard
    that has its ``_stats.json`` (img2dataset writes it last) is checked against the rows it
-   should hold, rewritten into the `pairs` schema under a temporary name, renamed, and
-   recorded in the manifest. A SIGKILL at any point loses at most the shards in flight.
+   should hold, rewritten into the `pairs` schema under a temporary name, renamed (on object
+   stores: uploaded under its final key, see ``lmeye.tables``), and recorded in the manifest. A SIGKILL at any point loses at most the shards in flight.
 4. **Retries.** img2dataset's Ray distributor ignores ``max_shard_retry``; we rerun the pass
    for the shards still missing, up to ``download.max_shard_retry`` times. A pass that raises
    keeps its traceback in the log and the manifest (``stats.pass_errors``).

@@ -19,7 +19,7 @@ no-op when Ray is up) once its inputs and model have been checked, and only if w
    back); a lost actor makes ``run`` start a fresh pipeline over the shards not yet written;
 4. the driver streams the results (``iter_batches``) into one features shard per pairs shard,
    written under a temporary name in row groups of ``row_group_rows`` and renamed when the
-   shard has all its rows, then recorded in the manifest. Memory stays bounded by the blocks
+   shard has all its rows (on object stores: uploaded under its final key), then recorded in the manifest. Memory stays bounded by the blocks
    in flight, not by the corpus or the shard size. Progress is one line of images done / to do;
    the summary separates start-up (up to the first results) from the steady-state rate.
 

@@ -71,7 +71,7 @@ def pipeline(s3, demo_corpus, demo_server, ray_local, tmp_path_factory):
     urls = write_url_list(demo_corpus, demo_server.base_url, tmp_path_factory.mktemp("s3urls") / "urls.csv")
     cfg = load_config(None, {
         "data.root": ROOT, "download.input": str(urls), "ray.num_cpus": 2,
-        "download.samples_per_shard": 8, "download.thread_count": 4, "download.timeout": 2,
+        "download.samples_per_shard": 24, "download.thread_count": 4, "download.timeout": 2,
         "download.image_size": 32,
         "extract.model": clip.TINY_MODEL, "extract.pretrained": None, "extract.dtype": "float32",
         "extract.batch_size": 8, "extract.decode_num_cpus": 0.5,
@@ -134,3 +134,26 @@ def test_hf_datasets_reads_the_instructions_table(s3, pipeline, tmp_path):
     assert ds.num_rows == Manifest.load(cfg.instruct.output).num_rows
     first = pq.read_table(s3.open(files[0].removeprefix("s3://")), columns=["sample_id"])["sample_id"][0].as_py()
     assert ds[0]["sample_id"] == first
+
+
+def test_shards_are_committed_by_their_final_key(s3):
+    """No rename on S3: a shard is uploaded under its final key (visible only once complete), and
+    an aborted shard leaves no object at all."""
+    import pyarrow as pa
+
+    from lmeye.tables import ShardWriter, shard_file
+
+    path = f"{ROOT}/commits"
+    table = pa.table({"x": list(range(10))})
+    done = ShardWriter(path, "00000.parquet", table.schema)
+    done.write(table)
+    assert not s3.exists(f"{BUCKET}/root/commits/{shard_file('00000.parquet')}")  # not before close
+    info = done.close()
+    dropped = ShardWriter(path, "00001.parquet", table.schema)
+    dropped.write(table)
+    dropped.abort()
+    s3.invalidate_cache()
+    assert [k.rsplit("/", 1)[1] for k in s3.find(f"{BUCKET}/root/commits")] == [shard_file("00000.parquet")]
+    assert pq.read_table(s3.open(f"{BUCKET}/root/commits/{shard_file('00000.parquet')}")).equals(table)
+    assert info.rows == 10 and info.bytes == s3.size(f"{BUCKET}/root/commits/{shard_file('00000.parquet')}")
+    s3.rm(f"{BUCKET}/root/commits", recursive=True)
