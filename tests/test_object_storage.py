@@ -63,8 +63,9 @@ def s3():
 
 
 @pytest.fixture(scope="module")
-def pipeline(s3, demo_corpus, demo_server, ray_local, tmp_path_factory):
-    """The three stages, each reading its input from and writing its table to the bucket."""
+def pipeline(ray_local, s3, demo_corpus, demo_server, tmp_path_factory):
+    """The three stages, each reading its input from and writing its table to the bucket (Ray
+    first: as in a whole test session, its workers predate the AWS variables)."""
     from lmeye.demo.corpus import write_url_list
     from pipelines import download, extract, instruct
 
