@@ -22,6 +22,7 @@ from schemas.pairs import PAIRS, SUCCESS
 pytestmark = pytest.mark.slow
 BUCKET = "lingcloud-test"
 ROOT = f"s3://{BUCKET}/root"
+_SCHEMAS = {"pairs": PAIRS, "features": FEATURES, "instructions": INSTRUCTIONS}
 
 
 def _free_port() -> int:
@@ -107,9 +108,6 @@ def test_stages_write_complete_tables_to_the_bucket(s3, pipeline, demo_corpus):
         found = {k.rsplit("/", 1)[1] for k in keys if k.startswith(f"{BUCKET}/root/{name}/")}
         assert found == listed | {MANIFEST}, name
     assert not [k for k in keys if STAGING in k or ".tmp-" in k or SERVING in k]
-
-
-_SCHEMAS = {"pairs": PAIRS, "features": FEATURES, "instructions": INSTRUCTIONS}
 
 
 def test_feature_store_serves_from_a_local_cache(s3, pipeline, tmp_path, monkeypatch):
