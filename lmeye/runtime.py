@@ -10,6 +10,17 @@ from lmeye.config import RayConfig
 # Environment every Ray worker needs. img2dataset imports albumentations, which phones home
 # at import time unless told not to; usage stats would do the same.
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+# Where object storage is and how to sign in to it (s3fs and botocore read AWS_*, fsspec its
+# FSSPEC_* defaults). Tasks that read or write tables carry the driver's values, since Ray's
+# workers may predate them: an embedded Ray started before they were set keeps the old ones.
+STORAGE_ENV_PREFIXES = ("AWS_", "FSSPEC_")
+
+
+def storage_runtime_env() -> dict | None:
+    """The ``runtime_env`` for a task or actor that reads or writes tables: the driver's object
+    storage settings (None when it has none, so such tasks run in the job's usual workers)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
+    return {"env_vars": env} if env else None
 
 
 def init_ray(cfg: RayConfig | None = None) -> bool:

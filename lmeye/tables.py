@@ -9,7 +9,9 @@ shards and nothing else (not the manifest, not a feature store's ``_serving/`` c
 killable and rerunnable:
 
 * a shard is written under a temporary name and renamed when complete, so a reader never
-  sees half a shard and a rerun can trust every ``*.parquet`` it finds;
+  sees half a shard and a rerun can trust every ``*.parquet`` it finds. Object stores (S3)
+  have no rename (a "move" copies, then deletes): there a shard is uploaded once under its
+  final key, which S3 makes visible only when the upload completes (``commits_by_rename``);
 * only the driver writes the manifest (``TableWriter``); workers may write shards with
   ``write_shard`` and hand the returned ``ShardInfo`` back to it;
 * a shard counts as finished when the manifest lists it with the current config
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -40,6 +43,7 @@ from typing import Any, Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 import pyarrow.parquet as pq
 
 import lmeye
@@ -114,6 +118,12 @@ def _join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name
 
 
+def commits_by_rename(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether files are committed by an atomic rename (local disks) or by writing the final
+    name once (object stores, whose objects appear whole when their upload completes)."""
+    return isinstance(fs, LocalFileSystem)
+
+
 @dataclass
 class ShardInfo:
     name: str  # shard name, e.g. "00003.parquet"; its file is shard_file(name)
@@ -155,19 +165,30 @@ class _HashingFile:
             self.f.close()
             self.closed = True
 
+    def discard(self) -> None:
+        """Abandon an object-store upload: nothing becomes visible. s3fs aborts a multipart
+        upload; a buffered file marked closed never sends its last (or only) part."""
+        if not self.closed:
+            getattr(self.f, "discard", lambda: None)()
+            with contextlib.suppress(AttributeError):
+                self.f.closed = True
+            self.f = io.BytesIO()  # the Parquet writer's last bytes go nowhere
+
 
 class ShardWriter:
-    """One shard written as its rows arrive: a temporary name, row groups, a rename on close.
+    """One shard written as its rows arrive: a temporary name, row groups, a rename on close
+    (on object stores: the final key, committed by the upload's completion on close).
 
     Safe on any worker: it touches only its own file. ``close`` describes the shard for the
-    manifest; ``abort`` removes the temporary file (``TableWriter.finalize`` sweeps any left).
+    manifest; ``abort`` removes the temporary file or abandons the upload (``TableWriter.finalize``
+    sweeps any temporaries left).
     """
 
     def __init__(self, path: str, name: str, schema: pa.Schema, *, compression: str | dict[str, str] = "zstd"):
         self.fs, root = fsspec.core.url_to_fs(path)
         self.name = name
         self.final = _join(root, shard_file(name))
-        self.tmp = _join(root, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.tmp = _join(root, f".{name}.tmp-{uuid.uuid4().hex[:8]}") if commits_by_rename(self.fs) else self.final
         self.file = _HashingFile(self.fs.open(self.tmp, "wb"))
         self.writer = pq.ParquetWriter(self.file, schema, compression=compression)
         self.rows = 0
@@ -181,7 +202,8 @@ class ShardWriter:
     ) -> ShardInfo:
         self.writer.close()
         self.file.close()
-        self.fs.mv(self.tmp, self.final)
+        if self.tmp != self.final:
+            self.fs.mv(self.tmp, self.final)
         return ShardInfo(
             name=self.name, rows=self.rows, bytes=self.file.size, sha256=self.file.sha.hexdigest(),
             inputs=list(inputs), input_fingerprint=input_fingerprint, stats=dict(stats or {}),
@@ -189,9 +211,12 @@ class ShardWriter:
 
     def abort(self) -> None:
         try:
+            if self.tmp == self.final:
+                self.file.discard()
             self.writer.close()
             self.file.close()
-            self.fs.rm_file(self.tmp)
+            if self.tmp != self.final:
+                self.fs.rm_file(self.tmp)
         except Exception:  # noqa: BLE001 - best effort; finalize() of a later run removes leftovers
             pass
 
@@ -207,7 +232,7 @@ def write_shard(
     row_group_size: int | None = None,
     compression: str | dict[str, str] = "zstd",
 ) -> ShardInfo:
-    """Write one whole shard atomically (temporary name, then rename) and describe it."""
+    """Write one whole shard atomically (see ``ShardWriter``) and describe it."""
     writer = ShardWriter(path, name, table.schema, compression=compression)
     writer.write(table, row_group_size=row_group_size)
     return writer.close(inputs=inputs, input_fingerprint=input_fingerprint, stats=stats)
@@ -259,6 +284,9 @@ class Manifest:
     def save(self, path: str) -> None:
         fs, root = fsspec.core.url_to_fs(path)
         self.updated = time.time()
+        if not commits_by_rename(fs):  # one PUT replaces the object whole
+            fs.pipe_file(_join(root, MANIFEST), self.to_json().encode())
+            return
         tmp = _join(root, f".{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}")
         fs.pipe_file(tmp, self.to_json().encode())
         fs.mv(tmp, _join(root, MANIFEST))

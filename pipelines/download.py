@@ -16,8 +16,8 @@ One entry function, ``run(cfg)``. What it adds around ``img2dataset.download``:
    and while reading, so a huge body is a failed row, never read whole.
 3. **Commit as shards finish.** A committer thread watches img2dataset's output; each shard
    that has its ``_stats.json`` (img2dataset writes it last) is checked against the rows it
-   should hold, rewritten into the `pairs` schema under a temporary name, renamed, and
-   recorded in the manifest. A SIGKILL at any point loses at most the shards in flight.
+   should hold, rewritten into the `pairs` schema under a temporary name, renamed (on object
+   stores: uploaded under its final key, see ``lmeye.tables``), and recorded in the manifest. A SIGKILL at any point loses at most the shards in flight.
 4. **Retries.** img2dataset's Ray distributor ignores ``max_shard_retry``; we rerun the pass
    for the shards still missing, up to ``download.max_shard_retry`` times. A pass that raises
    keeps its traceback in the log and the manifest (``stats.pass_errors``).
@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 
 from lmeye.config import Config, DownloadConfig, dump_config
 from lmeye.report import StageSummary
-from lmeye.runtime import init_ray
+from lmeye.runtime import init_ray, storage_runtime_env
 from lmeye.tables import STAGING, TableWriter, ensure_writable, fingerprint, remove_temporaries
 from lmeye.uid import uid_for
 from schemas import SchemaError
@@ -642,7 +642,7 @@ class _GuardedRayDistributor:
         # img2dataset's SIGINT handler exits with code 0 as if all was well: Ctrl-C must stop
         # the stage as an interruption instead (the entry point reports it, exit code 130).
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        task = ray.remote(_fetch_shard)
+        task = ray.remote(_fetch_shard).options(runtime_env=storage_runtime_env())
         refs = [task.remote(downloader, shard, self.limit) for shard in reader]
         try:
             ray.get(refs)

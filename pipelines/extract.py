@@ -19,7 +19,7 @@ no-op when Ray is up) once its inputs and model have been checked, and only if w
    back); a lost actor makes ``run`` start a fresh pipeline over the shards not yet written;
 4. the driver streams the results (``iter_batches``) into one features shard per pairs shard,
    written under a temporary name in row groups of ``row_group_rows`` and renamed when the
-   shard has all its rows, then recorded in the manifest. Memory stays bounded by the blocks
+   shard has all its rows (on object stores: uploaded under its final key), then recorded in the manifest. Memory stays bounded by the blocks
    in flight, not by the corpus or the shard size. Progress is one line of images done / to do;
    the summary separates start-up (up to the first results) from the steady-state rate.
 
@@ -53,7 +53,7 @@ from lmeye import clip
 from lmeye.config import Config, ExtractConfig
 from lmeye.errors import UserError
 from lmeye.report import StageSummary
-from lmeye.runtime import init_ray
+from lmeye.runtime import init_ray, storage_runtime_env
 from lmeye.tables import ShardInfo, ShardWriter, TableReader, TableWriter, fingerprint
 from schemas.features import FAILED_TO_DECODE, FEATURES, SUCCESS, features_schema
 from schemas.pairs import PAIRS
@@ -589,6 +589,7 @@ def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pair
         # which keeps Ray Data from fusing decoding into the model actors: decoding must stay in
         # CPU tasks that run beside the model, not inside its actor.
         memory=ec.decode_memory_mb * 1024 * 1024,
+        runtime_env=storage_runtime_env(),  # both read from the table's storage
     )
     if ec.pool_max_size:
         compute = ray.data.ActorPoolStrategy(min_size=ec.pool_size, max_size=max(ec.pool_size, ec.pool_max_size))
@@ -611,4 +612,5 @@ def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pair
             num_gpus=ec.num_gpus if ec.num_gpus > 0 else None,
             resources=dict(ec.actor_resources) or None,
             max_restarts=0,
+            runtime_env=storage_runtime_env(),
         )
