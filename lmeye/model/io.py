@@ -13,7 +13,6 @@ import os
 from typing import Any
 
 import fsspec
-import torch
 
 from lmeye.config.model import ModelConfig
 from lmeye.errors import UserError
