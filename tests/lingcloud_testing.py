@@ -112,10 +112,30 @@ def run_own_cluster(args: list[str], *, cwd: Path, env: dict[str, str] | None = 
     """
     ray_tmp = tempfile.mkdtemp(prefix="lc-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     child = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO), NO_ALBUMENTATIONS_UPDATE="1",
-                 RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", **(env or {}))
+                 RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+                 RAY_gcs_server_port_wait_time_s="90", **(env or {}))
     child.pop("RAY_ADDRESS", None)
     try:
         return subprocess.run([sys.executable, *args], env=child, cwd=cwd, capture_output=True, text=True,
                               timeout=timeout)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def start_cluster(head_args: dict):
+    """``ray.cluster_utils.Cluster`` with its head, in a script run by ``run_own_cluster``: one retry,
+    and the GCS server's own log on stderr when its start-up fails (the error alone says nothing)."""
+    import glob
+
+    from ray.cluster_utils import Cluster
+
+    for attempt in (1, 2):
+        try:
+            return Cluster(initialize_head=True, head_node_args=head_args)
+        except RuntimeError:
+            logs = sorted(glob.glob(os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "session_*", "logs", "gcs_server.*")))
+            for log in logs:
+                with open(log, errors="replace") as f:
+                    print(f"--- {log} (attempt {attempt})\n" + f.read()[-2000:], file=sys.stderr)
+            if attempt == 2:
+                raise

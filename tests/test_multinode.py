@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from lingcloud_testing import build_pairs_table, run_own_cluster
+from lingcloud_testing import build_pairs_table, run_own_cluster, start_cluster
 
 from lmeye.tables import shard_file
 
@@ -71,7 +71,6 @@ def _kill_second_node_when_busy(cluster, worker, out_dir: Path, events: dict, no
 
 def scenario(root: Path) -> dict:
     import ray
-    from ray.cluster_utils import Cluster
 
     from lmeye import clip
     from lmeye.config import load_config
@@ -87,7 +86,7 @@ def scenario(root: Path) -> dict:
     def node_env(cache: str) -> dict:
         return {**env, clip.WEIGHTS_CACHE_ENV: caches[cache]}
 
-    cluster = Cluster(initialize_head=True, head_node_args={
+    cluster = start_cluster({
         "num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False, "env_vars": node_env("head_cache")})
     worker = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", env_vars=node_env("node2_cache"))
     try:
@@ -121,7 +120,7 @@ def scenario(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, without_session_ray):
     root = tmp_path_factory.mktemp("two_nodes")
     table = build_pairs_table(root / "pairs", 24, shards=6, size=32)
     # HOME is moved: open_clip's default cache would be in it, and nothing may land there

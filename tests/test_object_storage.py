@@ -124,9 +124,13 @@ def test_feature_store_serves_from_a_local_cache(s3, pipeline, tmp_path, monkeyp
     assert not s3.glob(f"{BUCKET}/root/features/{SERVING}*")  # nothing written into the bucket
 
 
-def test_hf_datasets_reads_the_instructions_table(s3, pipeline, tmp_path):
+def test_hf_datasets_reads_the_instructions_table(s3, pipeline, tmp_path, monkeypatch):
     import datasets
+    import huggingface_hub.constants
 
+    # datasets reads HF_HUB_OFFLINE once, at import (earlier in a whole session): offline, it refuses s3://
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     cfg, _ = pipeline
     files = TableReader(cfg.instruct.output, INSTRUCTIONS).files
     ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))

@@ -115,6 +115,7 @@ class Worker:
 
         from lmeye.train.ds_config import deepspeed_config, scheduler_fn
 
+        _skip_shm_comm_op()
         ds_cfg = deepspeed_config(self.tc, self.stage, self.world, self.total_steps)
         self.accum = ds_cfg["gradient_accumulation_steps"]
         self.micro = ds_cfg["train_micro_batch_size_per_gpu"]
@@ -337,6 +338,22 @@ class Worker:
 
 
 SKIP_REASONS = ("missing_features", "too_long", "resumed_skip")
+
+
+def _skip_shm_comm_op() -> None:
+    """Tell DeepSpeed its shared-memory all-reduce op is unavailable instead of letting it build it.
+
+    On a CPU accelerator DeepSpeed JIT-compiles that op with g++ when its comm backend starts (about a
+    minute on 2 cores, once per venv, in every rank at once), yet only ``inference_all_reduce`` uses it:
+    training's collectives go through torch.distributed. Other accelerators never build it.
+    """
+    import deepspeed.ops
+
+    ops = deepspeed.ops.__dict__.get("__compatible_ops__")
+    if ops is None:  # not probed yet: no probe at all (it runs compilers); the comm backend reads only this key
+        deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+    else:
+        ops["deepspeed_shm_comm"] = False
 
 
 def _merge_eval(local: dict[str, Any], world: int) -> dict[str, Any]:
