@@ -43,24 +43,6 @@ def ray_local():
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def without_session_ray():
-    """Stop this process's embedded Ray while a module starts its own cluster, and start it again after.
-
-    Two Rays on 2 cores left a new head missing its GCS start-up wait, late in a whole session."""
-    import ray
-
-    was_running = ray.is_initialized()
-    if was_running:
-        ray.shutdown()
-    yield
-    if was_running:
-        from lmeye.config import RayConfig
-        from lmeye.runtime import init_ray
-
-        init_ray(RayConfig(num_cpus=2))
-
-
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory):
     """20 demo images (48 px) plus the corpus's broken entries, written once per session."""

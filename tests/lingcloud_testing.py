@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -104,15 +105,16 @@ def run_own_cluster(args: list[str], *, cwd: Path, env: dict[str, str] | None = 
                     timeout: float = 500) -> subprocess.CompletedProcess:
     """Run ``python *args`` that starts its own Ray cluster (``ray.cluster_utils.Cluster``).
 
-    The child gets its own short ``RAY_TMPDIR``, so its cluster never meets the session's embedded Ray
-    (sharing /tmp/ray made a second head miss its GCS start-up wait on a loaded 2-core machine), and
-    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which makes Ray keep 127.0.0.1 as this machine's address
+    The child gets its own short ``RAY_TMPDIR`` and auth token, so its cluster never meets the session's
+    embedded Ray, and ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which makes Ray keep 127.0.0.1 as this machine's address
     (otherwise ``ray.init`` rewrites a 127.0.0.1 GCS address to the host's routable IP, where nothing
     listens). No ``RAY_ADDRESS`` leaks in.
     """
     ray_tmp = tempfile.mkdtemp(prefix="lc-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    child = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO), NO_ALBUMENTATIONS_UPDATE="1",
-                 RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+    # Its own auth token: once this process has started Ray, RAY_AUTH_MODE=token is in the environment,
+    # and a child whose HOME moved would find no ~/.ray/auth_token (its GCS server then exits at start).
+    child = dict(os.environ, RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO),
+                 NO_ALBUMENTATIONS_UPDATE="1", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                  RAY_gcs_server_port_wait_time_s="90", **(env or {}))
     child.pop("RAY_ADDRESS", None)
     try:
@@ -123,19 +125,17 @@ def run_own_cluster(args: list[str], *, cwd: Path, env: dict[str, str] | None = 
 
 
 def start_cluster(head_args: dict):
-    """``ray.cluster_utils.Cluster`` with its head, in a script run by ``run_own_cluster``: one retry,
-    and the GCS server's own log on stderr when its start-up fails (the error alone says nothing)."""
+    """``ray.cluster_utils.Cluster`` with its head, in a script run by ``run_own_cluster``; when the head
+    fails to start, the GCS server's own log goes to stderr (Ray's error alone says only "timed out")."""
     import glob
 
     from ray.cluster_utils import Cluster
 
-    for attempt in (1, 2):
-        try:
-            return Cluster(initialize_head=True, head_node_args=head_args)
-        except RuntimeError:
-            logs = sorted(glob.glob(os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "session_*", "logs", "gcs_server.*")))
-            for log in logs:
-                with open(log, errors="replace") as f:
-                    print(f"--- {log} (attempt {attempt})\n" + f.read()[-2000:], file=sys.stderr)
-            if attempt == 2:
-                raise
+    try:
+        return Cluster(initialize_head=True, head_node_args=head_args)
+    except RuntimeError:
+        pattern = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "session_*", "logs", "gcs_server.*")
+        for log in sorted(glob.glob(pattern)):
+            with open(log, errors="replace") as f:
+                print(f"--- {log}\n" + f.read()[-2000:], file=sys.stderr)
+        raise

@@ -120,7 +120,7 @@ def scenario(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, without_session_ray):
+def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_nodes")
     table = build_pairs_table(root / "pairs", 24, shards=6, size=32)
     # HOME is moved: open_clip's default cache would be in it, and nothing may land there
