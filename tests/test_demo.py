@@ -25,8 +25,8 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_local, capsys):
         "data.root": str(tmp_path / "demo"), "demo.num_images": 16, "demo.port": _free_port(),
         "download.samples_per_shard": 8, "demo.eval_images": 3,
         # the pipeline, not the model's quality, is under test: one epoch per stage, fp32 (bf16 is
-        # emulated, slowly, on CPUs without AVX512-BF16)
-        "train.precision": "fp32",
+        # emulated, slowly, on CPUs without AVX512-BF16), one Ray Train worker (two: tests/pipelines/test_train.py)
+        "train.precision": "fp32", "train.num_workers": 1,
         "train.stages": [
             {"name": "align", "trainable": "align", "tasks": ["short_caption", "detailed_description", "grounded_qa"]},
             {"name": "instruct", "trainable": "instruct", "init_from": "align", "train_visual_mapping": True},
