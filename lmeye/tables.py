@@ -43,8 +43,8 @@ from typing import Any, Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
-from fsspec.implementations.local import LocalFileSystem
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 import lmeye
 from lmeye.errors import UserError
@@ -188,7 +188,8 @@ class ShardWriter:
         self.fs, root = fsspec.core.url_to_fs(path)
         self.name = name
         self.final = _join(root, shard_file(name))
-        self.tmp = _join(root, f".{name}.tmp-{uuid.uuid4().hex[:8]}") if commits_by_rename(self.fs) else self.final
+        self.by_rename = commits_by_rename(self.fs)
+        self.tmp = _join(root, f".{name}.tmp-{uuid.uuid4().hex[:8]}") if self.by_rename else self.final
         self.file = _HashingFile(self.fs.open(self.tmp, "wb"))
         self.writer = pq.ParquetWriter(self.file, schema, compression=compression)
         self.rows = 0
@@ -202,7 +203,7 @@ class ShardWriter:
     ) -> ShardInfo:
         self.writer.close()
         self.file.close()
-        if self.tmp != self.final:
+        if self.by_rename:
             self.fs.mv(self.tmp, self.final)
         return ShardInfo(
             name=self.name, rows=self.rows, bytes=self.file.size, sha256=self.file.sha.hexdigest(),
@@ -211,11 +212,11 @@ class ShardWriter:
 
     def abort(self) -> None:
         try:
-            if self.tmp == self.final:
+            if not self.by_rename:
                 self.file.discard()
             self.writer.close()
             self.file.close()
-            if self.tmp != self.final:
+            if self.by_rename:
                 self.fs.rm_file(self.tmp)
         except Exception:  # noqa: BLE001 - best effort; finalize() of a later run removes leftovers
             pass

@@ -2,8 +2,9 @@
 
 The JSON names the frozen LLM and CLIP (they are referenced by path or name, not copied), the
 whole ``model:`` section, the feature shapes the IPN was built for, the `features` table it was
-trained on (when trained by the train stage), and every saved weight's shape. Loading rebuilds the IPN from that config and checks the weights' names and shapes
-against both the JSON and the freshly built model before copying them in.
+trained on (when trained by the train stage), and every saved weight's shape. Loading rebuilds
+the IPN from that config and checks the weights' names and shapes against both the JSON and the
+freshly built model before copying them in.
 """
 
 from __future__ import annotations
