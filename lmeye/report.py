@@ -41,3 +41,9 @@ class StageSummary:
                 lines.append(f"     ... {len(self.failures) - top} more reasons in the manifest")
         lines += [f"   note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def node_note(counts: dict[str, int], unit: str) -> str:
+    """Where the work ran, for a summary: "on 2 Ray nodes (shards per node: 1a2b3c… 3, 4d5e6f… 2)"."""
+    per = ", ".join(f"{node[:8]}… {n}" for node, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"on {len(counts)} Ray node(s) ({unit} per node: {per}; full ids in the manifest)"

@@ -49,6 +49,8 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
         num_cpus=cfg.num_cpus,
         include_dashboard=False,
         logging_level=logging.WARNING,
-        runtime_env={"env_vars": dict(WORKER_ENV)},
+        # every task, actor and Ray Train worker of this Ray (predict and train included) gets the
+        # driver's object storage settings too
+        runtime_env={"env_vars": dict(WORKER_ENV) | (storage_runtime_env() or {}).get("env_vars", {})},
     )
     return True

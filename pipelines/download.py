@@ -56,7 +56,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from lmeye.config import Config, DownloadConfig, dump_config
-from lmeye.report import StageSummary
+from lmeye.report import StageSummary, node_note
 from lmeye.runtime import init_ray, storage_runtime_env
 from lmeye.tables import STAGING, TableWriter, ensure_writable, fingerprint, remove_temporaries
 from lmeye.uid import uid_for
@@ -473,8 +473,17 @@ class Committer:
 
     def _paths(self, s: PlannedShard) -> tuple[str, str]:
         """img2dataset's names for a shard: its data and its stats file (written last)."""
-        stem = f"{self.raw_root}/{s.name.removesuffix('.parquet')}"
+        stem = self._stem(s)
         return stem + ".parquet", stem + "_stats.json"
+
+    def _stem(self, s: PlannedShard) -> str:
+        return f"{self.raw_root}/{s.name.removesuffix('.parquet')}"
+
+    def _node(self, s: PlannedShard) -> str | None:
+        try:
+            return self.fs.cat_file(self._stem(s) + NODE_SUFFIX).decode().strip() or None
+        except FileNotFoundError:
+            return None
 
     def prepare(self, plan: Plan) -> None:
         """Before a pass: markers for finished shards, and no leftovers for unfinished ones."""
@@ -486,7 +495,7 @@ class Committer:
             elif self.fs.exists(stats) and self.fs.exists(data) and self.commit(s):
                 pass  # finished by a run that was killed before committing it
             else:  # img2dataset skips any shard with a stats file: leave none for this one
-                for f in (data, stats):
+                for f in (data, stats, self._stem(s) + NODE_SUFFIX):
                     if self.fs.exists(f):
                         self.fs.rm_file(f)
 
@@ -507,7 +516,7 @@ class Committer:
             return False
         info = self.writer.write(
             s.name, table, inputs=s.sources, input_fingerprint=s.fingerprint,
-            stats={"duration": stats.get("duration")} | _row_counts(table),
+            stats={"duration": stats.get("duration"), "node": self._node(s)} | _row_counts(table),
             compression=PAIRS_COMPRESSION,
         )
         self.fs.rm_file(data)  # the stats file stays: it tells img2dataset the shard is done
@@ -623,10 +632,19 @@ def guarded_opener(limit: int) -> urllib.request.OpenerDirector:
     return opener
 
 
+NODE_SUFFIX = "_node.txt"  # beside a raw shard: the Ray node that downloaded it (kept in the manifest)
+
+
 def _fetch_shard(downloader, shard, limit: int):
     """A Ray task: img2dataset's shard download, behind the guarded opener. img2dataset fetches
-    with ``urllib.request.urlopen``, which uses the process's installed opener."""
+    with ``urllib.request.urlopen``, which uses the process's installed opener. The node it runs
+    on is written first, next to img2dataset's files, so the shard's manifest entry can name it."""
+    import ray
+
     urllib.request.install_opener(guarded_opener(limit))
+    name = "{:0{}d}".format(shard[0], downloader.oom_shard_count)  # img2dataset's shard file stem
+    with fsspec.open(f"{downloader.output_folder}/{name}{NODE_SUFFIX}", "w") as f:
+        f.write(ray.get_runtime_context().get_node_id())
     return downloader(shard)
 
 
@@ -642,7 +660,8 @@ class _GuardedRayDistributor:
         # img2dataset's SIGINT handler exits with code 0 as if all was well: Ctrl-C must stop
         # the stage as an interruption instead (the entry point reports it, exit code 130).
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        task = ray.remote(_fetch_shard).options(runtime_env=storage_runtime_env())
+        # SPREAD: downloads are network-bound, so every node's bandwidth is used, not the driver's first
+        task = ray.remote(_fetch_shard).options(runtime_env=storage_runtime_env(), scheduling_strategy="SPREAD")
         refs = [task.remote(downloader, shard, self.limit) for shard in reader]
         try:
             ray.get(refs)
@@ -795,11 +814,16 @@ def _run(cfg: Config, staging: str) -> StageSummary:
     expected = [s.name for s in plan.all_shards]
     by_status: Counter = Counter()
     reasons: Counter = Counter()
+    nodes: Counter = Counter()
     for shard in plan.all_shards:  # this run's shards only: the manifest may still list stale ones
         if writer.is_done(shard.name, shard.fingerprint):
             info = writer.manifest.shards[shard.name]
             by_status.update(info.stats.get("by_status", {}))
             reasons.update(info.stats.get("errors", {}))
+            if info.stats.get("node"):
+                nodes[info.stats["node"]] += 1
+    if nodes:
+        notes.append(node_note(nodes, "shards"))
     summary = StageSummary(
         stage="download", output=output, rows=sum(by_status.values()),
         counts=dict(by_status) | {k: v for k, v in plan.counts.items()

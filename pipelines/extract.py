@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 from lmeye import clip
 from lmeye.config import Config, ExtractConfig
 from lmeye.errors import UserError
-from lmeye.report import StageSummary
+from lmeye.report import StageSummary, node_note
 from lmeye.runtime import init_ray, storage_runtime_env
 from lmeye.tables import ShardInfo, ShardWriter, TableReader, TableWriter, fingerprint
 from schemas.features import FAILED_TO_DECODE, FEATURES, SUCCESS, features_schema
@@ -62,6 +62,7 @@ from schemas.pairs import SUCCESS as PAIRS_SUCCESS
 log = logging.getLogger(__name__)
 
 SHARD_COL = "_shard"
+NODE_COL = "_node"  # the Ray node of the model actor that encoded a row (per-shard stats, never written)
 PIXELS_COL = "_pixels"
 ERROR_COL = "_error"
 
@@ -150,6 +151,7 @@ class _Encoder:
 
         self.torch = torch
         self.settings = settings
+        self.node = _this_node()
         threads = settings["torch_threads"]
         if not threads and settings["num_gpus"] == 0:
             threads = auto_torch_threads(_node_cpus(), settings["actor_num_cpus"], settings["pool_max"])
@@ -241,6 +243,7 @@ class _Encoder:
         if tokens is not None:
             cols["patch_tokens"] = _vectors(tokens, failed if failed.any() else None)
         cols[SHARD_COL] = batch.column(SHARD_COL)
+        cols[NODE_COL] = pa.array([self.node] * n, pa.string())  # counted per shard, not written
         return pa.table(cols)
 
 
@@ -265,8 +268,11 @@ class _ShardSink:
         self.rows = 0
         self.by_status: Counter = Counter()
         self.failures: Counter = Counter()
+        self.nodes: Counter = Counter()
 
     def add(self, part: pa.Table) -> None:
+        if NODE_COL in part.column_names:
+            self.nodes.update(n for n in part.column(NODE_COL).to_pylist() if n)
         part = part.select(self.schema.names).cast(self.schema)
         self.rows += part.num_rows
         counts = Counter(part.column("status").to_pylist())
@@ -294,7 +300,7 @@ class _ShardSink:
         self._flush()
         return self.out.close(
             inputs=[self.pairs_name], input_fingerprint=self.pairs_sha,
-            stats={"by_status": dict(self.by_status), "failures": dict(self.failures)},
+            stats={"by_status": dict(self.by_status), "failures": dict(self.failures), "nodes": dict(self.nodes)},
         )
 
     def abort(self) -> None:
@@ -429,6 +435,11 @@ def run(cfg: Config) -> StageSummary:
             f"start-up {startup:.1f}s (Ray, decoding and model load, up to the first batch), then "
             + (f"{steady:.1f} images/s steady over {progress.steady_images} images" if steady else "no more batches")
         )
+    nodes: Counter = Counter()
+    for info in writer.manifest.shards.values():
+        nodes.update(info.stats.get("nodes", {}))
+    if nodes:
+        summary.notes.append(node_note(nodes, "rows encoded"))
     summary.notes.insert(
         0, f"model {ec.model} ({meta['pretrained']}), {precision}, {ec.dtype} x {spec.embed_dim}"
         + (f", patch tokens {meta['patch_tokens_shape']}" if ec.patch_tokens else "")
@@ -537,6 +548,15 @@ def encoder_settings(ec: ExtractConfig, precision: str) -> dict[str, Any]:
         "debug_delay_s": ec.debug_delay_s,
         "batch_size": ec.batch_size,
     }
+
+
+def _this_node() -> Optional[str]:
+    """This process's Ray node id; None outside Ray (benchmarks call the encoder directly)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _node_cpus() -> float:

@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import time
+from collections import Counter
 from typing import Any, Optional
 
 import fsspec
@@ -37,9 +38,9 @@ import pyarrow.dataset as pads
 from lmeye.config import Config, dump_config
 from lmeye.config.train import TrainConfig, TrainStage
 from lmeye.errors import UserError
-from lmeye.report import StageSummary
+from lmeye.report import StageSummary, node_note
 from lmeye.tables import Manifest, TableReader, fingerprint
-from lmeye.train.checkpoint import MODEL_DIR
+from lmeye.train.checkpoint import ATTEMPTS, MODEL_DIR
 from lmeye.train.ds_config import stage_value
 from lmeye.train.model_factory import IPNFactory
 from schemas.instructions import INSTRUCTIONS, TRAIN, VALIDATION
@@ -202,7 +203,8 @@ def _fit(config: dict[str, Any], datasets: dict[str, Any], tc: TrainConfig, name
         train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+                                     resources_per_worker={"CPU": tc.cpus_per_worker},
+                                     placement_strategy=tc.placement_strategy),
         run_config=RunConfig(
             name=name, storage_path=output,
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
@@ -220,7 +222,7 @@ def _fit(config: dict[str, Any], datasets: dict[str, Any], tc: TrainConfig, name
 
 def _stage_fingerprint(cfg: Config, stage: TrainStage, files: dict[str, list[str]], store: Any, init_dir: Optional[str]) -> str:
     tc = dump_config(cfg)["train"]
-    for k in ("only", "resume", "log_every", "max_failures", "output"):
+    for k in ("only", "resume", "log_every", "max_failures", "output", "placement_strategy"):
         tc.pop(k, None)
     tc.pop("stages")
     model = getattr(cfg, "model", None)
@@ -279,8 +281,22 @@ def _summary(stage: TrainStage, directory: str, metrics: dict[str, Any], seconds
         s.notes.append("validation: none (no validation rows for this stage's tasks)")
     if metrics.get("loss") is not None:
         s.notes.append(f"last step loss {metrics['loss']:.4f}")
-    s.notes.append(f"metrics {directory}/metrics.jsonl, loss curve {directory}/loss.png")
+    starts = _attempts(directory)
+    if starts:
+        resumed = [a["resumed_step"] for a in starts if a.get("resumed_step") is not None]
+        s.notes.append(f"worker group started {len(starts)} time(s)"
+                       + (f", {len(resumed)} from a checkpoint (steps {', '.join(map(str, resumed))})" if resumed else "")
+                       + "; last start " + node_note(Counter(starts[-1]["nodes"]), "ranks"))
+    s.notes.append(f"metrics {directory}/metrics.jsonl, loss curve {directory}/loss.png, starts {directory}/{ATTEMPTS}")
     return s
+
+
+def _attempts(directory: str) -> list[dict[str, Any]]:
+    try:
+        with open(f"{directory}/{ATTEMPTS}") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
 
 
 def loop_config(cfg: Config, stage: TrainStage, factory: Any, files: dict[str, list[str]], store: Any,

@@ -70,6 +70,8 @@ class TrainConfig(Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each)")
     use_gpu: bool = Field(False, description="one GPU per worker (NCCL); false: CPU with gloo")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker (fractional is fine; Ray Data needs the rest)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers' bundles on nodes (SPREAD: one node's loss stops fewer ranks)")
     max_failures: int = Field(0, ge=-1, description="Ray Train restarts a failed worker group from the last checkpoint this often (-1: always)")
     # -- DeepSpeed
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")

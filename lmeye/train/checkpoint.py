@@ -34,6 +34,7 @@ import numpy as np
 DS_DIR = "deepspeed"
 DS_TAG = "state"
 MODEL_DIR = "model"
+ATTEMPTS = "attempts.jsonl"  # beside a stage's metrics.jsonl: one line per start of its worker group
 STATE = "state.json"
 
 

@@ -34,6 +34,7 @@ from typing import Any, Optional
 import numpy as np
 
 from lmeye.train.checkpoint import (
+    ATTEMPTS,
     DS_DIR,
     DS_TAG,
     MODEL_DIR,
@@ -137,12 +138,13 @@ class Worker:
         return t.tolist()
 
     # ------------------------------------------------------------------ resume
-    def resume(self) -> None:
+    def resume(self) -> bool:
+        """Continue from Ray Train's latest checkpoint, if there is one; True when resumed."""
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            return
+            return False
         with ckpt.as_directory() as d:
             state = load_state(d)
             self.engine.load_checkpoint(
@@ -156,6 +158,24 @@ class Worker:
         if self.rank == 0:
             print(f"[train {self.stage.name}] resumed at epoch {state.epoch} step {state.step} "
                   f"({self.seen_prev.size} rows of this epoch already seen)", flush=True)
+        return True
+
+    def log_start(self, resumed: bool) -> None:
+        """Every start of the worker group (the first, a `resume: latest` rerun, Ray Train's restart
+        after a lost worker) is one line of ``attempts.jsonl``: the ranks' Ray nodes and the step it
+        resumed at (null: from scratch)."""
+        import ray
+        import torch.distributed as dist
+
+        node = ray.get_runtime_context().get_node_id()
+        nodes = [node]
+        if self.world > 1:
+            nodes = [None] * self.world
+            dist.all_gather_object(nodes, node)
+        self.nodes = nodes
+        if self.rank == 0:
+            _append_jsonl(os.path.join(os.path.dirname(self.metrics_path), ATTEMPTS),
+                          {"time": round(time.time(), 3), "nodes": nodes, "resumed_step": self.state.step if resumed else None})
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, metrics: dict[str, Any]) -> None:
@@ -334,7 +354,8 @@ class Worker:
         self.state.done = True
         self.checkpoint(dict(getattr(self, "last", {}), step=self.state.step, final=True,
                              train_seconds=getattr(self, "train_seconds", 0.0),
-                             rows=self.state.rows, skipped=json.dumps(self.state.skipped), **val))
+                             rows=self.state.rows, skipped=json.dumps(self.state.skipped),
+                             worker_nodes=json.dumps(getattr(self, "nodes", [])), **val))
 
 
 SKIP_REASONS = ("missing_features", "too_long", "resumed_skip")
@@ -390,7 +411,7 @@ def _append_jsonl(path: str, record: dict[str, Any]) -> None:
 def train_loop(config: dict[str, Any]) -> None:
     """The ``train_loop_per_worker`` of the stage's ``TorchTrainer``."""
     w = Worker(config)
-    w.resume()
+    w.log_start(w.resume())
     if not w.state.done:
         w.train()
         w.finish(w.validate())
