@@ -105,7 +105,7 @@ def run_own_cluster(args: list[str], *, cwd: Path, env: dict[str, str] | None = 
                     timeout: float = 500) -> subprocess.CompletedProcess:
     """Run ``python *args`` that starts its own Ray cluster (``ray.cluster_utils.Cluster``).
 
-    The child gets its own short ``RAY_TMPDIR`` and auth token, so its cluster never meets the session's
+    The child gets its own short ``RAY_TMPDIR`` and auth token (token auth on, as ``ray start`` has it), so its cluster never meets the session's
     embedded Ray, and ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which makes Ray keep 127.0.0.1 as this machine's address
     (otherwise ``ray.init`` rewrites a 127.0.0.1 GCS address to the host's routable IP, where nothing
     listens). No ``RAY_ADDRESS`` leaks in.
@@ -113,7 +113,7 @@ def run_own_cluster(args: list[str], *, cwd: Path, env: dict[str, str] | None = 
     ray_tmp = tempfile.mkdtemp(prefix="lc-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     # Its own auth token: once this process has started Ray, RAY_AUTH_MODE=token is in the environment,
     # and a child whose HOME moved would find no ~/.ray/auth_token (its GCS server then exits at start).
-    child = dict(os.environ, RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO),
+    child = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO),
                  NO_ALBUMENTATIONS_UPDATE="1", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                  RAY_gcs_server_port_wait_time_s="90", **(env or {}))
     child.pop("RAY_ADDRESS", None)
