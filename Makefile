@@ -16,9 +16,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# --no-compile: byte-compiling all of torch, ray and the rest costs more (about 90 s on 2 cores)
-	# than compiling, on first import, the modules actually used
-	$(PY) -m pip install -q --no-compile -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 venv: $(STAMP)
