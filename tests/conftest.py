@@ -54,3 +54,17 @@ def demo_server(demo_corpus):
     """The loopback HTTP server over ``demo_corpus``; tests may ``clear_log()`` and read ``requests``."""
     with DemoServer(demo_corpus.root) as srv:
         yield srv
+
+
+# Under `make test` (pytest-xdist, a file per worker at a time) the longest files go first, so that the
+# two workers end together instead of one of them starting the two-node scenario at the very end.
+LONGEST_FIRST = ("test_multinode.py", "pipelines/test_train.py", "test_demo.py", "pipelines/test_extract.py",
+                 "pipelines/test_download.py", "pipelines/test_predict.py", "test_object_storage.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0]
+        return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith(name)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: a file's tests stay together and in order

@@ -38,7 +38,7 @@ from lingcloud_testing import run_own_cluster, start_cluster
 
 from lmeye.tables import shard_file
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1000)]  # about 5 min alone, more beside other tests
 TAG = "lingcloud_test"
 TAG_FILE_ENV = "LINGCLOUD_TEST_TAG_FILE"  # where "the hub" serves the tag's file from
 TAG_PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear", "resize_mode": "squash"}
@@ -80,10 +80,17 @@ def _submit(address: str, job_id: str, argv: list[str], runtime_env: dict | None
     setup commands install it), not uploaded with --working-dir: all these nodes share one session folder
     on this machine, where one node's runtime-env agent removes an unpacked working dir that a job driver
     on another node runs in. Drivers go to the head (resource "drivers"), which is never lost."""
-    _ray_cli("job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
-             "--entrypoint-resources", '{"drivers": 1}',
-             *(["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []),
-             "--", "python", str(REPO / argv[0]), *argv[1:], timeout=120)
+    cmd = ["job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
+           "--entrypoint-resources", '{"drivers": 1}', *(["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []),
+           "--", "python", str(REPO / argv[0]), *argv[1:]]
+    deadline = time.time() + 90
+    while True:  # the head's job agent may come up after its job API does: "No available agent ..., try again later"
+        proc = _ray_cli(*cmd, check=False, timeout=120)
+        if proc.returncode == 0 or "try again later" not in proc.stdout + proc.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ray job submit {job_id} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
 def _finish(client, job_id: str, events: dict, timeout: float = 400) -> None:
@@ -282,7 +289,7 @@ def _free_port() -> int:
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_nodes")
     # HOME is moved: open_clip's default cache would be in it, and nothing may land there
-    proc = run_own_cluster([__file__, str(root)], cwd=root, env={"HOME": str(root / "home")}, timeout=600)
+    proc = run_own_cluster([__file__, str(root)], cwd=root, env={"HOME": str(root / "home")}, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print("two-node scenario, seconds from the cluster's start:", result["seconds"])
