@@ -38,7 +38,10 @@ def ray_head(tmp_path):
     env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # this cluster's token, not ~/.ray's
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=0",
-         "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"],
+         "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+         # its own dashboard agent port: the default (52365) is held by the test session's Ray, and a head
+         # without its agent takes no jobs ("No available agent to submit job")
+         f"--dashboard-agent-listen-port={_free_port()}"],
         env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     address = f"http://127.0.0.1:{dashboard}"
@@ -70,7 +73,12 @@ def test_download_job_via_ray_job_submit(tmp_path, ray_head, demo_corpus, demo_s
            "--", "python", "jobs/download.py", "--config", "configs/demo.yaml",
            "--set", f"download.input={urls}", "--set", "download.input_format=jsonl",
            "--set", f"download.output={out}", "--set", "download.samples_per_shard=8"]
-    job = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    deadline = time.time() + 90
+    while True:  # the head's job agent may come up after its job API: "No available agent ..., try again later"
+        job = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        if job.returncode == 0 or "try again later" not in job.stdout + job.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "== download finished" in job.stdout
 
