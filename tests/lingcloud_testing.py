@@ -11,6 +11,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,13 @@ def build_features_table(path: str | Path, uids: list[str], failed: list[str] = 
         writer.write(names[-1], table.slice(start, per))
     writer.finalize(names, stats={}, metadata={"embed_dim": str(dim), "dtype": "float32"})
     return Path(path)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for servers and Ray processes a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_own_cluster(args: list[str], *, cwd: Path, env: dict[str, str] | None = None,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pyarrow.compute as pc
+from lingcloud_testing import free_port
 
 from lmeye.config import load_config
 from lmeye.demo.run import run_demo
@@ -13,16 +13,10 @@ from lmeye.tables import Manifest, TableReader
 from schemas.pairs import PAIRS, SUCCESS
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_demo_pipeline_end_to_end(tmp_path, ray_local, capsys):
     # One port for both runs: uids come from URLs, so a rerun must serve the same ones.
     cfg = load_config("configs/demo.yaml", {
-        "data.root": str(tmp_path / "demo"), "demo.num_images": 16, "demo.port": _free_port(),
+        "data.root": str(tmp_path / "demo"), "demo.num_images": 16, "demo.port": free_port(),
         "download.samples_per_shard": 8, "demo.eval_images": 3,
         # the pipeline, not the model's quality, is under test: one epoch per stage, fp32 (bf16 is
         # emulated, slowly, on CPUs without AVX512-BF16), one Ray Train worker (two: tests/pipelines/test_train.py)

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from lingcloud_testing import run_own_cluster, start_cluster
+from lingcloud_testing import free_port, run_own_cluster, start_cluster
 
 from lmeye.tables import shard_file
 
@@ -136,7 +136,7 @@ def _own_agent_port() -> dict:
     """Each node's dashboard agent on a free port: its default (52365) is taken by any other Ray on this
     machine (the test session's own, another node), and a head without its agent takes no jobs
     ("No available agent to submit job")."""
-    return {"dashboard_agent_listen_port": _free_port()}
+    return {"dashboard_agent_listen_port": free_port()}
 
 
 def _sets(values: dict) -> list[str]:
@@ -196,6 +196,7 @@ def _train_then_lose_a_rank_node(cluster, client, address: str, root: Path, even
 
 def scenario(root: Path) -> dict:
     import ray
+    from ray.job_submission import JobSubmissionClient
 
     from lmeye import clip
     from lmeye.config import load_config
@@ -204,7 +205,6 @@ def scenario(root: Path) -> dict:
     from lmeye.model.demo import build_tiny_llm
     from lmeye.model.testing import tiny_tokenizer
     from lmeye.stages import STAGES, run
-    from ray.job_submission import JobSubmissionClient
 
     os.environ[TAG_FILE_ENV] = str(root / "shared" / "tiny.safetensors")
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # the jobs' `python` is this venv's
@@ -218,7 +218,7 @@ def scenario(root: Path) -> dict:
     def node_env(cache: str) -> dict:
         return {**env, clip.WEIGHTS_CACHE_ENV: caches[cache]}
 
-    dashboard = _free_port()
+    dashboard = free_port()
     cluster = start_cluster({
         "num_cpus": 2, "resources": {"drivers": 1}, "node_ip_address": "127.0.0.1", "include_dashboard": True,
         "dashboard_host": "127.0.0.1",
@@ -282,14 +282,6 @@ def _wait_until(node_id: str, alive: bool, timeout: float = 60) -> None:
     while not any(n["NodeID"] == node_id and n["Alive"] == alive for n in ray.nodes()):
         assert time.time() < deadline, f"node {node_id} not {'alive' if alive else 'dead'} after {timeout}s"
         time.sleep(0.5)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- the tests

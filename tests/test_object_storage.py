@@ -6,10 +6,10 @@ writing its final key), and a remote table's serving copy lives in a local cache
 from __future__ import annotations
 
 import logging
-import socket
 
 import pyarrow.parquet as pq
 import pytest
+from lingcloud_testing import free_port
 
 from lmeye import clip
 from lmeye.config import load_config
@@ -25,12 +25,6 @@ ROOT = f"s3://{BUCKET}/root"
 _SCHEMAS = {"pairs": PAIRS, "features": FEATURES, "instructions": INSTRUCTIONS}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 server on 127.0.0.1 with one bucket; the AWS variables point s3fs (here and in
@@ -39,7 +33,7 @@ def s3():
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     with pytest.MonkeyPatch.context() as mp:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from lingcloud_testing import free_port
 
 from lmeye.demo.corpus import write_url_list
 from lmeye.tables import TableReader
@@ -21,16 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head(tmp_path):
     """A Ray head started with `ray start --head --block`; stopping it touches no other cluster."""
-    dashboard = _free_port()
+    dashboard = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # The job's `python` is whatever the cluster's PATH finds: this venv, as on a real node.
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
@@ -41,7 +35,7 @@ def ray_head(tmp_path):
          "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
          # its own dashboard agent port: the default (52365) is held by the test session's Ray, and a head
          # without its agent takes no jobs ("No available agent to submit job")
-         f"--dashboard-agent-listen-port={_free_port()}"],
+         f"--dashboard-agent-listen-port={free_port()}"],
         env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     address = f"http://127.0.0.1:{dashboard}"

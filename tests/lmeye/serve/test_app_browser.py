@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 
 import pytest
+from lingcloud_testing import free_port
 
 from lmeye.serve.app import NO_DEMO, DemoHandlers, build_app
 
@@ -22,18 +22,12 @@ needs_browser = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(assistant, served):
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     demos = {p.name: str(p) for p in list(served["images"].values())[:2]}
     app = build_app(assistant, demos)
-    port = _free_port()
+    port = free_port()
     app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, share=False)
     yield f"http://127.0.0.1:{port}/"
     app.close()
