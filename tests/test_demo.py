@@ -17,7 +17,7 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_local, capsys):
     # One port for both runs: uids come from URLs, so a rerun must serve the same ones.
     cfg = load_config("configs/demo.yaml", {
         "data.root": str(tmp_path / "demo"), "demo.num_images": 16, "demo.port": free_port(),
-        "download.samples_per_shard": 8, "demo.eval_images": 3,
+        "download.samples_per_shard": 8, "demo.eval_images": 3, "demo.llm_steps": 200,
         # the pipeline, not the model's quality, is under test: one epoch per stage, fp32 (bf16 is
         # emulated, slowly, on CPUs without AVX512-BF16), one Ray Train worker (two: tests/pipelines/test_train.py)
         "train.precision": "fp32", "train.num_workers": 1,

@@ -112,8 +112,8 @@ def _caption(objects: tuple[Object, ...], background: str, rng: random.Random) -
     return template.format(objs=described, bg=bg)
 
 
-def _random_item(index: int, rng: random.Random) -> DemoItem:
-    count = rng.randint(1, MAX_OBJECTS)
+def _random_item(index: int, rng: random.Random, max_objects: int = MAX_OBJECTS) -> DemoItem:
+    count = rng.randint(1, max_objects)
     background, *palette = rng.sample(sorted(COLOURS), 1 + count)
     shape_colours = rng.choices(palette, k=count)  # shapes may share a colour, never the background's
     positions = rng.sample(sorted(POSITIONS), count)
@@ -128,10 +128,13 @@ def _random_item(index: int, rng: random.Random) -> DemoItem:
     )
 
 
-def generate_items(num_images: int, seed: int = 0) -> list[DemoItem]:
-    """`num_images` items, the same for the same seed (one `random.Random(seed)` drives them all)."""
+def generate_items(num_images: int, seed: int = 0, max_objects: int = MAX_OBJECTS) -> list[DemoItem]:
+    """`num_images` items of 1 to `max_objects` shapes, the same for the same arguments (one
+    `random.Random(seed)` drives them all)."""
+    if not 1 <= max_objects <= len(POSITIONS):
+        raise ValueError(f"max_objects {max_objects}: between 1 and {len(POSITIONS)} (one shape per position)")
     rng = random.Random(seed)
-    return [_random_item(i, rng) for i in range(num_images)]
+    return [_random_item(i, rng, max_objects) for i in range(num_images)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,26 +185,33 @@ def render(item: DemoItem, size: int = 64) -> bytes:
 # Annotations
 
 
-def qa_pairs(item: DemoItem) -> list[dict[str, str]]:
+def qa_pairs(item: DemoItem, with_facts: bool = False) -> list[dict[str, str]]:
     """Question/answer pairs about count, colour, shape and position that have exactly one answer.
 
     A question is skipped when it would be ambiguous: "What colour is the circle?" when there are
-    two circles, or "Where is the red circle?" when there are two red circles.
+    two circles, or "Where is the red circle?" when there are two red circles. With ``with_facts``
+    each pair also has a "fact": the phrase of the caption that answers it ("a red circle at the
+    top left", "3 shapes"), which the demo LLM learns to read (``lmeye.model.demo``).
     """
     shapes = [s for s, _, _ in item.objects]
     kinds = [(c, s) for s, c, _ in item.objects]
+    bg = f"{_article(item.background)} {item.background} background"
     pairs = [
-        {"question": "How many shapes are in the image?", "answer": str(len(item.objects))},
-        {"question": "What colour is the background?", "answer": item.background},
+        {"question": "How many shapes are in the image?", "answer": str(len(item.objects)), "fact": f"{len(item.objects)} shapes"},
+        {"question": "What colour is the background?", "answer": item.background, "fact": bg},
     ]
     for shape, colour, position in item.objects:
+        fact = f"{_article(colour)} {colour} {shape} {_where(position)}"
         if shapes.count(shape) == 1:
-            pairs.append({"question": f"What colour is the {shape}?", "answer": colour})
+            pairs.append({"question": f"What colour is the {shape}?", "answer": colour, "fact": fact})
         if kinds.count((colour, shape)) == 1:
-            pairs.append({"question": f"Where is the {colour} {shape}?", "answer": position})
+            pairs.append({"question": f"Where is the {colour} {shape}?", "answer": position, "fact": fact})
         # Positions are distinct within an image, so these two are always unambiguous.
-        pairs.append({"question": f"What shape is {_where(position)}?", "answer": shape})
-        pairs.append({"question": f"What colour is the shape {_where(position)}?", "answer": colour})
+        pairs.append({"question": f"What shape is {_where(position)}?", "answer": shape, "fact": fact})
+        pairs.append({"question": f"What colour is the shape {_where(position)}?", "answer": colour, "fact": fact})
+    if not with_facts:
+        for p in pairs:
+            del p["fact"]
     return pairs
 
 
@@ -239,7 +249,7 @@ def _broken_files(image_size: int) -> dict[str, bytes]:
 
 
 def write_corpus(
-    root: str | Path, num_images: int = 64, seed: int = 0, image_size: int = 64
+    root: str | Path, num_images: int = 64, seed: int = 0, image_size: int = 64, max_objects: int = MAX_OBJECTS
 ) -> DemoCorpus:
     """Write the corpus under `root` and return it.
 
@@ -249,7 +259,7 @@ def write_corpus(
     Idempotent: the same arguments give the same bytes, and unchanged files are not rewritten.
     """
     root = Path(root)
-    items = generate_items(num_images, seed)
+    items = generate_items(num_images, seed, max_objects)
     for item in items:
         _write_if_changed(root / "images" / item.name, render(item, image_size))
     for name, data in _broken_files(image_size).items():

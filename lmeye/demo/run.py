@@ -47,7 +47,7 @@ def run_demo(cfg: Config) -> list[StageSummary]:
     from pipelines.download import run as download
 
     d = cfg.demo
-    corpus = write_corpus(d.corpus_dir, num_images=d.num_images, seed=d.seed, image_size=d.image_size)
+    corpus = write_corpus(d.corpus_dir, num_images=d.num_images, seed=d.seed, image_size=d.image_size, max_objects=d.max_objects)
     print(f"[demo] corpus: {len(corpus.items)} images + {len(corpus.broken)} broken entries in {d.corpus_dir}")
     init_ray(cfg.ray)
     summaries: list[StageSummary] = []
@@ -65,6 +65,11 @@ def run_demo(cfg: Config) -> list[StageSummary]:
         if name == "extract":
             from lmeye.clip import ensure_demo_model
 
+            if d.clip_pretrain_steps and not cfg.extract.pretrained:
+                from lmeye.demo.clip_pretrain import pretrain_demo_clip
+
+                pretrain_demo_clip(cfg.extract, steps=d.clip_pretrain_steps, num_images=d.clip_pretrain_images,
+                                   seed=d.seed, image_size=d.image_size, max_objects=d.max_objects)
             ensure_demo_model(cfg.extract)
         if name == "train":  # the tiny LLM the IPN wraps, built once
             from lmeye.model.demo import ensure_demo_llm

@@ -15,6 +15,7 @@ has no patch tokens) and return k vectors, which transmission maps to the k ``<i
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -25,9 +26,20 @@ from lmeye.errors import UserError
 
 
 def pool_tokens(tokens: torch.Tensor, most: int) -> torch.Tensor:
-    """(B, T, D) -> (B, min(T, most), D) by average pooling along the token axis."""
-    if tokens.shape[1] <= most:
+    """(B, T, D) -> at most ``most`` tokens by average pooling.
+
+    A square T (a ViT's patch grid, row-major) is pooled in 2-D to a g x g grid, g = isqrt(most),
+    so each pooled token is one region of the image: pooling along the flat token axis would
+    average the end of one row with the start of the next, the image's two opposite edges, and
+    the question "what is at the top left" would have no token to look at. Other T: 1-D pooling.
+    """
+    b, t, d = tokens.shape
+    if t <= most:
         return tokens
+    side, g = math.isqrt(t), math.isqrt(most)
+    if side * side == t and g > 0:
+        grid = tokens.transpose(1, 2).reshape(b, d, side, side)
+        return F.adaptive_avg_pool2d(grid, g).reshape(b, d, g * g).transpose(1, 2)
     return F.adaptive_avg_pool1d(tokens.transpose(1, 2), most).transpose(1, 2)
 
 

@@ -75,6 +75,14 @@ def test_items_have_one_to_three_shapes_at_distinct_positions():
     assert [item.name for item in items[:2]] == ["img_00000.jpg", "img_00001.jpg"]
 
 
+def test_max_objects_bounds_the_shapes_and_leaves_the_default_corpus_alone():
+    assert {len(item.objects) for item in generate_items(100, seed=0, max_objects=1)} == {1}
+    assert {len(item.objects) for item in generate_items(100, seed=0, max_objects=2)} == {1, 2}
+    assert generate_items(50, seed=0, max_objects=3) == generate_items(50, seed=0)
+    with pytest.raises(ValueError, match="max_objects 6"):
+        generate_items(1, max_objects=6)
+
+
 def test_render_is_a_jpeg_of_the_requested_size_with_the_background_colour():
     item = generate_items(1, seed=0)[0]
     image = Image.open(io.BytesIO(render(item, size=80)))
@@ -100,6 +108,16 @@ def test_qa_answers_agree_with_the_item():
                 assert answers[question] == colour
             if f"Where is the {colour} {shape}?" in answers:
                 assert answers[f"Where is the {colour} {shape}?"] == position
+
+
+def test_each_fact_is_the_caption_phrase_that_holds_the_answer():
+    for item in generate_items(100, seed=2):
+        pairs = qa_pairs(item, with_facts=True)
+        assert [{k: v for k, v in p.items() if k != "fact"} for p in pairs] == qa_pairs(item)
+        for p in pairs:
+            assert p["answer"] in p["fact"]
+            if not p["question"].startswith("How many"):
+                assert p["fact"] in item.caption, (p, item.caption)
 
 
 def test_ambiguous_colour_question_is_skipped():

@@ -30,3 +30,12 @@ def test_demo_llm_is_deterministic_cached_and_loads_with_auto_classes(tmp_path):
     text = tok.apply_chat_template([{"role": "user", "content": "What colour is the circle?"}], tokenize=False, add_generation_prompt=True)
     assert text == "<s><|user|>\nWhat colour is the circle?<|end|>\n<|assistant|>\n"
     assert tok.unk_token_id is None or tok.unk_token_id not in tok(text)["input_ids"]
+
+
+def test_the_demo_llm_also_learns_to_answer_from_the_fact_after_the_question():
+    from lmeye.model.demo import demo_conversations
+
+    users = [c[0]["content"] for c in demo_conversations(num_images=4)]
+    read = [u for u in users if "? " in u]
+    assert len(read) > 10 and all(u.split("? ")[0] + "?" in users for u in read)  # each question alone, and followed by its fact
+    assert any(u.startswith("What colour is the background? a") and u.endswith("background") for u in read)

@@ -188,3 +188,16 @@ def test_bfloat16_llm_with_float32_ipn_weights(ipn_factory):
     out = ipn(batch_of(ipn))
     out.loss.backward()
     assert torch.isfinite(out.loss) and ipn.img_proj.weight.grad.abs().sum() > 0
+
+
+def test_a_patch_grid_is_pooled_into_image_regions():
+    from lmeye.model.rvii import pool_tokens
+
+    grid = torch.arange(64.0).view(1, 64, 1)  # an 8 x 8 grid, row-major; each token holds its index
+    pooled = pool_tokens(grid, 9).flatten().tolist()
+    assert len(pooled) == 9
+    # the top-left region averages rows 0-2 x columns 0-2, the centre rows 2-5 x columns 2-5
+    assert pooled[0] == pytest.approx(sum(r * 8 + c for r in range(3) for c in range(3)) / 9)
+    assert pooled[4] == pytest.approx(sum(r * 8 + c for r in range(2, 6) for c in range(2, 6)) / 16)
+    assert pool_tokens(grid, 64).shape == (1, 64, 1) and pool_tokens(grid, 32).shape == (1, 25, 1)  # 5 x 5 regions
+    assert pool_tokens(torch.rand(2, 50, 3), 10).shape == (2, 10, 3)  # not a square grid: along the tokens
