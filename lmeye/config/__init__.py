@@ -55,6 +55,7 @@ class DemoConfig(Section):
                     "clip_pretrain_images synthetic images of their own seed (lmeye.demo.clip_pretrain)",
     )
     clip_pretrain_images: int = Field(4000, gt=0, description="synthetic images the demo CLIP is pretrained on")
+    # ~45 s on one core; at 200 steps the demo LLM read the answering phrase right only about half the time
     llm_steps: int = Field(1000, ge=0, description="training steps of the demo LLM (lmeye.model.demo; fewer: it reads its context less well)")
     eval_images: int = Field(12, gt=0, description="held-out images in the demo's MME/MMBench/SEED-Bench-layout sets")
     eval_max_new_tokens: int = Field(8, gt=0, description="answer length of the demo's evaluation (answers are a word or two)")

@@ -28,7 +28,8 @@ LR = 1e-3
 def checkpoint_path(extract_cfg, steps: int, num_images: int, seed: int, image_size: int, max_objects: int) -> str:
     from lmeye.clip import default_checkpoint_path
 
-    recipe = json.dumps([extract_cfg.model, steps, num_images, seed, image_size, max_objects, BATCH, LR])
+    # everything the weights depend on, the initial weights' seed included
+    recipe = json.dumps([extract_cfg.model, extract_cfg.seed, steps, num_images, seed, image_size, max_objects, BATCH, LR])
     tag = hashlib.sha256(recipe.encode()).hexdigest()[:10]
     base = default_checkpoint_path(extract_cfg).rsplit(".safetensors", 1)[0]
     return f"{base}-pretrained-{tag}.safetensors"

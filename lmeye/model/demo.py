@@ -36,7 +36,6 @@ CONFIG_JSON = MODEL_CONFIG_DIR / f"{NAME}.json"
 STAMP = "lingcloud_demo.json"
 CORPUS_IMAGES = 512  # more than the demo renders: the LM sees more sentences than the pipeline has images
 SEED = 0
-STEPS = 1000  # ~45 s on one core; at 200 steps it read the fact right only about half the time
 BATCH = 32
 LR = 3e-3
 SPECIAL = ["<pad>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -94,7 +93,7 @@ def _fingerprint(model_json: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_demo_llm(directory: str, steps: int = STEPS) -> str:
+def build_demo_llm(directory: str, steps: int) -> str:
     """Build the tokenizer and the briefly trained tiny LLaMA into ``directory`` (overwritten)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -155,9 +154,10 @@ def ensure_demo_llm(cfg, steps: Optional[int] = None) -> str:
     """Make sure the demo LLM exists (built once, cached); point ``cfg.model.llm`` at it; return its path.
 
     ``cfg`` is the whole config: the default place is ``{data.root}/models/lingcloud-tiny-llm``,
-    trained ``demo.llm_steps`` steps unless ``steps`` says otherwise. When ``model.clip_pretrained`` is null and ``model.clip_model`` is the extract stage's model,
-    it is pointed at the extract stage's demo CLIP checkpoint (built if absent), so RVII runs the
-    text tower of the very CLIP that made the features.
+    trained ``demo.llm_steps`` steps unless ``steps`` says otherwise. When ``model.clip_pretrained``
+    is null and ``model.clip_model`` is the extract stage's model, it is pointed at the extract
+    stage's demo CLIP checkpoint (built if absent), so RVII runs the text tower of the very CLIP
+    that made the features.
     """
     steps = cfg.demo.llm_steps if steps is None else steps
     path = cfg.model.llm or f"{cfg.data.root.rstrip('/')}/models/{NAME}"
