@@ -1,7 +1,7 @@
 """The learning check: the demo pipeline on 3,000 images, then stage 1 alone and stage 1 + 2 on the
 held-out questions (configs/train_learning_check.yaml).
 
-About 16 minutes on 2 cores, so it runs only with LINGCLOUD_LEARNING_CHECK=1. Measured 2026-11-28
+About 15 minutes on 2 cores, so it runs only with LINGCLOUD_LEARNING_CHECK=1. Measured 2026-11-28
 (README, "The learning check"), with the pretrained demo CLIP and the context-reading demo LLM:
 stage 1 + 2 reached 0.553 held-out exact match (majority 0.221, swapped 0.190, stage 1 alone 0.210).
 That is short of the 0.80 asked for, because questions that need a shape's position stay at chance.
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.environ.get("LINGCLOUD_LEARNING_CHECK") != "1",
-                       reason="about 16 min on 2 cores; set LINGCLOUD_LEARNING_CHECK=1 (see the module doc)"),
+                       reason="about 15 min on 2 cores; set LINGCLOUD_LEARNING_CHECK=1 (see the module doc)"),
 ]
 
 
