@@ -49,12 +49,6 @@ class DemoConfig(Section):
     )
     corpus_dir: Optional[str] = Field(None, description="default {data.root}/corpus")
     max_objects: int = Field(3, ge=1, le=5, description="shapes per image: 1 to this many (5 positions)")
-    clip_pretrain_steps: int = Field(
-        0, ge=0,
-        description="0: the demo CLIP keeps random weights; N: it is first trained N contrastive steps on "
-                    "clip_pretrain_images synthetic images of their own seed (lmeye.demo.clip_pretrain)",
-    )
-    clip_pretrain_images: int = Field(4000, gt=0, description="synthetic images the demo CLIP is pretrained on")
     # ~45 s on one core; at 200 steps the demo LLM read the answering phrase right only about half the time
     llm_steps: int = Field(1000, ge=0, description="training steps of the demo LLM (lmeye.model.demo; fewer: it reads its context less well)")
     eval_images: int = Field(12, gt=0, description="held-out images in the demo's MME/MMBench/SEED-Bench-layout sets")

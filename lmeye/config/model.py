@@ -32,6 +32,14 @@ class ModelConfig(Section):
     rvii_image_tokens: int = Field(
         32, gt=0, description="most image tokens entering RVII; more patch tokens are average-pooled down to this many (CLIP's text context is 77)"
     )
+    rvii_center_tokens: bool = Field(
+        False,
+        description="RVII sees each image token minus the image's mean token, so tokens differ by what is where rather than sharing the whole image's mix (lmeye.model.rvii.center_tokens); false: LMEye's raw tokens",
+    )
+    transmission: Literal["shared", "joint"] = Field(
+        "shared",
+        description="how RVII's k outputs become the k `<img-d>` embeddings: one linear map applied to each (shared, LMEye's), or one map from all k outputs to all k slots (joint: learns faster; k^2 times the weights)",
+    )
     rvii_width: int = Field(256, gt=0, description="width of the trained RVII transformer (rvii: transformer)")
     rvii_layers: int = Field(2, gt=0, description="layers of the trained RVII transformer (rvii: transformer)")
     rvii_heads: int = Field(4, gt=0, description="attention heads of the trained RVII transformer (rvii: transformer)")

@@ -43,7 +43,8 @@ def _optional_stages() -> list[tuple[str, Callable[[Config], StageSummary]]]:
     return stages
 
 
-def run_demo(cfg: Config) -> list[StageSummary]:
+def run_demo(cfg: Config, benchmarks: bool = True) -> list[StageSummary]:
+    """The pipeline on the demo corpus; with ``benchmarks``, then the held-out benchmark sets and the report."""
     from pipelines.download import run as download
 
     d = cfg.demo
@@ -65,11 +66,6 @@ def run_demo(cfg: Config) -> list[StageSummary]:
         if name == "extract":
             from lmeye.clip import ensure_demo_model
 
-            if d.clip_pretrain_steps and not cfg.extract.pretrained:
-                from lmeye.demo.clip_pretrain import pretrain_demo_clip
-
-                pretrain_demo_clip(cfg.extract, steps=d.clip_pretrain_steps, num_images=d.clip_pretrain_images,
-                                   seed=d.seed, image_size=d.image_size, max_objects=d.max_objects)
             ensure_demo_model(cfg.extract)
         if name == "train":  # the tiny LLM the IPN wraps, built once
             from lmeye.model.demo import ensure_demo_llm
@@ -77,7 +73,7 @@ def run_demo(cfg: Config) -> list[StageSummary]:
             ensure_demo_llm(cfg)
         summaries.append(run_recorded(stage, cfg))
         print(summaries[-1].render(), flush=True)
-    if summaries[-1].ok and summaries[-1].stage.startswith("train"):
+    if benchmarks and summaries[-1].ok and summaries[-1].stage.startswith("train"):
         evaluate_demo(cfg, corpus.items, summaries, started)
     status = "ok" if all(s.ok for s in summaries) else "INCOMPLETE"
     print(f"[demo] {status}: {', '.join(s.stage for s in summaries)} in {time.time() - started:.1f}s; "

@@ -126,13 +126,16 @@ class IPN(nn.Module):
         if cfg.rvii == "clip_text":
             if clip_tower is None:
                 raise UserError("model.rvii clip_text needs the CLIP text tower (model.clip_model / clip_pretrained)")
-            self.rvii = ClipTextRVII(clip_tower, image_dim, k, cfg.rvii_image_tokens)
+            self.rvii = ClipTextRVII(clip_tower, image_dim, k, cfg.rvii_image_tokens, cfg.rvii_center_tokens)
         else:
-            self.rvii = TransformerRVII(image_dim, k, cfg.rvii_width, cfg.rvii_layers, cfg.rvii_heads, cfg.rvii_image_tokens)
+            self.rvii = TransformerRVII(image_dim, k, cfg.rvii_width, cfg.rvii_layers, cfg.rvii_heads, cfg.rvii_image_tokens, cfg.rvii_center_tokens)
         self.request_proj = nn.Linear(hidden, k * self.rvii.request_width)
         # 4. transmission: RVII output -> added to the learned <img-d> embeddings. Zero-initialised,
         # so an untrained IPN feeds the LLM constant <img-d> embeddings rather than noise.
-        self.transmit = nn.Linear(self.rvii.out_dim, hidden)
+        # shared (LMEye's): one map applied to each of the k outputs; joint: each <img-d> from all k
+        # outputs together, so the slots can spell an answer across them in order.
+        joint = cfg.transmission == "joint"
+        self.transmit = nn.Linear(self.rvii.out_dim * (k if joint else 1), hidden * (k if joint else 1))
         nn.init.zeros_(self.transmit.weight)
         nn.init.zeros_(self.transmit.bias)
         self.imgd_embed = nn.Parameter(torch.randn(k, hidden) * 0.02)
@@ -280,7 +283,10 @@ class IPN(nn.Module):
             tokens = batch["patch_tokens"].to(w.dtype)
         else:  # no patch tokens in the features table: RVII sees the pooled embedding as one token
             tokens = batch["embeddings"].to(w.dtype)[:, None]
-        return self.imgd_embed + self.transmit(self.rvii(request, tokens).to(w.dtype))
+        out = self.rvii(request, tokens).to(w.dtype)
+        if self.cfg.transmission == "joint":
+            return self.imgd_embed + self.transmit(out.flatten(1)).view(len(out), k, -1)
+        return self.imgd_embed + self.transmit(out)
 
     def _suffix_embeds(self, batch: dict, request_state: Optional[torch.Tensor]) -> torch.Tensor:
         ids = batch["suffix_ids"]

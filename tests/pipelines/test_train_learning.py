@@ -1,28 +1,17 @@
-"""The learning check: the demo pipeline on 3,000 images, then stage 1 alone and stage 1 + 2 on the
-held-out questions (configs/train_learning_check.yaml).
-
-About 15 minutes on 2 cores, so it runs only with LINGCLOUD_LEARNING_CHECK=1. Measured 2026-11-28
-(README, "The learning check"), with the pretrained demo CLIP and the context-reading demo LLM:
-stage 1 + 2 reached 0.553 held-out exact match (majority 0.221, swapped 0.190, stage 1 alone 0.210).
-That is short of the 0.80 asked for, because questions that need a shape's position stay at chance.
-This test states the target."""
+"""The learning check: the demo pipeline on 3,000 one-shape images, then stage 1 alone and stage
+1 + 2 on the held-out questions (configs/train_learning_check.yaml; README, "The learning check").
+It runs in CI; measured figures and the time it takes are in the README."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import os
 
 import pytest
 
 from lmeye.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("LINGCLOUD_LEARNING_CHECK") != "1",
-                       reason="about 15 min on 2 cores; set LINGCLOUD_LEARNING_CHECK=1 (see the module doc)"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 def test_stage_1_plus_2_answers_from_the_image(tmp_path):

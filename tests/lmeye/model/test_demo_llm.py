@@ -39,3 +39,18 @@ def test_the_demo_llm_also_learns_to_answer_from_the_fact_after_the_question():
     read = [u for u in users if "? " in u]
     assert len(read) > 10 and all(u.split("? ")[0] + "?" in users for u in read)  # each question alone, and followed by its fact
     assert any(u.startswith("What colour is the background? a") and u.endswith("background") for u in read)
+    pairs = {(c[0]["content"], c[1]["content"]) for c in demo_conversations(num_images=4)}
+    copied = [(u, a) for u, a in pairs if u.endswith("? " + a)]  # ... and followed by the bare answer, to copy
+    assert len(copied) > 10 and all((u[: -len(a) - 1], a) in pairs for u, a in copied)
+
+
+def test_the_demo_tokenizer_has_the_bare_answer_words(tmp_path):
+    """An answer starts its own line in the chat template, so it is tokenized without a leading
+    space: the tokenizer is trained on turns one per line, and every answer word is one token."""
+    from lmeye.demo.corpus import COLOURS, SHAPES
+    from lmeye.model.demo import build_tokenizer, demo_conversations
+
+    convs = demo_conversations(num_images=200)
+    tok = build_tokenizer(["\n".join(t["content"] for t in c) for c in convs], 512)
+    for word in [*SHAPES, *COLOURS, "top", "bottom", "centre"]:
+        assert len(tok.tokenize(word)) == 1, (word, tok.tokenize(word))

@@ -201,3 +201,38 @@ def test_a_patch_grid_is_pooled_into_image_regions():
     assert pooled[4] == pytest.approx(sum(r * 8 + c for r in range(2, 6) for c in range(2, 6)) / 16)
     assert pool_tokens(grid, 64).shape == (1, 64, 1) and pool_tokens(grid, 32).shape == (1, 25, 1)  # 5 x 5 regions
     assert pool_tokens(torch.rand(2, 50, 3), 10).shape == (2, 10, 3)  # not a square grid: along the tokens
+
+
+@pytest.mark.parametrize("rvii", ["clip_text", "transformer"])
+def test_centred_rvii_ignores_what_all_tokens_share_and_sees_where_they_are(ipn_factory, rvii):
+    extra = {"rvii_width": 32, "rvii_heads": 2} if rvii == "transformer" else {}
+    ipn = _wake(ipn_factory("llama", patch_shape=(16, 64), rvii=rvii, rvii_center_tokens=True, **extra))
+    request = torch.randn(2, ipn.cfg.num_img_d, ipn.rvii.request_width)
+    tokens = torch.randn(2, 16, 64)
+    with torch.no_grad():
+        out = ipn.rvii(request, tokens)
+        shared = torch.randn(2, 1, 64) * 5  # the same vector added to every token of an image
+        assert torch.allclose(ipn.rvii(request, tokens + shared), out, atol=1e-4)
+        assert not torch.allclose(ipn.rvii(request, tokens.flip(1)), out, atol=1e-3)  # order (position) matters
+    ipn(batch_of(ipn, patch_shape=(16, 64))).loss.backward()
+    assert ipn.rvii.image_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("transmission", ["shared", "joint"])
+def test_transmission_maps_each_rvii_output_or_all_of_them_to_each_slot(ipn_factory, transmission):
+    ipn = _wake(ipn_factory("llama", transmission=transmission))
+    k = ipn.cfg.num_img_d
+    out = torch.randn(2, k, ipn.rvii.out_dim)
+    moved = out.clone()
+    moved[:, 0] += 1.0  # change the first RVII output only
+    ipn.rvii.forward = lambda request, tokens, outs=[out, moved]: outs.pop(0)
+    batch = batch_of(ipn)
+    request = torch.zeros(2, ipn.hidden)
+    two = {"patch_tokens": batch["patch_tokens"][:2]}
+    with torch.no_grad():
+        changed = (ipn._img_d(two, request) - ipn._img_d(two, request)).abs().sum(-1) > 0
+    # shared: only the first <img-d> slot moves; joint: every slot depends on every RVII output
+    assert changed[:, 0].all() and changed[:, 1:].all() == (transmission == "joint") and changed[:, 1:].any() == (transmission == "joint")
+    fresh = _wake(ipn_factory("llama", transmission=transmission))
+    fresh(batch_of(fresh)).loss.backward()
+    assert fresh.transmit.weight.grad.abs().sum() > 0
