@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/lmeye demo --config configs/demo.yaml
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q -n 3 --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # The web demo's browser test drives Debian's chromium (browser builds cannot be downloaded by
 # selenium or playwright here); install it when missing (CI runs as root on Debian).

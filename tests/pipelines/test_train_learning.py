@@ -1,9 +1,11 @@
 """The learning check: the demo pipeline on 3,000 one-shape images, then stage 1 alone and stage
 1 + 2 on the held-out questions (configs/train_learning_check.yaml; README, "The learning check").
-It runs in CI; measured figures and the time it takes are in the README."""
+About 8 minutes alone on 2 cores, but three to four times that beside the rest of the suite, so it
+runs only with LINGCLOUD_LEARNING_CHECK=1 (README: figures, and why CI does not run it)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,12 @@ import pytest
 from lmeye.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(1500),
+    pytest.mark.skipif(os.environ.get("LINGCLOUD_LEARNING_CHECK") != "1",
+                       reason="about 8 min alone on 2 cores; set LINGCLOUD_LEARNING_CHECK=1 (see the module doc)"),
+]
 
 
 def test_stage_1_plus_2_answers_from_the_image(tmp_path):
