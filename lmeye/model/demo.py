@@ -72,6 +72,14 @@ def demo_conversations(num_images: int = CORPUS_IMAGES, seed: int = SEED) -> lis
     return convs
 
 
+def tokenizer_texts(convs: list[list[dict[str, str]]]) -> list[str]:
+    """The text the demo tokenizer learns from: each turn on its own line, as the chat template puts
+    it. An answer starts a line there, so the tokenizer must learn the bare word ("circle", not only
+    " circle"), or answers are spelt in 3-4 fragments ("c", "ir", "cle") and the LLM has to keep the
+    image in mind over all of them."""
+    return ["\n".join(t["content"] for t in c) for c in convs]
+
+
 def build_tokenizer(texts: list[str], vocab_size: int):
     """Byte-level BPE over ``texts`` with the chat's special tokens and template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -105,11 +113,7 @@ def build_demo_llm(directory: str, steps: int) -> str:
 
     model_json = json.loads(CONFIG_JSON.read_text())
     convs = demo_conversations()
-    # Each turn on its own line, as the chat template puts it: an answer starts a line there, so the
-    # tokenizer must learn the bare word ("circle", not only " circle"), or answers are spelt in
-    # 3-4 fragments ("c", "ir", "cle") and the LLM has to keep the image in mind over all of them.
-    texts = ["\n".join(t["content"] for t in c) for c in convs]
-    tok = build_tokenizer(texts, model_json["vocab_size"])
+    tok = build_tokenizer(tokenizer_texts(convs), model_json["vocab_size"])
     config = AutoConfig.for_model(**{**model_json, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(config)

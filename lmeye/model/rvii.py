@@ -56,6 +56,11 @@ def center_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return tokens - tokens.mean(dim=1, keepdim=True)
 
 
+def image_regions(tokens: torch.Tensor, center: bool, most: int) -> torch.Tensor:
+    """What both RVII kinds feed their image projection: the tokens, centred if asked, pooled to ``most``."""
+    return pool_tokens(center_tokens(tokens) if center else tokens, most)
+
+
 class ClipTextTower(nn.Module):
     """The frozen parts of an open_clip text tower that RVII needs (no vocabulary beyond BOS/EOS)."""
 
@@ -109,9 +114,7 @@ class ClipTextRVII(nn.Module):
 
     def forward(self, request: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """request (B, k, width), image_tokens (B, T, image_dim) -> (B, k, embed_dim)."""
-        if self.center:
-            image_tokens = center_tokens(image_tokens)
-        img = self.image_proj(pool_tokens(image_tokens, self.max_image_tokens))
+        img = self.image_proj(image_regions(image_tokens, self.center, self.max_image_tokens))
         out = self.tower(torch.cat([img, request], dim=1))
         return self.tower.project(out[:, -self.num_img_d :])
 
@@ -136,9 +139,7 @@ class TransformerRVII(nn.Module):
         self.out_dim = width
 
     def forward(self, request: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        if self.center:
-            image_tokens = center_tokens(image_tokens)
-        img = self.image_proj(pool_tokens(image_tokens, self.max_image_tokens))
+        img = self.image_proj(image_regions(image_tokens, self.center, self.max_image_tokens))
         img = img + self.kind[0] + self.image_pos[: img.shape[1]]
         q = request + self.queries + self.kind[1]
         out = self.encoder(torch.cat([img, q], dim=1))

@@ -48,9 +48,8 @@ def test_the_demo_tokenizer_has_the_bare_answer_words(tmp_path):
     """An answer starts its own line in the chat template, so it is tokenized without a leading
     space: the tokenizer is trained on turns one per line, and every answer word is one token."""
     from lmeye.demo.corpus import COLOURS, SHAPES
-    from lmeye.model.demo import build_tokenizer, demo_conversations
+    from lmeye.model.demo import build_tokenizer, demo_conversations, tokenizer_texts
 
-    convs = demo_conversations(num_images=200)
-    tok = build_tokenizer(["\n".join(t["content"] for t in c) for c in convs], 512)
+    tok = build_tokenizer(tokenizer_texts(demo_conversations(num_images=200)), 512)
     for word in [*SHAPES, *COLOURS, "top", "bottom", "centre"]:
         assert len(tok.tokenize(word)) == 1, (word, tok.tokenize(word))
