@@ -126,12 +126,12 @@ def main() -> int:
     st, tc = cfg.train.stages[0], cfg.train
     files = stage._split_files(str(tables["instructions"]))
     store = stage._open_features(str(tables["features"]))
-    config, _ = stage.loop_config(cfg, st, factory or stage.IPNFactory(), files, store, None, str(work / "memory"))
+    config, rows = stage.loop_config(cfg, st, factory or stage.IPNFactory(), files, store, None, str(work / "memory"))
     result = TorchTrainer(
         in_memory_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(name="memory", storage_path=str(work / "out")),
-        datasets=stage._datasets(files, st, tc), dataset_config=stage._data_config(tc.deterministic),
+        datasets=stage._datasets(files, st, tc, rows), dataset_config=stage._data_config(tc.deterministic),
     ).fit()
     captured = result.metrics
     memory_rate = captured["samples_per_s"]

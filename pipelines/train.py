@@ -9,8 +9,8 @@ have ``align`` then ``instruct``, which starts from ``align``'s model). For each
    and that its feature width matches the features table.
 2. *Data*: the ``train`` (and ``validation``) shards of the instructions table are read with Ray
    Data (the stage's tasks pushed down as a Parquet filter), one block per shard, block order
-   shuffled with the seed, and split across the workers with ``streaming_split`` (unequal
-   shares allowed, so no row is dropped); with ``train.deterministic`` Ray Data keeps the order
+   shuffled with the seed, re-cut into blocks of up to 8 optimizer steps (``block_steps``), and
+   split across the workers with ``streaming_split`` (unequal shares allowed, so no row is dropped); with ``train.deterministic`` Ray Data keeps the order
    and the split is the same on every run. Workers read image features by uid from the
    feature store (memory-mapped gathers, one per batch), not through a Ray Data join: the store
    read costs a gather per batch on the worker, a join would shuffle the features table through
@@ -135,13 +135,36 @@ def _check_feature_shape(factory: Any, init_dir: str, store: Any, stage: TrainSt
 # Ray
 
 
-def _datasets(files: dict[str, list[str]], stage: TrainStage, tc: TrainConfig) -> dict[str, Any]:
+STEPS_PER_BLOCK = 8  # optimizer steps of rows per Ray Data block (see block_steps)
+MIN_BLOCKS_PER_WORKER = 4
+
+
+def block_steps(rows: int, step_rows: int, workers: int) -> int:
+    """Optimizer steps of rows in each block of the train split.
+
+    ``streaming_split`` hands out whole blocks, so the workers' shares differ by up to one block:
+    blocks must be small. But every block crosses the object store and the split coordinator, and
+    one-step blocks starved the workers (the learning check on 2 cores, 252 steps: 41 s of a 57 s
+    epoch spent waiting for batches; with 8-step blocks, 6 s). So up to ``STEPS_PER_BLOCK`` steps,
+    fewer when that would leave a worker under ``MIN_BLOCKS_PER_WORKER`` blocks (small tables).
+    """
+    return max(1, min(STEPS_PER_BLOCK, rows // (step_rows * workers * MIN_BLOCKS_PER_WORKER)))
+
+
+def steps_per_epoch(rows: int, step_rows: int, workers: int) -> int:
+    """Optimizer steps of one epoch when the blocks are dealt out evenly: the worker with the most
+    blocks sets the count (the others step with a zero loss once theirs run out; lmeye.train.loop)."""
+    k = block_steps(rows, step_rows, workers)
+    return math.ceil(math.ceil(rows / (step_rows * k)) / workers) * k
+
+
+def _datasets(files: dict[str, list[str]], stage: TrainStage, tc: TrainConfig, rows: int) -> dict[str, Any]:
     """Ray Datasets of the stage's train and validation rows (see the module doc).
 
-    Blocks of exactly one optimizer step's rows (``micro_batch_size * grad_accum``, a streaming
-    repartition) keep the split balanced to within one block, whatever the shard sizes. The
-    shard order is shuffled here with the seed (no barrier); rows are shuffled again on each
-    worker by the shuffle buffer.
+    The train rows are cut into blocks of a whole number of optimizer steps (``block_steps``; a
+    streaming repartition of ``rows`` train rows), which keeps the split balanced to within one
+    block whatever the shard sizes. The shard order is shuffled here with the seed (no barrier);
+    rows are shuffled again on each worker by the shuffle buffer.
     """
     import random
 
@@ -150,6 +173,7 @@ def _datasets(files: dict[str, list[str]], stage: TrainStage, tc: TrainConfig) -
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress line instead
     expr = _task_filter(stage)
     step_rows = stage_value(tc, stage, "micro_batch_size") * stage_value(tc, stage, "grad_accum")
+    block_rows = step_rows * block_steps(rows, step_rows, tc.num_workers)
     out = {}
     for split in (TRAIN, VALIDATION):
         paths = list(files.get(split) or [])
@@ -161,7 +185,7 @@ def _datasets(files: dict[str, list[str]], stage: TrainStage, tc: TrainConfig) -
         if expr is not None:  # a whole block per call, so blocks (and the split) stay as read
             ds = ds.map_batches(_select, fn_kwargs={"expr": expr}, batch_format="pyarrow", batch_size=None)
         if split == TRAIN:
-            ds = ds.repartition(target_num_rows_per_block=step_rows, strict=True)
+            ds = ds.repartition(target_num_rows_per_block=block_rows, strict=True)
         elif tc.val_max_rows:
             ds = ds.limit(tc.val_max_rows)
         out[split] = ds
@@ -307,7 +331,7 @@ def loop_config(cfg: Config, stage: TrainStage, factory: Any, files: dict[str, l
     if rows == 0:
         raise UserError(f"train stage {stage.name}: no train rows of tasks {stage.tasks or 'any'} in the instructions table")
     micro, accum = stage_value(tc, stage, "micro_batch_size"), stage_value(tc, stage, "grad_accum")
-    total = math.ceil(rows / (tc.num_workers * micro * accum)) * stage.epochs
+    total = steps_per_epoch(rows, micro * accum, tc.num_workers) * stage.epochs
     total = min(total, stage.max_steps or total)
     config = {
         "cfg": dump_config(cfg), "stage": stage.model_dump(mode="json"), "factory": factory,
@@ -347,7 +371,7 @@ def _run_stage(cfg: Config, stage: TrainStage, factory: Any, files: dict[str, li
     init_ray(cfg.ray)
     error = None
     try:
-        result = _fit(config, _datasets(files, stage, tc), tc, stage.name, output)
+        result = _fit(config, _datasets(files, stage, tc, rows), tc, stage.name, output)
         error = result.error
     except Exception as err:  # Ray Train's own failure type varies by version; the message is what matters
         result, error = None, err
