@@ -28,7 +28,7 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
 
     Address resolution: ``ray.address`` from the config, else ``$RAY_ADDRESS`` (set by
     `ray job submit` for the job's driver), else a fresh local Ray inside this process's
-    session, its dashboard on 127.0.0.1 only, its workers told its address.
+    session, with the dashboard off so nothing binds a public port.
     """
     os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
     import ray
@@ -44,37 +44,13 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
         return False
     # address="local" always starts a fresh Ray: a bare ray.init() would join any cluster that
     # `ray start` left on this machine (even a dead one, and then wait on it forever).
-    # Its workers are told its address (RAY_ADDRESS, with the GCS port chosen here): Ray Train's
-    # placement-group cleaner, an actor of every TorchTrainer, looks its cluster up by RAY_ADDRESS
-    # or by the file `ray start` writes, and without it found none, or an old cluster's, and each
-    # training stage stood still for 12 s at its end waiting for that actor to give up.
-    port = _free_port()
-    address = f"{ray.util.get_node_ip_address()}:{port}"
-    saved = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    try:
-        ray.init(
-            address="local",
-            num_cpus=cfg.num_cpus,
-            # the dashboard serves the state API that cleaner reads; loopback only, on a free port
-            include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
-            logging_level=logging.WARNING,
-            # every task, actor and Ray Train worker of this Ray (predict and train included) gets the
-            # driver's object storage settings too
-            runtime_env={"env_vars": dict(WORKER_ENV, RAY_ADDRESS=address)
-                         | (storage_runtime_env() or {}).get("env_vars", {})},
-        )
-    finally:
-        if saved is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = saved
+    ray.init(
+        address="local",
+        num_cpus=cfg.num_cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        # every task, actor and Ray Train worker of this Ray (predict and train included) gets the
+        # driver's object storage settings too
+        runtime_env={"env_vars": dict(WORKER_ENV) | (storage_runtime_env() or {}).get("env_vars", {})},
+    )
     return True
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
