@@ -127,3 +127,26 @@ def test_a_stage_without_validation_rows_skips_validation(monkeypatch):
 
     monkeypatch.setattr(ray.train, "get_dataset_shard", no_shard)
     assert Worker.validate(object()) == {}
+
+
+@pytest.mark.parametrize("use_gpu", [False, True])
+def test_batches_are_prepared_in_order_in_line_or_one_ahead_in_a_thread(use_gpu):
+    import threading
+    from types import SimpleNamespace
+
+    from lmeye.train.loop import Worker
+
+    threads = []
+
+    class Maker:
+        def prepare(self, table, seen):
+            threads.append(threading.current_thread().name)
+            return (table, seen)
+
+    seen = np.array([7], np.uint64)
+    worker = SimpleNamespace(maker=Maker(), seen_prev=seen, tc=SimpleNamespace(use_gpu=use_gpu))
+    got = list(Worker._prepared(worker, iter(["a", "b", "c"])))
+    assert [t for t, _ in got] == ["a", "b", "c"] and all(s is seen for _, s in got)
+    # CPU workers prepare on the step's own thread; GPU workers one batch ahead in another
+    assert all(n.startswith("lingcloud-batches") for n in threads) == use_gpu
+    assert any(n.startswith("lingcloud-batches") for n in threads) == use_gpu
