@@ -10,8 +10,9 @@ have ``align`` then ``instruct``, which starts from ``align``'s model). For each
 2. *Data*: the ``train`` (and ``validation``) shards of the instructions table are read with Ray
    Data (the stage's tasks pushed down as a Parquet filter), one block per shard, block order
    shuffled with the seed, re-cut into blocks of up to 8 optimizer steps (``block_steps``), and
-   split across the workers with ``streaming_split`` (unequal shares allowed, so no row is dropped); with ``train.deterministic`` Ray Data keeps the order
-   and the split is the same on every run. Workers read image features by uid from the
+   split across the workers with ``streaming_split`` (unequal shares allowed, so no row is
+   dropped); with ``train.deterministic`` Ray Data keeps the order and the split is the same on
+   every run. Workers read image features by uid from the
    feature store (memory-mapped gathers, one per batch), not through a Ray Data join: the store
    read costs a gather per batch on the worker, a join would shuffle the features table through
    the object store on every epoch.

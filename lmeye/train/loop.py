@@ -216,13 +216,12 @@ class Worker:
         computes on the same cores and the thread only fought it for them and for the GIL
         (``benchmarks/train.py``, 2 cores: 985 rows/s with the thread, 1,096 without). Same
         batches, same order either way."""
-        from concurrent.futures import ThreadPoolExecutor
-
         it = iter(batches)
         if not self.tc.use_gpu:
             for table in it:
                 yield self.maker.prepare(table, self.seen_prev)
             return
+        from concurrent.futures import ThreadPoolExecutor
 
         def prepare_next() -> Optional[Any]:
             table = next(it, None)
