@@ -14,6 +14,7 @@ WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 # FSSPEC_* defaults). Tasks that read or write tables carry the driver's values, since Ray's
 # workers may predate them: an embedded Ray started before they were set keeps the old ones.
 STORAGE_ENV_PREFIXES = ("AWS_", "FSSPEC_")
+_embedded = False  # set once this process has started its own Ray (init_ray)
 
 
 def storage_runtime_env() -> dict | None:
@@ -37,11 +38,12 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
         return False
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":  # "local": a fresh Ray of this process's own, as below
         # Under `ray job submit` the job's runtime_env (working dir, env vars) already applies;
         # passing another here would replace it, so we pass none.
         ray.init(address=address, logging_level=logging.WARNING)
         return False
+    global _embedded
     # address="local" always starts a fresh Ray: a bare ray.init() would join any cluster that
     # `ray start` left on this machine (even a dead one, and then wait on it forever).
     ray.init(
@@ -53,4 +55,13 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
         # driver's object storage settings too
         runtime_env={"env_vars": dict(WORKER_ENV) | (storage_runtime_env() or {}).get("env_vars", {})},
     )
+    _embedded = True
     return True
+
+
+def embedded() -> bool:
+    """Whether this process runs the embedded Ray it started: one without a dashboard, so without
+    Ray's state API, and one that ends with this process."""
+    import ray
+
+    return _embedded and ray.is_initialized()

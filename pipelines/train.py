@@ -218,13 +218,40 @@ def _data_config(deterministic: bool) -> Any:
     return UnequalSplit()
 
 
-def _fit(config: dict[str, Any], datasets: dict[str, Any], tc: TrainConfig, name: str, output: str) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def _trainer_class(embedded: bool) -> type:
+    """``TorchTrainer``, less its placement-group cleaner on the embedded Ray.
+
+    Every ``TorchTrainer`` starts a detached actor that polls Ray's state API (which the dashboard
+    serves) to remove the workers' placement group should the controller die. The embedded Ray has
+    no dashboard: the poll went to whatever cluster ``/tmp/ray/ray_current_cluster`` last named (a
+    stopped `ray start` one leaves it behind) and hung, and each stage then stood still 12-15 s at
+    its end waiting for the actor to stop (``tests/pipelines/test_train.py``'s uninterrupted run:
+    49 s with the file there, 37 s without). Without that file, it fails every second. There the
+    guard has nothing to guard: the placement group ends with this process's Ray. The hook is
+    Ray Train's own, not public: if it moves, the stall comes back, and nothing else changes."""
     from ray.train.torch import TorchTrainer
 
+    if not embedded:
+        return TorchTrainer
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return TorchTrainer
+
+    class EmbeddedTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, PlacementGroupCleanerCallback)]
+
+    return EmbeddedTorchTrainer
+
+
+def _fit(config: dict[str, Any], datasets: dict[str, Any], tc: TrainConfig, name: str, output: str) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    from lmeye.runtime import embedded
     from lmeye.train.loop import train_loop
 
-    trainer = TorchTrainer(
+    trainer = _trainer_class(embedded())(
         train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,

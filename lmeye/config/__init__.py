@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 
 class RayConfig(Section):
     address: Optional[str] = Field(
-        None, description="Ray cluster address; null: $RAY_ADDRESS if set (as under `ray job submit`), else an embedded local Ray"
+        None, description="Ray cluster address; null: $RAY_ADDRESS if set (as under `ray job submit`), else an embedded local Ray; "
+                             "'local': always an embedded local Ray"
     )
     num_cpus: Optional[int] = Field(None, gt=0, description="CPUs of the embedded local Ray (null: all)")
 

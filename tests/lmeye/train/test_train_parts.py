@@ -150,3 +150,19 @@ def test_batches_are_prepared_in_order_in_line_or_one_ahead_in_a_thread(use_gpu)
     # CPU workers prepare on the step's own thread; GPU workers one batch ahead in another
     assert all(n.startswith("lingcloud-batches") for n in threads) == use_gpu
     assert any(n.startswith("lingcloud-batches") for n in threads) == use_gpu
+
+
+def test_on_the_embedded_ray_trainers_start_no_placement_group_cleaner():
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.train import _trainer_class
+
+    def callbacks(cls) -> list[str]:
+        trainer = cls(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+        return [type(cb).__name__ for cb in trainer._create_default_callbacks()]
+
+    assert _trainer_class(embedded=False) is TorchTrainer
+    on_a_cluster, embedded = callbacks(TorchTrainer), callbacks(_trainer_class(embedded=True))
+    assert "PlacementGroupCleanerCallback" in on_a_cluster  # Ray Train's, where a dashboard serves its state API
+    assert embedded == [name for name in on_a_cluster if name != "PlacementGroupCleanerCallback"]
