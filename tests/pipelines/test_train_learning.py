@@ -1,12 +1,9 @@
 """The learning check: the demo pipeline on 3,000 one-shape images, then stage 1 alone and stage
 1 + 2 on the held-out questions (configs/train_learning_check.yaml; README, "The learning check").
-About 3 minutes alone on 2 cores, but beside the rest of the suite it made `make test` 190 s longer
-(648 s against 458 s on the same machine), which would take CI past its 25 minutes; so it runs only
-with LINGCLOUD_LEARNING_CHECK=1 (README: figures, and what it would take to run it in CI)."""
+About 3 minutes alone on 2 cores; `make test` runs it (conftest's LONGEST_FIRST starts it early)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -17,8 +14,6 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(1500),
-    pytest.mark.skipif(os.environ.get("LINGCLOUD_LEARNING_CHECK") != "1",
-                       reason="about 3 min alone on 2 cores; set LINGCLOUD_LEARNING_CHECK=1 (see the module doc)"),
 ]
 
 
