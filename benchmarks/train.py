@@ -121,13 +121,14 @@ def main() -> int:
 
     # the in-memory run: the same config, data and workers, another loop
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+
+    from lmeye.runtime import embedded
 
     st, tc = cfg.train.stages[0], cfg.train
     files = stage._split_files(str(tables["instructions"]))
     store = stage._open_features(str(tables["features"]))
     config, rows = stage.loop_config(cfg, st, factory or stage.IPNFactory(), files, store, None, str(work / "memory"))
-    result = TorchTrainer(
+    result = stage._trainer_class(embedded())(  # the stage's own trainer class
         in_memory_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(name="memory", storage_path=str(work / "out")),

@@ -78,3 +78,28 @@ def test_bad_conversations_are_user_errors(tokenizer):
         codec(tokenizer).encode(CONV[1:], True)
     with pytest.raises(UserError, match="end with an assistant turn"):
         codec(tokenizer).encode(CONV[:3], True)
+
+
+class _WrapperOnly:
+    """The tokenizer without its Rust backend: TextCodec then calls the transformers wrapper."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        if name == "backend_tokenizer":
+            raise AttributeError(name)
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+
+def test_the_backend_tokenises_exactly_as_the_wrapper(tokenizer):
+    assert getattr(tokenizer, "backend_tokenizer", None) is not None  # the fast path is the one under test
+    texts = ["What colour is the circle?", " leading space", "two\nlines\n", "ünïcödé — dashes", "  ", "red<|end|>\n"]
+    fast, wrapped = codec(tokenizer), codec(_WrapperOnly(tokenizer))
+    assert fast._ids(texts) == wrapped._ids(texts) == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    for conv, has_image in ((CONV, True), (CONV, False), (CONV[:1], True)):
+        gen = conv[-1]["role"] == "user"
+        assert fast.encode(conv, has_image, gen) == wrapped.encode(conv, has_image, gen)
