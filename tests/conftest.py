@@ -58,7 +58,7 @@ def demo_server(demo_corpus):
 
 # Under `make test` (pytest-xdist, a file per worker at a time) the longest files go first, so that the
 # two workers end together instead of one of them starting the two-node scenario at the very end.
-LONGEST_FIRST = ("test_multinode.py", "pipelines/test_train_learning.py", "pipelines/test_train.py", "test_demo.py",
+LONGEST_FIRST = ("test_demo.py", "test_multinode.py", "pipelines/test_train.py",
                  "pipelines/test_extract.py", "pipelines/test_download.py", "pipelines/test_predict.py",
                  "test_object_storage.py")
 

@@ -1,10 +1,20 @@
-"""The demo pipeline end to end: corpus -> loopback HTTP -> download -> extract -> instruct -> train -> evaluate."""
+"""The demo pipeline end to end, and the learning check on what it trained.
+
+One run of ``run_demo`` on the learning check's corpus (configs/train_learning_check.yaml: 3,000
+synthetic 64 px images, one shape each): corpus -> loopback HTTP -> download -> extract ->
+instruct -> train (align, then instruct) -> the benchmark-layout evaluation and the report. Then
+the learning check (README, "The learning check") scores stage 1 alone and stage 1 + 2 on the
+held-out questions. One pipeline run serves both (about 3 minutes on 2 cores; a separate 16-image
+demo run cost `make test` another minute); conftest's LONGEST_FIRST starts it early.
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.compute as pc
+import pytest
 from lingcloud_testing import free_port
 
 from lmeye.config import load_config
@@ -12,20 +22,16 @@ from lmeye.demo.run import run_demo
 from lmeye.tables import Manifest, TableReader
 from schemas.pairs import PAIRS, SUCCESS
 
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-def test_demo_pipeline_end_to_end(tmp_path, ray_local, capsys):
+
+def test_demo_pipeline_end_to_end_then_stage_1_plus_2_answers_from_the_image(tmp_path, ray_local, capsys):
+    from lmeye.train.learning_check import render, score
+
     # One port for both runs: uids come from URLs, so a rerun must serve the same ones.
-    cfg = load_config("configs/demo.yaml", {
-        "data.root": str(tmp_path / "demo"), "demo.num_images": 16, "demo.port": free_port(),
-        "download.samples_per_shard": 8, "demo.eval_images": 3, "demo.llm_steps": 200,
-        # the pipeline, not the model's quality, is under test: one epoch per stage, fp32 (bf16 is
-        # emulated, slowly, on CPUs without AVX512-BF16), one Ray Train worker (two: tests/pipelines/test_train.py)
-        "train.precision": "fp32", "train.num_workers": 1,
-        "train.stages": [
-            {"name": "align", "trainable": "align", "tasks": ["short_caption", "detailed_description", "grounded_qa"]},
-            {"name": "instruct", "trainable": "instruct", "init_from": "align", "train_visual_mapping": True},
-        ],
-    })
+    cfg = load_config(REPO / "configs" / "train_learning_check.yaml",
+                      {"data.root": str(tmp_path / "demo"), "demo.port": free_port(), "ray.num_cpus": 2})
     summaries = run_demo(cfg)
     out = capsys.readouterr().out
     got = [(s.stage, s.ok, s.notes) for s in summaries]
@@ -49,16 +55,26 @@ def test_demo_pipeline_end_to_end(tmp_path, ray_local, capsys):
     assert "LingCloud demo: summary" in out and "SEED-Bench" in out
 
     pairs = TableReader(cfg.download.output, PAIRS).read(columns=["uid", "url", "status"])
-    assert pairs.num_rows == 16 + 4  # every good image and every broken entry, once
+    assert pairs.num_rows == cfg.demo.num_images + 4  # every good image and every broken entry, once
     good = set(pairs.filter(pc.equal(pairs["status"], SUCCESS))["uid"].to_pylist())
-    assert len(good) == 16
-
+    assert len(good) == cfg.demo.num_images
     features = Manifest.load(cfg.extract.output)
     assert features is not None and features.complete and features.table == "features"
-
     instructions = Manifest.load(cfg.instruct.output)
-    assert instructions is not None and instructions.complete and instructions.num_rows > 16
+    assert instructions is not None and instructions.complete and instructions.num_rows > cfg.demo.num_images
+
+    # The learning check: held-out questions, answered from the image, better after stage 2.
+    results = score(cfg)
+    for name, result in results.items():
+        print(render(f"stage {name}", result))
+    both, align = results["instruct"], results["align"]
+    assert both["rows"] >= 500 and align["rows"] == both["rows"]
+    assert both["majority"]["all"] <= 0.35
+    assert both["exact_match"]["all"] >= 0.80
+    assert both["swapped"]["all"] <= both["majority"]["all"] + 0.10  # the answers come from the image
+    assert both["exact_match"]["all"] > align["exact_match"]["all"]  # the interactive stage adds to alignment
 
     # Rerunning the demo redoes nothing.
-    again = run_demo(cfg)
-    assert all(s.ok and s.shards_done == 0 for s in again[:2])
+    again = run_demo(cfg, benchmarks=False)
+    assert all(s.ok for s in again) and all(s.shards_done == 0 for s in again[:3]), [(s.stage, s.notes) for s in again]
+    assert "nothing redone" in again[-1].notes[0]

@@ -121,17 +121,24 @@ def render(name: str, result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def score(cfg: Any) -> dict[str, dict[str, Any]]:
+    """``check`` of every trained stage of ``cfg`` (stage 1 alone, stage 1 + 2) on the same questions."""
+    from pipelines.train import _paths, stage_dir
+
+    instructions, features, output = _paths(cfg)
+    return {st.name: check(f"{stage_dir(output, st.name)}/model", instructions, features) for st in cfg.train.stages}
+
+
 def run(cfg: Any) -> dict[str, dict[str, Any]]:
     """The whole check: the demo pipeline (download, extract, instruct, train: align then instruct)
-    on ``cfg``'s corpus, then ``check`` of stage 1 alone and of stage 1 + 2 on the same questions."""
+    on ``cfg``'s corpus, then ``score``. (tests/test_demo.py runs the pipeline with the demo's
+    benchmarks and report too, then ``score``.)"""
     from lmeye.demo.run import run_demo
-    from pipelines.train import _paths, stage_dir
 
     summaries = run_demo(cfg, benchmarks=False)  # the check scores the held-out questions itself
     if not all(s.ok for s in summaries):
         raise RuntimeError("the demo pipeline did not finish: " + ", ".join(s.stage for s in summaries if not s.ok))
-    instructions, features, output = _paths(cfg)
-    return {st.name: check(f"{stage_dir(output, st.name)}/model", instructions, features) for st in cfg.train.stages}
+    return score(cfg)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
