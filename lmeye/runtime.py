@@ -29,8 +29,10 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
 
     Address resolution: ``ray.address`` from the config, else ``$RAY_ADDRESS`` (set by
     `ray job submit` for the job's driver), else a fresh local Ray inside this process's
-    session, with the dashboard off so nothing binds a public port.
+    session, with the dashboard off so nothing binds a public port (``ray.address: local``
+    always starts the latter).
     """
+    global _embedded
     os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
     import ray
 
@@ -43,7 +45,6 @@ def init_ray(cfg: RayConfig | None = None) -> bool:
         # passing another here would replace it, so we pass none.
         ray.init(address=address, logging_level=logging.WARNING)
         return False
-    global _embedded
     # address="local" always starts a fresh Ray: a bare ray.init() would join any cluster that
     # `ray start` left on this machine (even a dead one, and then wait on it forever).
     ray.init(

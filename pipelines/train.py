@@ -225,8 +225,8 @@ def _trainer_class(embedded: bool) -> type:
     serves) to remove the workers' placement group should the controller die. The embedded Ray has
     no dashboard: the poll went to whatever cluster ``/tmp/ray/ray_current_cluster`` last named (a
     stopped `ray start` one leaves it behind) and hung, and each stage then stood still 12-15 s at
-    its end waiting for the actor to stop (``tests/pipelines/test_train.py``'s uninterrupted run:
-    49 s with the file there, 37 s without). Without that file, it fails every second. There the
+    its end waiting for the actor to stop (``tests/pipelines/test_train.py``'s uninterrupted run,
+    with the file there: 50 s, 36 s with this class). Without that file, it fails every second. There the
     guard has nothing to guard: the placement group ends with this process's Ray. The hook is
     Ray Train's own, not public: if it moves, the stall comes back, and nothing else changes."""
     from ray.train.torch import TorchTrainer
