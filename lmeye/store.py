@@ -1,20 +1,30 @@
 """The feature store: random reads of a `features` table by uid.
 
 Parquet stays the table of record. Random reads come from a *serving copy* that the store builds
-from it on first open and keeps in step with the manifest:
+from it on first open and keeps in step with the manifest. It has two parts:
 
-* ``uid_hi.npy`` / ``uid_lo.npy``: every successful row's 128-bit uid (``lmeye.uid``) as two
-  ``uint64`` words, sorted by (hi, lo): 16 bytes a row, memory-mapped, searched with
-  ``np.searchsorted`` on ``hi`` (ties, ~3 in 10^10 rows, resolved on ``lo``); no Python object
-  per row, so 100M rows are a 1.6 GB pair of files of which a lookup touches a few pages;
-* ``<column>.npy``: the fixed-width columns (``embedding``, ``patch_tokens`` when the table has
-  them) in the same uid order, memory-mapped, read with one gather per request;
-* ``meta.json``: the version it was built from, row count, column shapes and the model metadata.
+* **segments**, one per shard, in ``_serving/.segments/<id>/`` where the id is a digest of the
+  shard's sha256: the shard's successful rows in shard order, as ``uid_hi.npy`` / ``uid_lo.npy``
+  (the 128-bit uid, ``lmeye.uid``, as two ``uint64`` words) and ``<column>.npy`` for the
+  fixed-width columns (``embedding``; ``patch_tokens`` and, for int8 encodings, ``patch_scales``
+  in the table's own encoding: int8 stays int8 on disk and is dequantised per ``get``). A
+  segment never changes, so every version whose manifest lists that shard shares it: a table
+  that gained shards builds only theirs.
+* an **index** per version, ``_serving/<version>/``: every successful row's uid sorted by
+  (hi, lo) in ``uid_hi.npy`` / ``uid_lo.npy`` (16 bytes a row, memory-mapped, searched with
+  ``np.searchsorted`` on ``hi``; ties, ~3 in 10^10 rows, resolved on ``lo``), ``row.npy`` (its
+  row in the segments laid end to end, 8 bytes) and ``meta.json`` (the segments in order, column
+  shapes and encodings, the model metadata). No Python object per row: 100M rows are a 2.4 GB
+  index of which a lookup touches a few pages. Rebuilding it reads the segments' uids only.
+
+Building streams one shard at a time (memory grows with the shard, not the table) and sorts
+only the uid keys (24 bytes a row in memory at peak, about 3x that briefly while sorting).
 
 **Versions.** A table's version is a digest of its schema version and every shard's sha256 in
 the manifest, so any rewrite of any shard gives a new version. The serving copy lives in
-``<table>/_serving/<version>/`` (or under ``cache_dir`` for tables on object stores), built into
-a temporary directory and renamed, so concurrent openers never see half a copy. Opening a table
+``<table>/_serving/<version>/`` (or under ``cache_dir`` for tables on object stores); segments
+and indexes are built into temporary directories and renamed, so concurrent openers never see
+half a copy. Opening a table
 whose version has no serving copy builds one; the newest ``keep_versions`` copies are kept.
 ``FeatureStore.open(path, version=V)`` pins a version: it opens V's serving copy when the table
 has moved on but the copy is still kept, and fails with a message naming both versions otherwise.
@@ -41,14 +51,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from lmeye.patch_codec import PatchCodec, codec
 from lmeye.tables import Manifest, TableReader
 from lmeye.uid import UID_KEY, UID_LEN, key_order, key_to_uid, locate, uid_keys
 from schemas import SchemaError
-from schemas.features import FEATURES, SUCCESS, _is_vector, patch_shape_of
+from schemas.features import FEATURES, SUCCESS, VALUE_TYPES, patch_encoding_of, patch_pool_of, patch_shape_of
 
 SERVING = "_serving"
-VECTOR_COLUMNS = ("embedding", "patch_tokens")
-FORMAT = 2  # serving-copy layout version (2: 128-bit uids as uid_hi/uid_lo)
+SEGMENTS = ".segments"  # a dot: not a version, and skipped by whoever lists versions
+VECTOR_COLUMNS = ("embedding", "patch_tokens")  # what get() serves
+STORED_COLUMNS = ("embedding", "patch_tokens", "patch_scales")  # what a segment holds
+FORMAT = 3  # serving-copy layout version (2: 128-bit uids as uid_hi/uid_lo; 3: per-shard segments, compact patch tokens)
+SEGMENT_GRACE_S = 3600  # an unreferenced segment younger than this may be another builder's: not pruned yet
 VERSION_LEN = 16
 _VERSION_RE = re.compile(rf"[0-9a-f]{{{VERSION_LEN}}}")
 
@@ -133,7 +147,15 @@ class FeatureStore:
         self.current = current  # False: a pinned older version served from its kept copy
         self._hi = _load(os.path.join(serving_dir, "uid_hi.npy"))
         self._lo = _load(os.path.join(serving_dir, "uid_lo.npy"))
-        self._cols = {c: _load(os.path.join(serving_dir, f"{c}.npy")) for c in meta["columns"]}
+        self._row = _load(os.path.join(serving_dir, "row.npy"))
+        seg_root = os.path.join(os.path.dirname(serving_dir), SEGMENTS)
+        segs = meta["segments"]
+        stored = [c for c in STORED_COLUMNS if c in meta["stored"]]
+        # per column, the segments' memory maps in order; a row's segment is found by its offset
+        self._segs = [{c: _load(os.path.join(seg_root, sid, f"{c}.npy")) for c in stored} for sid, _ in segs]
+        self._offsets = np.cumsum([0] + [n for _, n in segs], dtype=np.int64)
+        pc_ = meta["columns"].get("patch_tokens")
+        self._codec: Optional[PatchCodec] = codec(pc_["encoding"]) if pc_ else None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -224,7 +246,7 @@ class FeatureStore:
             "rows_served": self.num_rows,
             "table_rows": self._meta["table_rows"],
             "by_status": self._meta.get("by_status", {}),
-            "columns": {c: {"dtype": v["dtype"], "shape": v["shape"]} for c, v in self._meta["columns"].items()},
+            "columns": {c: dict(v) for c, v in self._meta["columns"].items()},
             "metadata": self.metadata,
             "serving_copy": self.serving_dir,
         }
@@ -257,38 +279,63 @@ class FeatureStore:
         uids = [uids] if isinstance(uids, str) else list(uids)
         columns = [columns] if isinstance(columns, str) else list(columns)
         for c in columns:
-            if c not in self._cols:
-                raise KeyError(f"column {c!r} is not in {self.path} (has: {', '.join(self._cols)})")
+            if c not in self._meta["columns"]:
+                raise KeyError(f"column {c!r} is not in {self.path} (has: {', '.join(self._meta['columns'])})")
         if on_missing not in ("raise", "mask"):
             raise ValueError(f"on_missing must be 'raise' or 'mask', not {on_missing!r}")
         pos, found = self._locate(uids)
         if on_missing == "raise" and not found.all():
             raise MissingUidError([u for u, ok in zip(uids, found) if not ok], f"{self.path} (version {self.version})")
-        rows = pos[found]
-        order = np.argsort(rows, kind="stable")  # read the memory map front to back
+        rows = np.asarray(self._row[pos[found]])
+        stored = set(columns) | ({"patch_scales"} if "patch_tokens" in columns and self._codec and self._codec.scaled else set())
+        taken = self._gather(rows, [c for c in STORED_COLUMNS if c in stored])
         out: dict[str, np.ndarray] = {}
         for c in columns:
-            src = self._cols[c]
-            taken = np.empty((rows.size,) + src.shape[1:], dtype=src.dtype)
-            taken[order] = src[rows[order]]
-            full = taken if found.all() else np.zeros((len(uids),) + src.shape[1:], dtype=src.dtype)
+            shape = tuple(self._meta["columns"][c]["shape"])
+            vals = taken[c].reshape((rows.size, *shape))
+            if c == "patch_tokens":  # floats back whatever the encoding
+                vals = self._codec.decode(taken[c], taken.get("patch_scales"), shape)
+            full = vals if found.all() else np.zeros((len(uids), *shape), dtype=vals.dtype)
             if not found.all():
-                full[found] = taken
-            shape = self._meta["columns"][c]["shape"]
-            out[c] = full.reshape((len(uids), *shape))
+                full[found] = vals
+            out[c] = full
         return FeatureBatch(uids=uids, found=found, columns=out)
+
+    def _gather(self, rows: np.ndarray, columns: list[str]) -> dict[str, np.ndarray]:
+        """Stored arrays of global ``rows`` (in that order): one gather per segment touched."""
+        order = np.argsort(rows, kind="stable")  # read each memory map front to back
+        srt = rows[order]
+        seg = np.searchsorted(self._offsets, srt, side="right") - 1
+        cuts = np.flatnonzero(np.diff(seg)) + 1
+        spec = self._meta["stored"]
+        out = {c: np.empty((rows.size, spec[c]["width"]), dtype=spec[c]["dtype"]) for c in columns}
+        for lo_, hi_ in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [srt.size]])):
+            if hi_ <= lo_:
+                continue
+            k = int(seg[lo_])
+            local = srt[lo_:hi_] - self._offsets[k]
+            dest = order[lo_:hi_]
+            for c in columns:
+                out[c][dest] = self._segs[k][c][local]
+        return out
 
 
 # ---------------------------------------------------------------------- serving copies
 
 
 def _read_meta(directory: str) -> Optional[dict[str, Any]]:
+    """A version's index metadata, or None when it is absent, of another format, or lost a segment."""
     try:
         with open(os.path.join(directory, "meta.json")) as f:
             meta = json.load(f)
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
-    return meta if meta.get("format") == FORMAT else None
+    if meta.get("format") != FORMAT:
+        return None
+    seg_root = os.path.join(os.path.dirname(directory), SEGMENTS)
+    if not all(os.path.isdir(os.path.join(seg_root, sid)) for sid, _ in meta["segments"]):
+        return None  # pruned under it (kept too long unopened): rebuilt on open
+    return meta
 
 
 def _kept_versions(root: str) -> list[str]:
@@ -299,10 +346,56 @@ def _kept_versions(root: str) -> list[str]:
 
 
 def _prune(root: str, keep: int, protect: str) -> None:
+    """Keep the newest ``keep`` versions' indexes, and the segments some kept version uses."""
     kept = [d for d in _kept_versions(root) if d != protect]
     kept.sort(key=lambda d: os.path.getmtime(os.path.join(root, d)), reverse=True)
     for d in kept[keep - 1 :]:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    used = set()
+    for d in _kept_versions(root):
+        used.update(sid for sid, _ in (_read_meta(os.path.join(root, d)) or {}).get("segments", []))
+    seg_root = os.path.join(root, SEGMENTS)
+    try:
+        names = os.listdir(seg_root)
+    except FileNotFoundError:
+        return
+    now = time.time()
+    for sid in names:
+        full = os.path.join(seg_root, sid)
+        if sid not in used and not sid.startswith(".") and now - os.path.getmtime(full) > SEGMENT_GRACE_S:
+            shutil.rmtree(full, ignore_errors=True)
+
+
+def segment_id(shard_sha256: str) -> str:
+    """A shard's segment: named by its content (and the layout), so any version listing it shares it."""
+    return hashlib.sha256(f"{FORMAT}:{shard_sha256}".encode()).hexdigest()[:24]
+
+
+def _column_specs(schema: pa.Schema, where: str) -> dict[str, dict[str, Any]]:
+    """The stored columns of a shard's schema: dtype and width each, plus the served shape/encoding."""
+    specs: dict[str, dict[str, Any]] = {}
+    encoding = patch_encoding_of(schema)
+    for c in STORED_COLUMNS:
+        if c not in schema.names:
+            continue
+        t = schema.field(c).type
+        value_ok = pa.types.is_fixed_size_list(t) and t.list_size > 0 and t.value_type in VALUE_TYPES.values()
+        if not value_ok:
+            raise SchemaError(f"{where}: column '{c}' has type {t}, expected a fixed_size_list of float16, float32 or int8")
+        specs[c] = {"dtype": str(t.value_type.to_pandas_dtype().__name__), "width": t.list_size}
+    if "patch_tokens" in specs:
+        ps = patch_shape_of(schema)
+        if ps is None or ps[0] * ps[1] != specs["patch_tokens"]["width"]:
+            raise SchemaError(f"{where}: patch_tokens without a matching lingcloud.patch_tokens_shape")
+        try:
+            enc = codec(encoding)
+        except ValueError as err:
+            raise SchemaError(f"{where}: {err}") from None
+        if enc.dtype != specs["patch_tokens"]["dtype"] or (enc.scaled != ("patch_scales" in specs)) or (
+            enc.scaled and specs["patch_scales"]["width"] != enc.scale_width(ps)
+        ):
+            raise SchemaError(f"{where}: patch_tokens/patch_scales do not match lingcloud.patch_encoding {encoding!r}")
+    return specs
 
 
 def _vector_values(table: pa.Table, column: str, width: int) -> np.ndarray:
@@ -311,86 +404,103 @@ def _vector_values(table: pa.Table, column: str, width: int) -> np.ndarray:
     return values.reshape(len(arr), width)
 
 
+def _build_segment(reader: TableReader, name: str, sid: str, seg_root: str, specs: dict[str, dict[str, Any]]) -> None:
+    """One shard's segment: its successful rows' uids and stored columns, in shard order."""
+    where = f"{reader.path}/{name}"
+    t = reader.read_shard(name, columns=["uid", "status", *specs])
+    got = _column_specs(t.schema, where)
+    if got != specs:  # every shard of a run has one schema; another one is a table mixing two runs
+        raise SchemaError(f"{where}: stored columns {got} differ from the table's first shard's {specs}")
+    by_status = {vc["values"]: vc["counts"] for vc in pc.value_counts(t.column("status")).to_pylist()}
+    t = t.filter(pc.equal(t.column("status"), SUCCESS))
+    keys, valid = uid_keys(t.column("uid"))
+    if not valid.all():
+        bad = t.column("uid").combine_chunks().filter(pa.array(~valid))[0].as_py()
+        raise SchemaError(f"{where}: column 'uid' holds {bad!r}, not a {UID_LEN}-hex-digit uid")
+    tmp = os.path.join(seg_root, f".tmp-{sid}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        np.save(os.path.join(tmp, "uid_hi.npy"), np.ascontiguousarray(keys["hi"]))
+        np.save(os.path.join(tmp, "uid_lo.npy"), np.ascontiguousarray(keys["lo"]))
+        for c, spec in specs.items():
+            np.save(os.path.join(tmp, f"{c}.npy"), _vector_values(t, c, spec["width"]).astype(spec["dtype"], copy=False))
+        with open(os.path.join(tmp, "segment.json"), "w") as f:
+            json.dump({"format": FORMAT, "shard": name, "rows": int(t.num_rows), "by_status": by_status}, f)
+        try:
+            os.rename(tmp, os.path.join(seg_root, sid))
+        except OSError:  # another process built the same segment first: keep theirs
+            if not os.path.isdir(os.path.join(seg_root, sid)):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _segment_info(seg_root: str, sid: str) -> dict[str, Any]:
+    with open(os.path.join(seg_root, sid, "segment.json")) as f:
+        return json.load(f)
+
+
 def _build(reader: TableReader, version: str, root: str) -> None:
-    """Write the serving copy of ``reader``'s table for ``version`` (two passes over the shards)."""
-    os.makedirs(root, exist_ok=True)
+    """The serving copy of ``reader``'s table for ``version``: the segments it lacks, then its index."""
+    seg_root = os.path.join(root, SEGMENTS)
+    os.makedirs(seg_root, exist_ok=True)
+    names = reader.shard_names
+    schema = reader.check_file(names[0]) if names else None
+    specs = _column_specs(schema, f"{reader.path}/{names[0]}") if schema is not None else {}
+    segs, built = [], 0
+    for name in names:
+        sid = segment_id(reader.manifest.shards[name].sha256)
+        if not os.path.isfile(os.path.join(seg_root, sid, "segment.json")):
+            _build_segment(reader, name, sid, seg_root, specs)
+            built += 1
+        else:
+            os.utime(os.path.join(seg_root, sid))  # in use again: not pruned as stale
+        segs.append((sid, _segment_info(seg_root, sid)))
     tmp = os.path.join(root, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        names = reader.shard_names
-        # schema facts from the first shard (every shard was written with the same run schema)
-        columns: dict[str, dict[str, Any]] = {}
-        schema = reader.check_file(names[0]) if names else None
-        if schema is not None:
-            for c in VECTOR_COLUMNS:
-                if c in schema.names:
-                    t = schema.field(c).type
-                    if not _is_vector(t):
-                        raise SchemaError(f"{reader.path}/{names[0]}: column '{c}' has type {t}, expected fixed_size_list<float16 or float32>")
-                    shape = [t.list_size]
-                    if c == "patch_tokens":
-                        ps = patch_shape_of(schema)
-                        if ps is None or ps[0] * ps[1] != t.list_size:
-                            raise SchemaError(f"{reader.path}/{names[0]}: patch_tokens without a matching lingcloud.patch_tokens_shape")
-                        shape = list(ps)
-                    columns[c] = {"dtype": str(t.value_type.to_pandas_dtype().__name__), "shape": shape, "width": t.list_size}
-        # pass 1: uids of successful rows, per shard
-        keys, counts, table_rows, by_status = [], [], 0, {}
-        for name in names:
-            t = reader.read_shard(name, columns=["uid", "status"])
-            table_rows += t.num_rows
-            for vc in pc.value_counts(t.column("status")).to_pylist():
-                by_status[vc["values"]] = by_status.get(vc["values"], 0) + vc["counts"]
-            ok = pc.equal(t.column("status"), SUCCESS)
-            k, valid = uid_keys(t.column("uid").filter(ok))
-            if not valid.all():
-                bad = t.column("uid").filter(ok).combine_chunks().filter(pa.array(~valid))[0].as_py()
-                raise SchemaError(f"{reader.path}/{name}: column 'uid' holds {bad!r}, not a {UID_LEN}-hex-digit uid")
-            keys.append(k)
-            counts.append(k.size)
-        all_keys = np.concatenate(keys) if keys else np.zeros(0, UID_KEY)
-        order = key_order(all_keys)
-        hi = all_keys["hi"][order]
-        lo = all_keys["lo"][order]
+        # the index: every segment's uids, sorted; row = position in the segments laid end to end
+        hi = np.concatenate([np.load(os.path.join(seg_root, sid, "uid_hi.npy")) for sid, _ in segs]) if segs else np.zeros(0, np.uint64)
+        lo = np.concatenate([np.load(os.path.join(seg_root, sid, "uid_lo.npy")) for sid, _ in segs]) if segs else np.zeros(0, np.uint64)
+        keys = np.empty(hi.size, dtype=UID_KEY)
+        keys["hi"], keys["lo"] = hi, lo
+        del hi, lo
+        row = key_order(keys)
+        hi, lo = keys["hi"][row], keys["lo"][row]
+        del keys
         if hi.size > 1:
             dup = np.flatnonzero((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1]))
             if dup.size:
                 raise SchemaError(f"{reader.path}: uid {key_to_uid(hi[dup[0]], lo[dup[0]])} appears in more than one successful row")
-        dest = np.empty_like(order)
-        dest[order] = np.arange(order.size)
-        del all_keys, order
         np.save(os.path.join(tmp, "uid_hi.npy"), hi)
         np.save(os.path.join(tmp, "uid_lo.npy"), lo)
+        np.save(os.path.join(tmp, "row.npy"), row.astype(np.int64, copy=False))
         total = int(hi.size)
-        del hi, lo
-        # pass 2: vector columns scattered into uid order
-        outs = {}
-        for c, spec in columns.items():
-            dtype = np.dtype(spec["dtype"])
-            outs[c] = np.lib.format.open_memmap(os.path.join(tmp, f"{c}.npy"), mode="w+", dtype=dtype, shape=(total, spec["width"])) if total else None
-            if not total:
-                np.save(os.path.join(tmp, f"{c}.npy"), np.zeros((0, spec["width"]), dtype=dtype))
-        start = 0
-        for name, n in zip(names, counts):
-            if n and outs:
-                t = reader.read_shard(name, columns=["status", *columns])
-                t = t.filter(pc.equal(t.column("status"), SUCCESS))
-                where = dest[start : start + n]
-                for c, spec in columns.items():
-                    outs[c][where] = _vector_values(t, c, spec["width"])
-            start += n
-        for arr in outs.values():
-            if arr is not None:
-                arr.flush()
-        del outs
+        del hi, lo, row
+        by_status: dict[str, int] = {}
+        for _, info in segs:
+            for k, v in info["by_status"].items():
+                by_status[k] = by_status.get(k, 0) + v
+        columns: dict[str, dict[str, Any]] = {}
+        if "embedding" in specs:
+            columns["embedding"] = {"dtype": specs["embedding"]["dtype"], "shape": [specs["embedding"]["width"]]}
+        if "patch_tokens" in specs:
+            enc = codec(patch_encoding_of(schema))
+            columns["patch_tokens"] = {
+                "dtype": "float32" if enc.scaled else enc.dtype, "shape": list(patch_shape_of(schema)),
+                "encoding": enc.name, "pool": patch_pool_of(schema),
+            }
         meta = {
             "format": FORMAT,
             "version": version,
             "table": reader.path,
             "rows": total,
-            "table_rows": table_rows,
+            "table_rows": sum(by_status.values()),
             "by_status": by_status,
-            "columns": {c: {"dtype": v["dtype"], "shape": v["shape"]} for c, v in columns.items()},
+            "columns": columns,
+            "stored": specs,
+            "segments": [[sid, int(info["rows"])] for sid, info in segs],
+            "segments_built": built,
             "metadata": dict(reader.manifest.metadata),
             "shards": {n: s.sha256 for n, s in reader.manifest.shards.items()},
             "built": time.time(),

@@ -508,7 +508,7 @@ class TableReader:
             raise SchemaError(f"{where}: not found; is {path} a {table.name} table written by LingCloud?")
         if manifest.table != table.name:
             raise SchemaError(f"{where}: this is a '{manifest.table}' table, expected '{table.name}'")
-        if manifest.schema_version != table.version:
+        if not table.reads(manifest.schema_version):
             raise SchemaError(table.version_mismatch(manifest.schema_version, where))
         self.listed = len(manifest.shards)
         self.incomplete = not manifest.complete

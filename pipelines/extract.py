@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lmeye import clip
+from lmeye import clip, patch_codec
 from lmeye.config import Config, ExtractConfig
 from lmeye.errors import UserError
 from lmeye.report import StageSummary, node_note
@@ -191,7 +191,11 @@ class _Encoder:
         self.store = np.dtype(settings["dtype"])
         self.size = tuple(spec["image_size"])
         self.embed_dim = spec["embed_dim"]
-        self.token_shape = spec["token_shape"]
+        self.patch_pool = settings.get("patch_pool")
+        self.patch_codec = patch_codec.codec(settings.get("patch_encoding") or settings["dtype"])
+        self.token_shape = (
+            patch_codec.pooled_shape(tuple(spec["token_shape"]), self.patch_pool) if spec["token_shape"] else None
+        )
 
     def _forward(self, pixels: np.ndarray):
         torch = self.torch
@@ -206,7 +210,9 @@ class _Encoder:
         emb = torch.nn.functional.normalize(pooled.float(), dim=-1)
         emb = emb.to(torch.float16 if self.store == np.float16 else torch.float32).cpu().numpy()
         if tokens is not None:
-            tokens = tokens.to(torch.float16 if self.store == np.float16 else torch.float32).cpu().numpy()
+            tokens = patch_codec.pool_grid(tokens, self.patch_pool)
+            # float encodings are cast on the device, as before; int8 is quantised from float32 rows
+            tokens = tokens.to(torch.float16 if self.patch_codec.dtype == "float16" else torch.float32).cpu().numpy()
         return emb, tokens
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -220,7 +226,7 @@ class _Encoder:
         tokens = None
         if self.settings["patch_tokens"]:
             t, d = self.token_shape
-            tokens = np.zeros((n, t * d), dtype=self.store)
+            tokens = np.zeros((n, t * d), dtype=np.float16 if self.patch_codec.dtype == "float16" else np.float32)
         idx = np.flatnonzero(ok)
         # Fixed chunks of whole blocks: CPU matmuls round by batch composition, so a row's
         # features must not depend on which rows of other shards arrived beside it.
@@ -241,7 +247,10 @@ class _Encoder:
             "embedding": _vectors(emb, failed if failed.any() else None),
         }
         if tokens is not None:
-            cols["patch_tokens"] = _vectors(tokens, failed if failed.any() else None)
+            values, scales = self.patch_codec.encode(tokens.reshape(n, *self.token_shape))
+            cols["patch_tokens"] = _vectors(values, failed if failed.any() else None)
+            if scales is not None:
+                cols["patch_scales"] = _vectors(scales, failed if failed.any() else None)
         cols[SHARD_COL] = batch.column(SHARD_COL)
         cols[NODE_COL] = pa.array([self.node] * n, pa.string())  # counted per shard, not written
         return pa.table(cols)
@@ -328,7 +337,25 @@ def content_config(ec: ExtractConfig, spec: clip.ModelSpec, precision: str) -> d
         "dtype": ec.dtype,
         "patch_tokens": ec.patch_tokens,
         "preprocess": {k: _norm(v) for k, v in spec.preprocess_cfg.items()},
+        # only when set, so tables written before these settings keep their fingerprint
+        **({"patch_encoding": patch_encoding(ec)} if ec.patch_tokens and patch_encoding(ec) != ec.dtype else {}),
+        **({"patch_pool": ec.patch_pool} if ec.patch_tokens and ec.patch_pool else {}),
     }
+
+
+def patch_encoding(ec: ExtractConfig) -> str:
+    """The ``lmeye.patch_codec`` encoding this config stores patch tokens with."""
+    return patch_codec.BY_DTYPE[ec.patch_dtype or ec.dtype]
+
+
+def stored_patch_shape(ec: ExtractConfig, spec: clip.ModelSpec) -> Optional[tuple[int, int]]:
+    """(T, D) of the stored patch tokens, after ``patch_pool``; None without patch tokens."""
+    if not ec.patch_tokens or spec.token_shape is None:
+        return None
+    try:
+        return patch_codec.pooled_shape(tuple(spec.token_shape), ec.patch_pool)
+    except ValueError as err:
+        raise UserError(f"extract.patch_pool: {ec.model}: {err}") from None
 
 
 def table_metadata(ec: ExtractConfig, spec: clip.ModelSpec, precision: str) -> dict[str, str]:
@@ -341,7 +368,9 @@ def table_metadata(ec: ExtractConfig, spec: clip.ModelSpec, precision: str) -> d
         "dtype": ec.dtype,
         "embed_dim": str(spec.embed_dim),
         "precision": precision,
-        "patch_tokens_shape": ",".join(map(str, spec.token_shape)) if ec.patch_tokens and spec.token_shape else "",
+        "patch_tokens_shape": ",".join(map(str, stored_patch_shape(ec, spec) or ())),
+        "patch_encoding": patch_encoding(ec) if ec.patch_tokens else "",
+        "patch_pool": str(ec.patch_pool or "") if ec.patch_tokens else "",
     }
 
 
@@ -374,8 +403,9 @@ def run(cfg: Config) -> StageSummary:
         raise UserError(f"extract.patch_tokens: {ec.model}'s visual tower returns no token features")
     meta = table_metadata(ec, spec, precision)
     schema = features_schema(
-        spec.embed_dim, ec.dtype, spec.token_shape if ec.patch_tokens else None,
-        {k: v for k, v in meta.items() if k != "patch_tokens_shape"},
+        spec.embed_dim, ec.dtype, stored_patch_shape(ec, spec),
+        {k: v for k, v in meta.items() if k not in ("patch_tokens_shape", "patch_encoding", "patch_pool")},
+        patch_encoding=patch_encoding(ec), patch_pool=ec.patch_pool,
     )
     pairs_sha = {n: s.sha256 for n, s in pairs.manifest.shards.items()}
     writer = TableWriter(
@@ -442,7 +472,8 @@ def run(cfg: Config) -> StageSummary:
         summary.notes.append(node_note(nodes, "rows encoded"))
     summary.notes.insert(
         0, f"model {ec.model} ({meta['pretrained']}), {precision}, {ec.dtype} x {spec.embed_dim}"
-        + (f", patch tokens {meta['patch_tokens_shape']}" if ec.patch_tokens else "")
+        + (f", patch tokens {meta['patch_tokens_shape']} {meta['patch_encoding']}" if ec.patch_tokens else "")
+        + (f" (grid pooled to {ec.patch_pool}x{ec.patch_pool})" if ec.patch_tokens and ec.patch_pool else "")
     )
     return summary
 
@@ -545,6 +576,8 @@ def encoder_settings(ec: ExtractConfig, precision: str) -> dict[str, Any]:
         "weights_cache_dir": ec.weights_cache_dir,
         "patch_tokens": ec.patch_tokens,
         "dtype": ec.dtype,
+        "patch_encoding": patch_encoding(ec),
+        "patch_pool": ec.patch_pool,
         "debug_delay_s": ec.debug_delay_s,
         "batch_size": ec.batch_size,
     }

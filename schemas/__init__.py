@@ -39,6 +39,11 @@ class TableSchema:
     rules_doc: dict[str, str] = field(default_factory=dict)
     # older version -> what changed since and how to migrate (named in the version error)
     migrations: dict[int, str] = field(default_factory=dict)
+    # older versions this code still reads as they are (a later version only added optional things)
+    compatible: frozenset[int] = frozenset()
+
+    def reads(self, version: int) -> bool:
+        return version == self.version or version in self.compatible
 
     @property
     def columns(self) -> list[str]:
@@ -55,7 +60,7 @@ class TableSchema:
     def check(self, actual: pa.Schema, where: str) -> None:
         """Raise SchemaError naming ``where`` and the first offending column."""
         version = (actual.metadata or {}).get(b"lingcloud.schema_version")
-        if version is not None and int(version) != self.version:  # an old file: say so, not "missing column"
+        if version is not None and not self.reads(int(version)):  # an old file: say so, not "missing column"
             raise SchemaError(self.version_mismatch(int(version), where))
         for expected in self.schema:
             if expected.name not in actual.names:

@@ -6,8 +6,13 @@ reason in ``error_message`` and a null ``embedding``: failures are data.
 
 * ``embedding``: the pooled image embedding, L2-normalised, ``fixed_size_list<float16|float32, D>``.
 * ``patch_tokens`` (optional, only when the stage was asked for them): the visual tower's token
-  features, ``fixed_size_list<float16|float32, T*D>``; the shape ``T,D`` is in the schema
-  metadata (``lingcloud.patch_tokens_shape``).
+  features, ``fixed_size_list<float16|float32|int8, T*D>``; the shape ``T,D`` is in the schema
+  metadata (``lingcloud.patch_tokens_shape``), after pooling when ``lingcloud.patch_pool`` names
+  a grid side N (T = N*N), and ``lingcloud.patch_encoding`` names how the values are stored
+  (``lmeye.patch_codec``: float16, float32, int8_token, int8_channel; absent in version 2
+  tables, whose tokens are the column's float type).
+* ``patch_scales`` (int8 encodings only): ``fixed_size_list<float16, S>``, the int8 scales of
+  each token (S = T) or each channel (S = D).
 
 Table facts live in the Parquet schema metadata and in the manifest's ``metadata``, under the
 keys in ``META_KEYS``: model name, pretrained tag or path, checkpoint sha256, image size, dtype,
@@ -20,15 +25,17 @@ from typing import Optional
 
 import pyarrow as pa
 
+from lmeye.patch_codec import codec
 from schemas import UID128_NOTE, TableSchema
 from schemas.pairs import SUCCESS  # noqa: F401  (one word for success across tables)
 FAILED_TO_DECODE = "failed_to_decode"
 
-VALUE_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+VALUE_TYPES = {"float16": pa.float16(), "float32": pa.float32(), "int8": pa.int8()}
 
 # metadata keys (manifest.metadata and Parquet schema metadata, "lingcloud." prefix in the latter)
 META_KEYS = (
     "model", "pretrained", "checkpoint_sha256", "image_size", "dtype", "embed_dim", "precision", "patch_tokens_shape",
+    "patch_encoding", "patch_pool",
 )
 
 
@@ -38,8 +45,9 @@ def _is_vector(t: pa.DataType) -> bool:
 
 FEATURES = TableSchema(
     name="features",
-    version=2,  # 2: 128-bit uids
+    version=3,  # 2: 128-bit uids; 3: patch_encoding (int8 + patch_scales) and patch_pool
     migrations={1: UID128_NOTE},
+    compatible=frozenset({2}),  # 3 only added optional patch encodings: a version 2 table reads as it is
     schema=pa.schema(
         [
             pa.field("uid", pa.string(), nullable=False),
@@ -59,15 +67,24 @@ def features_schema(
     dtype: str = "float16",
     patch_shape: Optional[tuple[int, int]] = None,
     metadata: Optional[dict[str, str]] = None,
+    patch_encoding: Optional[str] = None,
+    patch_pool: Optional[int] = None,
 ) -> pa.Schema:
-    """The exact schema of one run: embedding width, value type, optional patch tokens, metadata."""
+    """The exact schema of one run: embedding width, value type, optional patch tokens, metadata.
+
+    ``patch_shape`` is the stored (T, D), after pooling; ``patch_encoding`` defaults to ``dtype``."""
     value = VALUE_TYPES[dtype]
     fields = list(FEATURES.schema)[:3] + [pa.field("embedding", pa.list_(value, embed_dim))]
     meta = {f"lingcloud.{k}": str(v) for k, v in (metadata or {}).items()}
     if patch_shape is not None:
         t, d = patch_shape
-        fields.append(pa.field("patch_tokens", pa.list_(value, t * d)))
+        enc = codec(patch_encoding or dtype)
+        fields.append(pa.field("patch_tokens", pa.list_(VALUE_TYPES[enc.dtype], t * d)))
+        if enc.scaled:
+            fields.append(pa.field("patch_scales", pa.list_(pa.float16(), enc.scale_width((t, d)))))
         meta["lingcloud.patch_tokens_shape"] = f"{t},{d}"
+        meta["lingcloud.patch_encoding"] = enc.name
+        meta["lingcloud.patch_pool"] = str(patch_pool or "")
     return FEATURES.with_metadata(pa.schema(fields), meta)
 
 
@@ -80,3 +97,20 @@ def patch_shape_of(schema: pa.Schema) -> Optional[tuple[int, int]]:
         return None
     t, d = (int(x) for x in raw.decode().split(","))
     return t, d
+
+
+def patch_encoding_of(schema: pa.Schema) -> Optional[str]:
+    """The patch tokens' encoding (``lmeye.patch_codec``); a version 2 table's is its column's float type."""
+    if "patch_tokens" not in schema.names:
+        return None
+    raw = (schema.metadata or {}).get(b"lingcloud.patch_encoding")
+    if raw:
+        return raw.decode()
+    value = schema.field("patch_tokens").type.value_type
+    return next((name for name, t in VALUE_TYPES.items() if t == value), str(value))
+
+
+def patch_pool_of(schema: pa.Schema) -> Optional[int]:
+    """N when the patch grid was pooled to N x N at extract time, else None."""
+    raw = (schema.metadata or {}).get(b"lingcloud.patch_pool")
+    return int(raw) if raw and raw.strip() else None

@@ -34,6 +34,14 @@ class ExtractConfig(Section):
     )
     dtype: Literal["float16", "float32"] = Field("float16", description="stored dtype of embeddings and patch tokens")
     patch_tokens: bool = Field(False, description="also store the visual tower's token features (tokens x width)")
+    patch_dtype: Optional[Literal["float16", "float32", "int8"]] = Field(
+        None, description="stored type of the patch tokens; null: `dtype`. int8: a float16 scale per token, "
+        "0.50-0.52x the bytes of float16 (README 'Compact patch tokens'); readers get floats back either way"
+    )
+    patch_pool: Optional[int] = Field(
+        None, gt=0, description="average the patch grid to N x N regions before storing (the IPN's RVII pools to "
+        "regions anyway); null: the model's full grid. Recorded in the table; a model trained on another grid refuses it"
+    )
     # the actor pool
     batch_size: int = Field(256, gt=0, description="images per model forward")
     pool_size: int = Field(1, gt=0, description="model actors (min size when pool_max_size is set)")

@@ -219,6 +219,9 @@ class IPN(nn.Module):
             raise UserError(f"features have patch-token width {patch_shape[1]}, the IPN expects {self.patch_shape[1]}")
         if self.patch_shape and not patch_shape:
             raise UserError(f"the IPN expects patch tokens {self.patch_shape}, the features have none")
+        if self.patch_shape and int(patch_shape[0]) != self.patch_shape[0]:  # another grid (extract.patch_pool)
+            raise UserError(f"features have {patch_shape[0]} patch tokens an image, the IPN was trained on {self.patch_shape[0]}: "
+                            "extract them with the patch grid (extract.patch_pool) of the IPN's training table")
 
     def collate(self, encs: list[dict], embeddings: Optional[np.ndarray] = None, patch_tokens: Optional[np.ndarray] = None) -> dict[str, torch.Tensor]:
         """Pad encoded samples into one batch (CPU tensors). Rows of text-only samples in

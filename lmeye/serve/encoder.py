@@ -17,7 +17,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from lmeye import clip
+from lmeye import clip, patch_codec
 from lmeye.config import ExtractConfig
 from lmeye.errors import UserError
 from lmeye.serve.images import ImageError, ImageInput, describe, read_bytes
@@ -25,6 +25,7 @@ from lmeye.tables import TableReader
 from schemas.features import FEATURES
 
 _SEED = re.compile(r"seed[= ](\d+)")
+_PATCH_DTYPE = {enc: dtype for dtype, enc in patch_codec.BY_DTYPE.items()}  # recorded encoding -> extract.patch_dtype
 
 
 def extract_config_of(path: str, model_config_dirs: Iterable[str] = ()) -> tuple[ExtractConfig, dict]:
@@ -39,6 +40,7 @@ def extract_config_of(path: str, model_config_dirs: Iterable[str] = ()) -> tuple
             pretrained=None if pretrained.startswith("none (") else pretrained,
             seed=int(seed_match.group(1)) if seed_match else 0,
             precision=content["precision"], dtype=content["dtype"], patch_tokens=content["patch_tokens"],
+            patch_dtype=_PATCH_DTYPE.get(content.get("patch_encoding")), patch_pool=content.get("patch_pool"),
             model_config_dirs=list(model_config_dirs),
         )
     except (KeyError, TypeError, ValueError) as err:
@@ -80,7 +82,8 @@ class ImageEncoder:
 
     @property
     def patch_shape(self) -> Optional[tuple[int, int]]:
-        return tuple(self.spec.token_shape) if self.patch_tokens and self.spec.token_shape else None
+        """(T, D) as the table stores them (after its ``patch_pool``)."""
+        return self._actor.token_shape if self.patch_tokens else None
 
     def pixels(self, image: ImageInput) -> np.ndarray:
         """HxWx3 uint8 through the PIL half of the model's preprocessing, as the extraction stage decodes."""
@@ -99,5 +102,6 @@ class ImageEncoder:
         pixels = np.stack([self.pixels(img) for img in images])
         emb, tokens = self._actor._forward(pixels)
         if tokens is not None:
-            tokens = tokens.reshape(len(images), *self.spec.token_shape)
+            # through the table's encoding, so a live image reaches the IPN as a stored one would
+            tokens = self._actor.patch_codec.roundtrip(tokens.reshape(len(images), *self._actor.token_shape))
         return emb, (tokens if self.patch_tokens else None)

@@ -10,8 +10,9 @@ import pyarrow as pa
 import pytest
 
 from lmeye.cli import main
+from lmeye.patch_codec import codec
 from lmeye.store import FeatureStore, MissingUidError, VersionError, table_version
-from lmeye.tables import Manifest, TableWriter
+from lmeye.tables import Manifest, TableWriter, shard_file
 from lmeye.uid import uid_for
 from schemas import SchemaError
 from schemas.features import FAILED_TO_DECODE, FEATURES, SUCCESS, features_schema
@@ -20,14 +21,21 @@ META = {"model": "toy", "pretrained": "none", "checkpoint_sha256": "", "image_si
         "embed_dim": "8", "precision": "fp32"}
 
 
-def write_features(path, n=40, shards=3, dim=8, failed=(3, 17), patch=None, seed=0, dtype="float16", uids=None):
-    """A finished features table: rows i in ``failed`` are decode failures. Returns (uids, vectors)."""
+def write_features(path, n=40, shards=3, dim=8, failed=(3, 17), patch=None, seed=0, dtype="float16", uids=None,
+                   encoding=None):
+    """A finished features table: rows i in ``failed`` are decode failures. Returns (uids, vectors).
+
+    ``encoding`` (``lmeye.patch_codec``) stores the patch tokens compactly; the returned tokens are
+    then the float32 originals."""
     rng = np.random.default_rng(seed)
     uids = list(uids) if uids is not None else [uid_for(f"http://x/{i}.jpg") for i in range(n)]
     n = len(uids)
     vecs = rng.standard_normal((n, dim)).astype(dtype)
-    toks = rng.standard_normal((n, patch[0] * patch[1])).astype(dtype) if patch else None
-    schema = features_schema(dim, dtype, patch, META)
+    tok_rng = np.random.default_rng(seed + 1000)  # its own stream: a longer table keeps a shorter one's rows
+    toks = tok_rng.standard_normal((n, patch[0] * patch[1])).astype(np.float32 if encoding else dtype) if patch else None
+    schema = features_schema(dim, dtype, patch, META, patch_encoding=encoding)
+    if patch:
+        stored, scales = codec(encoding or dtype).encode(toks.reshape(n, *patch))
     ok = np.array([i not in failed for i in range(n)])
     writer = TableWriter(str(path), FEATURES, config={"toy": seed}, overwrite=True)  # tests regenerate tables in place
     per = -(-n // shards)
@@ -42,7 +50,9 @@ def write_features(path, n=40, shards=3, dim=8, failed=(3, 17), patch=None, seed
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs[sl].reshape(-1)), dim, mask=pa.array(m)),
         }
         if patch:
-            cols["patch_tokens"] = pa.FixedSizeListArray.from_arrays(pa.array(toks[sl].reshape(-1)), patch[0] * patch[1])
+            cols["patch_tokens"] = pa.FixedSizeListArray.from_arrays(pa.array(stored[sl].reshape(-1)), patch[0] * patch[1])
+            if scales is not None:
+                cols["patch_scales"] = pa.FixedSizeListArray.from_arrays(pa.array(scales[sl].reshape(-1)), scales.shape[1])
         name = f"{k:05d}.parquet"
         writer.write(name, pa.table(cols, schema=schema))
         names.append(name)
@@ -164,7 +174,7 @@ def test_tables_written_with_64_bit_uids_ask_to_be_regenerated(tmp_path, capsys)
     m = json.loads((path / "_manifest.json").read_text())
     m["schema_version"] = 1
     (path / "_manifest.json").write_text(json.dumps(m))
-    with pytest.raises(SchemaError, match="schema version 1, this code reads version 2: uids are 128-bit.*regenerate"):
+    with pytest.raises(SchemaError, match="schema version 1, this code reads version 3: uids are 128-bit.*regenerate"):
         FeatureStore.open(path)
     assert main(["store", "info", str(path)]) == 2
     assert "regenerate" in capsys.readouterr().err
@@ -189,3 +199,80 @@ def test_cli_info_get_and_missing(tmp_path, capsys):
     assert captured.err.strip().endswith("ab" * 16) and "\n" not in captured.err.strip()
     assert main(["store", "get", "--json", "--mask", str(tmp_path / "f"), "ab" * 16]) == 0
     assert json.loads(capsys.readouterr().out) == {"uid": "ab" * 16, "found": False}
+
+
+def _cosine(a, b):
+    a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.mark.parametrize("encoding", ["int8_token", "int8_channel"])
+def test_int8_patch_tokens_stay_int8_on_disk_and_come_back_as_floats(tmp_path, encoding):
+    uids, _, toks, ok = write_features(tmp_path / "f", patch=(16, 32), encoding=encoding)
+    store = FeatureStore.open(tmp_path / "f")
+    assert store.patch_shape == (16, 32) and store.info()["columns"]["patch_tokens"]["encoding"] == encoding
+    seg_root = tmp_path / "f" / "_serving" / ".segments"
+    for seg in os.listdir(seg_root):
+        assert np.load(seg_root / seg / "patch_tokens.npy", mmap_mode="r").dtype == np.int8
+        assert (seg_root / seg / "patch_scales.npy").exists()
+    want = [i for i in range(len(uids)) if ok[i]][::-1]
+    res = store.get([uids[i] for i in want], columns=["patch_tokens"])
+    got = res["patch_tokens"]
+    assert got.dtype == np.float32 and got.shape == (len(want), 16, 32)
+    orig = toks[want].reshape(-1, 16, 32)
+    assert _cosine(got, orig).min() > 0.999
+    # each value within half a quantisation step (plus the float16 scale's rounding) of the original
+    axis = 2 if encoding == "int8_token" else 1
+    step = np.abs(orig).max(axis=axis, keepdims=True) / 127
+    assert (np.abs(got - orig) <= step * 0.5 * 1.01 + 1e-6).all()
+
+
+def test_version_2_tables_still_read(tmp_path):
+    """A table written before patch encodings: schema version 2, no lingcloud.patch_encoding metadata."""
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "f"
+    uids, _, toks, ok = write_features(path, patch=(4, 6))
+    for f in path.glob("*.parquet"):  # rewrite each shard as version 2 wrote it
+        t = pq.read_table(f)
+        meta = {k: v for k, v in t.schema.metadata.items() if k not in (b"lingcloud.patch_encoding", b"lingcloud.patch_pool")}
+        meta[b"lingcloud.schema_version"] = b"2"
+        pq.write_table(t.replace_schema_metadata(meta), f)
+    m = json.loads((path / "_manifest.json").read_text())
+    m["schema_version"] = 2
+    m["shards"] = {n: {**s, "bytes": os.path.getsize(path / shard_file(n))} for n, s in m["shards"].items()}
+    (path / "_manifest.json").write_text(json.dumps(m))
+    store = FeatureStore.open(path)
+    res = store.get([uids[5]], columns=["patch_tokens"])
+    assert res["patch_tokens"].dtype == np.float16
+    np.testing.assert_array_equal(res["patch_tokens"].reshape(-1), toks[5])
+    assert store.info()["columns"]["patch_tokens"]["encoding"] == "float16"
+
+
+def test_adding_shards_builds_only_their_segments(tmp_path):
+    path = tmp_path / "f"
+    all_uids = [uid_for(f"http://x/{i}.jpg") for i in range(60)]
+    write_features(path, uids=all_uids[:40], shards=4, patch=(4, 6), encoding="int8_token", failed=())
+    first = FeatureStore.open(path)
+    assert first.info()["rows_served"] == 40 and first._meta["segments_built"] == 4
+    # the same 40 rows as the same four shards, plus two new shards: only the new ones are built
+    uids, vecs, _, _ = write_features(path, uids=all_uids, shards=6, patch=(4, 6), encoding="int8_token", failed=())
+    second = FeatureStore.open(path)
+    assert second.version != first.version and second._meta["segments_built"] == 2
+    assert len(second._meta["segments"]) == 6 and second.num_rows == 60
+    pick = [59, 0, 41, 17, 39, 40]
+    np.testing.assert_array_equal(second.get([uids[i] for i in pick])["embedding"], vecs[pick])
+    # the old version's index still serves, sharing the four old segments
+    assert FeatureStore.open(path, version=first.version).get([uids[3]])["embedding"][0].tolist() == vecs[3].tolist()
+
+
+def test_segments_no_kept_version_uses_are_pruned(tmp_path, monkeypatch):
+    import lmeye.store as store_mod
+
+    monkeypatch.setattr(store_mod, "SEGMENT_GRACE_S", -1)  # no concurrent builder here
+    path = tmp_path / "f"
+    for seed in range(3):
+        write_features(path, seed=seed, shards=2)
+        FeatureStore.open(path, keep_versions=1)
+    kept = FeatureStore.open(path)
+    assert sorted(os.listdir(path / "_serving" / ".segments")) == sorted(sid for sid, _ in kept._meta["segments"])

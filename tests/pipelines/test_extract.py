@@ -104,6 +104,33 @@ def test_one_row_per_successful_uid_and_failures_are_rows(extracted):
     assert schema_meta[b"lingcloud.patch_tokens_shape"] == b"16,64"
 
 
+def test_int8_pooled_patch_tokens_decode_to_the_pooled_float_tokens(extracted):
+    """extract.patch_dtype int8 + patch_pool 2: plain int8/float16 Arrow lists, the encoding and grid in the metadata,
+    and the store's floats equal the float32 table's 4x4 grid averaged to 2x2 (to int8 precision)."""
+    out = extracted["root"] / "features_int8"
+    args = [extracted["args"][0], extracted["args"][1], str(out), *extracted["args"][3:],
+            "--set", "extract.patch_dtype=int8", "--set", "extract.patch_pool=2"]
+    assert main(args) == 0
+    schema = pq.read_schema(out / shard_file("00000.parquet"))
+    assert schema.field("patch_tokens").type == pa.list_(pa.int8(), 4 * 64)
+    assert schema.field("patch_scales").type == pa.list_(pa.float16(), 4)  # one scale a token
+    assert schema.field("embedding").type == pa.list_(pa.float32(), 32)  # embeddings keep extract.dtype
+    meta = json.loads((out / "_manifest.json").read_text())["metadata"]
+    assert (meta["patch_tokens_shape"], meta["patch_encoding"], meta["patch_pool"]) == ("4,64", "int8_token", "2")
+    assert schema.metadata[b"lingcloud.patch_encoding"] == b"int8_token" and schema.metadata[b"lingcloud.schema_version"] == b"3"
+    full, small = FeatureStore.open(extracted["features"]), FeatureStore.open(out)
+    assert small.patch_shape == (4, 64)
+    uids = [u for u in pq.read_table(out, columns=["uid", "status"]).filter(
+        pa.compute.equal(pa.compute.field("status"), SUCCESS))["uid"].to_pylist()]
+    got = small.get(uids, columns=["patch_tokens"])["patch_tokens"]
+    grid = full.get(uids, columns=["patch_tokens"])["patch_tokens"].reshape(len(uids), 2, 2, 2, 2, 64)  # (n, gy, y, gx, x, d)
+    want = grid.mean(axis=(2, 4)).reshape(len(uids), 4, 64)
+    assert got.dtype == np.float32
+    cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert cos.min() > 0.999, cos.min()
+    np.testing.assert_allclose(got, want, atol=np.abs(want).max() / 127)
+
+
 def test_tables_are_plain_arrow_for_datasets_and_pandas(extracted):
     import datasets
 

@@ -170,6 +170,15 @@ def test_feature_dimension_mismatch_names_both_numbers(ipn_factory):
         ipn.check_features(FEATURE_DIM, (16, 32))
 
 
+def test_patch_tokens_pooled_to_another_grid_are_refused(ipn_factory):
+    """A table extracted with extract.patch_pool 2 (2x2 = 4 tokens) does not fit an IPN trained on the 4x4 grid."""
+    ipn = ipn_factory("llama")
+    encs = [ipn.encode(c, img) for c, img in QA]
+    with pytest.raises(UserError, match="features have 4 patch tokens an image, the IPN was trained on 16"):
+        ipn.collate(encs, np.zeros((len(QA), FEATURE_DIM), np.float32), np.zeros((len(QA), 4, 64), np.float32))
+    ipn.check_features(FEATURE_DIM, (16, 64))  # its own grid passes
+
+
 def test_bad_llm_paths_are_one_clear_error(model_cfg, tmp_path):
     from transformers import T5Config
 
