@@ -1,20 +1,28 @@
-"""Feature-store random reads: 1,000 random uids from a 200,000-row `features` table (512-d float16).
+"""Feature-store random reads, serving-copy builds and incremental rebuilds, up to 10M rows.
 
     .venv/bin/python benchmarks/store.py [--rows 200000] [--dim 512] [--lookups 1000] [--repeats 5]
+    .venv/bin/python benchmarks/store.py --rows 10000000 --dim 768 --dir /tmp/x --free-parquet   # ~35 GB of disk at peak
 
-Compares, in one process on the same table and the same uids:
-  * baseline: a pyarrow filter over the Parquet table (``uid in [...]``), what a reader without
-    the store would do;
-  * ``FeatureStore.get`` (serving copy: sorted 128-bit uid index as two uint64 arrays + memory-mapped columns);
-  * Lance ``take`` of the same rows by position, when ``pylance`` is installed (``pip install pylance``).
-Targets: get >= 20x faster than the filter; within 2x of Lance. Times are medians over
-``--repeats`` fresh uid samples (first call reported too).
+Measures, in one run on one synthetic `features` table (float16 embeddings, random uids):
+  * the serving copy's full build on first open, in a fresh child process: seconds and peak RSS
+    (target <= 2 GB while building);
+  * adding ``--add-rows`` rows (default: a tenth) as new shards and reopening: the rebuild makes
+    only the new shards' segments and a new uid index; its time against the full build (target <= 0.2);
+  * random ``FeatureStore.get`` of ``--lookups`` uids against, on the same rows and uid samples,
+    a pyarrow filter over the Parquet table (``uid in [...]``, up to 1M rows: it reads the whole
+    column; target get >= 20x faster) and Lance ``take`` by position (pylance, the ``bench`` extra;
+    target get <= 1x Lance). Medians over ``--repeats`` fresh samples, first call reported too.
+``--free-parquet`` deletes the Parquet shards once the store is built and before the Lance copy is
+written (from the store's segments), so the run holds two copies of the vectors at a time, not three.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
+import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -29,38 +37,63 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmeye.store import FeatureStore  # noqa: E402
-from lmeye.tables import TableWriter  # noqa: E402
-from lmeye.uid import uid_for  # noqa: E402
+from lmeye.tables import TableWriter, shard_file  # noqa: E402
 from schemas.features import FEATURES, SUCCESS, features_schema  # noqa: E402
 
+GB = 1 << 30
 
-def build_table(path: str, rows: int, dim: int, shards: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    uids = [uid_for(f"https://example.com/img/{i}.jpg") for i in range(rows)]
-    schema = features_schema(dim, "float16", None, {"model": "bench", "dtype": "float16", "embed_dim": str(dim)})
-    writer = TableWriter(path, FEATURES, config={"bench": seed, "rows": rows})
-    per = -(-rows // shards)
-    names = []
-    for k, start in enumerate(range(0, rows, per)):
-        n = min(per, rows - start)
-        vecs = rng.standard_normal((n, dim)).astype(np.float16)
+
+def random_uids(rng: np.random.Generator, n: int) -> pa.Array:
+    """n random 32-hex-digit uids as an Arrow string array, with no Python object per row."""
+    text = rng.bytes(16 * n).hex().encode()
+    offsets = np.arange(0, 32 * n + 1, 32, dtype=np.int32)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(text))
+
+
+def write_shards(writer: TableWriter, schema: pa.Schema, first: int, rows: int, per: int, dim: int,
+                 rng: np.random.Generator, block: np.ndarray, want: np.ndarray) -> tuple[list[str], dict[int, str]]:
+    """Shards of ``per`` rows from global row ``first``; returns their names and the uids of rows in ``want``."""
+    names, picked = [], {}
+    for start in range(first, first + rows, per):
+        n = min(per, first + rows - start)
+        uids = random_uids(rng, n)
+        vecs = np.roll(block[:n], start // per, axis=1)  # one random block, shifted per shard: distinct rows, fast
         table = pa.table(
             {
-                "uid": pa.array(uids[start : start + n]),
-                "status": pa.array([SUCCESS] * n),
+                "uid": uids,
+                "status": pa.array(np.full(n, SUCCESS, dtype=object), pa.string()),
                 "error_message": pa.nulls(n, pa.string()),
                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim),
             },
             schema=schema,
         )
-        name = f"{k:05d}.parquet"
+        name = f"{start // per:05d}.parquet"
         writer.write(name, table)
         names.append(name)
-    writer.finalize(names, stats={}, metadata={"model": "bench"})
-    return uids
+        hit = want[(want >= start) & (want < start + n)]
+        picked.update({int(i): uids[int(i - start)].as_py() for i in hit})
+    return names, picked
 
 
-def timed(fn, repeats: int, samples: list[list[str]]) -> tuple[float, float, object]:
+def _open_and_report(path: str, queue) -> None:
+    t = time.perf_counter()
+    store = FeatureStore.open(path)
+    queue.put((time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               store.info()["rows_served"]))
+
+
+def open_in_child(path: str) -> tuple[float, int, int]:
+    """(seconds, peak RSS bytes, rows) of ``FeatureStore.open`` in a fresh process: the build's own memory."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_open_and_report, args=(path, queue))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    return out
+
+
+def timed(fn, repeats: int, samples: list) -> tuple[float, float, object]:
     times, out = [], None
     for i in range(repeats):
         t = time.perf_counter()
@@ -74,70 +107,119 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--lookups", type=int, default=1000)
-    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--shard-rows", type=int, default=100_000, help="rows per shard")
+    ap.add_argument("--add-rows", type=int, default=None, help="rows added as new shards (default: rows / 10)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--dir", help="work directory (default: a temporary one)")
+    ap.add_argument("--filter-baseline", action=argparse.BooleanOptionalAction, default=None,
+                    help="time the pyarrow filter too (default: up to 1M rows)")
+    ap.add_argument("--free-parquet", action="store_true", help="delete the Parquet shards before writing the Lance copy")
+    ap.add_argument("--dir", help="work directory (default: a temporary one, deleted at the end)")
     args = ap.parse_args()
     work = args.dir or tempfile.mkdtemp(prefix="lingcloud-bench-store-")
+    os.makedirs(work, exist_ok=True)
     try:
         return run(args, work)
     finally:
         if not args.dir:
-            import shutil
-
             shutil.rmtree(work, ignore_errors=True)
 
 
 def run(args, work: str) -> int:
     path = os.path.join(work, "features")
-    t = time.perf_counter()
-    uids = build_table(path, args.rows, args.dim, args.shards)
-    print(f"table: {args.rows} rows x {args.dim} float16 in {args.shards} shards ({time.perf_counter() - t:.1f}s) at {path}")
+    rows, dim, per = args.rows, args.dim, min(args.shard_rows, args.rows)
+    add = args.rows // 10 if args.add_rows is None else args.add_rows
+    rng = np.random.default_rng(0)
+    block = rng.standard_normal((per, dim)).astype(np.float16)
+    want = rng.choice(rows, args.lookups * args.repeats, replace=False)
+    schema = features_schema(dim, "float16", None, {"model": "bench", "dtype": "float16", "embed_dim": str(dim)})
+    config = {"bench": 0, "rows": rows, "dim": dim, "per": per}
 
     t = time.perf_counter()
-    store = FeatureStore.open(path)
-    print(f"serving copy built on first open: {time.perf_counter() - t:.2f}s ({store.serving_dir})")
+    writer = TableWriter(path, FEATURES, config=config, overwrite=True)
+    names, picked = write_shards(writer, schema, 0, rows, per, dim, rng, block, want)
+    writer.finalize(names, stats={}, metadata={"model": "bench"})
+    print(f"table: {rows:,} rows x {dim} float16 in {len(names)} shards ({time.perf_counter() - t:.1f}s) at {path}")
+    samples = [[picked[int(i)] for i in want[k * args.lookups:(k + 1) * args.lookups]] for k in range(args.repeats)]
+    positions = [want[k * args.lookups:(k + 1) * args.lookups].tolist() for k in range(args.repeats)]
+
+    full_s, full_rss, served = open_in_child(path)
+    print(f"serving copy, full build on first open: {full_s:.1f}s, peak RSS {full_rss / GB:.2f} GB (target <= 2 GB), {served:,} rows")
+
     t = time.perf_counter()
+    writer = TableWriter(path, FEATURES, config=config)  # same config: the finished shards are kept
+    added, _ = write_shards(writer, schema, rows, add, per, dim, rng, block, np.zeros(0, np.int64))
+    writer.finalize(names + added, stats={}, metadata={"model": "bench"})
+    print(f"added {add:,} rows as {len(added)} new shards ({time.perf_counter() - t:.1f}s)")
+    inc_s, inc_rss, served = open_in_child(path)
     store = FeatureStore.open(path)
+    built = store.info()["segments_built"]
+    print(f"serving copy after the addition: {inc_s:.1f}s, peak RSS {inc_rss / GB:.2f} GB, {served:,} rows, "
+          f"{built} segment(s) built: {inc_s / full_s:.3f}x the full build (target <= 0.2)")
+    assert built == len(added) and served == rows + add
+
+    t = time.perf_counter()
+    FeatureStore.open(path)
     print(f"reopen (copy in step with the manifest): {(time.perf_counter() - t) * 1e3:.1f} ms")
-
-    rng = np.random.default_rng(1)
-    samples = [[uids[i] for i in rng.choice(args.rows, args.lookups, replace=False)] for _ in range(args.repeats)]
-
-    def baseline(sample):
-        return pq.read_table(path, columns=["uid", "embedding"], filters=pc.field("uid").isin(sample))
 
     def ours(sample):
         return store.get(sample)["embedding"]
 
-    b_first, b_med, b_out = timed(baseline, args.repeats, samples)
     o_first, o_med, o_out = timed(ours, args.repeats, samples)
-    # same vectors either way
-    got = dict(zip(b_out["uid"].to_pylist(), b_out["embedding"].to_pylist()))
-    assert all(np.array_equal(np.asarray(got[u], np.float16), o_out[i]) for i, u in enumerate(samples[-1]))
-    print(f"pyarrow filter over the Parquet table: median {b_med * 1e3:8.1f} ms (first {b_first * 1e3:.1f} ms)")
-    print(f"FeatureStore.get:                      median {o_med * 1e3:8.1f} ms (first {o_first * 1e3:.1f} ms)")
-    print(f"  speed-up vs filter: {b_med / o_med:.0f}x (target >= 20x)")
+    print(f"FeatureStore.get of {args.lookups} uids:           median {o_med * 1e3:8.2f} ms (first {o_first * 1e3:.2f} ms)")
+
+    if args.filter_baseline if args.filter_baseline is not None else rows <= 1_000_000:
+        def baseline(sample):
+            return pq.read_table(path, columns=["uid", "embedding"], filters=pc.field("uid").isin(sample))
+
+        b_first, b_med, b_out = timed(baseline, args.repeats, samples)
+        got = dict(zip(b_out["uid"].to_pylist(), b_out["embedding"].to_pylist()))
+        assert all(np.array_equal(np.asarray(got[u], np.float16), o_out[i]) for i, u in enumerate(samples[-1]))
+        print(f"pyarrow filter over the Parquet table:    median {b_med * 1e3:8.1f} ms (first {b_first * 1e3:.1f} ms)")
+        print(f"  get speed-up vs filter: {b_med / o_med:.0f}x (target >= 20x)")
 
     try:
         import lance
     except ImportError:
-        print("Lance: pylance not installed; skipped (pip install pylance)")
-        return 0
-    table = pa.concat_tables(pq.read_table(os.path.join(path, n), columns=["uid", "embedding"]) for n in sorted(
-        f for f in os.listdir(path) if f.endswith(".parquet")))
+        print("Lance: pylance not installed; skipped (pip install -e '.[bench]')")
+        return report_rss()
+    if args.free_parquet:
+        for name in names + added:
+            os.remove(os.path.join(path, shard_file(name)))
+        print("Parquet shards deleted (--free-parquet); Lance is written from the store's segments")
     lpath = os.path.join(work, "features.lance")
-    lance.write_dataset(table, lpath, mode="overwrite")
+    t = time.perf_counter()
+    lance.write_dataset(segment_batches(store, dim), lpath, schema=pa.schema([pa.field("embedding", pa.list_(pa.float16(), dim))]),
+                        mode="overwrite")
     ds = lance.dataset(lpath)
-    row_of = {u: i for i, u in enumerate(table["uid"].to_pylist())}  # Lance gets positions for free
-    pos_samples = [[row_of[u] for u in s] for s in samples]
+    print(f"Lance copy of the same {ds.count_rows():,} rows, in the store's row order ({time.perf_counter() - t:.1f}s)")
 
-    def lance_take(positions):
-        return ds.take(positions, columns=["embedding"])
+    def lance_take(pos):
+        return ds.take(pos, columns=["embedding"])
 
-    l_first, l_med, _ = timed(lance_take, args.repeats, pos_samples)
-    print(f"Lance take (positions given):          median {l_med * 1e3:8.1f} ms (first {l_first * 1e3:.1f} ms)")
-    print(f"  get / Lance take: {o_med / l_med:.2f}x (target <= 2x)")
+    l_first, l_med, l_out = timed(lance_take, args.repeats, positions)
+    # the same vectors either way (base rows keep their generation order as the store's row numbers)
+    taken = l_out.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    assert np.array_equal(taken, o_out)
+    print(f"Lance take of {args.lookups} rows (positions given): median {l_med * 1e3:8.2f} ms (first {l_first * 1e3:.2f} ms)")
+    print(f"  get / Lance take: {o_med / l_med:.2f}x (target <= 1x)")
+    return report_rss()
+
+
+def segment_batches(store: FeatureStore, dim: int, chunk: int = 65536):
+    """The store's embedding rows in order, read with plain reads (no mapping: the RSS stays flat)."""
+    for file, n in store.segment_files("embedding"):
+        with open(file, "rb") as f:
+            np.lib.format.read_magic(f)
+            np.lib.format.read_array_header_1_0(f)
+            for start in range(0, n, chunk):
+                vals = np.fromfile(f, dtype=np.float16, count=min(chunk, n - start) * dim)
+                arr = pa.FixedSizeListArray.from_arrays(pa.array(vals), dim)
+                yield pa.RecordBatch.from_arrays([arr], names=["embedding"])
+
+
+def report_rss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"benchmark process peak RSS: {peak / GB:.2f} GB (builds ran in child processes, reported above)")
     return 0
 
 

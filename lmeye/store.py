@@ -238,6 +238,11 @@ class FeatureStore:
     def __len__(self) -> int:
         return self.num_rows
 
+    def segment_files(self, column: str) -> list[tuple[str, int]]:
+        """(``.npy`` file, rows) of ``column`` per segment, in the order rows are numbered (exports, benchmarks)."""
+        seg_root = os.path.join(os.path.dirname(self.serving_dir), SEGMENTS)
+        return [(os.path.join(seg_root, sid, f"{column}.npy"), int(n)) for sid, n in self._meta["segments"]]
+
     def info(self) -> dict[str, Any]:
         return {
             "path": self.path,
@@ -249,6 +254,8 @@ class FeatureStore:
             "columns": {c: dict(v) for c, v in self._meta["columns"].items()},
             "metadata": self.metadata,
             "serving_copy": self.serving_dir,
+            "segments": len(self._meta["segments"]),
+            "segments_built": self._meta["segments_built"],  # by the open that built this version's index
         }
 
     # ------------------------------------------------------------------ reads
