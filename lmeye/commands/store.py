@@ -43,7 +43,8 @@ def _info(args: argparse.Namespace) -> int:
     statuses = ", ".join(f"{k} {v}" for k, v in sorted(info["by_status"].items()))
     print(f"  rows         {info['rows_served']} served of {info['table_rows']} ({statuses})")
     for col, spec in info["columns"].items():
-        print(f"  {col:<12} {spec['dtype']} {' x '.join(map(str, spec['shape']))}")
+        stored = f" (stored {spec['encoding']})" if spec.get("encoding") and spec["encoding"] != spec["dtype"] else ""
+        print(f"  {col:<12} {spec['dtype']} {' x '.join(map(str, spec['shape']))}{stored}")
     for k, v in sorted(info["metadata"].items()):
         print(f"  {k:<18} {v}")
     print(f"  serving copy {info['serving_copy']}")

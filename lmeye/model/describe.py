@@ -33,7 +33,11 @@ def feature_shapes(cfg) -> tuple[int, Optional[tuple[int, int]]]:
     from lmeye.clip import probe_model
 
     spec = probe_model(cfg.extract.model, None, config_dirs=cfg.extract.model_config_dirs, with_checksum=False)
-    return spec.embed_dim, (spec.token_shape if cfg.extract.patch_tokens else None)
+    if not cfg.extract.patch_tokens or spec.token_shape is None:
+        return spec.embed_dim, None
+    from lmeye.patch_codec import pooled_shape
+
+    return spec.embed_dim, pooled_shape(tuple(spec.token_shape), cfg.extract.patch_pool)  # as the table will store them
 
 
 def rows(ipn) -> list[tuple[str, int, int]]:
