@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -50,6 +51,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from lmeye.patch_codec import PatchCodec, codec
 from lmeye.tables import Manifest, TableReader
@@ -115,10 +117,21 @@ class FeatureBatch(Mapping):
 
 
 def _load(path: str) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r")
-    except ValueError:  # an empty array cannot be memory-mapped
-        return np.load(path)
+    """A read-only memory map of an ``.npy`` file, advised for random access: a gather touches a
+    few rows a page apart, and the kernel's default read-around would fetch ~100 KB per fault."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+        if fortran or dtype.hasobject:
+            raise SchemaError(f"{path}: not a serving-copy array")
+        if int(np.prod(shape)) == 0:  # an empty array cannot be memory-mapped
+            return np.zeros(shape, dtype)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)
+    return np.ndarray(shape, dtype, buffer=mm, offset=offset)
 
 
 def _is_local(path: str) -> bool:
@@ -405,41 +418,63 @@ def _column_specs(schema: pa.Schema, where: str) -> dict[str, dict[str, Any]]:
     return specs
 
 
-def _vector_values(table: pa.Table, column: str, width: int) -> np.ndarray:
-    arr = table.column(column).combine_chunks()
-    values = arr.flatten().to_numpy(zero_copy_only=False)
-    return values.reshape(len(arr), width)
+def _vector_values(batch: pa.RecordBatch, column: str, width: int) -> np.ndarray:
+    values = batch.column(column).flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(batch.num_rows, width)
 
 
 def _build_segment(reader: TableReader, name: str, sid: str, seg_root: str, specs: dict[str, dict[str, Any]]) -> None:
-    """One shard's segment: its successful rows' uids and stored columns, in shard order."""
+    """One shard's segment: its successful rows' uids and stored columns, in shard order.
+
+    The columns stream a row group at a time into their ``.npy`` files (the row count is known
+    from the uid pass), so memory follows the row group, not the shard."""
     where = f"{reader.path}/{name}"
-    t = reader.read_shard(name, columns=["uid", "status", *specs])
-    got = _column_specs(t.schema, where)
-    if got != specs:  # every shard of a run has one schema; another one is a table mixing two runs
-        raise SchemaError(f"{where}: stored columns {got} differ from the table's first shard's {specs}")
-    by_status = {vc["values"]: vc["counts"] for vc in pc.value_counts(t.column("status")).to_pylist()}
-    t = t.filter(pc.equal(t.column("status"), SUCCESS))
-    keys, valid = uid_keys(t.column("uid"))
-    if not valid.all():
-        bad = t.column("uid").combine_chunks().filter(pa.array(~valid))[0].as_py()
-        raise SchemaError(f"{where}: column 'uid' holds {bad!r}, not a {UID_LEN}-hex-digit uid")
-    tmp = os.path.join(seg_root, f".tmp-{sid}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
-        np.save(os.path.join(tmp, "uid_hi.npy"), np.ascontiguousarray(keys["hi"]))
-        np.save(os.path.join(tmp, "uid_lo.npy"), np.ascontiguousarray(keys["lo"]))
-        for c, spec in specs.items():
-            np.save(os.path.join(tmp, f"{c}.npy"), _vector_values(t, c, spec["width"]).astype(spec["dtype"], copy=False))
-        with open(os.path.join(tmp, "segment.json"), "w") as f:
-            json.dump({"format": FORMAT, "shard": name, "rows": int(t.num_rows), "by_status": by_status}, f)
+    with fsspec.open(reader.file(name), "rb") as f:
+        pf = pq.ParquetFile(f)
+        reader.table.check(pf.schema_arrow, where)
+        got = _column_specs(pf.schema_arrow, where)
+        if got != specs:  # every shard of a run has one schema; another one is a table mixing two runs
+            raise SchemaError(f"{where}: stored columns {got} differ from the table's first shard's {specs}")
+        t = pf.read(columns=["uid", "status"])
+        by_status = {vc["values"]: vc["counts"] for vc in pc.value_counts(t.column("status")).to_pylist()}
+        ok = pc.equal(t.column("status"), SUCCESS).to_numpy(zero_copy_only=False)
+        uids = t.column("uid").filter(pa.array(ok))
+        keys, valid = uid_keys(uids)
+        if not valid.all():
+            bad = uids.combine_chunks().filter(pa.array(~valid))[0].as_py()
+            raise SchemaError(f"{where}: column 'uid' holds {bad!r}, not a {UID_LEN}-hex-digit uid")
+        rows = int(ok.sum())
+        tmp = os.path.join(seg_root, f".tmp-{sid}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(tmp)
         try:
-            os.rename(tmp, os.path.join(seg_root, sid))
-        except OSError:  # another process built the same segment first: keep theirs
-            if not os.path.isdir(os.path.join(seg_root, sid)):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            np.save(os.path.join(tmp, "uid_hi.npy"), np.ascontiguousarray(keys["hi"]))
+            np.save(os.path.join(tmp, "uid_lo.npy"), np.ascontiguousarray(keys["lo"]))
+            outs = {}
+            for c, spec in specs.items():
+                outs[c] = open(os.path.join(tmp, f"{c}.npy"), "wb")
+                np.lib.format.write_array_header_1_0(outs[c], {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(spec["dtype"])), "fortran_order": False,
+                    "shape": (rows, spec["width"])})
+            try:
+                start = 0
+                for batch in pf.iter_batches(columns=list(specs), batch_size=4096):
+                    keep = ok[start:start + batch.num_rows]
+                    start += batch.num_rows
+                    batch = batch if keep.all() else batch.filter(pa.array(keep))
+                    for c, spec in specs.items():
+                        outs[c].write(_vector_values(batch, c, spec["width"]).astype(spec["dtype"], copy=False).tobytes())
+            finally:
+                for out in outs.values():
+                    out.close()
+            with open(os.path.join(tmp, "segment.json"), "w") as fj:
+                json.dump({"format": FORMAT, "shard": name, "rows": rows, "by_status": by_status}, fj)
+            try:
+                os.rename(tmp, os.path.join(seg_root, sid))
+            except OSError:  # another process built the same segment first: keep theirs
+                if not os.path.isdir(os.path.join(seg_root, sid)):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _segment_info(seg_root: str, sid: str) -> dict[str, Any]:
