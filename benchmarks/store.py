@@ -75,11 +75,19 @@ def write_shards(writer: TableWriter, schema: pa.Schema, first: int, rows: int, 
     return names, picked
 
 
+def peak_rss() -> int:
+    """This process's own peak RSS (VmHWM): ru_maxrss would carry the parent's over fork and exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _open_and_report(path: str, queue) -> None:
     t = time.perf_counter()
     store = FeatureStore.open(path)
-    queue.put((time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-               store.info()["rows_served"]))
+    queue.put((time.perf_counter() - t, peak_rss(), store.info()["rows_served"]))
 
 
 def open_in_child(path: str) -> tuple[float, int, int]:
@@ -228,7 +236,7 @@ def segment_batches(store: FeatureStore, dim: int, chunk: int = 65536):
 
 
 def report_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     print(f"benchmark process peak RSS: {peak / GB:.2f} GB (builds ran in child processes, reported above)")
     return 0
 

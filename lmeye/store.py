@@ -44,6 +44,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Optional, Sequence
 
@@ -114,6 +115,19 @@ class FeatureBatch(Mapping):
     @property
     def missing(self) -> list[str]:
         return [u for u, ok in zip(self.uids, self.found) if not ok]
+
+
+READ_CHUNK = 64  # rows a reader thread gathers at a time
+READ_THREADS = 16
+_POOL: Optional[ThreadPoolExecutor] = None
+
+
+def _read_pool() -> ThreadPoolExecutor:
+    """One pool of reader threads per process (threads wait on page faults, not on the CPU)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lingcloud-store-read")
+    return _POOL
 
 
 def _load(path: str) -> np.ndarray:
@@ -329,14 +343,22 @@ class FeatureStore:
         cuts = np.flatnonzero(np.diff(seg)) + 1
         spec = self._meta["stored"]
         out = {c: np.empty((rows.size, spec[c]["width"]), dtype=spec[c]["dtype"]) for c in columns}
-        for lo_, hi_ in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [srt.size]])):
-            if hi_ <= lo_:
-                continue
-            k = int(seg[lo_])
-            local = srt[lo_:hi_] - self._offsets[k]
-            dest = order[lo_:hi_]
+        # runs of rows in one segment, cut to READ_CHUNK rows: read concurrently, since a cold row is
+        # a page fault (a disk read) and numpy copies without the GIL, so threads overlap the reads
+        runs = [(a, min(a + READ_CHUNK, b)) for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [srt.size]]))
+                for a in range(int(a), int(b), READ_CHUNK)]
+
+        def read(run: tuple[int, int]) -> None:
+            a, b = run
+            k = int(seg[a])
+            local, dest = srt[a:b] - self._offsets[k], order[a:b]
             for c in columns:
                 out[c][dest] = self._segs[k][c][local]
+
+        if len(runs) > 1:
+            list(_read_pool().map(read, runs))
+        elif runs:
+            read(runs[0])
         return out
 
 

@@ -276,3 +276,13 @@ def test_segments_no_kept_version_uses_are_pruned(tmp_path, monkeypatch):
         FeatureStore.open(path, keep_versions=1)
     kept = FeatureStore.open(path)
     assert sorted(os.listdir(path / "_serving" / ".segments")) == sorted(sid for sid, _ in kept._meta["segments"])
+
+
+def test_a_large_get_read_in_concurrent_chunks_keeps_request_order(tmp_path):
+    import lmeye.store as store_mod
+
+    uids, vecs, _, ok = write_features(tmp_path / "f", n=700, shards=2, failed=())
+    store = FeatureStore.open(tmp_path / "f")
+    want = np.random.default_rng(3).permutation(700)[:500]  # runs of 64 rows over two segments: several threads
+    assert want.size > 2 * store_mod.READ_CHUNK
+    np.testing.assert_array_equal(store.get([uids[i] for i in want])["embedding"], vecs[want])
