@@ -129,6 +129,16 @@ def test_int8_pooled_patch_tokens_decode_to_the_pooled_float_tokens(extracted):
     cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
     assert cos.min() > 0.999, cos.min()
     np.testing.assert_allclose(got, want, atol=np.abs(want).max() / 127)
+    # chat's live encoder pools and quantises a new image as the table did
+    from lmeye.serve.encoder import ImageEncoder
+
+    enc = ImageEncoder(str(out))
+    assert enc.patch_shape == (4, 64)
+    pairs = extracted["pairs"]
+    image = pairs.filter(pa.compute.equal(pairs["uid"], uids[0]))["image"][0].as_py()
+    _, live = enc.encode([image])
+    assert live.shape == (1, 4, 64) and live.dtype == np.float32
+    np.testing.assert_allclose(live[0], got[0], atol=2 * np.abs(want).max() / 127)
 
 
 def test_tables_are_plain_arrow_for_datasets_and_pandas(extracted):
