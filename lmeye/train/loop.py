@@ -46,6 +46,7 @@ from lmeye.train.checkpoint import (
     safe_checkpoint_engine,
     save_rank_files,
 )
+from lmeye.train.collectives import Collectives
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -126,16 +127,7 @@ class Worker:
         )
         safe_checkpoint_engine(self.engine.checkpoint_engine)
         self.device = get_accelerator().device_name(self.engine.local_rank)
-
-    # ------------------------------------------------------------------ collectives
-    def _sum(self, values: list[float]) -> list[float]:
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
+        self.comm = Collectives(self.world, self.device)
 
     # ------------------------------------------------------------------ resume
     def resume(self) -> bool:
@@ -165,13 +157,8 @@ class Worker:
         after a lost worker) is one line of ``attempts.jsonl``: the ranks' Ray nodes and the step it
         resumed at (null: from scratch)."""
         import ray
-        import torch.distributed as dist
 
-        node = ray.get_runtime_context().get_node_id()
-        nodes = [node]
-        if self.world > 1:
-            nodes = [None] * self.world
-            dist.all_gather_object(nodes, node)
+        nodes = self.comm.gather(ray.get_runtime_context().get_node_id())
         self.nodes = nodes
         if self.rank == 0:
             _append_jsonl(os.path.join(os.path.dirname(self.metrics_path), ATTEMPTS),
@@ -283,7 +270,7 @@ class Worker:
                 for k in range(self.accum):
                     prep = None if mine_done else self._next_batch(batches)
                     mine_done = prep is None
-                    alive = self._sum([0.0 if mine_done else 1.0])[0]
+                    alive = self.comm.sum([0.0 if mine_done else 1.0])[0]
                     if alive == 0 and k == 0:
                         ended = True  # no rank has data left: the epoch is over
                         break
@@ -306,7 +293,7 @@ class Worker:
         self.train_seconds = time.time() - self._started  # training alone: no start-up, no validation
 
     def _after_step(self, acc: list[float], t0: float) -> None:
-        loss_rows, rows, tokens, *skips = self._sum([acc[0], acc[1], acc[2], *self._skip_vector()])
+        loss_rows, rows, tokens, *skips = self.comm.sum([acc[0], acc[1], acc[2], *self._skip_vector()])
         self._skips.clear()
         self.state.step += 1
         self.state.rows += int(rows)
@@ -354,7 +341,7 @@ class Worker:
         except KeyError:  # the stage has no validation rows (a small corpus's split can leave none)
             return {}
         local = evaluate(self.engine, self.ipn, self.maker, shard, self.micro, self.device, self.tc)
-        return _merge_eval(local, self.world)
+        return _merge_eval(self.comm.gather(local))
 
     def finish(self, val: dict[str, Any]) -> None:
         self.state.done = True
@@ -383,14 +370,8 @@ def _skip_shm_comm_op() -> None:
         ops["deepspeed_shm_comm"] = False
 
 
-def _merge_eval(local: dict[str, Any], world: int) -> dict[str, Any]:
+def _merge_eval(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum every rank's validation counts (small dicts, gathered once)."""
-    import torch.distributed as dist
-
-    parts = [local]
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, local)
     total: dict[str, float] = Counter()
     for p in parts:
         for k, v in p.items():
