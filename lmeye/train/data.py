@@ -36,6 +36,15 @@ class Prepared:
     skipped: Counter = field(default_factory=Counter)
 
 
+def llm_tokens(batch: Optional[dict[str, Any]]) -> int:
+    """Tokens the LLM runs for ``batch``: every position any of its masks marks (the IPN's prefix
+    and suffix, <img>/<img-q>/<img-d> slots included; a plain LM's ``attention_mask``). Not the
+    answer tokens alone: MFU is FLOPs per processed token, and the prompt costs as much as the answer."""
+    if batch is None:
+        return 0
+    return int(sum(int(v.sum()) for k, v in batch.items() if k.endswith("mask") and hasattr(v, "sum")))
+
+
 def hex64(values: list) -> tuple[np.ndarray, np.ndarray]:
     """(uint64 key, valid) per 16-hex-digit ``sample_id``: what a checkpoint's seen set stores."""
     valid = np.array([isinstance(v, str) and len(v) == 16 and all(c in "0123456789abcdef" for c in v) for v in values],

@@ -47,6 +47,7 @@ from lmeye.train.checkpoint import (
     save_rank_files,
 )
 from lmeye.train.collectives import Collectives
+from lmeye.train.data import llm_tokens
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -63,16 +64,6 @@ def _to_device(batch: dict[str, Any], device: Any, precision: str) -> dict[str, 
                 v = v.to(dtype)  # DeepSpeed casts the module, not the inputs
         out[k] = v
     return out
-
-
-def _tokens(batch: Optional[dict[str, Any]]) -> int:
-    if batch is None:
-        return 0
-    mask = batch.get("attention_mask")
-    if mask is None:
-        mask = batch.get("labels")
-        return int((mask != -100).sum()) if mask is not None else 0
-    return int(mask.sum())
 
 
 class Worker:
@@ -245,7 +236,7 @@ class Worker:
         self.engine.backward(loss)
         self.engine.step()
         rows = prep.rows if prep is not None else 0
-        return value * rows, rows, _tokens(batch)
+        return value * rows, rows, llm_tokens(batch)
 
     def train(self) -> None:
         import ray.train

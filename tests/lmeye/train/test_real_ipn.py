@@ -8,6 +8,7 @@ import importlib.util
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -17,7 +18,7 @@ pytest.importorskip("lmeye.model")
 from lmeye.config import load_config  # noqa: E402
 from lmeye.model.testing import FEATURE_DIM, PATCH_SHAPE, tiny_clip_checkpoint, tiny_tokenizer  # noqa: E402
 from lmeye.store import FeatureStore  # noqa: E402
-from lmeye.train.data import BatchMaker  # noqa: E402
+from lmeye.train.data import BatchMaker, llm_tokens  # noqa: E402
 from lmeye.train.evaluate import _exact_match  # noqa: E402
 from lmeye.train.model_factory import IPNFactory  # noqa: E402
 
@@ -47,6 +48,11 @@ def test_real_ipn_trains_through_the_batch_maker(tmp_path):
     table = pa.Table.from_pylist([{k: r[k] for k in ("sample_id", "uid", "task", "conversation")} for r in rows])
     prep = BatchMaker(ipn, store).prepare(table)
     assert prep.skipped["missing_features"] == 2 and prep.rows == len(rows) - 2
+    # tokens/s counts every token the LLM runs (prefix, slots, suffix), not the answer tokens alone
+    encs = [ipn.encode(c, has_image=True) for c in table.column("conversation").to_pylist()[:3]]
+    lengths = sum(len(e["prefix_ids"]) + len(e["suffix_ids"]) for e in encs)
+    answers = sum(sum(1 for x in e["labels"] if x != -100) for e in encs)
+    assert llm_tokens(ipn.collate(encs, np.zeros((3, store.dim), np.float32), np.zeros((3, *store.patch_shape), np.float32))) == lengths > 2 * answers
     out = ipn(prep.batch)
     assert torch.isfinite(out.loss) and out.per_sample_loss.shape == (prep.rows,)
     out.loss.backward()
