@@ -25,6 +25,7 @@ have ``align`` then ``instruct``, which starts from ``align``'s model). For each
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -272,9 +273,17 @@ def _fit(config: dict[str, Any], datasets: dict[str, Any], tc: TrainConfig, name
 # One stage
 
 
-def _stage_fingerprint(cfg: Config, stage: TrainStage, files: dict[str, list[str]], store: Any, init_dir: Optional[str]) -> str:
+# train keys that do not change what is trained: a rerun that changes only these resumes or is done
+NOT_FINGERPRINTED = ("only", "resume", "log_every", "max_failures", "output", "placement_strategy", "checkpoint_every",
+                     "keep_checkpoints", "val_max_rows", "cpus_per_worker")
+
+
+def _stage_fingerprint(cfg: Config, stage: TrainStage, files: dict[str, list[str]], store: Any, init_dir: Optional[str],
+                       any_workers: bool = False) -> str:
+    """What the stage trains; ``any_workers``: the same but for ``num_workers`` (to tell a rerun on
+    another number of workers from a rerun of another config)."""
     tc = dump_config(cfg)["train"]
-    for k in ("only", "resume", "log_every", "max_failures", "output", "placement_strategy"):
+    for k in NOT_FINGERPRINTED + (("num_workers",) if any_workers else ()):
         tc.pop(k, None)
     tc.pop("stages")
     model = getattr(cfg, "model", None)
@@ -298,13 +307,25 @@ def _finished(directory: str, fp: str) -> Optional[dict[str, Any]]:
     return None
 
 
-def _check_same_run(directory: str, fp: str, stage: TrainStage) -> None:
-    """Checkpoints of another config or other inputs are not resumed silently."""
+def _check_same_run(directory: str, fp: str, fp_any_workers: str, stage: TrainStage, workers: int) -> None:
+    """Checkpoints of another config or other inputs are not resumed silently. Another number of
+    workers alone: DeepSpeed's optimizer state is split per rank and is not resharded here, so the
+    run stops with how to go on, and the stage folder stays as it is."""
     try:
         with open(f"{directory}/run.json") as f:
-            old = json.load(f).get("fingerprint")
+            run = json.load(f)
     except (FileNotFoundError, ValueError):
         return
+    old = run.get("fingerprint")
+    if old != fp and run.get("fingerprint_any_workers") == fp_any_workers and run.get("num_workers") != workers:
+        saved = sorted(glob.glob(f"{directory}/checkpoint_*/{MODEL_DIR}")) or sorted(glob.glob(f"{directory}/{MODEL_DIR}"))
+        go_on = (f"or train a new stage with init_from: {saved[-1]} (the last saved model)" if saved
+                 else "or set train.resume: never to start it over")
+        raise UserError(
+            f"train stage {stage.name}: {directory} was trained with train.num_workers {run.get('num_workers')}, not "
+            f"{workers}, and DeepSpeed's per-rank optimizer state is not resharded; set train.num_workers: "
+            f"{run.get('num_workers')} to resume, {go_on}"
+        )
     if old != fp:
         raise UserError(
             f"train stage {stage.name}: {directory} holds a run of another config or other inputs; "
@@ -387,13 +408,15 @@ def _run_stage(cfg: Config, stage: TrainStage, factory: Any, files: dict[str, li
             summary.rate = None
             summary.notes.insert(0, "already trained with this config and these inputs; nothing redone")
             return summary
-        _check_same_run(directory, fp, stage)
+        _check_same_run(directory, fp, _stage_fingerprint(cfg, stage, files, store, init_dir, any_workers=True), stage,
+                        tc.num_workers)
     config, rows = loop_config(cfg, stage, factory, files, store, init_dir, directory)
     micro, accum, total = (stage_value(tc, stage, "micro_batch_size"), stage_value(tc, stage, "grad_accum"),
                            config["total_steps"])
     os.makedirs(directory, exist_ok=True)
     with open(f"{directory}/run.json", "w") as f:
-        json.dump({"fingerprint": fp}, f)
+        json.dump({"fingerprint": fp, "num_workers": tc.num_workers,
+                   "fingerprint_any_workers": _stage_fingerprint(cfg, stage, files, store, init_dir, any_workers=True)}, f)
     print(f"[train {stage.name}] {rows} train rows, {tc.num_workers} workers x {micro} rows x {accum} accumulation, "
           f"about {total} steps; output {directory}", flush=True)
     init_ray(cfg.ray)

@@ -84,18 +84,19 @@ class ClipTextTower(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
 
-    def forward(self, middle: torch.Tensor) -> torch.Tensor:
-        """(B, L, width) soft prompts -> (B, L, width) final-norm outputs over [BOS, middle, EOS], middle part only."""
+    def forward(self, middle: torch.Tensor, last: int) -> torch.Tensor:
+        """(B, L, width) soft prompts -> (B, last, embed_dim): the final-norm outputs of the ``last``
+        positions of ``middle`` (over [BOS, middle, EOS]) through ``text_projection``. The projection
+        runs inside the forward: under ZeRO-3 a module's weights are gathered only while its forward
+        runs, and a projection applied afterwards would see them released (shape [0])."""
+        middle = middle.to(self.bos_eos.dtype)  # the tower runs in the model's dtype, the trained parts around it may not
         b, length = middle.shape[0], middle.shape[1] + 2
         if length > self.context_length:
             raise UserError(f"RVII sequence of {length} tokens exceeds the CLIP text context ({self.context_length}); lower model.rvii_image_tokens")
-        bos, eos = self.bos_eos.to(middle.dtype)[:, None].expand(-1, b, -1)
-        x = torch.cat([bos[:, None], middle, eos[:, None]], dim=1) + self.positional_embedding[:length].to(middle.dtype)
+        bos, eos = self.bos_eos[:, None].expand(-1, b, -1)
+        x = torch.cat([bos[:, None], middle, eos[:, None]], dim=1) + self.positional_embedding[:length]
         mask = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
-        x = self.ln_final(self.transformer(x, attn_mask=mask))
-        return x[:, 1:-1]
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_final(self.transformer(x, attn_mask=mask))[:, -1 - last : -1]
         return self.text_projection(x) if isinstance(self.text_projection, nn.Module) else x @ self.text_projection
 
 
@@ -115,8 +116,7 @@ class ClipTextRVII(nn.Module):
     def forward(self, request: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """request (B, k, width), image_tokens (B, T, image_dim) -> (B, k, embed_dim)."""
         img = self.image_proj(image_regions(image_tokens, self.center, self.max_image_tokens))
-        out = self.tower(torch.cat([img, request], dim=1))
-        return self.tower.project(out[:, -self.num_img_d :])
+        return self.tower(torch.cat([img, request], dim=1), last=self.num_img_d)
 
 
 class TransformerRVII(nn.Module):

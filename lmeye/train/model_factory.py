@@ -45,13 +45,31 @@ class IPNFactory:
 
         return IPN.from_config(cfg.model, feature_dim=feature_dim, patch_shape=patch_shape)
 
-    def load(self, directory: str) -> Any:
+    def load(self, directory: str, dtype: Optional[str] = None) -> Any:
+        """``dtype``: the frozen LLM's and CLIP's (``model.dtype``) instead of the one saved."""
         from lmeye.model import load_ipn
 
-        return load_ipn(directory)
+        return load_ipn(directory, **({"dtype": dtype} if dtype else {}))
 
     def feature_shape(self, directory: str) -> tuple[Optional[int], Optional[tuple[int, int]]]:
         return feature_shape_from_json(os.path.join(directory, IPN_CONFIG))
+
+
+TRAINING_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def training_dtype(cfg: Any) -> str:
+    """The ``model.dtype`` a worker loads the frozen LLM and CLIP in: the training precision's, so a
+    bf16 run of a 7B LLM holds one bf16 copy per worker (about 14 GB) from the start, not an fp32 one
+    (28 GB) that DeepSpeed casts later."""
+    return TRAINING_DTYPES[cfg.train.precision]
+
+
+def in_training_dtype(cfg: Any) -> Any:
+    """``cfg`` with ``model.dtype`` set to :func:`training_dtype` (configs without a model section as they are)."""
+    if getattr(cfg, "model", None) is None:
+        return cfg
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": training_dtype(cfg)})})
 
 
 def feature_shape_from_json(path: str) -> tuple[Optional[int], Optional[tuple[int, int]]]:

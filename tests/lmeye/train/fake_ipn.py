@@ -181,7 +181,7 @@ class FakeFactory:
         torch.manual_seed(cfg.train.seed)
         return FakeIPN(feature_dim, patch_shape, log_dir=self.log_dir, delay_s=self.delay_s)
 
-    def load(self, directory: str) -> FakeIPN:
+    def load(self, directory: str, dtype: Optional[str] = None) -> FakeIPN:
         from safetensors.torch import load_file
 
         with open(os.path.join(directory, "ipn_config.json")) as f:

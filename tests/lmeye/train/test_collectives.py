@@ -19,6 +19,7 @@ import torch
 from lmeye.config import load_config
 from lmeye.train.checkpoint import TrainState
 from lmeye.train.collectives import Collectives
+from lmeye.train.data import SeenSet
 from lmeye.train.loop import Worker
 
 ENGINE_DEVICE = "cpu"
@@ -93,7 +94,7 @@ def _worker(tmp_path, n_batches):
         metrics_path=str(tmp_path / "metrics.jsonl"), maker=Maker(), engine=Engine(w), params=[w],
         scheduler=SimpleNamespace(get_last_lr=lambda: [0.1]), device=ENGINE_DEVICE,
         comm=Collectives(2, ENGINE_DEVICE), state=TrainState(stage="s", world_size=2),
-        seen_prev=np.zeros(0, np.uint64), seen_new=[],
+        seen_prev=SeenSet(), seen_new=[], lockstep=False,
     )
     return worker
 
