@@ -228,7 +228,7 @@ def write_features(path: Path, uids: list[str], dim: int = 8, patch: Optional[tu
     if patch:
         w = patch[0] * patch[1]
         cols["patch_tokens"] = pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(n * w).astype(np.float32)), w)
-    meta = dict(FEATURE_META, embed_dim=str(dim), **(meta or {}))
+    meta = {**FEATURE_META, "embed_dim": str(dim), **(meta or {})}
     schema = features_schema(dim, "float32", patch, meta)
     writer = TableWriter(str(path), FEATURES, config={"fake": seed})
     writer.write("00000.parquet", pa.table(cols, schema=schema))
