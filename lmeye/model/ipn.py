@@ -25,17 +25,19 @@ False, eval mode), and the LLM's vocabulary and embedding matrix are never resiz
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmeye.config.model import ModelConfig
 from lmeye.errors import UserError
 from lmeye.model.rvii import ClipTextRVII, TransformerRVII, load_clip_text_tower
 from lmeye.model.text import IGNORE, IMG, IMG_D, IMG_Q, TextCodec
+
+if TYPE_CHECKING:  # annotations only: the model runs with torch and transformers alone (benchmarks/train_gpu.py)
+    from lmeye.config.model import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FROZEN_PREFIXES = ("llm.", "rvii.tower.")  # referenced by the config, never saved
