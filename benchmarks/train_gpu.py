@@ -177,9 +177,11 @@ def peak_memory(device: str) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process memory (peak RSS)"
 
 
-def run(size_name: str, steps: int, warmup: int, micro: int, peak_tflops: float, work: Path, device: str) -> dict:
+def run(size_name: str, steps: int, warmup: int, micro: int, peak_tflops: float, work: Path, device: str,
+        bf16: bool) -> dict:
+    """The frozen parts in bf16 and the step under bf16 autocast (trainable weights fp32), or all fp32."""
     size = SIZES[size_name]
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = torch.bfloat16 if bf16 else torch.float32
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ipn = build_ipn(size, work, device, dtype)
@@ -189,7 +191,7 @@ def run(size_name: str, steps: int, warmup: int, micro: int, peak_tflops: float,
     print(f"[train_gpu] {size_name}: LLM {sum(p.numel() for p in ipn.llm.parameters()) / 1e9:.3f}B frozen, "
           f"IPN {sum(p.numel() for p in ipn.trainable_parameters()) / 1e6:.2f}M trainable, on {device} "
           f"({dtype}); built in {time.perf_counter() - t0:.0f} s", flush=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
 
     def step(batch: dict) -> float:
         with autocast:
@@ -214,7 +216,7 @@ def run(size_name: str, steps: int, warmup: int, micro: int, peak_tflops: float,
         flops += step_flops(ipn, batch, n)
     seconds = time.perf_counter() - start
     mem, what = peak_memory(device)
-    return {"size": size_name, "device": device, "steps": steps, "micro_batch": micro, "seconds": seconds,
+    return {"size": size_name, "device": device, "precision": "bf16" if bf16 else "fp32", "steps": steps, "micro_batch": micro, "seconds": seconds,
             "samples_per_s": steps * micro / seconds, "tokens_per_s": tokens / seconds,
             "tflops": flops / seconds / 1e12, "mfu": flops / seconds / (peak_tflops * 1e12), "peak_tflops": peak_tflops,
             "peak_memory_gib": mem, "memory": what, "loss_first": losses[0], "loss_last": losses[-1]}
@@ -229,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the card's dense bf16 peak (H100/H200 SXM 989, A100 312)")
     ap.add_argument("--work", default=os.environ.get("WORK", "/tmp/lingcloud-train-gpu"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on a GPU, fp32 on the CPU")
     a = ap.parse_args(argv)
-    r = run(a.size, a.steps, a.warmup, a.micro_batch, a.peak_tflops, Path(a.work), a.device)
+    bf16 = (a.precision or ("bf16" if a.device.startswith("cuda") else "fp32")) == "bf16"
+    r = run(a.size, a.steps, a.warmup, a.micro_batch, a.peak_tflops, Path(a.work), a.device, bf16)
     print(f"samples/s {r['samples_per_s']:.2f}  tokens/s {r['tokens_per_s']:.0f}  MFU {r['mfu']:.2%} "
           f"({r['tflops']:.3g} TFLOPS of {r['peak_tflops']:g})  peak {r['memory']} {r['peak_memory_gib']:.2f} GiB  "
           f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}")
