@@ -840,7 +840,7 @@ def _run(cfg: Config, staging: str) -> StageSummary:
         summary.notes.append(f"{len(missing)} shard(s) still failing after {d.max_shard_retry} retries: "
                              f"{', '.join(missing[:10])}; rerun the same command to resume")
         writer.manifest.stats = stats  # the tracebacks stay with the table for the rerun to see
-        writer.manifest.save(output)
+        writer.compact()
         return summary
     writer.finalize(expected, stats=stats)
     return summary
