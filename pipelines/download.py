@@ -485,18 +485,27 @@ class Committer:
         except FileNotFoundError:
             return None
 
+    def _present(self) -> set[str]:
+        """The raw folder's file paths, from one listing (not an existence call per shard)."""
+        self.fs.invalidate_cache(self.raw_root)
+        try:
+            return {f.rstrip("/") for f in self.fs.ls(self.raw_root, detail=False)}
+        except FileNotFoundError:
+            return set()
+
     def prepare(self, plan: Plan) -> None:
         """Before a pass: markers for finished shards, and no leftovers for unfinished ones."""
+        present = self._present()
         for s in plan.shards:
             data, stats = self._paths(s)
             if s.shard_id not in self.pending:
-                if not self.fs.exists(stats):
+                if stats not in present:
                     self.fs.pipe_file(stats, json.dumps({"count": s.rows, "committed": True}).encode())
-            elif self.fs.exists(stats) and self.fs.exists(data) and self.commit(s):
+            elif {stats, data} <= present and self.commit(s):
                 pass  # finished by a run that was killed before committing it
             else:  # img2dataset skips any shard with a stats file: leave none for this one
                 for f in (data, stats, self._stem(s) + NODE_SUFFIX):
-                    if self.fs.exists(f):
+                    if f in present:
                         self.fs.rm_file(f)
 
     def commit(self, s: PlannedShard) -> bool:
@@ -532,9 +541,11 @@ class Committer:
         return True
 
     def sweep(self) -> None:
+        """Commit every pending shard whose data and stats files are there: one folder listing."""
+        present = self._present()
         for s in list(self.pending.values()):
             data, stats = self._paths(s)
-            if self.fs.exists(stats) and self.fs.exists(data):
+            if {stats, data} <= present:
                 self.commit(s)
 
     def watch(self, interval: float = 0.5) -> threading.Thread:

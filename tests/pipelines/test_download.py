@@ -446,3 +446,27 @@ def test_ctrl_c_during_the_download_exits_130_with_one_line(tmp_path, corpus, se
     assert "interrupted; rerun the same command to resume" in stderr.splitlines()
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert (out / "_manifest.json").exists() and not (out / "_staging").exists()
+
+
+def test_a_committer_sweep_lists_the_raw_folder_once_whatever_is_pending(tmp_path, monkeypatch):
+    """The committer polls every 0.5 s: one listing per sweep, not 2-3 existence calls per shard."""
+    from collections import Counter as Calls
+
+    from lmeye.config import DownloadConfig
+    from lmeye.tables import TableWriter
+    from pipelines.download import Committer, Plan, PlannedShard
+
+    shards = [PlannedShard(i, f"{i:05d}.parquet", 10, f"fp{i}", ["in.csv"]) for i in range(200)]
+    plan = Plan(files=[], shards=shards, rejected=[], counts=Counter(), oom_shard_count=5,
+                input_format="csv", format_inferred=True)
+    writer = TableWriter(str(tmp_path / "pairs"), PAIRS, config={})
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    committer = Committer(writer, str(raw), plan, DownloadConfig())
+    calls: Calls = Calls()
+    for op in ("exists", "isfile", "ls", "size", "cat_file"):  # (a local ls stats the folder itself)
+        real = getattr(committer.fs, op)
+        monkeypatch.setattr(committer.fs, op, lambda *a, _op=op, _real=real, **k: calls.update([_op]) or _real(*a, **k))
+    committer.sweep()
+    committer.prepare(plan)
+    assert calls == {"ls": 2} and len(committer.pending) == 200
