@@ -14,8 +14,9 @@ killable and rerunnable:
   final key, which S3 makes visible only when the upload completes (``commits_by_rename``);
 * only the driver writes the manifest (``TableWriter``); workers may write shards with
   ``write_shard`` and hand the returned ``ShardInfo`` back to it;
-* committing a shard writes one small object, ``_journal/<epoch>-<shard>.json``, so the
-  100,000th commit costs what the first does. ``_manifest.json`` is rewritten whole only
+* committing a shard adds one record to the table's journal (``lmeye/journal.py``: a line
+  appended locally, one small object on object stores), so the 100,000th commit costs what
+  the first does. ``_manifest.json`` is rewritten whole only
   when the writer opens a table and at ``finalize`` (compaction), each time under a new
   ``epoch``: ``Manifest.load`` merges the journal entries of the manifest's own epoch, so
   every reader sees the committed shards whether or not they were compacted yet, and a
@@ -45,7 +46,7 @@ import os
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -57,11 +58,11 @@ from fsspec.implementations.local import LocalFileSystem
 
 import lmeye
 from lmeye.errors import UserError
-from lmeye import provenance
+from lmeye import journal, provenance
+from lmeye.journal import JOURNAL
 from schemas import SchemaError, TableSchema
 
 MANIFEST = "_manifest.json"
-JOURNAL = "_journal"  # one small object per shard committed since the last compaction
 SHARD_SUFFIX = ".parquet"
 # File-name prefixes Hugging Face `datasets` maps to splits; a shard name without one is "train".
 SPLIT_PREFIXES = ("train-", "validation-", "test-")
@@ -294,14 +295,18 @@ class Manifest:
     updated: float = 0.0
     replaced_rows: int | None = None  # set when --overwrite replaced a table from other inputs/config
     provenance: dict[str, Any] = field(default_factory=dict)  # stage, inputs, run config: lmeye/provenance.py
-    epoch: str = ""  # the journal entries that belong to this manifest are named "<epoch>-..."
+    epoch: str = ""  # the journal records that belong to this manifest (lmeye/journal.py)
 
     @property
     def num_rows(self) -> int:
         return sum(s.rows for s in self.shards.values())
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True, default=str)
+        # No indent: json's C encoder only runs without one (a 100,000-shard manifest is ~100 MB),
+        # and no deep-copying asdict of every shard.
+        raw = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "shards"}
+        raw["shards"] = {n: vars(s) for n, s in self.shards.items()}
+        return json.dumps(raw, sort_keys=True, default=str, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "Manifest":
@@ -323,9 +328,11 @@ class Manifest:
             check_not_a_file(path)
             return None
         manifest = cls.from_json(text, where)
-        committed = read_journal(path, manifest.epoch)
+        committed = journal.read(fs, root, manifest.epoch, path.rstrip("/"))
         if committed:
-            manifest.shards.update(committed)
+            for record in committed:
+                info = ShardInfo(**record)
+                manifest.shards[info.name] = info
             manifest.complete = False  # a commit after the last compaction: the stage is still running
         return manifest
 
@@ -345,42 +352,6 @@ def _put_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> No
     tmp = _join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
     fs.pipe_file(tmp, data)
     fs.mv(tmp, path)
-
-
-def _journal_entry(root: str, epoch: str, name: str) -> str:
-    return _join(_join(root, JOURNAL), f"{epoch}-{name}.json")
-
-
-def read_journal(path: str, epoch: str) -> dict[str, ShardInfo]:
-    """The shards committed under ``epoch`` and not compacted yet: one listing, then one batched
-    read of the (normally few: a crash's worth) entries; a stray or torn entry names its file."""
-    fs, root = fsspec.core.url_to_fs(path)
-    folder = _join(root, JOURNAL)
-    fs.invalidate_cache(folder)
-    try:
-        names = fs.ls(folder, detail=False)
-    except (FileNotFoundError, NotADirectoryError):
-        return {}
-    prefix = f"{epoch}-"
-    mine = sorted(f for f in names if os.path.basename(f).startswith(prefix) and f.endswith(".json")
-                  and ".tmp-" not in os.path.basename(f))
-    if not mine:
-        return {}
-    shards: dict[str, ShardInfo] = {}
-    for f, blob in sorted(fs.cat(mine, on_error="raise").items()):
-        try:
-            info = ShardInfo(**json.loads(blob))
-        except (ValueError, TypeError) as err:
-            raise SchemaError(f"{_join(path, JOURNAL)}/{os.path.basename(f)}: unreadable journal entry ({err})") from None
-        shards[info.name] = info
-    return shards
-
-
-def _clear_journal(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    """After a compaction: the entries are in the manifest (and belong to an older epoch)."""
-    folder = _join(root, JOURNAL)
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm(folder, recursive=True)
 
 
 def check_not_a_file(path: str) -> None:
@@ -515,8 +486,7 @@ class TableWriter:
         """
         self.manifest.epoch = uuid.uuid4().hex[:12]
         self.manifest.save(self.path)
-        _clear_journal(self.fs, self.root)
-        self._journal_ready = False
+        journal.clear(self.fs, self.root)
 
     def listing(self, refresh: bool = False) -> dict[str, dict[str, Any]]:
         """The table folder's files (name -> fsspec info), from one listing kept until ``refresh``."""
@@ -552,13 +522,9 @@ class TableWriter:
         return {n: s for n, s in self.manifest.shards.items() if self.is_done(n, s.input_fingerprint)}
 
     def record(self, info: ShardInfo) -> None:
-        """Commit a shard written by ``write_shard`` (here or on a worker): one small journal
-        object, whatever the number of shards before it (``finalize`` compacts)."""
-        if not self._journal_ready:
-            self.fs.makedirs(_join(self.root, JOURNAL), exist_ok=True)
-            self._journal_ready = True
-        _put_atomically(self.fs, _journal_entry(self.root, self.manifest.epoch, info.name),
-                        json.dumps(asdict(info), sort_keys=True, default=str).encode())
+        """Commit a shard written by ``write_shard`` (here or on a worker): one journal record,
+        whatever the number of shards before it (``finalize`` compacts)."""
+        journal.append(self.fs, self.root, self.manifest.epoch, asdict(info), appendable=commits_by_rename(self.fs))
         self.manifest.shards[info.name] = info
         self._verified.add((info.name, info.sha256))
         self.manifest.complete = False

@@ -148,18 +148,35 @@ def test_shard_file_where_a_table_folder_is_expected(make_pairs):
                                   f"_manifest.json; did you mean {path}?)")
 
 
-def test_a_commit_writes_one_journal_object_not_the_manifest(tmp_path):
+def test_a_commit_appends_one_journal_line_not_the_manifest(tmp_path):
     w = TableWriter(str(tmp_path), PAIRS, config={})
     for i in range(3):
         w.write(f"{i:05d}.parquet", _one_row(str(i)), input_fingerprint="x")
     before = (tmp_path / MANIFEST).read_bytes()
     w.write("00003.parquet", _one_row("d"), input_fingerprint="x")
     assert (tmp_path / MANIFEST).read_bytes() == before  # untouched by the commit
-    assert len(list((tmp_path / JOURNAL).iterdir())) == 4
+    [log] = (tmp_path / JOURNAL).iterdir()
+    assert [json.loads(line)["name"] for line in log.read_text().splitlines()] == [f"{i:05d}.parquet" for i in range(4)]
     assert json.loads(before)["shards"] == {}
     w.finalize([f"{i:05d}.parquet" for i in range(4)], stats={})
     assert not (tmp_path / JOURNAL).exists()  # compacted into the manifest
     assert sorted(json.loads((tmp_path / MANIFEST).read_text())["shards"]) == [f"{i:05d}.parquet" for i in range(4)]
+
+
+def test_object_store_layout_one_object_a_commit_reads_back_the_same(tmp_path):
+    """Object stores cannot append: one object per commit, read back by one listing."""
+    from lmeye import journal
+    from lmeye.tables import LocalFileSystem
+
+    fs = LocalFileSystem(auto_mkdir=True)
+    records = [{"name": f"{i:05d}.parquet", "rows": i} for i in range(3)]
+    for r in records:
+        journal.append(fs, str(tmp_path), "e1", r, appendable=False)
+    journal.append(fs, str(tmp_path), "e0", {"name": "old.parquet"}, appendable=False)
+    assert sorted(p.name for p in (tmp_path / JOURNAL / "e1").iterdir()) == [f"{r['name']}.json" for r in records]
+    assert journal.read(fs, str(tmp_path), "e1", "T") == records
+    journal.clear(fs, str(tmp_path))
+    assert journal.read(fs, str(tmp_path), "e1", "T") == [] and not (tmp_path / JOURNAL).exists()
 
 
 def test_a_crash_between_commit_and_compaction_loses_nothing(tmp_path):
@@ -193,12 +210,15 @@ def test_journal_entries_of_an_older_epoch_are_ignored(tmp_path):
     assert sorted(m.shards) == ["00000.parquet"] and m.complete
 
 
-def test_a_torn_journal_entry_names_its_file(tmp_path):
+def test_a_torn_last_journal_line_is_a_commit_that_never_returned(tmp_path):
     w = TableWriter(str(tmp_path), PAIRS, config={})
     w.write("00000.parquet", _one_row("a"), input_fingerprint="x")
-    entry = next((tmp_path / JOURNAL).iterdir())
-    entry.write_text('{"name": "00000.par')
-    with pytest.raises(SchemaError, match=f"{JOURNAL}/{entry.name}: unreadable journal entry"):
+    [log] = (tmp_path / JOURNAL).iterdir()
+    with log.open("a") as f:
+        f.write('{"name": "00001.par')  # killed mid-write
+    assert sorted(Manifest.load(str(tmp_path)).shards) == ["00000.parquet"]
+    log.write_text('{"name": "00000.par\n' + log.read_text())  # damage before the last line: an error
+    with pytest.raises(SchemaError, match=f"{JOURNAL}/{log.name}, line 1: unreadable journal entry"):
         Manifest.load(str(tmp_path))
 
 

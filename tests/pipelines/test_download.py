@@ -21,7 +21,8 @@ import pytest
 from lmeye.cli import main
 from lmeye.config import load_config
 from lmeye.demo.corpus import write_url_list
-from lmeye.tables import OutputNotWritable, TableReader, shard_file
+from lmeye.tables import Manifest, OutputNotWritable, TableReader, shard_file
+from schemas import SchemaError
 from lmeye.uid import uid_for
 from pipelines.download import read_url_list, run
 from schemas.pairs import PAIRS, SUCCESS
@@ -163,8 +164,8 @@ def test_download_pairs_table_rows_failures_and_rerun(tmp_path, corpus, server, 
 
 def _manifest_shards(out: Path) -> dict:
     try:
-        return json.loads((out / "_manifest.json").read_text())["shards"]
-    except (FileNotFoundError, ValueError, KeyError):
+        return Manifest.load(str(out)).shards  # with the shards committed to its journal
+    except (AttributeError, SchemaError):  # no manifest yet, or one being written
         return {}
 
 
