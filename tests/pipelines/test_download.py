@@ -449,13 +449,12 @@ def test_ctrl_c_during_the_download_exits_130_with_one_line(tmp_path, corpus, se
     assert (out / "_manifest.json").exists() and not (out / "_staging").exists()
 
 
-def test_a_committer_sweep_lists_the_raw_folder_once_whatever_is_pending(tmp_path, monkeypatch):
-    """The committer polls every 0.5 s: one listing per sweep, not 2-3 existence calls per shard."""
+def test_the_committer_lists_the_raw_folder_once_whatever_is_pending(tmp_path, monkeypatch):
+    """Before a pass: one listing, not 2-3 existence calls per pending shard."""
     from collections import Counter as Calls
 
-    from lmeye.config import DownloadConfig
     from lmeye.tables import TableWriter
-    from pipelines.download import Committer, Plan, PlannedShard
+    from pipelines.download import Committer, Plan, PlannedShard, ShardTarget
 
     shards = [PlannedShard(i, f"{i:05d}.parquet", 10, f"fp{i}", ["in.csv"]) for i in range(200)]
     plan = Plan(files=[], shards=shards, rejected=[], counts=Counter(), oom_shard_count=5,
@@ -463,11 +462,53 @@ def test_a_committer_sweep_lists_the_raw_folder_once_whatever_is_pending(tmp_pat
     writer = TableWriter(str(tmp_path / "pairs"), PAIRS, config={})
     raw = tmp_path / "raw"
     raw.mkdir()
-    committer = Committer(writer, str(raw), plan, DownloadConfig())
+    committer = Committer(writer, ShardTarget(str(tmp_path / "pairs"), str(raw), "jpg"), plan)
     calls: Calls = Calls()
     for op in ("exists", "isfile", "ls", "size", "cat_file"):  # (a local ls stats the folder itself)
         real = getattr(committer.fs, op)
         monkeypatch.setattr(committer.fs, op, lambda *a, _op=op, _real=real, **k: calls.update([_op]) or _real(*a, **k))
-    committer.sweep()
+    assert committer.leftovers() == []
     committer.prepare(plan)
     assert calls == {"ls": 2} and len(committer.pending) == 200
+
+
+def _task_that(tmp_path, ray_local):
+    @ray_local.remote
+    def task(name: str, delay: float, fail: bool = False):
+        time.sleep(delay)
+        if fail:
+            raise OSError(f"{name}: the node went away")
+        (tmp_path / name).write_text("written")  # what a download task's shard write stands for
+        return name
+
+    return task
+
+
+def test_a_failed_task_lets_the_rest_of_its_pass_finish_before_the_pass_fails(tmp_path, ray_local):
+    from pipelines.download import run_tasks
+
+    task = _task_that(tmp_path, ray_local)
+    got = []
+    with pytest.raises(ray_local.exceptions.RayTaskError, match="the node went away"):
+        run_tasks([task.remote("bad", 0, fail=True), task.remote("slow", 2.0)], got.append)
+    assert got == ["slow"] and (tmp_path / "slow").exists()  # no task of the pass outlives it
+
+
+def test_a_pass_that_fails_cancels_its_tasks_before_the_retry(tmp_path, ray_local):
+    """Before: the retry pass started while the failed pass's tasks still ran (two writers of a shard)."""
+    from pipelines.download import run_tasks
+
+    task = _task_that(tmp_path, ray_local)
+    slow = task.remote("slow", 4.0)
+
+    def recording_fails(_result):
+        raise OSError("the journal's disk is full")
+
+    with pytest.raises(OSError, match="disk is full"):
+        run_tasks([task.remote("fast", 0), slow], recording_fails)
+    ready, _ = ray_local.wait([slow], timeout=0)
+    assert ready == [slow]  # ended (cancelled) by the time the pass returned
+    with pytest.raises(ray_local.exceptions.TaskCancelledError):
+        ray_local.get(slow)
+    time.sleep(5)
+    assert not (tmp_path / "slow").exists()
