@@ -148,7 +148,14 @@ def _raw_batches(f, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Table]:
     if base == "parquet":
         if fmt.endswith(".gz"):  # parquet needs seeking: a gzipped one is read whole
             f = io.BytesIO(f.read())
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS):
+        pf = pq.ParquetFile(f)
+        # only the columns used: LAION's metadata parquet has a dozen more (and some have embeddings)
+        wanted = [c for c in _column_names(cfg, fmt) if c]
+        columns = [c for c in pf.schema_arrow.names if c in wanted]
+        if len(columns) < len(wanted):  # let the caller name the missing column
+            yield pf.schema_arrow.empty_table()
+            return
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
             yield pa.Table.from_batches([batch])
         return
     if base == "txt":
@@ -168,10 +175,13 @@ def _raw_batches(f, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Table]:
         reader = pajson.open_json(f, read_options=pajson.ReadOptions(block_size=READ_BLOCK))
     else:
         strings = {c: pa.string() for c in _column_names(cfg, fmt) if c}
+        # TSV has no quoting (CC3M's captions hold lone '"'s: quoted parsing would swallow the
+        # lines after one); CSV quotes fields with commas and newlines in them.
+        parse = (pacsv.ParseOptions(delimiter="\t", quote_char=False) if base == "tsv"
+                 else pacsv.ParseOptions(delimiter=",", newlines_in_values=True))
         reader = pacsv.open_csv(
-            f, read_options=pacsv.ReadOptions(block_size=READ_BLOCK),
-            parse_options=pacsv.ParseOptions(delimiter="\t" if base == "tsv" else ",", newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(column_types=strings),
+            f, read_options=pacsv.ReadOptions(block_size=READ_BLOCK, column_names=cfg.column_names),
+            parse_options=parse, convert_options=pacsv.ConvertOptions(column_types=strings),
         )
     yield reader.schema.empty_table()  # the columns, checked even when there is no row
     for batch in reader:
@@ -837,6 +847,8 @@ def _run(cfg: Config, staging: str) -> StageSummary:
     plan = plan_inputs(d.input, staging, d)
     content = {k: v for k, v in dump_config(cfg)["download"].items() if k in CONTENT_KEYS}
     content["input_format"] = plan.input_format  # as used, whether configured or inferred
+    if d.column_names is not None:  # (only when set: tables from before the key keep their fingerprint)
+        content["column_names"] = d.column_names
     writer = TableWriter(output, PAIRS, config=content,
                          input_fingerprint=fingerprint([s.fingerprint for s in plan.all_shards]))
     fs, raw_root = fsspec.core.url_to_fs(raw_dir)

@@ -512,3 +512,38 @@ def test_a_pass_that_fails_cancels_its_tasks_before_the_retry(tmp_path, ray_loca
         ray_local.get(slow)
     time.sleep(5)
     assert not (tmp_path / "slow").exists()
+
+
+def test_cc3m_tsv_as_released_no_header_and_no_quote_processing(tmp_path):
+    """CC3M's TSV: caption<TAB>url, no header line; a caption's lone '"' is just a character
+    (quoted parsing made it swallow the lines after it)."""
+    tsv = tmp_path / "Train_GCC-training.tsv"
+    rows = [('a sign reading "open', "http://h/1.jpg"), ("a dog, running", "http://h/2.jpg"),
+            ('12" record on a table', "http://h/3.jpg")]
+    tsv.write_text("".join(f"{c}\t{u}\n" for c, u in rows))
+    cfg = _cfg(tsv, tmp_path / "pairs", **{"download.column_names": ["caption", "url"]}).download
+    table = read_url_list(str(tsv), cfg)
+    assert list(zip(table["caption"].to_pylist(), table["url"].to_pylist())) == rows
+
+
+def test_column_names_must_be_a_list_of_names(tmp_path):
+    from lmeye.config import ConfigError
+
+    with pytest.raises(ConfigError, match="column_names"):
+        _cfg(tmp_path / "x.tsv", tmp_path / "pairs", **{"download.column_names": []})
+
+
+def test_parquet_lists_read_only_the_columns_used(tmp_path, monkeypatch):
+    """LAION's metadata parquet has many more columns than url and caption."""
+    path = tmp_path / "laion.parquet"
+    pq.write_table(pa.table({"URL": ["http://h/1.jpg"], "TEXT": ["a cat"], "similarity": [0.31],
+                             "embedding": [[0.5] * 512]}), path)
+    read = []
+    real = pq.ParquetFile.iter_batches
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches",
+                        lambda self, *a, **k: read.append(k.get("columns")) or real(self, *a, **k))
+    cfg = _cfg(path, tmp_path / "pairs", **{"download.url_col": "URL", "download.caption_col": "TEXT"}).download
+    table = read_url_list(str(path), cfg)
+    assert table["caption"].to_pylist() == ["a cat"] and read == [["URL", "TEXT"]]
+    with pytest.raises(Exception, match=r"laion.parquet: no caption column 'caption' \(columns: URL, TEXT"):
+        read_url_list(str(path), _cfg(path, tmp_path / "p", **{"download.url_col": "URL"}).download)
