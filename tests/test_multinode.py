@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from lingcloud_testing import free_port, run_own_cluster, start_cluster
+from lingcloud_testing import committed_manifest, free_port, run_own_cluster, start_cluster
 
 from lmeye.tables import Manifest, shard_file
 from schemas import SchemaError
@@ -300,7 +300,7 @@ def run(tmp_path_factory):
 
 
 def _manifest(table: Path) -> dict:
-    return json.loads((table / "_manifest.json").read_text())
+    return committed_manifest(table)
 
 
 def test_download_job_fetched_on_both_nodes(run):

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from lingcloud_testing import build_pairs_table
+from lingcloud_testing import build_pairs_table, committed_manifest
 
 from lmeye import clip
 from lmeye.cli import main
@@ -159,7 +159,7 @@ def test_resume_after_sigkill_redoes_only_unfinished_shards(tmp_path):
         while time.time() < deadline:
             if manifest.exists():
                 try:
-                    if json.loads(manifest.read_text())["shards"]:
+                    if committed_manifest(manifest.parent).get("shards"):
                         break
                 except ValueError:
                     pass
@@ -170,7 +170,7 @@ def test_resume_after_sigkill_redoes_only_unfinished_shards(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    first = json.loads(manifest.read_text())
+    first = committed_manifest(manifest.parent)
     assert not first["complete"] and 1 <= len(first["shards"]) < 6
     kept = {n: ((tmp_path / "features" / shard_file(n)).stat().st_mtime_ns,
                 hashlib.sha256((tmp_path / "features" / shard_file(n)).read_bytes()).hexdigest())
@@ -185,7 +185,7 @@ def test_resume_after_sigkill_redoes_only_unfinished_shards(tmp_path):
         assert (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) == (mtime, sha)
     table = _table(tmp_path / "features")
     assert sorted(table["uid"].to_pylist()) == sorted(pairs["uid"].to_pylist())  # exactly one row per uid
-    assert json.loads(manifest.read_text())["complete"]
+    assert committed_manifest(manifest.parent)["complete"]
     assert not list((tmp_path / "features").glob(".*.tmp-*"))
 
 
@@ -280,7 +280,7 @@ def test_a_killed_model_actor_is_replaced_and_the_run_completes(tmp_path, ray_lo
     thread.start()
     victim, deadline = None, time.time() + 180
     while victim is None and time.time() < deadline and thread.is_alive():
-        started = manifest.exists() and json.loads(manifest.read_text() or "{}").get("shards")
+        started = committed_manifest(manifest.parent).get("shards")
         for p in psutil.Process().children(recursive=True) if started else []:  # once a shard is written
             try:
                 if p.pid not in before and "_Encoder" in " ".join(p.cmdline()):
