@@ -547,3 +547,23 @@ def test_parquet_lists_read_only_the_columns_used(tmp_path, monkeypatch):
     assert table["caption"].to_pylist() == ["a cat"] and read == [["URL", "TEXT"]]
     with pytest.raises(Exception, match=r"laion.parquet: no caption column 'caption' \(columns: URL, TEXT"):
         read_url_list(str(path), _cfg(path, tmp_path / "p", **{"download.url_col": "URL"}).download)
+
+
+def test_the_driver_never_reads_or_writes_a_fetched_shard(tmp_path, corpus, server, ray_local, monkeypatch):
+    """The tasks that fetch a shard write it (write_shard where the bytes are) and return a
+    ShardInfo: in the driver process, reading img2dataset's output or writing a pairs shard
+    fails here (the patch reaches this process only, not the Ray workers), and the run still
+    completes. Before, the driver's committer thread read, re-encoded and wrote every shard."""
+    import pipelines.download as download
+
+    def not_on_the_driver(*args, **kwargs):
+        raise AssertionError("table bytes through the driver")
+
+    monkeypatch.setattr(download, "to_pairs", not_on_the_driver)
+    monkeypatch.setattr(download, "write_shard", not_on_the_driver)
+    urls = write_url_list(corpus, server.base_url, tmp_path / "urls.csv")
+    summary = run(_cfg(urls, tmp_path / "pairs"))
+    assert summary.ok and summary.shards_done >= 2, summary.render()
+    table = TableReader(str(tmp_path / "pairs"), PAIRS).read(columns=["uid", "status", "image"])
+    assert table.num_rows == pa.csv.read_csv(urls).num_rows
+    assert sum(len(b or b"") for b in table["image"].to_pylist()) > 0

@@ -252,6 +252,34 @@ def test_progress_counts_images_and_the_summary_splits_startup_from_steady_rate(
     assert "torch threads per model actor: 2 (the CPUs of its node / the model actors that fit there" in out
 
 
+def test_the_driver_receives_part_metadata_never_feature_rows(tmp_path, ray_local, monkeypatch):
+    """The workers write the shards: what Ray Data hands the driver is one small row per part
+    (lmeye.shard_parts), never a uid or an embedding. Before, the driver iterated every output
+    block, patch tokens included, and wrote the shards itself."""
+    import ray
+
+    from lmeye.shard_parts import PART_SCHEMA
+
+    build_pairs_table(tmp_path / "pairs", 9, shards=3, corrupt=1, failed=1, size=32)
+    received: list[pa.Table] = []
+    real = ray.data.Dataset.iter_batches
+
+    def spy(self, *args, **kwargs):
+        for batch in real(self, *args, **kwargs):
+            received.append(batch)
+            yield batch
+
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", spy)
+    assert main(["extract", str(tmp_path / "pairs"), str(tmp_path / "features"),
+                 "--set", f"extract.model={clip.TINY_MODEL}", "--set", "extract.pretrained=null",
+                 "--set", "extract.batch_size=2", "--set", "extract.decode_batch_rows=2",
+                 "--set", "extract.decode_num_cpus=0.5", "--set", "extract.patch_tokens=true"]) == 0
+    assert received and all(b.schema.names == PART_SCHEMA.names for b in received)
+    assert sum(b.num_rows for b in received) >= 3 and sum(int(r) for b in received for r in b["rows"].to_pylist()) == 10
+    assert _table(tmp_path / "features").num_rows == 10
+    assert not (tmp_path / "features" / "_staging").exists()  # the parts are gone
+
+
 def test_auto_torch_threads_share_the_node_between_model_actors():
     from pipelines.extract import auto_torch_threads
 
