@@ -3,10 +3,12 @@
 ``run(cfg)`` runs the configured training stages in order (``train.stages``; the shipped configs
 have ``align`` then ``instruct``, which starts from ``align``'s model). For each stage:
 
-1. *Checks on the driver, before any worker starts* (each one clear error): the instructions
-   table, the features table (opened through the feature store, which also builds its serving
-   copy once, not once per worker), the LLM named by the model section, the ``init_from`` model
-   and that its feature width matches the features table.
+1. *Checks on the driver, before any worker starts* (``preflight``; each one clear error, never
+   retried by Ray Train): the instructions table, the features table (opened through the feature
+   store, which also builds its serving copy once, not once per worker), that the output is
+   writable, the model against the features (``lmeye.train.preflight``: the LLM's architecture,
+   the tokenizer and its chat template, RVII's CLIP and its activation, the patch grid), the
+   ``init_from`` model and that its feature width matches the features table.
 2. *Data*: the ``train`` (and ``validation``) shards of the instructions table are read with Ray
    Data (the stage's tasks pushed down as a Parquet filter), one block per shard, block order
    shuffled with the seed, re-cut into blocks of up to 8 optimizer steps (``block_steps``), and
@@ -44,6 +46,7 @@ from lmeye.report import StageSummary, node_note
 from lmeye.tables import Manifest, TableReader, fingerprint
 from lmeye.train.checkpoint import ATTEMPTS, MODEL_DIR
 from lmeye.train.ds_config import stage_value
+from lmeye.train import preflight as checks
 from lmeye.train.model_factory import IPNFactory
 from schemas.instructions import INSTRUCTIONS, TRAIN, VALIDATION
 
@@ -117,20 +120,6 @@ def _init_dir(stage: TrainStage, output: str, earlier: list[str]) -> Optional[st
             f"train stage {stage.name}: init_from {path!r} is neither an earlier stage's name nor a model directory"
         )
     return path
-
-
-def _check_feature_shape(factory: Any, init_dir: str, store: Any, stage: TrainStage) -> None:
-    dim, patch = factory.feature_shape(init_dir)
-    if dim is not None and dim != store.dim:
-        raise UserError(
-            f"train stage {stage.name}: {init_dir} was built for {dim}-d features, but {store.path} holds "
-            f"{store.dim}-d features (model {store.model or '?'}); use the features it was trained on"
-        )
-    if patch is not None and store.patch_shape is not None and tuple(patch) != tuple(store.patch_shape):
-        raise UserError(
-            f"train stage {stage.name}: {init_dir} was built for patch tokens {tuple(patch)}, "
-            f"but {store.path} holds {tuple(store.patch_shape)}"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,12 +436,13 @@ def _run_stage(cfg: Config, stage: TrainStage, factory: Any, files: dict[str, li
 # The stage
 
 
-def run(cfg: Config, *, factory: Any = None) -> StageSummary:
-    """Train every configured stage in order; print each stage's summary but the last, return the last.
-
-    ``factory`` builds and loads the model (default ``IPNFactory``: ``lmeye.model``); tests pass a fake.
-    """
-    factory = factory or IPNFactory()
+def preflight(cfg: Config, factory: Any) -> tuple[Config, dict[str, list[str]], Any, str, list[tuple[TrainStage, Optional[str]]]]:
+    """Every check on the driver, before Ray starts (``lmeye.train.preflight``): the tables, the
+    output, the model against the features table (through ``factory.check``), each stage's
+    ``init_from`` and rows. A deterministic mistake is one error here, never a worker's failure
+    that Ray Train's ``FailureConfig`` would retry. Returns the config (RVII's CLIP resolved from
+    the features table when ``model.clip_model`` is null), the shard files, the feature store, the
+    output and each stage with the model directory it starts from."""
     instructions, features, output = _paths(cfg)
     tc = cfg.train
     stages = [s for s in tc.stages if tc.only is None or s.name in tc.only]
@@ -460,7 +450,9 @@ def run(cfg: Config, *, factory: Any = None) -> StageSummary:
         raise UserError("train.stages: no stage to run")
     files = _split_files(instructions)
     store = _open_features(features)
-    factory.check(cfg)
+    checks.check_outputs(output)
+    cfg = cfg.model_copy(update={"model": checks.with_table_clip(cfg.model, store.metadata, store.path)})
+    factory.check(cfg, store)
     names = [s.name for s in tc.stages]
     plan = []
     for stage in stages:
@@ -471,12 +463,22 @@ def run(cfg: Config, *, factory: Any = None) -> StageSummary:
             if not os.path.isdir(init_dir):
                 raise FileNotFoundError(f"train stage {stage.name}: init_from {stage.init_from}: no model at {init_dir}; "
                                         f"train stage {stage.init_from} first")
-            _check_feature_shape(factory, init_dir, store, stage)
+            checks.check_init_features(stage.name, init_dir, factory.feature_shape(init_dir), store)
         if _count_rows(files[TRAIN], _task_filter(stage)) == 0:
             raise UserError(f"train stage {stage.name}: no train rows of tasks {stage.tasks or 'any'} in the instructions table")
         plan.append((stage, init_dir))
+    return cfg, files, store, output, plan
+
+
+def run(cfg: Config, *, factory: Any = None) -> StageSummary:
+    """Train every configured stage in order; print each stage's summary but the last, return the last.
+
+    ``factory`` builds and loads the model (default ``IPNFactory``: ``lmeye.model``); tests pass a fake.
+    """
+    factory = factory or IPNFactory()
+    cfg, files, store, output, plan = preflight(cfg, factory)
     summary: Optional[StageSummary] = None
-    for i, (stage, init_dir) in enumerate(plan):
+    for stage, init_dir in plan:
         if summary is not None:
             print(summary.render(), flush=True)
         summary = _run_stage(cfg, stage, factory, files, store, output, init_dir)
@@ -486,4 +488,4 @@ def run(cfg: Config, *, factory: Any = None) -> StageSummary:
     return summary
 
 
-__all__ = ["run", "stage_dir"]
+__all__ = ["preflight", "run", "stage_dir"]

@@ -25,7 +25,7 @@ False, eval mode), and the LLM's vocabulary and embedding matrix are never resiz
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,10 +34,12 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers.utils import ModelOutput
 
-from lmeye.config.model import ModelConfig
 from lmeye.errors import UserError
 from lmeye.model.rvii import ClipTextRVII, TransformerRVII, load_clip_text_tower
 from lmeye.model.text import IGNORE, IMG, IMG_D, IMG_Q, TextCodec
+
+if TYPE_CHECKING:  # annotations only: the model runs with torch and transformers alone (benchmarks/train_gpu.py)
+    from lmeye.config.model import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FROZEN_PREFIXES = ("llm.", "rvii.tower.")  # referenced by the config, never saved
@@ -62,14 +64,15 @@ class IPNOutput(ModelOutput):
     num_tokens: Optional[torch.Tensor] = None  # (B,) answer tokens per sample
 
 
-def load_llm(cfg: ModelConfig):
-    """(frozen causal LM, tokenizer) from ``cfg.llm``; one UserError naming the path if it is not one."""
+def llm_config(cfg: ModelConfig):
+    """The LLM's ``transformers`` config, once its architecture is known to be one the IPN runs.
+
+    The one place that says which architectures are supported (the driver's preflight and every
+    worker's ``load_llm`` ask it), so a new kind of LLM is added here. One UserError naming the path."""
     import os
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
-    hf_logging.disable_progress_bar()  # one line per loaded model is enough
     if not cfg.llm:
         raise UserError("model.llm is not set: name a causal LM directory (the demo builds one with lmeye.model.demo.ensure_demo_llm)")
     try:
@@ -77,10 +80,31 @@ def load_llm(cfg: ModelConfig):
     except (OSError, ValueError) as err:
         where = "no such directory" if not os.path.exists(cfg.llm) else "no usable config.json"
         raise UserError(f"model.llm {cfg.llm!r}: {where} ({str(err).splitlines()[0]})") from None
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
     if type(llm_cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise UserError(f"model.llm {cfg.llm!r} is not a causal LM ({type(llm_cfg).__name__} has no AutoModelForCausalLM class)")
+    return llm_cfg
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The configured tokenizer (``model.tokenizer``, else the LLM's); one UserError naming it."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.llm)
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"model.tokenizer {cfg.tokenizer or cfg.llm!r}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # pads are masked; any id works
+    return tok
+
+
+def load_llm(cfg: ModelConfig):
+    """(frozen causal LM, tokenizer) from ``cfg.llm``; one UserError naming the path if it is not one."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line per loaded model is enough
+    llm_cfg = llm_config(cfg)
     kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype]}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -92,17 +116,16 @@ def load_llm(cfg: ModelConfig):
         raise
     except OSError as err:
         raise UserError(f"model.llm {cfg.llm!r}: cannot load weights ({str(err).splitlines()[0]})") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.llm)
-    except (OSError, ValueError) as err:
-        raise UserError(f"model.tokenizer {cfg.tokenizer or cfg.llm!r}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # pads are masked; any id works
-    return llm, tok
+    return llm, load_tokenizer(cfg)
 
 
 def llm_context(llm) -> int:
-    c = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
+    return config_context(llm.config)
+
+
+def config_context(config) -> int:
+    """Positions an LLM of this ``transformers`` config takes (very many when it names no limit)."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in ("max_position_embeddings", "n_positions", "seq_length"):
         if getattr(c, key, None):
             return int(getattr(c, key))

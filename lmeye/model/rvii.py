@@ -146,19 +146,39 @@ class TransformerRVII(nn.Module):
         return self.norm(out[:, -self.num_img_d :])
 
 
-def load_clip_text_tower(model: str, pretrained: Optional[str], config_dirs: list[str], dtype: torch.dtype) -> ClipTextTower:
-    """The frozen text tower of an open_clip model (the visual tower is dropped right after loading)."""
+def check_clip_text(model: Optional[str], pretrained: Optional[str], config_dirs: list[str]) -> int:
+    """Check, without loading weights, that ``model`` + ``pretrained`` build the text tower RVII needs:
+    a known architecture, an existing file or a tag of it, and the activation its weights were trained
+    with (open_clip would only warn, and that warning is muted while loading). Returns the tower's
+    context length. One UserError naming the key."""
     import os
 
     import open_clip
 
-    from lmeye.clip import DEMO_SEED, _quiet_open_clip, register_model_configs
+    from lmeye.clip import ModelError, check_activation, register_model_configs, text_context_length
 
+    if not model:
+        raise UserError("model.clip_model is not set: the train stage takes the CLIP named by the features table's "
+                        "manifest; elsewhere name it (and model.clip_pretrained)")
     register_model_configs(config_dirs)
     if open_clip.get_model_config(model.replace("/", "-")) is None and not model.startswith(("hf-hub:", "local-dir:")):
         raise UserError(f"model.clip_model {model!r}: no such open_clip architecture (add its JSON to configs/models/ or model.clip_model_config_dirs)")
     if pretrained and not os.path.isfile(pretrained) and not open_clip.get_pretrained_cfg(model.replace("/", "-"), pretrained):
         raise UserError(f"model.clip_pretrained {pretrained!r}: neither an existing file nor a pretrained tag of {model}")
+    try:
+        check_activation(model, pretrained, key="model.clip_model")
+    except ModelError as err:
+        raise UserError(str(err)) from None
+    return text_context_length(model)
+
+
+def load_clip_text_tower(model: str, pretrained: Optional[str], config_dirs: list[str], dtype: torch.dtype) -> ClipTextTower:
+    """The frozen text tower of an open_clip model (the visual tower is dropped right after loading)."""
+    import open_clip
+
+    from lmeye.clip import DEMO_SEED, _quiet_open_clip
+
+    check_clip_text(model, pretrained, config_dirs)
     # Random weights (no pretrained) come from a fixed seed in a private RNG state: the frozen tower is
     # never saved, so every worker, and every later load of a trained IPN, must rebuild the very same
     # one (an unseeded tower differs per process and the trained projections around it mean nothing).

@@ -4,8 +4,8 @@ The trainer never imports ``lmeye.model`` itself. It calls a factory (``IPNFacto
 caller of ``pipelines.train.run`` passes its own), which is pickled into every Ray Train worker
 with the loop's config. The factory:
 
-* ``check(cfg)``: fails with one ``UserError`` when the model section names an LLM that is not
-  there (run on the driver, before any worker starts);
+* ``check(cfg, features)``: fails with one ``UserError`` when the model section cannot train on
+  the features table (``lmeye.train.preflight``; run on the driver, before any worker starts);
 * ``build(cfg, feature_dim, patch_shape)``: a fresh IPN (frozen LLM and CLIP, new trainable weights);
 * ``load(directory)``: an IPN from a model directory (safetensors + JSON, nothing unpickled);
 * ``feature_shape(directory)``: the ``(feature_dim, patch_shape)`` a model directory was built for,
@@ -26,19 +26,11 @@ IPN_CONFIG = "ipn_config.json"
 class IPNFactory:
     """The real IPN of ``lmeye.model`` (see /IPN contract)."""
 
-    def check(self, cfg: Any) -> None:
-        model_cfg = getattr(cfg, "model", None)
-        if model_cfg is None:
-            raise UserError("model: the config has no model section; the train stage needs one (model.llm)")
-        llm = model_cfg.llm
-        if not llm:
-            raise UserError("model.llm: not set; name the frozen LLM's directory (the demo builds one: lmeye.model.demo)")
-        try:
-            from transformers import AutoConfig
+    def check(self, cfg: Any, features: Any) -> None:
+        """The driver's preflight of the model against the features table (lmeye.train.preflight)."""
+        from lmeye.train.preflight import check_model
 
-            AutoConfig.from_pretrained(llm)
-        except (OSError, ValueError) as err:
-            raise UserError(f"model.llm: cannot load an LLM config from {llm!r} ({str(err).splitlines()[0]})") from None
+        check_model(cfg.model, features)
 
     def build(self, cfg: Any, feature_dim: int, patch_shape: Optional[tuple[int, int]]) -> Any:
         from lmeye.model import IPN

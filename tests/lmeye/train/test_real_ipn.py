@@ -38,9 +38,9 @@ def test_real_ipn_trains_through_the_batch_maker(tmp_path):
     cfg = load_config(None, {"model.llm": llm, "model.clip_model": "lingcloud-tiny-vit", "model.clip_pretrained": clip,
                              "model.max_length": 64})
     factory = IPNFactory()
-    factory.check(cfg)
     t = _tables(tmp_path)
     store = FeatureStore.open(t["features"])
+    factory.check(cfg, store)
     ipn = factory.build(cfg, store.dim, store.patch_shape)
     ipn.set_trainable("align")
     trainable = {id(p) for p in ipn.trainable_parameters()}
