@@ -39,6 +39,8 @@ STAGES: dict[str, Stage] = {
     for s in (
         Stage("download", "pipelines.download:run", "pairs", "download.output", {"urls": "download.input"}),
         Stage("extract", "pipelines.extract:run", "features", "extract.output", {"pairs": "extract.input"}),
+        Stage("curate", "pipelines.curate:run", "curation", "curate.output",
+              {"pairs": "curate.pairs", "features": "curate.features"}),
         Stage("instruct", "pipelines.instruct:run", "instructions", "instruct.output",
               {"pairs": "instruct.pairs", "features": "instruct.features"}),
         Stage("train", "pipelines.train:run", "checkpoint", "train.output",

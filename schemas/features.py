@@ -23,6 +23,9 @@ import pyarrow as pa
 from schemas import UID128_NOTE, TableSchema
 from schemas.pairs import SUCCESS  # noqa: F401  (one word for success across tables)
 FAILED_TO_DECODE = "failed_to_decode"
+# Optional column (extract.text_embeddings: true): the caption's CLIP text embedding, L2-normalised,
+# the same fixed_size_list type as ``embedding``; null for a row without a caption or a failed image.
+TEXT_EMBEDDING = "text_embedding"
 
 VALUE_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
 

@@ -1,0 +1,247 @@
+"""The curate stage on planted data: every filter, duplicates, decontamination, and the downstream keep-list."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from lmeye.config import ConfigError, load_config
+from lmeye.demo.corpus import generate_items, render
+from lmeye.errors import UserError
+from lmeye.eval.common import LayoutError
+from lmeye.tables import TableReader, TableWriter
+from lmeye.uid import uid_for
+from pipelines.curate import run
+from pipelines.curate import scores, semdedup
+from schemas.curation import (
+    ASPECT_RATIO, CAPTION_LENGTH, CLIP_SCORE, CONTAMINATED, CURATION, DUPLICATE, NOT_DOWNLOADED, TOO_SMALL, UNSAFE,
+    WATERMARK,
+)
+from schemas.features import FEATURES, TEXT_EMBEDDING, features_schema
+from schemas.pairs import FAILED_TO_DOWNLOAD, PAIRS, SUCCESS
+
+DIM = 16
+
+
+def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _unit(rng: np.random.Generator, n: int = 1) -> np.ndarray:
+    v = rng.normal(size=(n, DIM))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _row(name: str, image: bytes | None, caption: str = "a red circle on a blue background", *, size=(64, 64), **extra):
+    url = f"http://example.test/{name}"
+    w, h = size
+    return dict(uid=uid_for(url), url=url, caption=caption, status=SUCCESS if image else FAILED_TO_DOWNLOAD,
+                error_message=None if image else "404", width=w, height=h, original_width=w, original_height=h,
+                sha256=None, image=image, **extra)
+
+
+def write_tables(root: Path, rows: list[dict], emb: np.ndarray, text: np.ndarray | None = None, shards: int = 2,
+                 extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """A pairs table (with LAION-style ``extra`` columns) and its features table, same shard names."""
+    schema = PAIRS.schema
+    for col in extra:
+        schema = schema.append(pa.field(col, pa.float32()))
+    pairs = pa.Table.from_pylist(rows, schema=PAIRS.with_metadata(schema))
+    ok = [r["image"] is not None for r in rows]
+    fschema = features_schema(DIM, "float32")
+    if text is not None:
+        fschema = fschema.append(pa.field(TEXT_EMBEDDING, pa.list_(pa.float32(), DIM)))
+    pw = TableWriter(str(root / "pairs"), PAIRS, config={"test": 1})
+    fw = TableWriter(str(root / "features"), FEATURES, config={"test": 1})
+    per = -(-len(rows) // shards)
+    names = []
+    for k in range(shards):
+        name = f"{k:05d}.parquet"
+        names.append(name)
+        idx = [i for i in range(k * per, min(len(rows), (k + 1) * per))]
+        pw.write(name, pairs.take(idx))
+        fidx = [i for i in idx if ok[i]]
+        cols = {"uid": [rows[i]["uid"] for i in fidx], "status": [SUCCESS] * len(fidx), "error_message": [None] * len(fidx),
+                "embedding": [emb[i].tolist() for i in fidx]}
+        if text is not None:
+            cols[TEXT_EMBEDDING] = [text[i].tolist() for i in fidx]
+        fw.write(name, pa.table(cols, schema=fschema))
+    pw.finalize(names, stats={})
+    fw.finalize(names, stats={})
+    return root / "pairs", root / "features"
+
+
+def curate(tmp_path: Path, pairs: Path, features: Path, **settings):
+    overrides = {"data.root": str(tmp_path), "curate.pairs": str(pairs), "curate.features": str(features),
+                 "curate.output": str(tmp_path / "curation"), "ray.num_cpus": 2}
+    overrides.update({f"curate.{k}": v for k, v in settings.items()})
+    summary = run(load_config(None, overrides))
+    assert summary.ok, summary.render()
+    table = TableReader(str(tmp_path / "curation"), CURATION).read()
+    return summary, {r["uid"]: r for r in table.to_pylist()}
+
+
+@pytest.fixture
+def images():
+    items = generate_items(12, seed=3)
+    return [render(it, size=256) for it in items]  # phash needs some pixels: at 64 px a resize moves it 18 bits
+
+
+def _with_cosine(image: np.ndarray, cos: list[float], rng: np.random.Generator) -> np.ndarray:
+    """Caption embeddings whose cosine with each image embedding is exactly ``cos``."""
+    u = rng.normal(size=image.shape)
+    u -= (u * image).sum(1, keepdims=True) * image
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    c = np.asarray(cos)[:, None]
+    return c * image + np.sqrt(1 - c ** 2) * u
+
+
+def test_metadata_filters_and_clip_score_floor(tmp_path, images, ray_local):
+    rng = np.random.default_rng(0)
+    rows = [
+        _row("good.jpg", images[0], punsafe=0.1, pwatermark=0.1),
+        _row("unsafe.jpg", images[1], punsafe=0.9, pwatermark=0.1),
+        _row("watermark.jpg", images[2], punsafe=0.1, pwatermark=0.95),
+        _row("small.jpg", images[3], size=(20, 20), punsafe=None, pwatermark=None),
+        _row("wide.jpg", images[4], size=(300, 64), punsafe=0.0, pwatermark=0.0),
+        _row("short.jpg", images[5], caption="hi", punsafe=0.0, pwatermark=0.0),
+        _row("missing.jpg", None, punsafe=0.0, pwatermark=0.0),
+        _row("mismatched.jpg", images[6], punsafe=0.0, pwatermark=0.0),
+        _row("ok2.jpg", images[7], punsafe=0.0, pwatermark=0.0),
+    ]
+    emb = _unit(rng, len(rows))
+    cos = [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.1, 0.29]
+    pairs, features = write_tables(tmp_path, rows, emb, _with_cosine(emb, cos, rng), extra=("punsafe", "pwatermark"))
+    summary, got = curate(tmp_path, pairs, features, max_punsafe=0.5, max_pwatermark=0.5, min_size=32,
+                          max_aspect_ratio=3.0, min_caption_words=3, min_clip_score=0.28, dedup=False)
+    want = {"good.jpg": [], "unsafe.jpg": [UNSAFE], "watermark.jpg": [WATERMARK], "small.jpg": [TOO_SMALL],
+            "wide.jpg": [ASPECT_RATIO], "short.jpg": [CAPTION_LENGTH], "missing.jpg": [NOT_DOWNLOADED],
+            "mismatched.jpg": [CLIP_SCORE], "ok2.jpg": []}
+    by_name = {r["url"].rsplit("/", 1)[1]: got[r["uid"]] for r in rows}
+    assert {n: r["reasons"] for n, r in by_name.items()} == want
+    assert {n for n, r in by_name.items() if r["keep"]} == {"good.jpg", "ok2.jpg"}
+    assert by_name["good.jpg"]["clip_score"] == pytest.approx(0.5, abs=1e-4)
+    assert by_name["mismatched.jpg"]["clip_score"] == pytest.approx(0.1, abs=1e-4)
+    assert by_name["unsafe.jpg"]["punsafe"] == pytest.approx(0.9)
+    assert by_name["small.jpg"]["punsafe"] is None and by_name["missing.jpg"]["clip_score"] is None
+    assert by_name["wide.jpg"]["width"] == 300 and by_name["short.jpg"]["caption_words"] == 1
+    assert summary.counts == {"kept": 2, "dropped": 7} and summary.failures[CLIP_SCORE] == 1
+    # a rerun with nothing to do reads metadata only
+    again, _ = curate(tmp_path, pairs, features, max_punsafe=0.5, max_pwatermark=0.5, min_size=32,
+                      max_aspect_ratio=3.0, min_caption_words=3, min_clip_score=0.28, dedup=False)
+    assert again.shards_done == 0 and again.shards_skipped == 2
+
+
+def test_clip_score_top_fraction(tmp_path, images, ray_local):
+    rng = np.random.default_rng(1)
+    rows = [_row(f"{i}.jpg", images[i]) for i in range(10)]
+    emb = _unit(rng, 10)
+    cos = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5]
+    pairs, features = write_tables(tmp_path, rows, emb, _with_cosine(emb, cos, rng))
+    _, got = curate(tmp_path, pairs, features, clip_score_top_fraction=0.3, dedup=False)
+    kept = sorted(round(got[r["uid"]]["clip_score"], 2) for r in rows if got[r["uid"]]["keep"])
+    assert kept == [0.4, 0.45, 0.5]
+    assert all(got[r["uid"]]["reasons"] == [CLIP_SCORE] for r in rows if not got[r["uid"]]["keep"])
+
+
+def test_top_fraction_threshold_from_histogram():
+    s = np.linspace(-0.2, 0.6, 1001).astype(np.float32)
+    t = scores.top_fraction_threshold(scores.score_histogram(s), 0.25)
+    assert (s >= t).mean() == pytest.approx(0.25, abs=0.002)
+
+
+def test_clip_filter_without_text_embeddings_names_the_option(tmp_path, images):
+    rng = np.random.default_rng(2)
+    rows = [_row(f"{i}.jpg", images[i]) for i in range(3)]
+    pairs, features = write_tables(tmp_path, rows, _unit(rng, 3))
+    with pytest.raises(UserError, match=r"extract\.text_embeddings: true"):
+        curate(tmp_path, pairs, features, min_clip_score=0.28)
+    assert not (tmp_path / "curation").exists()
+
+
+@pytest.mark.parametrize("key,value", [("min_clip_score", 1.5), ("clip_score_top_fraction", 0), ("max_punsafe", -0.1),
+                                       ("semdedup_threshold", 1.2), ("phash_max_distance", 65), ("max_aspect_ratio", 0.5)])
+def test_thresholds_out_of_range_refused_at_load(key, value):
+    with pytest.raises(ConfigError, match=rf"curate\.{key}"):
+        load_config(None, {f"curate.{key}": value})
+
+
+def test_exact_near_and_semantic_duplicates(tmp_path, images, ray_local):
+    rng = np.random.default_rng(3)
+    base = Image.open(io.BytesIO(images[0])).convert("RGB")
+    near = _jpeg(base.resize((224, 224)), quality=70)  # re-encoded, resized
+    rows = [_row("orig.jpg", images[0]), _row("exact_copy.jpg", images[0]), _row("resized.jpg", near)]
+    # (demo images 4 and 5 are 4 bits apart: simple shapes on flat backgrounds; left out)
+    rows += [_row(f"distinct{i}.jpg", images[i]) for i in (1, 2, 3, 4, 6, 7, 8, 9)]
+    rows += [_row("semantic_copy.jpg", images[10])]
+    emb = _unit(rng, len(rows))  # the three phash copies have unrelated embeddings: the hash alone finds them
+    emb[-1] = emb[5] + 0.05 * _unit(rng)[0]  # ... and this one has another image but distinct3's embedding
+    emb[-1] /= np.linalg.norm(emb[-1])
+    pairs, features = write_tables(tmp_path, rows, emb)
+    summary, got = curate(tmp_path, pairs, features, clusters=1, semdedup_threshold=0.95, phash_max_distance=4)
+    by_name = {r["url"].rsplit("/", 1)[1]: got[r["uid"]] for r in rows}
+    copies = ["orig.jpg", "exact_copy.jpg", "resized.jpg"]
+    first = min(copies, key=lambda n: by_name[n]["uid"])
+    assert by_name[first]["keep"] and by_name[first]["duplicate_of"] is None
+    for n in set(copies) - {first}:
+        assert by_name[n]["reasons"] == [DUPLICATE] and by_name[n]["duplicate_of"] == by_name[first]["uid"]
+    pair = sorted(["distinct3.jpg", "semantic_copy.jpg"], key=lambda n: by_name[n]["uid"])
+    assert by_name[pair[0]]["keep"] and by_name[pair[1]]["duplicate_of"] == by_name[pair[0]]["uid"]
+    assert by_name["orig.jpg"]["phash"] == by_name["exact_copy.jpg"]["phash"]
+    assert sum(not r["keep"] for r in got.values()) == 3
+    assert summary.failures == {DUPLICATE: 3}
+
+
+def test_semdedup_finds_planted_groups_across_clusters():
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(8, 64))
+    x = centres[rng.integers(0, 8, 2000)] + 0.7 * rng.normal(size=(2000, 64))
+    x = semdedup.normalise(x)
+    groups = rng.permutation(2000)[:150].reshape(50, 3)
+    for g in groups:
+        x[g[1:]] = semdedup.normalise(x[g[0]] + 0.02 * rng.normal(size=(2, 64)))
+    centroids = semdedup.train_kmeans(x[::2], 8, 20, seed=0)
+    dup = semdedup.dedup_clusters(semdedup.Assigner(centroids)(x), x, 0.95)
+    planted = {int(i) for g in groups for i in g}
+    dropped = set(np.flatnonzero(dup >= 0).tolist())
+    assert len(dropped) == 100 and dropped <= planted
+    assert all(sum(int(i) in dropped for i in g) == 2 for g in groups)  # one kept per group
+
+
+def _mme(root: Path, image: bytes) -> Path:
+    sub = root / "existence"
+    (sub / "images").mkdir(parents=True)
+    (sub / "questions_answers_YN").mkdir()
+    (sub / "images" / "0001.jpg").write_bytes(image)
+    (sub / "questions_answers_YN" / "0001.txt").write_text("Is there a circle?\tYes\nIs there a dog?\tNo\n")
+    return root
+
+
+def test_benchmark_decontamination(tmp_path, images, ray_local):
+    rng = np.random.default_rng(5)
+    held_out = Image.open(io.BytesIO(images[4])).convert("RGB")
+    bench = _mme(tmp_path / "mme", _jpeg(held_out, quality=95))
+    rows = [_row(f"{i}.jpg", images[i]) for i in range(4)] + [_row("leaked.jpg", _jpeg(held_out, quality=60))]
+    pairs, features = write_tables(tmp_path, rows, _unit(rng, len(rows)))
+    summary, got = curate(tmp_path, pairs, features, benchmarks=[str(bench)], dedup=False)
+    leaked = got[rows[-1]["uid"]]
+    assert leaked["reasons"] == [CONTAMINATED] and leaked["contaminated_by"] == "mme:existence/0001.jpg"
+    assert all(got[r["uid"]]["keep"] for r in rows[:-1])
+
+
+def test_benchmark_folder_in_no_known_layout_is_one_error(tmp_path, images):
+    rng = np.random.default_rng(6)
+    rows = [_row("0.jpg", images[0])]
+    pairs, features = write_tables(tmp_path, rows, _unit(rng, 1), shards=1)
+    odd = tmp_path / "not_a_benchmark"
+    odd.mkdir()
+    (odd / "readme.txt").write_text("hello")
+    with pytest.raises(LayoutError, match=str(odd)):
+        curate(tmp_path, pairs, features, benchmarks=[str(odd)])
