@@ -62,8 +62,10 @@ def features_schema(
     dtype: str = "float16",
     patch_shape: Optional[tuple[int, int]] = None,
     metadata: Optional[dict[str, str]] = None,
+    text_embeddings: bool = False,
 ) -> pa.Schema:
-    """The exact schema of one run: embedding width, value type, optional patch tokens, metadata."""
+    """The exact schema of one run: embedding width, value type, optional patch tokens and caption
+    embeddings, metadata."""
     value = VALUE_TYPES[dtype]
     fields = list(FEATURES.schema)[:3] + [pa.field("embedding", pa.list_(value, embed_dim))]
     meta = {f"lingcloud.{k}": str(v) for k, v in (metadata or {}).items()}
@@ -71,6 +73,8 @@ def features_schema(
         t, d = patch_shape
         fields.append(pa.field("patch_tokens", pa.list_(value, t * d)))
         meta["lingcloud.patch_tokens_shape"] = f"{t},{d}"
+    if text_embeddings:
+        fields.append(pa.field(TEXT_EMBEDDING, pa.list_(value, embed_dim)))
     return FEATURES.with_metadata(pa.schema(fields), meta)
 
 

@@ -68,9 +68,9 @@ class ImageEncoder:
         self._pil_part = extract._pil_part(
             json.dumps({k: extract._norm(v) for k, v in spec.preprocess_cfg.items()}, sort_keys=True)
         )
-        # the table's own settings, on this process's CPU threads (no Ray here), no debug delay
+        # the table's own settings, on this process's CPU threads (no Ray here), no debug delay, images only
         settings = {**extract.encoder_settings(ec, ec.precision),
-                    "torch_threads": os.cpu_count() or 1, "num_gpus": 0, "debug_delay_s": 0}
+                    "torch_threads": os.cpu_count() or 1, "num_gpus": 0, "debug_delay_s": 0, "text_embeddings": False}
         self._actor = extract._Encoder(spec.to_dict(), settings)
         self._decode = extract.decode_image
 

@@ -245,3 +245,36 @@ def test_benchmark_folder_in_no_known_layout_is_one_error(tmp_path, images):
     (odd / "readme.txt").write_text("hello")
     with pytest.raises(LayoutError, match=str(odd)):
         curate(tmp_path, pairs, features, benchmarks=[str(odd)])
+
+
+def test_extract_text_embeddings_feed_the_clip_score(tmp_path, ray_local):
+    """extract.text_embeddings: true writes open_clip's encode_text of each caption; curate scores with it."""
+    import open_clip
+    import torch
+
+    from lingcloud_testing import build_pairs_table
+    from lmeye import clip
+    from pipelines.extract import run as extract
+
+    pairs = build_pairs_table(tmp_path / "pairs", 6, shards=2, corrupt=1, failed=1, size=40)
+    cfg = load_config(None, {"data.root": str(tmp_path), "extract.model": clip.TINY_MODEL, "extract.pretrained": None,
+                             "extract.dtype": "float32", "extract.text_embeddings": True, "extract.batch_size": 4,
+                             "extract.decode_num_cpus": 0.5, "ray.num_cpus": 2})
+    ckpt = clip.ensure_demo_model(cfg.extract)
+    assert extract(cfg).ok
+    feats = TableReader(str(tmp_path / "features"), FEATURES).read()
+    ok = [s == SUCCESS for s in feats["status"].to_pylist()]
+    assert feats[TEXT_EMBEDDING].to_pylist()[ok.index(False)] is None  # the corrupt image: no row to score
+    captions = dict(zip(pairs["uid"].to_pylist(), pairs["caption"].to_pylist()))
+    uids = [u for u, good in zip(feats["uid"].to_pylist(), ok) if good]
+    model, _, _ = open_clip.create_model_and_transforms(clip.TINY_MODEL, pretrained=ckpt)
+    with torch.no_grad():
+        ref = model.eval().encode_text(open_clip.get_tokenizer(clip.TINY_MODEL)([captions[u] for u in uids]), normalize=True)
+    got = np.array([v for v, good in zip(feats[TEXT_EMBEDDING].to_pylist(), ok) if good], np.float32)
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)
+
+    _, verdict = curate(tmp_path, tmp_path / "pairs", tmp_path / "features", min_clip_score=-1.0, dedup=False)
+    image = np.array([v for v, good in zip(feats["embedding"].to_pylist(), ok) if good], np.float32)
+    want = (image * got).sum(1) / np.linalg.norm(image, axis=1) / np.linalg.norm(got, axis=1)
+    np.testing.assert_allclose([verdict[u]["clip_score"] for u in uids], want, atol=1e-5)
+    assert all(verdict[u]["keep"] for u in uids)
