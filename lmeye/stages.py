@@ -42,7 +42,7 @@ STAGES: dict[str, Stage] = {
         Stage("curate", "pipelines.curate:run", "curation", "curate.output",
               {"pairs": "curate.pairs", "features": "curate.features"}),
         Stage("instruct", "pipelines.instruct:run", "instructions", "instruct.output",
-              {"pairs": "instruct.pairs", "features": "instruct.features"}),
+              {"pairs": "instruct.pairs", "features": "instruct.features", "curation": "instruct.curation"}),
         Stage("train", "pipelines.train:run", "checkpoint", "train.output",
               {"instructions": "train.instructions", "features": "train.features"}),
     )

@@ -278,3 +278,40 @@ def test_extract_text_embeddings_feed_the_clip_score(tmp_path, ray_local):
     want = (image * got).sum(1) / np.linalg.norm(image, axis=1) / np.linalg.norm(got, axis=1)
     np.testing.assert_allclose([verdict[u]["clip_score"] for u in uids], want, atol=1e-5)
     assert all(verdict[u]["keep"] for u in uids)
+
+
+def write_curation(path: Path, verdicts: dict[str, bool]) -> Path:
+    """A curation table as the curate stage writes it (keep per uid; the reason 'duplicate' for drops)."""
+    schema = CURATION.with_metadata(CURATION.schema)
+    rows = [{"uid": u, "keep": k, "reasons": [] if k else [DUPLICATE]} for u, k in verdicts.items()]
+    writer = TableWriter(str(path), CURATION, config={"fixture": "curation", "min_clip_score": 0.28})
+    writer.write("00000.parquet", pa.Table.from_pylist(rows, schema=schema))
+    writer.finalize(["00000.parquet"], stats={})
+    return path
+
+
+def test_instruct_keeps_only_the_curated_uids(tmp_path, make_pairs):
+    from lingcloud_testing import build_features_table
+    from lmeye.tables import Manifest
+    from pipelines.instruct import run as instruct
+    from schemas.instructions import INSTRUCTIONS
+
+    _, pairs = make_pairs(num_images=10)
+    good = [u for u, s, c in zip(pairs["uid"].to_pylist(), pairs["status"].to_pylist(), pairs["caption"].to_pylist())
+            if s == SUCCESS and c != "not an image"]
+    build_features_table(tmp_path / "features", good)
+    dropped = set(good[:4])
+    write_curation(tmp_path / "curation", {u: u not in dropped for u in good})
+    overrides = {"data.root": str(tmp_path), "instruct.val_fraction": 0.2}
+    assert instruct(load_config(None, overrides)).ok
+    before = {r["uid"] for r in TableReader(str(tmp_path / "instructions"), INSTRUCTIONS).read().to_pylist()}
+    assert before == set(good)
+    overrides.update({"instruct.curation": str(tmp_path / "curation"), "instruct.output": str(tmp_path / "curated")})
+    summary = instruct(load_config(None, overrides))
+    rows = TableReader(str(tmp_path / "curated"), INSTRUCTIONS).read().to_pylist()
+    assert {r["uid"] for r in rows} == set(good) - dropped
+    stats = Manifest.load(str(tmp_path / "curated")).stats
+    per_image = len([r for r in rows]) // len(set(good) - dropped)
+    assert stats["sources"]["captions"]["curated_out"] == per_image * len(dropped)
+    assert stats["curation"]["kept_uids"] == len(good) - len(dropped)
+    assert any("curated_out" in n for n in summary.notes)
