@@ -44,7 +44,7 @@ STAGES: dict[str, Stage] = {
         Stage("instruct", "pipelines.instruct:run", "instructions", "instruct.output",
               {"pairs": "instruct.pairs", "features": "instruct.features", "curation": "instruct.curation"}),
         Stage("train", "pipelines.train:run", "checkpoint", "train.output",
-              {"instructions": "train.instructions", "features": "train.features"}),
+              {"instructions": "train.instructions", "features": "train.features", "curation": "train.curation"}),
     )
 }
 BY_TABLE = {s.table: s for s in STAGES.values()}

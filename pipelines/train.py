@@ -44,6 +44,7 @@ from lmeye.tables import Manifest, TableReader, fingerprint
 from lmeye.train.checkpoint import ATTEMPTS, MODEL_DIR
 from lmeye.train.ds_config import stage_value
 from lmeye.train.model_factory import IPNFactory
+from pipelines.instruct.curation import check_built_with
 from schemas.instructions import INSTRUCTIONS, TRAIN, VALIDATION
 
 STAGE = "train"
@@ -436,6 +437,8 @@ def run(cfg: Config, *, factory: Any = None) -> StageSummary:
     if not stages:
         raise UserError("train.stages: no stage to run")
     files = _split_files(instructions)
+    if tc.curation:  # the keep-list: instruct applied it; here it is checked to be the one the config names
+        check_built_with(instructions, tc.curation)
     store = _open_features(features)
     factory.check(cfg)
     names = [s.name for s in tc.stages]

@@ -15,7 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lmeye.config.instruct import InstructConfig
-from lmeye.tables import TableReader
+from lmeye.errors import UserError
+from lmeye.stages import version_of
+from lmeye.tables import Manifest, TableReader
 from pipelines.instruct.inputs import InputTables
 from pipelines.instruct.partition import FEAT_SCHEMA, Placement, Spill, uid_keys
 from schemas.curation import CURATION
@@ -46,3 +48,29 @@ def kept_mask(uids: pa.ChunkedArray, kept: pa.Table) -> np.ndarray:
     """Which rows stay: their uid is kept, or they have no image (text-only rows need no curation)."""
     mask = pc.is_in(uids, value_set=kept[UID].combine_chunks()).to_numpy(zero_copy_only=False)
     return mask | pc.is_null(uids).to_numpy(zero_copy_only=False)
+
+
+def recorded(ic: InstructConfig) -> dict[str, str]:
+    """What the instructions manifest says about its curation: the table and its version when read."""
+    return {"table": ic.curation, "version": version_of(ic.curation)} if ic.curation else {}
+
+
+def check_built_with(instructions: str, curation: str) -> None:
+    """``train.curation``: the instructions table must have been built with this curation table, as it
+    is now (instruct applies the keep-list at scale, partition by partition); one error otherwise."""
+    manifest = Manifest.load(instructions)
+    got = (manifest.stats.get("curation") or {}) if manifest is not None else {}
+    same_table = bool(got.get("table")) and _norm(got["table"]) == _norm(curation)
+    if not same_table or got.get("version") != version_of(curation):
+        built = f"with {got['table']} (version {got.get('version')})" if got.get("table") else "without instruct.curation"
+        raise UserError(
+            f"train.curation {curation}: the instructions table {instructions} was built {built}, not with this curation "
+            f"table as it is now (version {version_of(curation)}); rerun `lmeye instruct --set instruct.curation={curation}` "
+            "so that only its kept images reach training"
+        )
+
+
+def _norm(path: str) -> str:
+    import os
+
+    return path.rstrip("/") if "://" in path else os.path.abspath(path)

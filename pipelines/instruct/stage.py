@@ -386,7 +386,7 @@ def run(cfg: Config) -> StageSummary:
     if features is not None:
         out_stats["feature_uids"], out_stats["feature_rows_without_features"] = features_info
     if curated is not None:
-        out_stats["curation"] = {"table": ic.curation, "kept_uids": kept_uids}
+        out_stats["curation"] = {**curation.recorded(ic), "kept_uids": kept_uids}
     writer.finalize(expected, out_stats, metadata={"val_fraction": str(ic.val_fraction), "split_seed": str(ic.split_seed)})
     summary = _summary_from_stats(ic, out_stats, time.time() - started, done, skipped)
     _maybe_export(ic, summary)

@@ -133,6 +133,18 @@ def test_metadata_filters_and_clip_score_floor(tmp_path, images, ray_local):
     assert by_name["small.jpg"]["punsafe"] is None and by_name["missing.jpg"]["clip_score"] is None
     assert by_name["wide.jpg"]["width"] == 300 and by_name["short.jpg"]["caption_words"] == 1
     assert summary.counts == {"kept": 2, "dropped": 7} and summary.failures[CLIP_SCORE] == 1
+    # `lmeye lineage` of a model trained on this curation shows the filters and thresholds behind it
+    from lmeye.lineage import lineage, render, write_checkpoint_lineage
+
+    ckpt = tmp_path / "train" / "align"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    write_checkpoint_lineage(str(ckpt), load_config(None, {"data.root": str(tmp_path), "train.curation": str(tmp_path / "curation")}))
+    text = render(lineage(str(ckpt)))
+    assert f"curation: {tmp_path / 'curation'}" in text
+    for shown in ("min_clip_score=0.28", "max_punsafe=0.5", "max_pwatermark=0.5", "min_size=32", "max_aspect_ratio=3.0",
+                  "min_caption_words=3", "dedup=False", "kept_rows=2"):
+        assert shown in text, text
     # a rerun with nothing to do reads metadata only
     again, _ = curate(tmp_path, pairs, features, max_punsafe=0.5, max_pwatermark=0.5, min_size=32,
                       max_aspect_ratio=3.0, min_caption_words=3, min_clip_score=0.28, dedup=False)
@@ -315,3 +327,27 @@ def test_instruct_keeps_only_the_curated_uids(tmp_path, make_pairs):
     assert stats["sources"]["captions"]["curated_out"] == per_image * len(dropped)
     assert stats["curation"]["kept_uids"] == len(good) - len(dropped)
     assert any("curated_out" in n for n in summary.notes)
+
+
+def test_train_refuses_instructions_not_built_with_its_curation(tmp_path, make_pairs):
+    from lingcloud_testing import build_features_table
+    from pipelines.instruct import run as instruct
+    from pipelines.train import run as train
+
+    _, pairs = make_pairs(num_images=4)
+    good = [u for u, s, c in zip(pairs["uid"].to_pylist(), pairs["status"].to_pylist(), pairs["caption"].to_pylist())
+            if s == SUCCESS and c != "not an image"]
+    build_features_table(tmp_path / "features", good)
+    curation = str(write_curation(tmp_path / "curation", {u: i > 0 for i, u in enumerate(good)}))
+    base = {"data.root": str(tmp_path), "instruct.val_fraction": 0.25}
+    assert instruct(load_config(None, base)).ok
+    cfg = load_config(None, {**base, "train.curation": curation})
+    with pytest.raises(UserError, match=r"built without instruct\.curation.*instruct\.curation="):
+        train(cfg, factory=object())  # refused before any model is built
+    assert instruct(load_config(None, {**base, "instruct.curation": curation, "instruct.output": str(tmp_path / "cur")})).ok
+    from pipelines.instruct.curation import check_built_with
+
+    check_built_with(str(tmp_path / "cur"), curation)  # the same table, unchanged: accepted
+    write_curation(tmp_path / "curation2", {u: True for u in good})
+    with pytest.raises(UserError, match="curation2"):
+        check_built_with(str(tmp_path / "cur"), str(tmp_path / "curation2"))
