@@ -182,7 +182,7 @@ class _Encoder:
             config_dirs=settings["model_config_dirs"],
             output_tokens=settings["patch_tokens"],
             cache_dir=clip.weights_cache_dir(settings["weights_cache_dir"]),
-            text=settings["text_embeddings"],
+            text=settings.get("text_embeddings", False),  # off unless asked (settings built by hand: tests, benchmarks)
         )
         got = dict(self.visual.preprocess_cfg)
         want = spec["preprocess_cfg"]
