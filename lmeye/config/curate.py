@@ -48,6 +48,9 @@ class CurateConfig(Section):
     decontam_phash_max_distance: int = Field(
         8, ge=0, le=64, description="a training image matches a benchmark image within this many phash bits "
         "(recall first: a re-encoded copy of a flat synthetic image moves 4-8 bits; unrelated photos differ by ~32)")
+    decontam_min_cosine: Optional[float] = Field(
+        None, gt=0, le=1, description="... or when their CLIP image embeddings' cosine is at least this (the benchmark images "
+        "are encoded on the driver by the features table's own model, as chat does); null: phash only")
     task_num_cpus: float = Field(1, gt=0, description="CPUs per scoring or dedup task")
 
     @model_validator(mode="after")

@@ -39,7 +39,7 @@ def extract_config_of(path: str, model_config_dirs: Iterable[str] = ()) -> tuple
             pretrained=None if pretrained.startswith("none (") else pretrained,
             seed=int(seed_match.group(1)) if seed_match else 0,
             precision=content["precision"], dtype=content["dtype"], patch_tokens=content["patch_tokens"],
-            model_config_dirs=list(model_config_dirs),
+            text_embeddings=content.get("text_embeddings", False), model_config_dirs=list(model_config_dirs),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{path}/_manifest.json: does not record how its features were extracted ({err})") from None

@@ -37,7 +37,7 @@ from lmeye.report import StageSummary
 from lmeye.runtime import init_ray, storage_runtime_env
 from lmeye.tables import STAGING, TableReader, TableWriter, fingerprint, open_table, remove_temporaries
 from pipelines.curate import semdedup
-from pipelines.curate.benchmarks import benchmark_hashes
+from pipelines.curate.benchmarks import benchmark_embeddings, benchmark_hashes
 from schemas.curation import CURATION
 from schemas.features import FEATURES, TEXT_EMBEDDING
 from schemas.pairs import PAIRS
@@ -92,6 +92,9 @@ def run(cfg: Config) -> StageSummary:
     if _uses_clip_score(cfg):
         _check_text_embeddings(features)
     labels, hashes = benchmark_hashes(cc.benchmarks)  # a bad benchmark path fails here, before Ray
+    bench = {"labels": labels, "hashes": hashes}
+    if cc.benchmarks and cc.decontam_min_cosine is not None:
+        bench["embeddings"] = benchmark_embeddings(cc.benchmarks, features_path)
     bench_digest = hashlib.sha256(hashes.tobytes() + "\n".join(labels).encode()).hexdigest()[:16]
     input_fp = fingerprint({"pairs": pairs.signature(), "features": features.signature(), "benchmarks": bench_digest})
     writer = TableWriter(out, CURATION, config=content_config(cfg), input_fingerprint=input_fp)
@@ -103,7 +106,7 @@ def run(cfg: Config) -> StageSummary:
     try:
         if pending:
             init_ray(cfg.ray)
-            notes = _passes(cfg, pairs, features, writer, pending, staging, input_fp, (labels, hashes), summary)
+            notes = _passes(cfg, pairs, features, writer, pending, staging, input_fp, bench, summary)
     except (ray.exceptions.RayError, RuntimeError, OSError, ValueError) as err:
         summary.ok = False
         summary.notes.append(f"stopped: {type(err).__name__}: {err}"[:400])
@@ -129,12 +132,14 @@ def run(cfg: Config) -> StageSummary:
                              f"{notes['duplicates']} duplicate(s) at cosine >= {cc.semdedup_threshold} "
                              f"or phash distance <= {cc.phash_max_distance}")
     if cc.benchmarks:
-        summary.notes.append(f"decontamination against {len(labels)} benchmark image(s) from {len(cc.benchmarks)} folder(s)")
+        how = f"phash <= {cc.decontam_phash_max_distance} bits" + (
+            f" or CLIP cosine >= {cc.decontam_min_cosine}" if cc.decontam_min_cosine is not None else "")
+        summary.notes.append(f"decontamination against {len(labels)} benchmark image(s) from {len(cc.benchmarks)} path(s) ({how})")
     return summary
 
 
 def _passes(cfg: Config, pairs: TableReader, features: TableReader, writer: TableWriter, pending: list[str],
-            staging: str, input_fp: str, bench: tuple[list[str], Any], summary: StageSummary) -> dict[str, Any]:
+            staging: str, input_fp: str, bench: dict[str, Any], summary: StageSummary) -> dict[str, Any]:
     """The four passes (module doc); returns what the summary and manifest say about them."""
     import numpy as np
     import ray
@@ -143,6 +148,9 @@ def _passes(cfg: Config, pairs: TableReader, features: TableReader, writer: Tabl
 
     cc = cfg.curate
     names = pairs.shard_names
+    fs, root = fsspec.core.url_to_fs(staging)
+    if fs.exists(root):  # a stopped run's scratch: this run redoes every pass
+        fs.rm(root, recursive=True)
     opts = {"num_cpus": cc.task_num_cpus, "runtime_env": storage_runtime_env()}
     score = ray.remote(tasks.score_shard).options(**opts)
     assign = ray.remote(tasks.assign_shard).options(**opts)
@@ -182,7 +190,6 @@ def _passes(cfg: Config, pairs: TableReader, features: TableReader, writer: Tabl
     for info in infos:
         writer.record(info)
         summary.shards_done += 1
-    fs, root = fsspec.core.url_to_fs(staging)
     if fs.exists(root):
         fs.rm(root, recursive=True)
     return notes

@@ -63,15 +63,39 @@ def layout_of(path: str | Path):
     )
 
 
-def benchmark_hashes(paths: list[str]) -> tuple[list[str], np.ndarray]:
-    """(labels, uint64 phashes) of every image of every benchmark; each layout is checked first."""
-    readers = [(path, layout_of(path)) for path in paths]  # every bad path fails before any hashing
-    labels, hexes = [], []
+def benchmark_images(paths: list[str]) -> Iterator[tuple[str, str, bytes]]:
+    """(path, label, encoded image) of every image of every benchmark; every layout is checked first."""
+    readers = [(path, layout_of(path)) for path in paths]  # a bad path fails before any image is read
     for path, reader in readers:
         for label, data in reader(Path(path)):
-            h = phash_hex(data)
-            if h is None:
-                raise LayoutError(f"{path}: {label}: the image cannot be decoded")
-            labels.append(label)
-            hexes.append(h)
+            yield path, label, data
+
+
+def benchmark_hashes(paths: list[str]) -> tuple[list[str], np.ndarray]:
+    """(labels, uint64 phashes) of every image of every benchmark."""
+    labels, hexes = [], []
+    for path, label, data in benchmark_images(paths):
+        h = phash_hex(data)
+        if h is None:
+            raise LayoutError(f"{path}: {label}: the image cannot be decoded")
+        labels.append(label)
+        hexes.append(h)
     return labels, hash_ints(hexes)
+
+
+def benchmark_embeddings(paths: list[str], features: str, batch: int = 64) -> np.ndarray:
+    """Unit CLIP image embeddings (float32) of every benchmark image, in ``benchmark_hashes`` order,
+    from the model that wrote the ``features`` table (``lmeye.serve.encoder``: its own code path)."""
+    from lmeye.serve.encoder import ImageEncoder
+    from pipelines.curate.semdedup import normalise
+
+    encoder = ImageEncoder(features)
+    out, pending = [], []
+    for _, _, data in benchmark_images(paths):
+        pending.append(data)
+        if len(pending) == batch:
+            out.append(encoder.encode(pending)[0])
+            pending = []
+    if pending:
+        out.append(encoder.encode(pending)[0])
+    return normalise(np.concatenate(out)) if out else np.zeros((0, 1), np.float32)

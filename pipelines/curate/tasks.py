@@ -70,22 +70,28 @@ def _features_for(features_file: Optional[str], uids: pa.Array, want_text: bool)
     return has, image, text
 
 
-def _contamination(hashes: np.ndarray, valid: np.ndarray, bench: tuple[list[str], np.ndarray], max_bits: int) -> list[Optional[str]]:
-    labels, bench_hashes = bench
+def contamination(hashes: np.ndarray, valid: np.ndarray, emb: np.ndarray, has: np.ndarray, bench: dict[str, Any],
+                  max_bits: int, min_cosine: Optional[float]) -> list[Optional[str]]:
+    """The benchmark image each row matches (phash within ``max_bits``, or embedding cosine at least
+    ``min_cosine`` when the benchmark embeddings are given), None for no match."""
+    labels, bench_hashes, bench_emb = bench["labels"], bench["hashes"], bench.get("embeddings")
     out: list[Optional[str]] = [None] * len(hashes)
     if not labels:
         return out
     for start in range(0, len(hashes), BENCH_ROWS):
-        bits = scores.hamming_matrix(hashes[start:start + BENCH_ROWS], bench_hashes)
-        best = bits.argmin(axis=1)
-        for i, (b, d) in enumerate(zip(best, bits[np.arange(len(best)), best])):
-            if valid[start + i] and d <= max_bits:
-                out[start + i] = labels[b]
+        stop = min(len(hashes), start + BENCH_ROWS)
+        bits = scores.hamming_matrix(hashes[start:stop], bench_hashes)
+        match = (bits <= max_bits) & valid[start:stop, None]
+        if bench_emb is not None and min_cosine is not None:
+            sim = semdedup.normalise(emb[start:stop]) @ bench_emb.T
+            match |= (sim >= min_cosine) & has[start:stop, None]
+        for i in np.flatnonzero(match.any(axis=1)):
+            out[start + i] = labels[int(match[i].argmax())]
     return out
 
 
 def score_shard(pairs_file: str, features_file: Optional[str], name: str, settings: dict[str, Any],
-                bench: tuple[list[str], np.ndarray], staging: str, sample_fraction: float) -> dict[str, Any]:
+                bench: dict[str, Any], staging: str, sample_fraction: float) -> dict[str, Any]:
     """Pass 1 for one pairs shard: the per-row filters; writes the staged scores and a k-means sample."""
     settings = dict(settings)
     uses_clip = settings.pop("uses_clip_score")
@@ -119,7 +125,8 @@ def score_shard(pairs_file: str, features_file: Optional[str], name: str, settin
     scores.apply_clip_floor(reasons, clip, cc.min_clip_score)
     hexes = table["phash"].to_pylist()
     valid = np.array([h is not None for h in hexes])
-    contaminated = _contamination(scores.hash_ints(hexes), valid, bench, cc.decontam_phash_max_distance)
+    contaminated = contamination(scores.hash_ints(hexes), valid, image, has, bench, cc.decontam_phash_max_distance,
+                                 cc.decontam_min_cosine)
     for i, label in enumerate(contaminated):
         if label is not None:
             reasons[i].append(CONTAMINATED)
@@ -230,7 +237,7 @@ def finalize_shard(name: str, staging: str, threshold: Optional[float], deduped:
     """Pass 4: the verdicts of one shard joined and written as its curation shard."""
     staged = _read(_staged(staging, "scored", name))
     reasons = staged["reasons"].to_pylist()
-    if threshold is not None:
+    if threshold is not None and "clip_score" in staged.column_names:  # (an empty shard has no score column)
         s = pc.fill_null(staged["clip_score"], np.nan).to_numpy(zero_copy_only=False)
         for i in np.flatnonzero(~(s >= threshold)):
             if not ({CLIP_SCORE, NOT_DOWNLOADED, NO_FEATURES} & set(reasons[i])):

@@ -285,8 +285,18 @@ def test_extract_text_embeddings_feed_the_clip_score(tmp_path, ray_local):
     got = np.array([v for v, good in zip(feats[TEXT_EMBEDDING].to_pylist(), ok) if good], np.float32)
     np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)
 
-    _, verdict = curate(tmp_path, tmp_path / "pairs", tmp_path / "features", min_clip_score=-1.0, dedup=False)
-    image = np.array([v for v, good in zip(feats["embedding"].to_pylist(), ok) if good], np.float32)
+    # a benchmark (MME layout) holding a copy of one training image, matched by the CLIP embedding
+    # of the features table's own model (the phash rule is switched off: 0 bits and a flipped copy)
+    leaked = uids[0]
+    image = Image.open(io.BytesIO(dict(zip(pairs["uid"].to_pylist(), pairs["image"].to_pylist()))[leaked]))
+    bench = _mme(tmp_path / "mme", _jpeg(image.convert("RGB"), quality=95))
+    _, verdict = curate(tmp_path, tmp_path / "pairs", tmp_path / "features", min_clip_score=-1.0, dedup=False,
+                        benchmarks=[str(bench)], decontam_phash_max_distance=0, decontam_min_cosine=0.99)
+    assert verdict[leaked]["reasons"] == [CONTAMINATED] and verdict[leaked]["contaminated_by"] == "mme:existence/0001.jpg"
+    uids = uids[1:]
+    got = got[1:]
+    image_rows = [v for v, good in zip(feats["embedding"].to_pylist(), ok) if good][1:]
+    image = np.array(image_rows, np.float32)
     want = (image * got).sum(1) / np.linalg.norm(image, axis=1) / np.linalg.norm(got, axis=1)
     np.testing.assert_allclose([verdict[u]["clip_score"] for u in uids], want, atol=1e-5)
     assert all(verdict[u]["keep"] for u in uids)
@@ -351,3 +361,18 @@ def test_train_refuses_instructions_not_built_with_its_curation(tmp_path, make_p
     write_curation(tmp_path / "curation2", {u: True for u in good})
     with pytest.raises(UserError, match="curation2"):
         check_built_with(str(tmp_path / "cur"), str(tmp_path / "curation2"))
+
+
+def test_contamination_by_phash_or_embedding():
+    from pipelines.curate.tasks import contamination
+
+    rng = np.random.default_rng(7)
+    bench = {"labels": ["mme:a", "mme:b"], "hashes": np.array([0, 0xFFFF_FFFF_FFFF_FFFF], np.uint64),
+             "embeddings": _unit(rng, 2)}
+    hashes = np.array([0b111, 0x0F0F_0F0F_0F0F_0F0F, 0x0F0F_0F0F_0F0F_0F0F, 0b1], np.uint64)
+    emb = np.stack([_unit(rng)[0], bench["embeddings"][1] + 0.01 * _unit(rng)[0], _unit(rng)[0], _unit(rng)[0]])
+    valid = np.array([True, True, True, False])
+    has = np.array([True, True, True, True])
+    # row 0: 3 bits from a; row 1: b's embedding; row 2: neither; row 3: 1 bit from a but its hash is not valid
+    assert contamination(hashes, valid, emb, has, bench, 4, 0.95) == ["mme:a", "mme:b", None, None]
+    assert contamination(hashes, valid, emb, has, bench, 4, None) == ["mme:a", None, None, None]
