@@ -285,17 +285,23 @@ def test_extract_text_embeddings_feed_the_clip_score(tmp_path, ray_local):
     got = np.array([v for v, good in zip(feats[TEXT_EMBEDDING].to_pylist(), ok) if good], np.float32)
     np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)
 
-    # a benchmark (MME layout) holding a copy of one training image, matched by the CLIP embedding
-    # of the features table's own model (the phash rule is switched off: 0 bits and a flipped copy)
-    leaked = uids[0]
-    image = Image.open(io.BytesIO(dict(zip(pairs["uid"].to_pylist(), pairs["image"].to_pylist()))[leaked]))
-    bench = _mme(tmp_path / "mme", _jpeg(image.convert("RGB"), quality=95))
+    # a benchmark (MME layout) holding a copy of one training image, matched by the CLIP embedding of the
+    # features table's own model (phash off: 0 bits). The tiny random CLIP puts some demo images at
+    # cosine 0.999 to each other, so the copy is of the image farthest from the rest, and the
+    # threshold sits between that distance and the copy's own cosine (1).
+    image_rows = np.array([v for v, good in zip(feats["embedding"].to_pylist(), ok) if good], np.float32)
+    unit = image_rows / np.linalg.norm(image_rows, axis=1, keepdims=True)
+    sim = unit @ unit.T - 2 * np.eye(len(unit))
+    far = int(sim.max(axis=1).argmin())
+    threshold = (1 + float(sim[far].max())) / 2
+    leaked = uids[far]
+    original = dict(zip(pairs["uid"].to_pylist(), pairs["image"].to_pylist()))[leaked]
+    bench = _mme(tmp_path / "mme", original)
     _, verdict = curate(tmp_path, tmp_path / "pairs", tmp_path / "features", min_clip_score=-1.0, dedup=False,
-                        benchmarks=[str(bench)], decontam_phash_max_distance=0, decontam_min_cosine=0.99)
+                        benchmarks=[str(bench)], decontam_phash_max_distance=0, decontam_min_cosine=threshold)
     assert verdict[leaked]["reasons"] == [CONTAMINATED] and verdict[leaked]["contaminated_by"] == "mme:existence/0001.jpg"
-    uids = uids[1:]
-    got = got[1:]
-    image_rows = [v for v, good in zip(feats["embedding"].to_pylist(), ok) if good][1:]
+    rest = [i for i in range(len(uids)) if i != far]
+    uids, got, image_rows = [uids[i] for i in rest], got[rest], image_rows[rest]
     image = np.array(image_rows, np.float32)
     want = (image * got).sum(1) / np.linalg.norm(image, axis=1) / np.linalg.norm(got, axis=1)
     np.testing.assert_allclose([verdict[u]["clip_score"] for u in uids], want, atol=1e-5)
