@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
+import traceback
 from collections import Counter
 from typing import Any
 
@@ -35,7 +37,7 @@ from lmeye.config import Config
 from lmeye.errors import UserError
 from lmeye.report import StageSummary
 from lmeye.runtime import init_ray, storage_runtime_env
-from lmeye.tables import STAGING, TableReader, TableWriter, fingerprint, open_table, remove_temporaries
+from lmeye.tables import STAGING, Manifest, TableReader, TableWriter, fingerprint, open_table, remove_temporaries
 from pipelines.curate import semdedup
 from pipelines.curate.benchmarks import benchmark_embeddings, benchmark_hashes
 from schemas.curation import CURATION
@@ -97,6 +99,7 @@ def run(cfg: Config) -> StageSummary:
         bench["embeddings"] = benchmark_embeddings(cc.benchmarks, features_path)
     bench_digest = hashlib.sha256(hashes.tobytes() + "\n".join(labels).encode()).hexdigest()[:16]
     input_fp = fingerprint({"pairs": pairs.signature(), "features": features.signature(), "benchmarks": bench_digest})
+    before = Manifest.load(out)  # its pass notes are kept when a rerun has nothing to do
     writer = TableWriter(out, CURATION, config=content_config(cfg), input_fingerprint=input_fp)
     names = pairs.shard_names
     pending = [n for n in names if not writer.is_done(n, input_fp)]
@@ -108,6 +111,7 @@ def run(cfg: Config) -> StageSummary:
             init_ray(cfg.ray)
             notes = _passes(cfg, pairs, features, writer, pending, staging, input_fp, bench, summary)
     except (ray.exceptions.RayError, RuntimeError, OSError, ValueError) as err:
+        traceback.print_exc(file=sys.stderr)
         summary.ok = False
         summary.notes.append(f"stopped: {type(err).__name__}: {err}"[:400])
     reasons: Counter = Counter()
@@ -116,7 +120,8 @@ def run(cfg: Config) -> StageSummary:
         reasons.update(info.stats.get("by_reason", {}))
         kept += int(info.stats.get("kept", 0))
     if summary.ok:
-        stats = {"by_reason": dict(reasons), "kept": kept, "passes": notes or writer.manifest.stats.get("passes", {})}
+        kept_passes = before.stats.get("passes", {}) if before is not None and not pending else {}
+        stats = {"by_reason": dict(reasons), "kept": kept, "passes": notes or kept_passes}
         writer.finalize(names, stats=stats, metadata={"pairs": pairs_path, "features": features_path,
                                                        "benchmarks": ",".join(cc.benchmarks)})
         remove_temporaries(out)
