@@ -209,6 +209,19 @@ def test_exact_near_and_semantic_duplicates(tmp_path, images, ray_local):
     assert by_name["orig.jpg"]["phash"] == by_name["exact_copy.jpg"]["phash"]
     assert sum(not r["keep"] for r in got.values()) == 3
     assert summary.failures == {DUPLICATE: 3}
+    # a run stopped after one shard: the rerun writes only the other one, with the same verdicts
+    from lmeye.tables import Manifest, shard_file
+
+    out = tmp_path / "curation"
+    manifest = Manifest.load(str(out))
+    lost = sorted(manifest.shards)[1]
+    del manifest.shards[lost]
+    manifest.complete = False
+    manifest.save(str(out))
+    (out / shard_file(lost)).unlink()
+    again, regot = curate(tmp_path, pairs, features, clusters=1, semdedup_threshold=0.95, phash_max_distance=4)
+    assert (again.shards_done, again.shards_skipped) == (1, 1)
+    assert regot == got
 
 
 def test_semdedup_finds_planted_groups_across_clusters():
