@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from lmeye.eval.seedbench import DIMENSIONS
 from lmeye.demo.corpus import COLOURS, MAX_OBJECTS, POSITIONS, SHAPES, DemoItem, _where, generate_items, render
 
 QUESTION_TYPES = ("count", "background", "shape", "colour", "position")
@@ -29,8 +30,8 @@ L2_CATEGORY = {
     "colour": "finegrained_perception (instance-level)",
     "position": "finegrained_perception (instance-level)",
 }
-SEED_DIMENSION = {"background": 1, "shape": 2, "position": 3, "colour": 4, "count": 5}
-SEED_DIMENSION_NAME = {1: "Scene Understanding", 2: "Instance Identity", 3: "Instance Location", 4: "Instance Attributes", 5: "Instances Counting"}
+# SEED-Bench DATASET.md: 3 is Instance Attributes (colour), 4 is Instance Location (position).
+SEED_DIMENSION = {"background": 1, "shape": 2, "colour": 3, "position": 4, "count": 5}
 MME_SUBTASKS = ("existence", "count", "position", "color")
 YES_NO = " Please answer yes or no."
 COUNTS = tuple(str(n) for n in range(1, MAX_OBJECTS + 2))  # one more than possible, so there are 4 options
@@ -170,7 +171,7 @@ def write_seedbench(path: Path, items: list[DemoItem], images: dict[str, bytes],
                 "question_id": f"{Path(item.name).stem}_{q.type}",
                 "question_type_id": SEED_DIMENSION[q.type],
             })
-    doc = {"questions": questions, "question_type": {name: i for i, name in SEED_DIMENSION_NAME.items()}}
+    doc = {"questions": questions, "question_type": {DIMENSIONS[i]: i for i in sorted(SEED_DIMENSION.values())}}
     path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     return path
 

@@ -95,11 +95,11 @@ def evaluate_demo(cfg: Config, training_items: list, summaries: list[StageSummar
     output = _paths(cfg)[2]
     names = [s.name for s in cfg.train.stages]
     final = build_answerer(f"{stage_dir(output, names[-1])}/model", max_new_tokens=d.eval_max_new_tokens)
-    scores = evaluate_all(final, dataclasses.asdict(sets), root / "eval")
+    scores = evaluate_all(final, dataclasses.asdict(sets), root / "eval", batch_size=d.eval_batch_size)
     accuracy = {f"stage {names[-1]}": accuracy_by_type(scores["seedbench"])}
     if len(names) > 1:  # stage 1 alone on the same questions: LMEye's static-versus-interactive claim
         first = build_answerer(f"{stage_dir(output, names[0])}/model", max_new_tokens=d.eval_max_new_tokens)
-        alone = evaluate("seedbench", first, sets.seedbench, root / "eval" / names[0])
+        alone = evaluate("seedbench", first, sets.seedbench, root / "eval" / names[0], batch_size=d.eval_batch_size)
         accuracy = {f"stage {names[0]} alone": accuracy_by_type(alone), f"stages {' + '.join(names)}": accuracy[f"stage {names[-1]}"]}
         checks = {"SEED-Bench (held-out)": f"stage {names[0]} alone {alone['overall']:.3f}, "
                                            f"after stage {names[-1]} {scores['seedbench']['overall']:.3f}"}

@@ -8,7 +8,7 @@ import pytest
 
 from lmeye.demo.report import ACCURACY_PNG, LOSS_PNG, ROWS_PNG, SCORES_PNG, ReportInputs, final_summary, write_report
 from lmeye.errors import UserError
-from lmeye.eval.mmbench import MMBAnswer, score_mmbench
+from lmeye.eval.mmbench import passes, read_mmbench, score_mmbench
 from lmeye.eval.mme import MMEAnswer, score_mme
 from lmeye.eval.seedbench import SeedAnswer, score_seedbench
 from lmeye.report import StageSummary
@@ -25,7 +25,9 @@ def _metrics(path, losses):
 
 def _inputs(tmp_path) -> ReportInputs:
     mme = score_mme([MMEAnswer("count", "a.jpg", "q1", "Yes", "yes"), MMEAnswer("count", "a.jpg", "q2", "No", "maybe")])
-    mmb = score_mmbench([MMBAnswer(1, 0, ("x", "y"), "A", "count", "coarse", "A"), MMBAnswer(1, 1, ("y", "x"), "B", "count", "coarse", "B")])
+    tsv = tmp_path / "mmbench.tsv"
+    tsv.write_text("index\tquestion\tA\tB\tanswer\tcategory\tl2-category\timage\n1\tQ\tx\ty\tA\tcount\tcoarse\tAAAA\n")
+    mmb = score_mmbench(zip(passes(read_mmbench(tsv)), ["A", "B"]))
     seed = score_seedbench([SeedAnswer("1", 5, "A", (0.0, -1.0, -1.0, -1.0)), SeedAnswer("2", 5, "B", (0.0, -1.0, -1.0, -1.0))])
     return ReportInputs(
         metrics={"stage 1": _metrics(tmp_path / "s1.jsonl", [4.0, 3.0, 2.5]), "stage 2": _metrics(tmp_path / "s2.jsonl", [3.5, 1.25])},
@@ -63,7 +65,7 @@ def test_final_summary_fits_one_screen(tmp_path):
     lines = text.splitlines()
     assert len(lines) <= 25 and max(map(len, lines)) <= 100
     assert "download" in text and "404" in text and "stage 2: loss 3.5000 -> 1.2500" in text
-    assert "MME perception 50.00" in text and "MMBench CircularEval 100.00%" in text and "SEED-Bench 50.00% (1/2)" in text
+    assert "MME perception 50.00" in text and "MMBench CircularEval 100.00%" in text and "SEED-Bench 50.00% (1/2;" in text
     assert "report: out/report/report.md" in text and "(321.5 s)" in text
 
 
