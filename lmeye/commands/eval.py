@@ -37,12 +37,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.workers < 1:
         raise UserError("--batch-size and --workers must be at least 1")
     if args.workers > 1:
+        from functools import partial
+
         from lmeye.eval.pool import PoolAnswerer
         from lmeye.runtime import init_ray
 
         ipn_answerer.features_check(args.checkpoint, args.features)  # a bad checkpoint: one line, before Ray starts
         init_ray()
-        answerer = PoolAnswerer(args.checkpoint, args.workers, args.max_new_tokens, args.features, args.gpus_per_worker)
+        build = partial(ipn_answerer.build_answerer, args.checkpoint, max_new_tokens=args.max_new_tokens, features=args.features)
+        answerer = PoolAnswerer(build, args.workers, ipn_answerer.model_name(args.checkpoint), args.gpus_per_worker)
     else:
         answerer = ipn_answerer.build_answerer(args.checkpoint, max_new_tokens=args.max_new_tokens, features=args.features)
     # each call carries a batch for every worker

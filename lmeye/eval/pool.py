@@ -4,16 +4,14 @@ is answered N batches at a time."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 
 class _Worker:
-    """One actor: an ``IPNAnswerer`` built from the checkpoint, as the single-process command builds it."""
+    """One actor: the answerer ``build()`` makes (``lmeye eval``: ``build_answerer`` on the checkpoint)."""
 
-    def __init__(self, checkpoint: str, max_new_tokens: int, features: Optional[str]):
-        from lmeye.eval.ipn_answerer import build_answerer
-
-        self.answerer = build_answerer(checkpoint, max_new_tokens=max_new_tokens, features=features)
+    def __init__(self, build: Callable[[], Any]):
+        self.answerer = build()
 
     def answer(self, images: list, questions: list[str]) -> list[str]:
         return self.answerer.answer(images, questions)
@@ -36,16 +34,16 @@ def shards(n: int, parts: int) -> list[tuple[int, int]]:
 
 class PoolAnswerer:
     """The ``Answerer`` protocol over a pool of ``_Worker`` actors: each call is cut into one contiguous
-    shard per actor, answered concurrently, and put back together in order."""
+    shard per actor, answered concurrently, and put back together in order. ``build`` is shipped to
+    each actor (a picklable callable, e.g. a ``functools.partial`` of ``build_answerer``); ``name``
+    is the model's, for resuming."""
 
-    def __init__(self, checkpoint: str, workers: int, max_new_tokens: int = 32, features: Optional[str] = None, gpus_per_worker: float = 0):
+    def __init__(self, build: Callable[[], Any], workers: int, name: str, gpus_per_worker: float = 0):
         import ray
 
-        from lmeye.eval.ipn_answerer import model_name
-
         actor = ray.remote(num_cpus=1, num_gpus=gpus_per_worker)(_Worker)
-        self.actors = [actor.remote(str(checkpoint), max_new_tokens, features) for _ in range(workers)]
-        self.name = model_name(str(checkpoint))
+        self.actors = [actor.remote(build) for _ in range(workers)]
+        self.name = name
 
     def _spread(self, method: str, *columns: Sequence[Any]) -> list:
         import ray

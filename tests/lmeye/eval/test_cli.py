@@ -53,14 +53,6 @@ def test_missing_checkpoint_is_a_user_error(tmp_path, capsys):
     assert "nope: checkpoint folder not found" in capsys.readouterr().err
 
 
-def test_workers_split_each_call_into_contiguous_shards():
-    from lmeye.eval.pool import shards
-
-    assert shards(10, 3) == [(0, 4), (4, 7), (7, 10)]
-    assert shards(2, 4) == [(0, 1), (1, 2)]  # never an empty shard
-    assert shards(5, 1) == [(0, 5)]
-
-
 def test_batch_size_and_workers_must_be_positive(tmp_path, capsys):
     assert main(["eval", "mme", "--checkpoint", "c", "--data", str(tmp_path), "--batch-size", "0"]) == 2
     assert "--batch-size and --workers must be at least 1" in capsys.readouterr().err
