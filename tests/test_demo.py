@@ -35,11 +35,14 @@ def test_demo_pipeline_end_to_end_then_stage_1_plus_2_answers_from_the_image(tmp
     summaries = run_demo(cfg)
     out = capsys.readouterr().out
     got = [(s.stage, s.ok, s.notes) for s in summaries]
-    assert [s.stage for s in summaries] == ["download", "extract", "instruct", "train instruct"], got
+    assert [s.stage for s in summaries] == ["download", "extract", "instruct", "train align", "train instruct"], got
     assert all(s.ok for s in summaries), got
     for stage in ("download", "extract", "instruct", "train align", "train instruct"):
         assert f"== {stage} finished" in out
     assert "[demo] ok" in out
+    # a quiet console: progress lines and summaries only; Ray's and the stages' own output in the log
+    assert len(out.splitlines()) <= 90, out
+    assert "[train align] step" not in out and "[train align] step" in (tmp_path / "demo" / "logs" / "demo.log").read_text()
 
     # trained, evaluated, reported: both stages' models, the three benchmarks, the plots
     root = tmp_path / "demo"

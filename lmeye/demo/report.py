@@ -19,6 +19,18 @@ LOSS_PNG = "loss_curves.png"
 ROWS_PNG = "row_counts.png"
 ACCURACY_PNG = "accuracy_by_type.png"
 SCORES_PNG = "benchmark_scores.png"
+GALLERY_PNG = "gallery.png"
+
+
+@dataclass(frozen=True)
+class GalleryEntry:
+    """A held-out image, a question about it, the model's answer and whether it is the right one."""
+
+    image: bytes  # the encoded image
+    question: str
+    answer: str
+    truth: str
+    right: bool
 
 
 @dataclass
@@ -31,6 +43,7 @@ class ReportInputs:
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # benchmark -> its lmeye.eval result
     checks: dict[str, str] = field(default_factory=dict)  # e.g. "learning check" -> "passed: ..."
     wall_seconds: float | None = None
+    gallery: list[GalleryEntry] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +154,25 @@ def plot_scores(scores: dict[str, dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def plot_gallery(entries: list[GalleryEntry], path: Path, columns: int = 4) -> Path:
+    import io
+
+    from PIL import Image
+
+    rows = (len(entries) + columns - 1) // columns
+    fig = _figure(2.6 * columns, 3.0 * rows)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, e in zip(axes, entries):
+        ax.imshow(Image.open(io.BytesIO(e.image)).convert("RGB"))
+        mark = "right" if e.right else f"wrong (truth: {e.truth})"
+        ax.set_title(f"{e.question}\nLMEye: {e.answer or '(nothing)'}\n{mark}", fontsize=7,
+                     color="tab:green" if e.right else "tab:red")
+    fig.savefig(path)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # Text
 
@@ -189,6 +221,12 @@ def render_markdown(inputs: ReportInputs, curves: dict[str, list[dict[str, Any]]
         out += ["", f"![accuracy per question type]({ACCURACY_PNG})"]
     else:
         out.append("Not measured.")
+    if inputs.gallery:
+        right = sum(e.right for e in inputs.gallery)
+        out += ["", "## Held-out examples", "", f"{right} of {len(inputs.gallery)} answered right.", "",
+                f"![held-out images, questions and answers]({GALLERY_PNG})", "",
+                markdown_table(("question", "LMEye's answer", "truth", ""), ((e.question, e.answer, e.truth, "right" if e.right else "WRONG")
+                                                                           for e in inputs.gallery))]
     out += ["", "## Benchmarks", ""]
     if inputs.scores:
         out.append(_scores_table(inputs.scores))
@@ -213,6 +251,8 @@ def write_report(out_dir: str | Path, inputs: ReportInputs) -> Path:
         plots[ACCURACY_PNG] = str(plot_accuracy(inputs.accuracy, out / ACCURACY_PNG))
     if _score_panels(inputs.scores):
         plots[SCORES_PNG] = str(plot_scores(inputs.scores, out / SCORES_PNG))
+    if inputs.gallery:
+        plots[GALLERY_PNG] = str(plot_gallery(inputs.gallery, out / GALLERY_PNG))
     path = out / "report.md"
     path.write_text(render_markdown(inputs, curves, plots))
     return path

@@ -6,7 +6,18 @@ import json
 
 import pytest
 
-from lmeye.demo.report import ACCURACY_PNG, LOSS_PNG, ROWS_PNG, SCORES_PNG, ReportInputs, final_summary, write_report
+from lmeye.demo.corpus import generate_items, render
+from lmeye.demo.report import (
+    ACCURACY_PNG,
+    GALLERY_PNG,
+    LOSS_PNG,
+    ROWS_PNG,
+    SCORES_PNG,
+    GalleryEntry,
+    ReportInputs,
+    final_summary,
+    write_report,
+)
 from lmeye.errors import UserError
 from lmeye.eval.mmbench import passes, read_mmbench, score_mmbench
 from lmeye.eval.mme import MMEAnswer, score_mme
@@ -39,16 +50,19 @@ def _inputs(tmp_path) -> ReportInputs:
         scores={"mme": mme, "mmbench": mmb, "seedbench": seed},
         checks={"learning check": "passed (stage 2 loss fell 64%)"},
         wall_seconds=321.5,
+        gallery=[GalleryEntry(render(item, 48), f"What shape is it {i}?", "circle", "circle" if i else "star", bool(i))
+                 for i, item in enumerate(generate_items(3, seed=0))],
     )
 
 
 def test_report_writes_pngs_and_markdown_with_the_numbers(tmp_path):
     md_path = write_report(tmp_path / "report", _inputs(tmp_path))
     md = md_path.read_text()
-    for name in (LOSS_PNG, ROWS_PNG, ACCURACY_PNG, SCORES_PNG):
+    for name in (LOSS_PNG, ROWS_PNG, ACCURACY_PNG, SCORES_PNG, GALLERY_PNG):
         png = md_path.parent / name
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 1000
         assert f"]({name})" in md
+    assert "2 of 3 answered right." in md and "| What shape is it 0? | circle | star | WRONG |" in md
     assert "| download | pairs | 68 | 2 | ok |" in md and "| download | 404 | 1 |" in md
     assert "stage 1: loss 4.0000 -> 2.5000 over 3 steps" in md and "stage 2: loss 3.5000 -> 1.2500 over 2 steps" in md
     assert "learning check: passed" in md
