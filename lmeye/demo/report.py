@@ -44,6 +44,8 @@ class ReportInputs:
     checks: dict[str, str] = field(default_factory=dict)  # e.g. "learning check" -> "passed: ..."
     wall_seconds: float | None = None
     gallery: list[GalleryEntry] = field(default_factory=list)
+    baseline: dict[str, dict[str, Any]] = field(default_factory=dict)  # benchmark -> result of stage 1 alone
+    baseline_name: str = "stage 1 alone"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +178,24 @@ def plot_gallery(entries: list[GalleryEntry], path: Path, columns: int = 4) -> P
 # ---------------------------------------------------------------------------------------------
 # Text
 
+# benchmark -> (its main score's key in the result, what it is)
+MAIN_SCORE = {"mme": ("accuracy", "MME accuracy"), "mmbench": ("overall", "MMBench CircularEval"), "seedbench": ("overall", "SEED-Bench accuracy")}
+
+
+def versus_lines(inputs: ReportInputs) -> list[str]:
+    """Each benchmark's main score beside its chance level and beside stage 1 alone."""
+    lines = []
+    for name, result in inputs.scores.items():
+        if name not in MAIN_SCORE or MAIN_SCORE[name][0] not in result:
+            continue
+        key, label = MAIN_SCORE[name]
+        line = f"{label} {result[key]:.3f} (chance {result.get('chance', 0.0):.3f}"
+        if key in inputs.baseline.get(name, {}):
+            line += f"; {inputs.baseline_name} {inputs.baseline[name][key]:.3f}"
+        lines.append(line + ")")
+    return lines
+
+
 
 def _scores_table(scores: dict[str, dict[str, Any]]) -> str:
     rows = []
@@ -229,6 +249,7 @@ def render_markdown(inputs: ReportInputs, curves: dict[str, list[dict[str, Any]]
                                                                            for e in inputs.gallery))]
     out += ["", "## Benchmarks", ""]
     if inputs.scores:
+        out += [f"- {line}" for line in versus_lines(inputs)] + [""]
         out.append(_scores_table(inputs.scores))
         out += ["", f"![benchmark scores]({SCORES_PNG})"]
     else:
@@ -272,6 +293,7 @@ def final_summary(inputs: ReportInputs, report_path: str | Path | None = None) -
         lines.append(f"  {stage}: {loss_summary(read_metrics(path))}")
     lines += [f"  {name}: {text}" for name, text in inputs.checks.items()]
     lines += [f"  {headline(result)}" for result in inputs.scores.values()]
+    lines += [f"  {line}" for line in versus_lines(inputs)]
     if report_path is not None:
         lines.append(f"  report: {report_path}")
     lines.append("=" * 72)

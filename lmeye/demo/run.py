@@ -126,7 +126,7 @@ def evaluate_demo(cfg: Config, training_items: list, summaries: list[StageSummar
     from lmeye.demo.benchsets import accuracy_by_type, heldout_items, write_benchsets
     from lmeye.demo.report import ReportInputs, final_summary, write_report
     from lmeye.eval.ipn_answerer import build_answerer
-    from lmeye.eval.run import evaluate, evaluate_all
+    from lmeye.eval.run import evaluate_all
     from pipelines.train import _paths, stage_dir
 
     d, root = cfg.demo, Path(cfg.data.root)
@@ -136,18 +136,16 @@ def evaluate_demo(cfg: Config, training_items: list, summaries: list[StageSummar
     names = [s.name for s in cfg.train.stages]
     final = build_answerer(f"{stage_dir(output, names[-1])}/model", max_new_tokens=d.eval_max_new_tokens)
     scores = evaluate_all(final, dataclasses.asdict(sets), root / "eval", batch_size=d.eval_batch_size)
-    accuracy, checks = {f"stage {names[-1]}": accuracy_by_type(scores["seedbench"])}, {}
+    accuracy, checks, baseline = {f"stage {names[-1]}": accuracy_by_type(scores["seedbench"])}, {}, {}
     if len(names) > 1:  # stage 1 alone on the same questions: LMEye's static-versus-interactive claim
         first = build_answerer(f"{stage_dir(output, names[0])}/model", max_new_tokens=d.eval_max_new_tokens)
-        alone = evaluate("seedbench", first, sets.seedbench, root / "eval" / names[0], batch_size=d.eval_batch_size)
-        checks["SEED-Bench (held-out)"] = (f"stage {names[0]} alone {alone['overall']:.3f}, "
-                                           f"after stage {names[-1]} {scores['seedbench']['overall']:.3f}")
+        baseline = evaluate_all(first, dataclasses.asdict(sets), root / "eval" / names[0], batch_size=d.eval_batch_size)
         accuracy, line = learning_check_accuracy(cfg, names)
         checks["learning check"] = line
     inputs = ReportInputs(
         metrics={n: f"{stage_dir(output, n)}/metrics.jsonl" for n in names}, summaries=summaries,
         accuracy=accuracy, scores=scores, checks=checks, wall_seconds=time.time() - started,
-        gallery=gallery(final, items, d.image_size),
+        gallery=gallery(final, items, d.image_size), baseline=baseline, baseline_name=f"stage {names[0]} alone",
     )
     report = write_report(root / "report", inputs)
     return final_summary(inputs, report)

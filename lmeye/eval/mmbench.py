@@ -251,6 +251,13 @@ def _accuracy(hits: dict[int, bool], keys: dict[int, str]) -> dict[str, float]:
     return {k: ratio(sum(v), len(v)) for k, v in sorted(groups.items())}
 
 
+def _chance(passes: list[tuple[MMBPass, Optional[str]]]) -> float:
+    out = 1.0
+    for p, _ in passes:
+        out *= 1 / len(p.options) if p.options else 0.0
+    return out
+
+
 def score_mmbench(answered: Iterable[tuple[MMBPass, str]]) -> dict[str, Any]:
     groups: dict[int, list[tuple[MMBPass, Optional[str]]]] = defaultdict(list)
     for p, response in answered:
@@ -267,6 +274,8 @@ def score_mmbench(answered: Iterable[tuple[MMBPass, str]]) -> dict[str, Any]:
         "passes": len(preds),
         "asked_once": sum(len(ps) == 1 for ps in groups.values()),
         "overall": ratio(sum(hits.values()), len(hits)),
+        # a uniform guess passes every one of a question's passes with probability prod(1 / options)
+        "chance": ratio(sum(_chance(ps) for ps in groups.values()), len(groups)),
         "single_pass": ratio(sum(first), len(first)),  # rotation 0 only, for reference
         "l2_category": _accuracy(hits, l2),
         "category": _accuracy(hits, category),

@@ -137,6 +137,8 @@ def score_mme(answers: Iterable[MMEAnswer]) -> dict[str, Any]:
         "perception": totals["perception"],
         "cognition": totals["cognition"],
         "questions": sum(s["questions"] for s in subtasks.values()),
+        "accuracy": ratio(sum(s["correct"] for s in subtasks.values()), sum(s["questions"] for s in subtasks.values())),
+        "chance": 0.5,  # accuracy of a coin flip between yes and no
         "other": sum(s["other"] for s in subtasks.values()),
     }
 

@@ -152,8 +152,10 @@ def predict(logliks: Iterable[float]) -> str:
 def score_seedbench(answers: Iterable[SeedAnswer], names: dict[int, str] | None = None, left_out: int = 0) -> dict[str, Any]:
     names = names or DIMENSIONS
     per_type: dict[int, list[bool]] = defaultdict(list)
+    guess = []  # a uniform guess's chance of each question
     for a in answers:
         per_type[a.type_id].append(predict(a.logliks) == a.answer)
+        guess.append(1 / len(a.logliks))
     total = sum(len(v) for v in per_type.values())
     return {
         "benchmark": "seedbench",
@@ -162,6 +164,7 @@ def score_seedbench(answers: Iterable[SeedAnswer], names: dict[int, str] | None 
         "video_left_out": left_out,
         "correct": sum(sum(v) for v in per_type.values()),
         "overall": ratio(sum(sum(v) for v in per_type.values()), total),
+        "chance": ratio(sum(guess), len(guess)) if guess else 0.0,
         "dimensions": {
             names.get(t, str(t)): {"id": t, "questions": len(v), "correct": sum(v), "accuracy": ratio(sum(v), len(v))}
             for t, v in sorted(per_type.items())
