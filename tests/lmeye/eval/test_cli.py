@@ -56,3 +56,8 @@ def test_missing_checkpoint_is_a_user_error(tmp_path, capsys):
 def test_batch_size_and_workers_must_be_positive(tmp_path, capsys):
     assert main(["eval", "mme", "--checkpoint", "c", "--data", str(tmp_path), "--batch-size", "0"]) == 2
     assert "--batch-size and --workers must be at least 1" in capsys.readouterr().err
+
+
+def test_workers_check_the_checkpoint_before_starting_ray(tmp_path, capsys):
+    assert main(["eval", "mme", "--checkpoint", str(tmp_path / "gone"), "--data", str(tmp_path), "--workers", "2"]) == 2
+    assert "gone: checkpoint folder not found" in capsys.readouterr().err
