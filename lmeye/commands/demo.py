@@ -18,5 +18,5 @@ def _run(args: argparse.Namespace) -> int:
     from lmeye.cli import config_from_args
     from lmeye.demo.run import run_demo
 
-    summaries = run_demo(config_from_args(args), verbose=args.verbose)
+    summaries = run_demo(config_from_args(args), verbose=args.verbose, stop_ray=True)
     return 0 if all(s.ok for s in summaries) else 1

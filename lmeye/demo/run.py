@@ -48,15 +48,24 @@ def _optional_stages() -> list[tuple[str, Callable[[Config], StageSummary]]]:
     return stages
 
 
-def run_demo(cfg: Config, benchmarks: bool = True, verbose: bool = False) -> list[StageSummary]:
+def run_demo(cfg: Config, benchmarks: bool = True, verbose: bool = False, stop_ray: bool = False) -> list[StageSummary]:
     """The pipeline on the demo corpus; with ``benchmarks``, then the held-out benchmark sets and the report.
 
     The console shows a progress line per stage and the summaries; everything else (Ray's workers and
-    libraries, the stages' own lines) goes to ``{data.root}/logs/demo.log``, unless ``verbose``."""
+    libraries, the stages' own lines) goes to ``{data.root}/logs/demo.log``, unless ``verbose``.
+    ``stop_ray`` (the command): the embedded Ray this process started is shut down before the console
+    is given back, so late worker lines still go to the log."""
     from lmeye.demo.console import quiet_console
+    from lmeye.runtime import embedded
 
     with quiet_console(Path(cfg.data.root) / LOG_FILE, quiet=not verbose) as console:
-        return _run(cfg, benchmarks, console)
+        try:
+            return _run(cfg, benchmarks, console)
+        finally:
+            if stop_ray and embedded():
+                import ray
+
+                ray.shutdown()
 
 
 def _run(cfg: Config, benchmarks: bool, console: Console) -> list[StageSummary]:
