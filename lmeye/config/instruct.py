@@ -139,6 +139,9 @@ class InstructConfig(Section):
         description="what to build from; default: the captions of the pairs table",
     )
     templates: Optional[str] = Field(None, description="caption templates (YAML); default the packaged lmeye/templates/captions.yaml")
+    curation: Optional[str] = Field(
+        None, description="curation table (lmeye curate): rows whose image it does not keep are left out (curated_out); "
+        "null: no curation")
     require_features: bool = Field(True, description="leave out rows whose image has no features (false: no check, said in the summary)")
     seed: int = Field(0, description="template phrasing, weight sampling and shuffling")
     split_seed: int = Field(0, description="salt of the train/validation split by uid (separate, so reshuffling never moves images)")

@@ -31,7 +31,7 @@ from pipelines.instruct.records import TEXT_ONLY, Parsed, Reject, parse_caption_
 from schemas.instructions import CONVERSATION, TURN
 from schemas.pairs import CAPTION, STATUS, SUCCESS, UID as PAIRS_UID
 
-OUTCOMES = ("kept", "duplicate", "no_features", "sampled_out", "over_cap", "malformed")
+OUTCOMES = ("kept", "duplicate", "no_features", "curated_out", "sampled_out", "over_cap", "malformed")
 
 
 # ---------------------------------------------------------------------------------------------
