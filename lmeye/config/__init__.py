@@ -55,6 +55,7 @@ class DemoConfig(Section):
     llm_steps: int = Field(1000, ge=0, description="training steps of the demo LLM (lmeye.model.demo; fewer: it reads its context less well)")
     eval_images: int = Field(12, gt=0, description="held-out images in the demo's MME/MMBench/SEED-Bench-layout sets")
     eval_max_new_tokens: int = Field(8, gt=0, description="answer length of the demo's evaluation (answers are a word or two)")
+    eval_batch_size: int = Field(16, gt=0, description="questions per model call in the demo's evaluation")
 
 
 class Config(Section):
