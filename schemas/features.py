@@ -29,6 +29,9 @@ from lmeye.patch_codec import codec
 from schemas import UID128_NOTE, TableSchema
 from schemas.pairs import SUCCESS  # noqa: F401  (one word for success across tables)
 FAILED_TO_DECODE = "failed_to_decode"
+# Optional column (extract.text_embeddings: true): the caption's CLIP text embedding, L2-normalised,
+# the same fixed_size_list type as ``embedding``; null for a row without a caption or a failed image.
+TEXT_EMBEDDING = "text_embedding"
 
 VALUE_TYPES = {"float16": pa.float16(), "float32": pa.float32(), "int8": pa.int8()}
 
@@ -69,8 +72,10 @@ def features_schema(
     metadata: Optional[dict[str, str]] = None,
     patch_encoding: Optional[str] = None,
     patch_pool: Optional[int] = None,
+    text_embeddings: bool = False,
 ) -> pa.Schema:
-    """The exact schema of one run: embedding width, value type, optional patch tokens, metadata.
+    """The exact schema of one run: embedding width, value type, optional patch tokens and caption
+    embeddings, metadata.
 
     ``patch_shape`` is the stored (T, D), after pooling; ``patch_encoding`` defaults to ``dtype``."""
     value = VALUE_TYPES[dtype]
@@ -85,6 +90,8 @@ def features_schema(
         meta["lingcloud.patch_tokens_shape"] = f"{t},{d}"
         meta["lingcloud.patch_encoding"] = enc.name
         meta["lingcloud.patch_pool"] = str(patch_pool or "")
+    if text_embeddings:
+        fields.append(pa.field(TEXT_EMBEDDING, pa.list_(value, embed_dim)))
     return FEATURES.with_metadata(pa.schema(fields), meta)
 
 

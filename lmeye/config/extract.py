@@ -42,6 +42,9 @@ class ExtractConfig(Section):
         None, gt=0, description="average the patch grid to N x N regions before storing (the IPN's RVII pools to "
         "regions anyway); null: the model's full grid. Recorded in the table; a model trained on another grid refuses it"
     )
+    text_embeddings: bool = Field(
+        False, description="also store each caption's embedding from the same CLIP's text tower (column text_embedding; "
+        "the curate stage's CLIP score is its cosine with the image embedding)")
     # the actor pool
     batch_size: int = Field(256, gt=0, description="images per model forward")
     pool_size: int = Field(1, gt=0, description="model actors (min size when pool_max_size is set)")
