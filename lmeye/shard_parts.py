@@ -5,9 +5,9 @@ shards (a shard column says which), in whatever order its actors finish them. Th
 not pull those blocks in to write the shards itself (at LAION scale, patch tokens are ~5 GB a
 shard). Instead:
 
-1. ``write_parts`` runs as the pipeline's last step, on the workers: each block's rows of each
-   shard go to one *part* file under the table's staging folder, and the step returns one small
-   row per part (shard, path, rows, per-part statistics as JSON);
+1. ``write_parts`` runs where the pipeline's last step makes its rows (the model actors): each
+   block's rows of each shard go to one *part* file under the table's staging folder, and the
+   step passes on one small row per part (shard, path, rows, per-part statistics as JSON);
 2. the driver reads only those rows (``PartCollector``); once a shard's parts hold all its
    rows, it starts ``assemble_shard`` as a Ray task, which concatenates the parts into the final
    shard with ``ShardWriter`` (temporary name, rename; on object stores one upload), removes them
@@ -126,17 +126,6 @@ def assemble_shard(
         fs, p = fsspec.core.url_to_fs(part)
         fs.rm_file(p)
     return info
-
-
-def with_parts(ds, *, staging: str, shard_col: str, schema: pa.Schema,
-               stats_of: Callable[[pa.Table], dict[str, dict[str, int]]], **remote_args: Any):
-    """``ds`` (a Ray Dataset of output rows with ``shard_col``) with ``write_parts`` as its last
-    step: what it yields to the driver is PART_SCHEMA rows only."""
-    return ds.map_batches(
-        write_parts, batch_size=None, batch_format="pyarrow",
-        fn_kwargs={"staging": staging, "shard_col": shard_col, "schema": schema, "stats_of": stats_of},
-        **remote_args,
-    )
 
 
 class ShardAssembler:
