@@ -295,7 +295,7 @@ def table_metadata(ec: ExtractConfig, spec: clip.ModelSpec, precision: str) -> d
     h, w = spec.image_size
     return {
         "model": ec.model,
-        "pretrained": ec.pretrained or f"none (random init, seed {ec.seed})",
+        "pretrained": ec.pretrained or f"{clip.RANDOM_INIT}, seed {ec.seed})",
         "checkpoint_sha256": spec.checkpoint_sha256,
         "image_size": str(h) if h == w else f"{h}x{w}",
         "dtype": ec.dtype,

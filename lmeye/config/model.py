@@ -15,9 +15,12 @@ class ModelConfig(Section):
         None, description="directory (or hub name where a network exists) of a causal LM, loaded frozen with AutoModelForCausalLM; required to build an IPN"
     )
     tokenizer: Optional[str] = Field(None, description="tokenizer directory or name; null: the llm's")
-    clip_model: str = Field("ViT-L-14", description="open_clip architecture whose frozen text tower runs RVII (rvii: clip_text)")
+    clip_model: Optional[str] = Field(
+        None,
+        description="open_clip architecture whose frozen text tower runs RVII (rvii: clip_text); null: the CLIP that made the features table (its manifest names the model and weights), so the two cannot disagree",
+    )
     clip_pretrained: Optional[str] = Field(
-        "openai", description="open_clip pretrained tag or local checkpoint file of clip_model; null: random weights (tests only)"
+        None, description="open_clip pretrained tag or local checkpoint file of clip_model; null: the features table's when clip_model is null, else random weights (tests only)"
     )
     clip_model_config_dirs: list[str] = Field(default_factory=list, description="extra directories of open_clip model JSONs")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the frozen LLM and CLIP text tower")
