@@ -21,6 +21,7 @@ dictionaries, summed per shard.
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections import Counter, defaultdict
 from typing import Any, Callable, Iterable
@@ -131,7 +132,10 @@ def assemble_shard(
 class ShardAssembler:
     """The driver's side: part rows in, assembly tasks out, ``ShardInfo``s recorded as they return.
 
-    ``shard_args(name)`` gives ``assemble_shard``'s ``inputs`` and ``input_fingerprint`` for a shard.
+    A thread records each assembled shard as soon as its task returns (not when the next batch
+    of part rows happens to arrive), so a stage killed mid-run keeps every shard assembled
+    before the kill. ``shard_args(name)`` gives ``assemble_shard``'s ``inputs`` and
+    ``input_fingerprint`` for a shard.
     """
 
     def __init__(self, writer, schema: pa.Schema, expected: dict[str, int], shard_args: Callable[[str], dict[str, Any]],
@@ -144,6 +148,11 @@ class ShardAssembler:
         self.task = ray.remote(assemble_shard).options(**remote_args)
         self.assembling: dict[Any, str] = {}
         self.written = 0
+        self.failure: BaseException | None = None
+        self._lock = threading.Lock()  # assembling, written, failure and the writer's journal
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._record_loop, name="shard-assembler", daemon=True)
+        self._thread.start()
 
     def feed(self, parts: pa.Table) -> int:
         """Record a batch of part rows, start the shards it completes; returns the rows it added."""
@@ -151,25 +160,50 @@ class ShardAssembler:
             paths, stats = self.collector.take(name)
             ref = self.task.remote(self.writer.path, name, self.schema, paths, row_group_rows=self.row_group_rows,
                                    stats=stats, **self.shard_args(name))
-            self.assembling[ref] = name
-        self.harvest(wait=False)
+            with self._lock:
+                self.assembling[ref] = name
         return int(pc.sum(parts["rows"]).as_py() or 0)
 
-    def harvest(self, wait: bool) -> None:
-        """Record the assembled shards (all of them, waiting, when ``wait``)."""
+    def _record(self, ref) -> None:
         import ray
 
-        if not self.assembling:
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.RayError as err:  # that shard is redone by a later pass or run
+            with self._lock:
+                self.assembling.pop(ref, None)
+                self.failure = self.failure or err
             return
-        ready, _ = ray.wait(list(self.assembling), num_returns=len(self.assembling), timeout=None if wait else 0)
-        for ref in ready:
-            self.assembling.pop(ref)
-            self.writer.record(ray.get(ref))
+        with self._lock:
+            self.assembling.pop(ref, None)
+            self.writer.record(info)
             self.written += 1
+
+    def _record_loop(self) -> None:
+        import ray
+
+        while not self._stop.is_set():
+            with self._lock:
+                refs = list(self.assembling)
+            if not refs:
+                self._stop.wait(0.05)
+                continue
+            ready, _ = ray.wait(refs, num_returns=1, timeout=0.2)
+            for ref in ready:
+                self._record(ref)
+
+    def _drain(self) -> None:
+        """Stop the thread, then record every assembly still running (waiting for each)."""
+        self._stop.set()
+        self._thread.join()
+        for ref in list(self.assembling):
+            self._record(ref)
 
     def finish(self) -> int:
         """After the last batch: every shard assembled and recorded; returns how many."""
-        self.harvest(wait=True)
+        self._drain()
+        if self.failure is not None:
+            raise self.failure
         short = self.collector.short()
         if short:
             raise RuntimeError("the pipeline ended with shards short of rows: "
@@ -179,11 +213,4 @@ class ShardAssembler:
     def salvage(self) -> None:
         """After a failure: record the shards whose assembly finishes anyway (finished work);
         the rest are redone by a later pass or run."""
-        import ray
-
-        for ref in list(self.assembling):
-            try:
-                self.writer.record(ray.get(ref))
-            except ray.exceptions.RayError:
-                pass
-        self.assembling.clear()
+        self._drain()
