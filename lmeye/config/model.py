@@ -15,6 +15,10 @@ class ModelConfig(Section):
         None, description="directory (or hub name where a network exists) of a causal LM, loaded frozen with AutoModelForCausalLM; required to build an IPN"
     )
     tokenizer: Optional[str] = Field(None, description="tokenizer directory or name; null: the llm's")
+    chat_template: Optional[str] = Field(
+        None,
+        description="chat template: null = the tokenizer's own; a built-in (plain for base models, vicuna_v1, llama2, chatml) or a .jinja file (lmeye.model.templates); a tokenizer without one needs it",
+    )
     clip_model: str = Field("ViT-L-14", description="open_clip architecture whose frozen text tower runs RVII (rvii: clip_text)")
     clip_pretrained: Optional[str] = Field(
         "openai", description="open_clip pretrained tag or local checkpoint file of clip_model; null: random weights (tests only)"

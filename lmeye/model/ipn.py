@@ -139,7 +139,8 @@ class IPN(nn.Module):
         nn.init.zeros_(self.transmit.weight)
         nn.init.zeros_(self.transmit.bias)
         self.imgd_embed = nn.Parameter(torch.randn(k, hidden) * 0.02)
-        self.codec = TextCodec(tokenizer, num_img=cfg.num_img, num_img_d=k, max_length=min(cfg.max_length, llm_context(llm)), system_prompt=cfg.system_prompt)
+        self.codec = TextCodec(tokenizer, num_img=cfg.num_img, num_img_d=k, max_length=min(cfg.max_length, llm_context(llm)), system_prompt=cfg.system_prompt,
+                               chat_template=cfg.chat_template)
         self.set_trainable("instruct")
 
     # ---------------------------------------------------------------------------------------
@@ -359,7 +360,8 @@ class IPN(nn.Module):
         tok = self.tokenizer
         out = self.llm.generate(
             inputs_embeds=full, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            num_beams=num_beams, streamer=streamer, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            num_beams=num_beams, streamer=streamer, pad_token_id=tok.pad_token_id,
+            eos_token_id=self.codec.stop_ids(self.llm.generation_config),  # end-of-turn tokens + the LLM's own stop list
             **kwargs, **generation_kwargs,
         )
         return tok.batch_decode(out, skip_special_tokens=True)

@@ -39,6 +39,22 @@ class IPNFactory:
             AutoConfig.from_pretrained(llm)
         except (OSError, ValueError) as err:
             raise UserError(f"model.llm: cannot load an LLM config from {llm!r} ({str(err).splitlines()[0]})") from None
+        check_chat_template(model_cfg)
+
+
+def check_chat_template(model_cfg: Any) -> None:
+    """One UserError naming ``model.chat_template`` when the tokenizer has no usable chat template
+    and none is configured (a base model), before any worker loads the LLM."""
+    from transformers import AutoTokenizer
+
+    from lmeye.model.text import resolve_chat_template
+
+    where = model_cfg.tokenizer or model_cfg.llm
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.tokenizer: cannot load a tokenizer from {where!r} ({str(err).splitlines()[0]})") from None
+    resolve_chat_template(tok, model_cfg.chat_template)
 
     def build(self, cfg: Any, feature_dim: int, patch_shape: Optional[tuple[int, int]]) -> Any:
         from lmeye.model import IPN
