@@ -21,3 +21,20 @@ def test_describe_prints_each_part_and_the_trainable_fraction(llm_dirs, clip_che
     assert "features 32-d, patch tokens (16, 64)" in out
     assert main(["model", "describe", "--config", str(cfg), "--set", "model.llm=/no/such/llm"]) == 2
     assert "/no/such/llm" in capsys.readouterr().err
+
+
+def test_describe_llm_shows_template_loss_mask_stops_and_prefix(released, capsys):
+    assert main(["model", "describe", "--llm", released["qwen2"]]) == 0
+    out = capsys.readouterr().out
+    assert "family: qwen2 (Qwen2ForCausalLM), decoder-only" in out
+    assert "chat template: the tokenizer's own" in out
+    assert "stop tokens: '<|endoftext|>' (0), '<|im_end|>' (2)" in out
+    # the trained characters: each answer through its end-of-turn token, not the newline after it
+    assert "<|im_start|>assistant\n\u27e6red<|im_end|>\u27e7\n" in out
+    assert "<img>What colour is the circle?<img-q>" + "<img-d>" * 5 + "<|im_end|>" in out
+    assert "prefix: 26 tokens" in out
+    assert main(["model", "describe", "--llm", released["opt"], "--chat-template", "plain"]) == 0
+    out = capsys.readouterr().out
+    assert "chat template: plain" in out and "Assistant:\u27e6 red</s>\u27e7" in out
+    assert main(["model", "describe", "--llm", released["opt"]]) == 2
+    assert "model.chat_template: not set" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lmeye.errors import UserError
-from lmeye.model.released import FAMILIES, build_family
+from lmeye.model.released import FAMILIES
 from lmeye.model.templates import BUILTIN
 from lmeye.model.testing import FEATURE_DIM, PATCH_SHAPE, QA, batch_of, features, tiny_model_config
 from lmeye.model.text import IGNORE, IMG, IMG_D, IMG_Q, TextCodec
@@ -24,12 +24,6 @@ CONV = [
     {"role": "assistant", "content": "white, with a star"},
 ]
 END_OF_TURN = {"qwen2": "<|im_end|>", "llama3": "<|eot_id|>"}  # the others end a turn with EOS
-
-
-@pytest.fixture(scope="module")
-def released(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("released")
-    return {name: build_family(str(root / name), name) for name in FAMILIES}
 
 
 def _tokenizer(path):
@@ -146,7 +140,8 @@ def test_templates_by_name_file_and_their_errors(released, tmp_path):
 def test_every_family_trains_saves_loads_and_answers(released, clip_checkpoint, tmp_path, name):
     from lmeye.model import IPN, load_ipn
 
-    cfg = tiny_model_config(released[name], clip_checkpoint, chat_template=FAMILIES[name].needs_template, num_img_d=3)
+    cfg = tiny_model_config(released[name], clip_checkpoint, chat_template=FAMILIES[name].needs_template, num_img_d=3,
+                             rvii="transformer", rvii_width=32, rvii_heads=2, rvii_layers=1)  # CLIP-free: the LLM is under test
     ipn = IPN.from_config(cfg, FEATURE_DIM, PATCH_SHAPE)
     batch = batch_of(ipn)
     opt = torch.optim.Adam(ipn.trainable_parameters(), lr=1e-2)
