@@ -70,15 +70,17 @@ def load_llm(cfg: ModelConfig):
     except (OSError, ValueError) as err:
         where = "no such directory" if not os.path.exists(cfg.llm) else "no usable config.json"
         raise UserError(f"model.llm {cfg.llm!r}: {where} ({str(err).splitlines()[0]})") from None
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING, AutoModelForSeq2SeqLM
 
-    if type(llm_cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise UserError(f"model.llm {cfg.llm!r} is not a causal LM ({type(llm_cfg).__name__} has no AutoModelForCausalLM class)")
+    # an encoder-decoder (T5, FlanT5) is wrapped by lmeye.model.seq2seq.Seq2SeqIPN
+    seq2seq = getattr(llm_cfg, "is_encoder_decoder", False) and type(llm_cfg) in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+    if not seq2seq and type(llm_cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"model.llm {cfg.llm!r} is neither a causal LM nor an encoder-decoder LM ({type(llm_cfg).__name__})")
     kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype]}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
-        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, **kwargs)
+        llm = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(cfg.llm, **kwargs)
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise UserError(f"model.llm {cfg.llm!r} is not a causal LM ({type(llm_cfg).__name__})") from None
@@ -152,6 +154,10 @@ class IPN(nn.Module):
         tower = None
         if cfg.rvii == "clip_text":
             tower = load_clip_text_tower(cfg.clip_model, cfg.clip_pretrained, cfg.clip_model_config_dirs, torch.float32)
+        if llm.config.is_encoder_decoder:  # the encoder-decoder path lives in its own module
+            from lmeye.model.seq2seq import Seq2SeqIPN
+
+            cls = Seq2SeqIPN
         return cls(cfg, feature_dim, tuple(patch_shape) if patch_shape else None, llm, tok, tower)
 
     @classmethod

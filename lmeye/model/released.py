@@ -8,7 +8,8 @@ The styles differ where the IPN's text handling can go wrong:
   space and a ``▁`` prepended to the start of every encode call, a BOS the tokenizer adds itself;
 * byte-level BPE whose end of turn is not EOS (Qwen2's ``<|im_end|>``, Llama-3's ``<|eot_id|>``),
   with the stop list in ``generation_config.json`` as those models ship it;
-* base models without a chat template (LLaMA-1, Vicuna's tokenizer, OPT, BLOOMZ).
+* base models without a chat template (LLaMA-1, Vicuna's tokenizer, OPT, BLOOMZ);
+* T5 / FlanT5: an encoder-decoder whose SentencePiece tokenizer closes every text with ``</s>``.
 
 Nothing is downloaded; the vocabularies are learnt from the demo corpus in well under a second.
 Tests and ``lmeye model describe`` examples use them; the model code never imports this module.
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 SP = "sentencepiece"
+UNIGRAM = "unigram"  # SentencePiece's unigram model, as T5 ships it
 BYTE = "bytelevel"
 
 LLAMA2_TEMPLATE = (  # meta-llama/Llama-2-7b-chat-hf's, without its role-alternation checks
@@ -65,10 +67,11 @@ class Family:
     chat_template: Optional[str] = None  # None: a base model
     generation_eos: tuple[str, ...] = ()  # generation_config.json's eos_token_id list; () -> the EOS
     needs_template: Optional[str] = None  # model.chat_template the family needs (base models)
+    add_eos: bool = False  # the tokenizer closes every text it encodes with EOS (T5)
     extra: dict[str, Any] = field(default_factory=dict)  # more tokenizer_config.json keys
 
 
-_SP_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None}
+_SP_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": None}  # LLaMA's id order
 _SP_EXTRA = {"legacy": False, "sp_model_kwargs": {}, "add_eos_token": False, "clean_up_tokenization_spaces": False}
 
 FAMILIES: dict[str, Family] = {
@@ -90,24 +93,30 @@ FAMILIES: dict[str, Family] = {
         "opt", BYTE, "GPT2Tokenizer", {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"},
         special=("<s>",), add_bos=True, needs_template="plain",
     ),
+    "t5": Family(  # T5 / FlanT5: ids pad 0, </s> 1, <unk> 2; "text</s>"; no template
+        "t5", UNIGRAM, "T5Tokenizer", {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "bos_token": None},
+        add_eos=True, needs_template="plain", extra={"extra_ids": 0, "clean_up_tokenization_spaces": False},
+    ),
     "bloomz": Family(
         "bloom", BYTE, "BloomTokenizerFast", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"},
         needs_template="plain",
     ),
 }
 TINY_MISTRAL = {"model_type": "mistral", "sliding_window": None}  # over lmeye.model.demo's tiny llama sizes
+TINY_T5 = {"model_type": "t5", "d_model": 32, "d_ff": 64, "d_kv": 8, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4,
+           "relative_attention_num_buckets": 8, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}
 
 
 def _texts(num_images: int) -> list[str]:
     from lmeye.model.demo import demo_conversations
 
-    words = "Human Assistant USER ASSISTANT INST SYS system user assistant helpful"
+    words = "Human: Assistant: USER: ASSISTANT: INST SYS system user assistant helpful"
     return [words] + ["\n".join(t["content"] for t in c) for c in demo_conversations(num_images=num_images)]
 
 
 def _specials(fam: Family) -> list[str]:
     out: list[str] = []
-    for t in [fam.tokens.get(k) for k in ("unk_token", "bos_token", "eos_token", "pad_token")] + list(fam.special):
+    for t in list(fam.tokens.values()) + list(fam.special):  # in the family's id order
         if t and t not in out:
             out.append(t)
     return out
@@ -134,6 +143,20 @@ def _sentencepiece(fam: Family, texts: list[str], vocab_size: int):
     return tok
 
 
+def _unigram(fam: Family, texts: list[str], vocab_size: int):
+    """T5's layout: <pad> </s> <unk>, then unigram pieces; split on whitespace, ``▁`` before every word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)]
+    )
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=_specials(fam), unk_token=fam.tokens["unk_token"], show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
 def _bytelevel(fam: Family, texts: list[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -153,11 +176,14 @@ def build_tokenizer(directory: str, name: str, num_images: int = 24, vocab_size:
 
     fam = FAMILIES[name]
     texts = _texts(num_images)
-    tok = (_sentencepiece if fam.style == SP else _bytelevel)(fam, texts, vocab_size)
+    tok = {SP: _sentencepiece, UNIGRAM: _unigram, BYTE: _bytelevel}[fam.style](fam, texts, vocab_size)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _specials(fam)])
     bos = fam.tokens["bos_token"]
     if fam.add_bos:
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    elif fam.add_eos:
+        eos = fam.tokens["eos_token"]
+        tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tok.token_to_id(eos))])
     elif fam.style == BYTE:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     os.makedirs(directory, exist_ok=True)
@@ -166,6 +192,7 @@ def build_tokenizer(directory: str, name: str, num_images: int = 24, vocab_size:
         "tokenizer_class": fam.tokenizer_class,
         **fam.tokens,
         "add_bos_token": fam.add_bos,
+        **({"add_eos_token": True} if fam.add_eos else {}),
         "model_max_length": 256,
         "added_tokens_decoder": {
             str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
@@ -184,7 +211,7 @@ def build_tokenizer(directory: str, name: str, num_images: int = 24, vocab_size:
 
 def build_family(directory: str, name: str, seed: int = 0) -> str:
     """Family ``name``'s tokenizer and a random tiny LLM of its class in ``directory``, loadable as released."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
     from lmeye.model.demo import TINY_FAMILIES
 
@@ -193,14 +220,18 @@ def build_family(directory: str, name: str, seed: int = 0) -> str:
     fam = FAMILIES[name]
     build_tokenizer(directory, name)
     tok = AutoTokenizer.from_pretrained(directory)
-    spec = TINY_MISTRAL if fam.model_type == "mistral" else {}
-    spec = {**TINY_FAMILIES["llama" if fam.model_type == "mistral" else fam.model_type], **spec}
+    base = {"mistral": {**TINY_FAMILIES["llama"], **TINY_MISTRAL}, "t5": TINY_T5}
+    spec = base.get(fam.model_type) or TINY_FAMILIES[fam.model_type]
     ids = {k: tok.convert_tokens_to_ids(fam.tokens[t]) if fam.tokens[t] else None
            for k, t in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"), ("pad_token_id", "pad_token"))}
+    if fam.model_type == "t5":
+        ids["decoder_start_token_id"] = ids["pad_token_id"]  # T5 starts decoding from <pad>
     config = AutoConfig.for_model(**spec, vocab_size=len(tok), **ids)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_config(config)
     model.save_pretrained(directory)
     eos = [tok.convert_tokens_to_ids(t) for t in fam.generation_eos] or ids["eos_token_id"]
-    GenerationConfig(bos_token_id=ids["bos_token_id"], eos_token_id=eos, pad_token_id=ids["pad_token_id"]).save_pretrained(directory)
+    extra = {"decoder_start_token_id": ids["decoder_start_token_id"]} if "decoder_start_token_id" in ids else {}
+    GenerationConfig(bos_token_id=ids["bos_token_id"], eos_token_id=eos, pad_token_id=ids["pad_token_id"], **extra).save_pretrained(directory)
     return directory

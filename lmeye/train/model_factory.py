@@ -41,6 +41,19 @@ class IPNFactory:
             raise UserError(f"model.llm: cannot load an LLM config from {llm!r} ({str(err).splitlines()[0]})") from None
         check_chat_template(model_cfg)
 
+    def build(self, cfg: Any, feature_dim: int, patch_shape: Optional[tuple[int, int]]) -> Any:
+        from lmeye.model import IPN
+
+        return IPN.from_config(cfg.model, feature_dim=feature_dim, patch_shape=patch_shape)
+
+    def load(self, directory: str) -> Any:
+        from lmeye.model import load_ipn
+
+        return load_ipn(directory)
+
+    def feature_shape(self, directory: str) -> tuple[Optional[int], Optional[tuple[int, int]]]:
+        return feature_shape_from_json(os.path.join(directory, IPN_CONFIG))
+
 
 def check_chat_template(model_cfg: Any) -> None:
     """One UserError naming ``model.chat_template`` when the tokenizer has no usable chat template
@@ -55,19 +68,6 @@ def check_chat_template(model_cfg: Any) -> None:
     except (OSError, ValueError) as err:
         raise UserError(f"model.tokenizer: cannot load a tokenizer from {where!r} ({str(err).splitlines()[0]})") from None
     resolve_chat_template(tok, model_cfg.chat_template)
-
-    def build(self, cfg: Any, feature_dim: int, patch_shape: Optional[tuple[int, int]]) -> Any:
-        from lmeye.model import IPN
-
-        return IPN.from_config(cfg.model, feature_dim=feature_dim, patch_shape=patch_shape)
-
-    def load(self, directory: str) -> Any:
-        from lmeye.model import load_ipn
-
-        return load_ipn(directory)
-
-    def feature_shape(self, directory: str) -> tuple[Optional[int], Optional[tuple[int, int]]]:
-        return feature_shape_from_json(os.path.join(directory, IPN_CONFIG))
 
 
 def feature_shape_from_json(path: str) -> tuple[Optional[int], Optional[tuple[int, int]]]:
