@@ -15,7 +15,7 @@ alone, as T5 targets are. Earlier answers of a multi-turn conversation are encod
 What prefix reuse means here: nothing is reused. The encoder attends both ways, so once the
 ``<img-d>`` vectors join, every prefix state changes, and pass 2 reruns the encoder over the
 whole prompt; pass 1 (the prefix alone, to get the request) is the extra cost, one encoder pass
-over the prefix (``benchmarks/ipn.py`` has no T5 case yet). ``reuse_prefix`` is accepted and
+over the prefix, measured by ``benchmarks/ipn.py --family t5`` (README, Benchmarks). ``reuse_prefix`` is accepted and
 ignored, so callers stay family-blind.
 
 Packing: T5's attention bias depends on relative positions, so the pads that the shared collate
@@ -100,11 +100,11 @@ class Seq2SeqIPN(IPN):
             out["decoder_labels"] = labels
         return out
 
-    def _encoder_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pass 1 (the prefix, for the request) and the packed input of pass 2."""
+    def encoder_inputs(self, batch: dict, request: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pass 1 (the prefix, for the request) and the packed input of pass 2 (embeddings, mask).
+        ``request`` given: pass 1 is skipped (benchmarks/ipn.py measures what pass 1 costs)."""
         prefix_emb = self._prefix_embeds(batch)
-        request = None
-        if (batch["suffix_ids"] == IMG_D).any():
+        if request is None and (batch["suffix_ids"] == IMG_D).any():
             states = self.llm.get_encoder()(inputs_embeds=prefix_emb, attention_mask=batch["prefix_mask"]).last_hidden_state
             request = states[:, -1]  # left padding: <img-q> is the last prefix position
         emb = torch.cat([prefix_emb, self._suffix_embeds(batch, request)], dim=1)
@@ -116,7 +116,7 @@ class Seq2SeqIPN(IPN):
         batch = self._to_device(batch)
         if "decoder_labels" not in batch:
             raise UserError("an encoder-decoder IPN trains on encoded conversations that end with an answer")
-        emb, mask = self._encoder_inputs(batch)
+        emb, mask = self.encoder_inputs(batch)
         labels = batch["decoder_labels"]
         # labels -> the decoder's inputs (shifted right behind its start token), the model's own rule
         logits = self.llm(inputs_embeds=emb, attention_mask=mask, labels=labels).logits
@@ -133,7 +133,7 @@ class Seq2SeqIPN(IPN):
         streamer=None, reuse_prefix: bool = True, **generation_kwargs: Any,
     ) -> list[str]:
         batch = self._to_device(batch)
-        emb, mask = self._encoder_inputs(batch)
+        emb, mask = self.encoder_inputs(batch)
         tok = self.tokenizer
         out = self.llm.generate(
             inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
