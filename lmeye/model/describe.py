@@ -113,10 +113,15 @@ def describe_llm(model_cfg) -> str:
         gen = GenerationConfig.from_pretrained(llm)
     except OSError:
         gen = GenerationConfig.from_model_config(conf)
-    lay = codec.layout(EXAMPLE, has_image=True)
-    enc = codec.encode(EXAMPLE, has_image=True)
     arch = ", ".join(conf.architectures or []) or type(conf).__name__
-    kind = "encoder-decoder" if getattr(conf, "is_encoder_decoder", False) else "decoder-only"
+    seq2seq = bool(getattr(conf, "is_encoder_decoder", False))
+    kind = "encoder-decoder" if seq2seq else "decoder-only"
+    # an encoder-decoder reads the conversation up to the last answer; its decoder produces that answer
+    example = EXAMPLE[:-1] if seq2seq else EXAMPLE
+    lay = codec.layout(example, has_image=True, for_generation=seq2seq)
+    enc = codec.encode(example, has_image=True, for_generation=seq2seq)
+    if seq2seq:  # earlier answers are encoder text there, without loss
+        lay.trained = [False] * len(lay.trained)
     stops = ", ".join(f"{tok.convert_ids_to_tokens(i)!r} ({i})" for i in codec.stop_ids(gen))
     prefix = len(enc["prefix_ids"]) if enc else None
     return "\n".join([
@@ -127,7 +132,8 @@ def describe_llm(model_cfg) -> str:
         f"end of turn: {', '.join(repr(tok.convert_ids_to_tokens(i)) for i in codec.end_of_turn_ids) or 'none (the whole answer is trained)'}",
         f"stop tokens: {stops}",
         f"example ({OPEN}...{CLOSE}: trained characters; <img>, <img-q>, <img-d>: the IPN's slots):",
-        mark_example(lay, model_cfg.num_img, model_cfg.num_img_d),
+        ("encoder: " if seq2seq else "") + mark_example(lay, model_cfg.num_img, model_cfg.num_img_d),
+        *([f"decoder: {OPEN}{EXAMPLE[-1]['content']}{tok.eos_token}{CLOSE}"] if seq2seq else []),
         f"prefix: {prefix} tokens (through <img-q>: {model_cfg.num_img} <img> included); "
         f"whole sample: {len(lay.ids) + model_cfg.num_img + 1 + model_cfg.num_img_d} tokens of {codec.max_length}",
     ]) + ("" if IMG in (enc or {}).get("prefix_ids", [IMG]) else "\n(the example does not fit model.max_length)")

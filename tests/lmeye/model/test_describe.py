@@ -38,3 +38,11 @@ def test_describe_llm_shows_template_loss_mask_stops_and_prefix(released, capsys
     assert "chat template: plain" in out and "Assistant:\u27e6 red</s>\u27e7" in out
     assert main(["model", "describe", "--llm", released["opt"]]) == 2
     assert "model.chat_template: not set" in capsys.readouterr().err
+
+
+def test_describe_llm_of_an_encoder_decoder_shows_encoder_text_and_decoder_target(released, capsys):
+    assert main(["model", "describe", "--llm", released["t5"], "--chat-template", "plain"]) == 0
+    out = capsys.readouterr().out
+    assert "family: t5 (T5ForConditionalGeneration), encoder-decoder" in out
+    assert "encoder: Human: <img>What colour is the circle?<img-q>" in out and "Assistant: red</s>\n" in out
+    assert "decoder: \u27e6white</s>\u27e7" in out and out.count("\u27e6") == 2  # the legend and the target
