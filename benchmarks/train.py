@@ -52,14 +52,14 @@ def in_memory_loop(config: dict) -> None:
     preps = [w.maker.prepare(t) for t in shard.iter_batches(batch_size=w.micro, batch_format="pyarrow")]
     mine = [0.0] * w.world
     mine[w.rank] = float(len(preps))
-    steps = int(min(w._sum(mine)))  # the ranks step together: as many micro-steps as the shortest shard
+    steps = int(min(w.comm.sum(mine)))  # the ranks step together: as many micro-steps as the shortest shard
     steps -= steps % w.accum
     rows = 0
     t0 = time.time()
     for prep in preps[:steps]:
         rows += w._micro_step(prep)[1]
     seconds = time.time() - t0
-    total = w._sum([float(rows)])[0]
+    total = w.comm.sum([float(rows)])[0]
     import tempfile
 
     from ray.train import Checkpoint

@@ -26,6 +26,7 @@ COMMANDS = [
     "app",
     "lineage",
     "regenerate",
+    "verify",
 ]
 DESCRIPTION = (
     "LingCloud: the platform behind LMEye, an Interactive Perception Network that gives a frozen LLM eyes. "

@@ -114,11 +114,12 @@ def resolve_checkpoint(model: str, pretrained: Optional[str]) -> Optional[str]:
     )
 
 
-def check_activation(model: str, pretrained: Optional[str]) -> None:
+def check_activation(model: str, pretrained: Optional[str], key: str = "extract.model") -> None:
     """Refuse a tag whose weights were trained with another activation than the architecture's.
 
     open_clip only warns (``QuickGELU mismatch``) and the features are silently wrong: the
     ``openai`` weights were trained with QuickGELU, plain ``ViT-L-14`` is built with GELU.
+    ``key`` is the config key the message names (the extract stage's, or the IPN's ``model.clip_model``).
     """
     import open_clip
 
@@ -133,7 +134,28 @@ def check_activation(model: str, pretrained: Optional[str]) -> None:
     else:
         fix = name.removesuffix("-quickgelu")
         why = f"the {pretrained!r} weights were trained with GELU, {name} is built with QuickGELU"
-    raise ModelError(f"extract.model {model!r} with pretrained {pretrained!r}: {why}; use extract.model={fix}")
+    raise ModelError(f"{key} {model!r} with pretrained {pretrained!r}: {why}; use {key}={fix}")
+
+
+RANDOM_INIT = "none (random init"  # how a features table records random weights (pipelines.extract)
+
+
+def table_clip(metadata: dict[str, str]) -> tuple[Optional[str], Optional[str]]:
+    """(open_clip model, pretrained tag or checkpoint file, None for random weights) of the CLIP
+    that made a features table, as its metadata records them; (None, None) when it names none."""
+    model = metadata.get("model") or None
+    pretrained = metadata.get("pretrained") or None
+    if pretrained is not None and pretrained.startswith(RANDOM_INIT):
+        pretrained = None
+    return model, pretrained
+
+
+def text_context_length(model: str) -> int:
+    """Tokens the text tower of ``model`` takes (its config's ``text_cfg.context_length``; open_clip's default 77)."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(model.replace("/", "-")) or {}
+    return int(cfg.get("text_cfg", {}).get("context_length", 77))
 
 
 def weights_id(model: str, pretrained: Optional[str], checkpoint_sha256: str, seed: int) -> str:

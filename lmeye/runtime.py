@@ -10,17 +10,30 @@ from lmeye.config import RayConfig
 # Environment every Ray worker needs. img2dataset imports albumentations, which phones home
 # at import time unless told not to; usage stats would do the same.
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-# Where object storage is and how to sign in to it (s3fs and botocore read AWS_*, fsspec its
-# FSSPEC_* defaults). Tasks that read or write tables carry the driver's values, since Ray's
-# workers may predate them: an embedded Ray started before they were set keeps the old ones.
+# Where object storage is (s3fs and botocore read AWS_*, fsspec its FSSPEC_* defaults). Tasks
+# that read or write tables carry the driver's values, since Ray's workers may predate them: an
+# embedded Ray started before they were set keeps the old ones.
 STORAGE_ENV_PREFIXES = ("AWS_", "FSSPEC_")
+# ...but not its secrets: a task's runtime_env is task metadata, shown by Ray's dashboard and
+# state API to anyone who can reach them. Nodes sign in with their own environment or instance
+# role; a user who wants the driver's keys shipped anyway says so (FORWARD_CREDENTIALS=1).
+SECRET_NAME_PARTS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
+FORWARD_CREDENTIALS = "LMEYE_FORWARD_CREDENTIALS"
 _embedded = False  # set once this process has started its own Ray (init_ray)
+
+
+def is_secret(name: str) -> bool:
+    """Whether an environment variable's name says it holds a credential (AWS_SECRET_ACCESS_KEY...)."""
+    return any(part in name.upper() for part in SECRET_NAME_PARTS)
 
 
 def storage_runtime_env() -> dict | None:
     """The ``runtime_env`` for a task or actor that reads or writes tables: the driver's object
-    storage settings (None when it has none, so such tasks run in the job's usual workers)."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
+    storage settings without credentials, unless ``$LMEYE_FORWARD_CREDENTIALS=1`` (None when
+    there is nothing to pass, so such tasks run in the job's usual workers)."""
+    forward = os.environ.get(FORWARD_CREDENTIALS, "") == "1"
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(STORAGE_ENV_PREFIXES) and (forward or not is_secret(k))}
     return {"env_vars": env} if env else None
 
 

@@ -14,7 +14,8 @@ from it on first open and keeps in step with the manifest:
 **Versions.** A table's version is a digest of its schema version and every shard's sha256 in
 the manifest, so any rewrite of any shard gives a new version. The serving copy lives in
 ``<table>/_serving/<version>/`` (or under ``cache_dir`` for tables on object stores), built into
-a temporary directory and renamed, so concurrent openers never see half a copy. Opening a table
+a temporary directory and renamed, so concurrent openers never see half a copy; a per-root file
+lock makes the processes of one node (train workers, predict actors) build it once, not each. Opening a table
 whose version has no serving copy builds one; the newest ``keep_versions`` copies are kept.
 ``FeatureStore.open(path, version=V)`` pins a version: it opens V's serving copy when the table
 has moved on but the copy is still kept, and fails with a message naming both versions otherwise.
@@ -25,6 +26,8 @@ Only ``status == success`` rows are served; failed rows stay in the Parquet tabl
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -173,9 +176,12 @@ class FeatureStore:
         target = os.path.join(root, version)
         meta = _read_meta(target)
         if meta is None:
-            _build(reader, version, root)
-            _prune(root, keep=max(1, keep_versions), protect=version)
-            meta = _read_meta(target)
+            with _one_builder(root):  # every train worker / predict actor of a node opens at once
+                meta = _read_meta(target)  # built by the one that held the lock before us
+                if meta is None:
+                    _build(reader, version, root)
+                    _prune(root, keep=max(1, keep_versions), protect=version)
+                    meta = _read_meta(target)
             if meta is None:
                 raise RuntimeError(f"{target}: serving copy vanished after it was built")
         return cls(path, target, meta, current=True)
@@ -289,6 +295,20 @@ def _read_meta(directory: str) -> Optional[dict[str, Any]]:
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
     return meta if meta.get("format") == FORMAT else None
+
+
+@contextlib.contextmanager
+def _one_builder(root: str) -> Iterator[None]:
+    """Hold the serving root's build lock: one build per node (a serving root is on local disk),
+    however many processes open the table; the others wait, then open the copy it built. The
+    lock is the kernel's (flock): a builder that dies releases it."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".build.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _kept_versions(root: str) -> list[str]:

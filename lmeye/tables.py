@@ -14,9 +14,19 @@ killable and rerunnable:
   final key, which S3 makes visible only when the upload completes (``commits_by_rename``);
 * only the driver writes the manifest (``TableWriter``); workers may write shards with
   ``write_shard`` and hand the returned ``ShardInfo`` back to it;
+* committing a shard adds one record to the table's journal (``lmeye/journal.py``: a line
+  appended locally, one small object on object stores), so the 100,000th commit costs what
+  the first does. ``_manifest.json`` is rewritten whole only
+  when the writer opens a table and at ``finalize`` (compaction), each time under a new
+  ``epoch``: ``Manifest.load`` merges the journal entries of the manifest's own epoch, so
+  every reader sees the committed shards whether or not they were compacted yet, and a
+  crash between a commit and the compaction loses nothing (entries of an older epoch were
+  compacted already, and are ignored);
 * a shard counts as finished when the manifest lists it with the current config
   fingerprint and the same input fingerprint, and its file is there with the recorded
-  size and sha256. Anything else is stale and gets redone;
+  size and the store's version mark of the file as written (local mtime, S3 ETag, GCS
+  generation), read from one folder listing: a rerun reads metadata, never the shards.
+  Anything else is stale and gets redone. ``lmeye verify`` checks every sha256;
 * a stage writes only into an empty folder or a table of its own kind, and removes only
   files its manifest lists or its own temporaries: never a file it did not write;
 * a table built from other inputs or another content config is replaced only when the
@@ -36,7 +46,7 @@ import os
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -48,7 +58,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 import lmeye
 from lmeye.errors import UserError
-from lmeye import provenance
+from lmeye import journal, provenance
+from lmeye.journal import JOURNAL
 from schemas import SchemaError, TableSchema
 
 MANIFEST = "_manifest.json"
@@ -95,6 +106,21 @@ def _is_temporary(name: str) -> bool:
     return name == STAGING or name.startswith(".write-probe-") or ".tmp-" in name
 
 
+# The keys fsspec's file systems give a file's version in `info`/`ls(detail=True)`, in order of
+# preference: GCS's generation and S3's ETag change with every write of the object; a local
+# file's mtime (kept by the rename that commits it) changes when anything rewrites it.
+VERSION_KEYS = ("generation", "ETag", "etag", "mtime", "LastModified", "last_modified", "updated")
+
+
+def version_mark(info: dict[str, Any]) -> str:
+    """The store's version mark of a file from its fsspec ``info`` (or a listing entry), or ""."""
+    for key in VERSION_KEYS:
+        value = info.get(key)
+        if value not in (None, ""):
+            return f"{key}:{value}"
+    return ""
+
+
 def fingerprint(obj: Any) -> str:
     """A short, stable digest of any JSON-serialisable value (configs, input listings)."""
     blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
@@ -133,6 +159,7 @@ class ShardInfo:
     inputs: list[str] = field(default_factory=list)  # input shards this one was derived from
     input_fingerprint: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
+    version: str = ""  # the store's version mark of the file as written (version_mark); "" if unknown
 
 
 class _HashingFile:
@@ -205,9 +232,11 @@ class ShardWriter:
         self.file.close()
         if self.by_rename:
             self.fs.mv(self.tmp, self.final)
+        self.fs.invalidate_cache(self.final)  # one HEAD (stat) for the version the store gave it
         return ShardInfo(
             name=self.name, rows=self.rows, bytes=self.file.size, sha256=self.file.sha.hexdigest(),
             inputs=list(inputs), input_fingerprint=input_fingerprint, stats=dict(stats or {}),
+            version=version_mark(self.fs.info(self.final)),
         )
 
     def abort(self) -> None:
@@ -239,6 +268,18 @@ def write_shard(
     return writer.close(inputs=inputs, input_fingerprint=input_fingerprint, stats=stats)
 
 
+def file_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """The sha256 of a file, read in 4 MiB blocks; None when it is not there."""
+    sha = hashlib.sha256()
+    try:
+        with fs.open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                sha.update(block)
+    except FileNotFoundError:
+        return None
+    return sha.hexdigest()
+
+
 @dataclass
 class Manifest:
     table: str
@@ -254,13 +295,18 @@ class Manifest:
     updated: float = 0.0
     replaced_rows: int | None = None  # set when --overwrite replaced a table from other inputs/config
     provenance: dict[str, Any] = field(default_factory=dict)  # stage, inputs, run config: lmeye/provenance.py
+    epoch: str = ""  # the journal records that belong to this manifest (lmeye/journal.py)
 
     @property
     def num_rows(self) -> int:
         return sum(s.rows for s in self.shards.values())
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True, default=str)
+        # No indent: json's C encoder only runs without one (a 100,000-shard manifest is ~100 MB),
+        # and no deep-copying asdict of every shard.
+        raw = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "shards"}
+        raw["shards"] = {n: vars(s) for n, s in self.shards.items()}
+        return json.dumps(raw, sort_keys=True, default=str, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "Manifest":
@@ -273,6 +319,7 @@ class Manifest:
 
     @classmethod
     def load(cls, path: str) -> "Manifest | None":
+        """The manifest with the shards committed since its last compaction merged in."""
         fs, root = fsspec.core.url_to_fs(path)
         where = _join(path, MANIFEST)
         try:
@@ -280,17 +327,31 @@ class Manifest:
         except (FileNotFoundError, NotADirectoryError):
             check_not_a_file(path)
             return None
-        return cls.from_json(text, where)
+        manifest = cls.from_json(text, where)
+        committed = journal.read(fs, root, manifest.epoch, path.rstrip("/"))
+        if committed:
+            for record in committed:
+                info = ShardInfo(**record)
+                manifest.shards[info.name] = info
+            manifest.complete = False  # a commit after the last compaction: the stage is still running
+        return manifest
 
     def save(self, path: str) -> None:
+        """Write the whole manifest (a compaction); shard commits go to the journal instead."""
         fs, root = fsspec.core.url_to_fs(path)
         self.updated = time.time()
-        if not commits_by_rename(fs):  # one PUT replaces the object whole
-            fs.pipe_file(_join(root, MANIFEST), self.to_json().encode())
-            return
-        tmp = _join(root, f".{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}")
-        fs.pipe_file(tmp, self.to_json().encode())
-        fs.mv(tmp, _join(root, MANIFEST))
+        _put_atomically(fs, _join(root, MANIFEST), self.to_json().encode())
+
+
+def _put_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Readers see the old content or the new, never part: a rename locally, one PUT on object stores."""
+    if not commits_by_rename(fs):  # one PUT replaces the object whole
+        fs.pipe_file(path, data)
+        return
+    parent, name = path.rsplit("/", 1)
+    tmp = _join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)
 
 
 def check_not_a_file(path: str) -> None:
@@ -321,7 +382,7 @@ def ensure_writable(path: str, table: TableSchema | None = None) -> bool:
         manifest = Manifest.load(path)
         if manifest is None:
             foreign = sorted(n for n in (os.path.basename(f.rstrip("/")) for f in fs.ls(root, detail=False))
-                             if not _is_temporary(n))
+                             if not _is_temporary(n) and n != JOURNAL)
             if foreign:
                 raise OutputNotWritable(
                     f"{path}: not empty and not a {table.name} table (no {MANIFEST}; it holds "
@@ -402,7 +463,8 @@ class TableWriter:
         self._old_shards = dict(old.shards) if old is not None else {}
         keep = old.shards if old is not None and old.config_fingerprint == cfg_fp else {}
         self.stale = set(old.shards) - set(keep) if old is not None else set()
-        self._verified: set[tuple[str, str]] = set()
+        self._listing: dict[str, dict[str, Any]] | None = None  # file name -> fsspec info, one ls
+        self._verified: set[tuple[str, str]] = set()  # (shard, sha256) committed or checked by this writer
         self.manifest = Manifest(
             table=table.name,
             schema_version=table.version,
@@ -414,39 +476,58 @@ class TableWriter:
             metadata=dict(old.metadata) if old is not None and keep else {},
             provenance=dict(run.record) if run is not None else {},
         )
-        self.manifest.save(path)
+        self.compact()
+
+    def compact(self) -> None:
+        """Write the whole manifest under a new epoch, then drop the journal it absorbed.
+
+        O(shards), so only at the start and end of a run (and when a run stops early). A
+        crash after the write leaves entries of the old epoch, which every reader ignores.
+        """
+        self.manifest.epoch = uuid.uuid4().hex[:12]
+        self.manifest.save(self.path)
+        journal.clear(self.fs, self.root)
+
+    def listing(self, refresh: bool = False) -> dict[str, dict[str, Any]]:
+        """The table folder's files (name -> fsspec info), from one listing kept until ``refresh``."""
+        if self._listing is None or refresh:
+            self.fs.invalidate_cache(self.root)
+            self._listing = {os.path.basename(i["name"].rstrip("/")): i
+                             for i in self.fs.ls(self.root, detail=True)}
+        return self._listing
 
     def is_done(self, name: str, input_fingerprint: str = "") -> bool:
-        """Listed for these inputs, and the file is there with the recorded size and sha256."""
+        """Listed for these inputs, and the file is there with the recorded size and version mark.
+
+        Metadata only: the folder listing (``listing``), never the shard's bytes. A shard
+        recorded before version marks were kept is hashed once, as before.
+        """
         info = self.manifest.shards.get(name)
         if info is None or info.input_fingerprint != input_fingerprint:
             return False
         if (name, info.sha256) in self._verified:
             return True
-        path = _join(self.root, shard_file(name))
-        try:
-            if self.fs.size(path) != info.bytes:
-                return False
-            sha = hashlib.sha256()
-            with self.fs.open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    sha.update(block)
-        except FileNotFoundError:
+        found = self.listing().get(shard_file(name))
+        if found is None or found.get("size") != info.bytes:
             return False
-        if sha.hexdigest() != info.sha256:
-            return False
-        self._verified.add((name, info.sha256))
-        return True
+        if info.version:
+            ok = version_mark(found) == info.version
+        else:
+            ok = file_sha256(self.fs, _join(self.root, shard_file(name))) == info.sha256
+        if ok:
+            self._verified.add((name, info.sha256))
+        return ok
 
     def done_shards(self) -> dict[str, ShardInfo]:
         return {n: s for n, s in self.manifest.shards.items() if self.is_done(n, s.input_fingerprint)}
 
     def record(self, info: ShardInfo) -> None:
-        """Add a shard written by ``write_shard`` (here or on a worker) and persist the manifest."""
+        """Commit a shard written by ``write_shard`` (here or on a worker): one journal record,
+        whatever the number of shards before it (``finalize`` compacts)."""
+        journal.append(self.fs, self.root, self.manifest.epoch, asdict(info), appendable=commits_by_rename(self.fs))
         self.manifest.shards[info.name] = info
         self._verified.add((info.name, info.sha256))
         self.manifest.complete = False
-        self.manifest.save(self.path)
 
     def write(self, name: str, table: pa.Table, **kwargs: Any) -> ShardInfo:
         info = write_shard(self.path, name, table, **kwargs)
@@ -484,7 +565,7 @@ class TableWriter:
         self.manifest.complete = True
         if self.overwrote:
             self.manifest.replaced_rows = self.replaced_rows
-        self.manifest.save(self.path)
+        self.compact()
         return self.manifest
 
 

@@ -14,13 +14,18 @@ One entry function, ``run(cfg)``. What it adds around ``img2dataset.download``:
    img2dataset's own fetches go through an opener with http/https handlers only (redirects
    included) and a cap on the body (``download.max_response_bytes``), checked by Content-Length
    and while reading, so a huge body is a failed row, never read whole.
-3. **Commit as shards finish.** A committer thread watches img2dataset's output; each shard
-   that has its ``_stats.json`` (img2dataset writes it last) is checked against the rows it
-   should hold, rewritten into the `pairs` schema under a temporary name, renamed (on object
-   stores: uploaded under its final key, see ``lmeye.tables``), and recorded in the manifest. A SIGKILL at any point loses at most the shards in flight.
+3. **Each task commits its own shard.** The Ray task that downloads a shard also checks it
+   against the rows it should hold, rewrites it into the `pairs` schema under a temporary name
+   and renames it (on object stores: uploads it under its final key, see ``lmeye.tables``), on
+   the node where the bytes are; it returns only the ``ShardInfo``, which the driver records in
+   the table's journal. No image byte passes through the driver. A SIGKILL at any point loses
+   at most the shards in flight; a shard downloaded but not committed by a killed run is
+   committed by a task of the next run, not fetched again.
 4. **Retries.** img2dataset's Ray distributor ignores ``max_shard_retry``; we rerun the pass
-   for the shards still missing, up to ``download.max_shard_retry`` times. A pass that raises
-   keeps its traceback in the log and the manifest (``stats.pass_errors``).
+   for the shards still missing, up to ``download.max_shard_retry`` times. A pass ends only
+   when none of its tasks runs any more: a failed task lets the others finish; anything else
+   cancels them and waits (``run_tasks``), so two tasks never write one shard. A pass that
+   raises keeps its traceback in the log and the manifest (``stats.pass_errors``).
 5. **Resume.** Finished shards (manifest + file) get a ``_stats.json`` marker in the staging
    folder before img2dataset starts, so its own incremental mode skips them: a finished shard
    is never downloaded again.
@@ -38,7 +43,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 import traceback
 import urllib.request
@@ -58,7 +62,9 @@ import pyarrow.parquet as pq
 from lmeye.config import Config, DownloadConfig, dump_config
 from lmeye.report import StageSummary, node_note
 from lmeye.runtime import init_ray, storage_runtime_env
-from lmeye.tables import STAGING, TableWriter, ensure_writable, fingerprint, remove_temporaries
+from lmeye.tables import (
+    STAGING, ShardInfo, TableWriter, ensure_writable, fingerprint, remove_temporaries, write_shard,
+)
 from lmeye.uid import uid_for
 from schemas import SchemaError
 from schemas.pairs import FAILED_TO_DOWNLOAD, PAIRS, SUCCESS
@@ -142,7 +148,14 @@ def _raw_batches(f, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Table]:
     if base == "parquet":
         if fmt.endswith(".gz"):  # parquet needs seeking: a gzipped one is read whole
             f = io.BytesIO(f.read())
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS):
+        pf = pq.ParquetFile(f)
+        # only the columns used: LAION's metadata parquet has a dozen more (and some have embeddings)
+        wanted = [c for c in _column_names(cfg, fmt) if c]
+        columns = [c for c in pf.schema_arrow.names if c in wanted]
+        if len(columns) < len(wanted):  # let the caller name the missing column
+            yield pf.schema_arrow.empty_table()
+            return
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
             yield pa.Table.from_batches([batch])
         return
     if base == "txt":
@@ -162,10 +175,13 @@ def _raw_batches(f, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Table]:
         reader = pajson.open_json(f, read_options=pajson.ReadOptions(block_size=READ_BLOCK))
     else:
         strings = {c: pa.string() for c in _column_names(cfg, fmt) if c}
+        # TSV has no quoting (CC3M's captions hold lone '"'s: quoted parsing would swallow the
+        # lines after one); CSV quotes fields with commas and newlines in them.
+        parse = (pacsv.ParseOptions(delimiter="\t", quote_char=False) if base == "tsv"
+                 else pacsv.ParseOptions(delimiter=",", newlines_in_values=True))
         reader = pacsv.open_csv(
-            f, read_options=pacsv.ReadOptions(block_size=READ_BLOCK),
-            parse_options=pacsv.ParseOptions(delimiter="\t" if base == "tsv" else ",", newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(column_types=strings),
+            f, read_options=pacsv.ReadOptions(block_size=READ_BLOCK, column_names=cfg.column_names),
+            parse_options=parse, convert_options=pacsv.ConvertOptions(column_types=strings),
         )
     yield reader.schema.empty_table()  # the columns, checked even when there is no row
     for batch in reader:
@@ -456,103 +472,113 @@ def to_pairs(raw: pa.Table, encode_format: str) -> pa.Table:
 PAIRS_COMPRESSION = {f.name: "zstd" for f in PAIRS.schema if f.name != "image"} | {"image": "none"}
 
 
-class Committer:
-    """Turns finished img2dataset shards into `pairs` shards while the download runs."""
+@dataclass(frozen=True)
+class ShardTarget:
+    """Where a download task turns img2dataset's raw shard into a `pairs` shard (small, picklable)."""
 
-    def __init__(self, writer: TableWriter, raw_dir: str, plan: Plan, cfg: DownloadConfig):
-        self.writer, self.raw_dir, self.cfg = writer, raw_dir, cfg
-        self.fs, self.raw_root = fsspec.core.url_to_fs(raw_dir)
+    output: str  # the pairs table
+    raw_dir: str  # img2dataset's output folder (in the table's staging folder)
+    encode_format: str
+
+
+def raw_paths(target: ShardTarget, s: PlannedShard) -> tuple[str, str, str]:
+    """img2dataset's files of a shard, as fsspec paths: its data, its stats file (written last),
+    and ours naming the node that downloaded it."""
+    _, raw_root = fsspec.core.url_to_fs(target.raw_dir)
+    stem = f"{raw_root}/{s.name.removesuffix('.parquet')}"
+    return stem + ".parquet", stem + "_stats.json", stem + NODE_SUFFIX
+
+
+def commit_raw_shard(target: ShardTarget, s: PlannedShard) -> ShardInfo | None:
+    """Where the raw shard is (a download task, or a leftover-commit task): check it holds the
+    planned rows, write the final `pairs` shard (``write_shard``) and return only its ShardInfo
+    for the driver to record. None when the shard is not finished or is not this plan's."""
+    fs, _ = fsspec.core.url_to_fs(target.raw_dir)
+    data, stats_file, node_file = raw_paths(target, s)
+    try:
+        # img2dataset writes the stats file last but not atomically: until it parses, the
+        # shard is still being finished (or its download failed).
+        stats = json.loads(fs.cat_file(stats_file))
+        with fs.open(data, "rb") as f:
+            table = to_pairs(pq.read_table(f), target.encode_format)
+    except (ValueError, FileNotFoundError):
+        return None
+    if fingerprint(table["uid"].to_pylist()) != s.fingerprint:
+        # Left over from another input list: it is not this shard. Download it again.
+        fs.rm_file(data)
+        fs.rm_file(stats_file)
+        return None
+    try:
+        node = fs.cat_file(node_file).decode().strip() or None
+    except FileNotFoundError:
+        node = None
+    info = write_shard(
+        target.output, s.name, table, inputs=s.sources, input_fingerprint=s.fingerprint,
+        stats={"duration": stats.get("duration"), "node": node} | _row_counts(table),
+        compression=PAIRS_COMPRESSION,
+    )
+    fs.rm_file(data)  # the stats file stays: it tells img2dataset the shard is done
+    return info
+
+
+class Committer:
+    """The driver's side of the download: which shards are pending, and recording the
+    ``ShardInfo`` each download task returns (metadata only: the tasks write the shards)."""
+
+    def __init__(self, writer: TableWriter, target: ShardTarget, plan: Plan):
+        self.writer, self.target = writer, target
+        self.fs, self.raw_root = fsspec.core.url_to_fs(target.raw_dir)
         self.pending = {s.shard_id: s for s in plan.shards if not writer.is_done(s.name, s.fingerprint)}
+        self.ids = {s.name: s.shard_id for s in plan.shards}
         self.total = len(plan.shards)
         self.written: list[str] = []
         self.rows_done = 0
         self.ok_done = 0
         self.started = time.time()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
 
-    def _paths(self, s: PlannedShard) -> tuple[str, str]:
-        """img2dataset's names for a shard: its data and its stats file (written last)."""
-        stem = self._stem(s)
-        return stem + ".parquet", stem + "_stats.json"
-
-    def _stem(self, s: PlannedShard) -> str:
-        return f"{self.raw_root}/{s.name.removesuffix('.parquet')}"
-
-    def _node(self, s: PlannedShard) -> str | None:
+    def _present(self) -> set[str]:
+        """The raw folder's file paths, from one listing (not an existence call per shard)."""
+        self.fs.invalidate_cache(self.raw_root)
         try:
-            return self.fs.cat_file(self._stem(s) + NODE_SUFFIX).decode().strip() or None
+            return {f.rstrip("/") for f in self.fs.ls(self.raw_root, detail=False)}
         except FileNotFoundError:
-            return None
+            return set()
+
+    def leftovers(self) -> list[PlannedShard]:
+        """Pending shards img2dataset finished (data and stats there) that no task committed:
+        a run killed between the two. ``prepare`` commits them (in tasks) instead of refetching."""
+        present = self._present()
+        return [s for s in self.pending.values() if set(raw_paths(self.target, s)[:2]) <= present]
 
     def prepare(self, plan: Plan) -> None:
         """Before a pass: markers for finished shards, and no leftovers for unfinished ones."""
+        present = self._present()
         for s in plan.shards:
-            data, stats = self._paths(s)
+            data, stats, node = raw_paths(self.target, s)
             if s.shard_id not in self.pending:
-                if not self.fs.exists(stats):
+                if stats not in present:
                     self.fs.pipe_file(stats, json.dumps({"count": s.rows, "committed": True}).encode())
-            elif self.fs.exists(stats) and self.fs.exists(data) and self.commit(s):
-                pass  # finished by a run that was killed before committing it
             else:  # img2dataset skips any shard with a stats file: leave none for this one
-                for f in (data, stats, self._stem(s) + NODE_SUFFIX):
-                    if self.fs.exists(f):
+                for f in (data, stats, node):
+                    if f in present:
                         self.fs.rm_file(f)
 
-    def commit(self, s: PlannedShard) -> bool:
-        data, stats_file = self._paths(s)
-        try:
-            # img2dataset writes the stats file last but not atomically: until it parses, the
-            # shard is still being finished. Try again on the next sweep.
-            stats = json.loads(self.fs.cat_file(stats_file))
-        except (ValueError, FileNotFoundError):
-            return False
-        with self.fs.open(data, "rb") as f:
-            table = to_pairs(pq.read_table(f), self.cfg.encode_format)
-        if fingerprint(table["uid"].to_pylist()) != s.fingerprint:
-            # Left over from another input list: it is not this shard. Download it again.
-            self.fs.rm_file(data)
-            self.fs.rm_file(stats_file)
-            return False
-        info = self.writer.write(
-            s.name, table, inputs=s.sources, input_fingerprint=s.fingerprint,
-            stats={"duration": stats.get("duration"), "node": self._node(s)} | _row_counts(table),
-            compression=PAIRS_COMPRESSION,
-        )
-        self.fs.rm_file(data)  # the stats file stays: it tells img2dataset the shard is done
-        with self._lock:
-            self.pending.pop(s.shard_id, None)
-            self.written.append(info.name)
-            self.rows_done += info.rows
-            self.ok_done += int(stats.get("successes", 0))
-            done = self.total - len(self.pending)
-            rate = self.ok_done / max(time.time() - self.started, 1e-9)
-        print(f"[download] shard {s.name}: {info.rows} rows, {stats.get('successes', 0)} ok "
+    def record(self, info: ShardInfo | None) -> None:
+        """A download task's result: its shard's record (None: the shard did not finish)."""
+        if info is None:
+            return
+        s = self.pending.get(self.ids.get(info.name, -1))
+        if s is None or info.input_fingerprint != s.fingerprint:
+            return  # not pending (a task of an earlier pass that outlived it): already recorded
+        self.writer.record(info)
+        self.pending.pop(s.shard_id)
+        self.written.append(info.name)
+        self.rows_done += info.rows
+        self.ok_done += int(info.stats.get("by_status", {}).get(SUCCESS, 0))
+        done = self.total - len(self.pending)
+        rate = self.ok_done / max(time.time() - self.started, 1e-9)
+        print(f"[download] shard {info.name}: {info.rows} rows, {info.stats['by_status'].get(SUCCESS, 0)} ok "
               f"({done}/{self.total} shards, {rate:.0f} img/s)", flush=True)
-        return True
-
-    def sweep(self) -> None:
-        for s in list(self.pending.values()):
-            data, stats = self._paths(s)
-            if self.fs.exists(stats) and self.fs.exists(data):
-                self.commit(s)
-
-    def watch(self, interval: float = 0.5) -> threading.Thread:
-        def loop() -> None:
-            while not self._stop.wait(interval):
-                try:
-                    self.sweep()
-                except Exception as err:  # keep watching; the final sweep after the pass retries
-                    print(f"[download] committer: {err.__class__.__name__}: {err}", flush=True)
-
-        t = threading.Thread(target=loop, name="pairs-committer", daemon=True)
-        t.start()
-        return t
-
-    def stop(self, thread: threading.Thread) -> None:
-        self._stop.set()
-        thread.join()
-        self.sweep()
 
 
 def rejected_pairs(rows: pa.Table) -> pa.Table:
@@ -635,24 +661,70 @@ def guarded_opener(limit: int) -> urllib.request.OpenerDirector:
 NODE_SUFFIX = "_node.txt"  # beside a raw shard: the Ray node that downloaded it (kept in the manifest)
 
 
-def _fetch_shard(downloader, shard, limit: int):
-    """A Ray task: img2dataset's shard download, behind the guarded opener. img2dataset fetches
-    with ``urllib.request.urlopen``, which uses the process's installed opener. The node it runs
-    on is written first, next to img2dataset's files, so the shard's manifest entry can name it."""
+def _fetch_shard(downloader, shard, limit: int, target: ShardTarget, planned: PlannedShard | None):
+    """A Ray task: img2dataset's shard download, behind the guarded opener, then the final
+    `pairs` shard written here, where the bytes are; only its ShardInfo goes back to the driver.
+    img2dataset fetches with ``urllib.request.urlopen``, which uses the process's installed
+    opener. The node it runs on is written first, next to img2dataset's files, so the shard's
+    manifest entry names it (also when a later run commits a leftover)."""
     import ray
 
     urllib.request.install_opener(guarded_opener(limit))
     name = "{:0{}d}".format(shard[0], downloader.oom_shard_count)  # img2dataset's shard file stem
     with fsspec.open(f"{downloader.output_folder}/{name}{NODE_SUFFIX}", "w") as f:
         f.write(ray.get_runtime_context().get_node_id())
-    return downloader(shard)
+    ok, _ = downloader(shard)
+    return commit_raw_shard(target, planned) if ok and planned is not None else None
+
+
+def run_tasks(refs: list, on_result) -> None:
+    """Wait for every task of a pass, handing each result to ``on_result`` as it arrives.
+
+    A task that fails does not end the pass: the others still finish and their shards are
+    recorded; the first failure is raised once all have ended. Anything else (Ctrl-C,
+    ``on_result`` raising) cancels every task and waits until they have stopped before it
+    propagates, so a retry pass never runs beside a task of this one (two writers of a shard).
+    """
+    import ray
+
+    failure = None
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as err:
+                    failure = failure or err
+                    continue
+                on_result(result)
+    except BaseException:
+        cancel_tasks(pending)
+        raise
+    if failure is not None:
+        raise failure
+
+
+def cancel_tasks(refs: list, wait_s: float = 60.0) -> None:
+    """Cancel tasks (force: their worker processes are killed) and wait until they have ended."""
+    import ray
+
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # noqa: BLE001 - already finished or gone
+            pass
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=wait_s)
 
 
 class _GuardedRayDistributor:
-    """img2dataset's Ray distributor, with each shard task behind the guarded opener."""
+    """img2dataset's Ray distributor, with each shard task behind the guarded opener and
+    writing its own `pairs` shard; the driver records the returned ShardInfos (``run_tasks``)."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, committer: Committer):
+        self.limit, self.committer = limit, committer
 
     def __call__(self, processes_count, downloader, reader, subjob_size, max_shard_retry) -> None:
         import ray
@@ -662,27 +734,23 @@ class _GuardedRayDistributor:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         # SPREAD: downloads are network-bound, so every node's bandwidth is used, not the driver's first
         task = ray.remote(_fetch_shard).options(runtime_env=storage_runtime_env(), scheduling_strategy="SPREAD")
-        refs = [task.remote(downloader, shard, self.limit) for shard in reader]
+        target, refs = self.committer.target, []
         try:
-            ray.get(refs)
-        except KeyboardInterrupt:
-            # Stop the shard tasks before the stage removes its scratch folder under them
-            # (they would fail reading it and print tracebacks after the driver's last line).
-            for ref in refs:
-                try:
-                    ray.cancel(ref, force=True)
-                except Exception:  # noqa: BLE001 - already finished or gone
-                    pass
+            for shard in reader:
+                refs.append(task.remote(downloader, shard, self.limit, target, self.committer.pending.get(shard[0])))
+        except BaseException:
+            cancel_tasks(refs)
             raise
+        run_tasks(refs, self.committer.record)
 
 
-def _img2dataset_pass(cfg: DownloadConfig, urls_dir: str, raw_dir: str, oom: int) -> None:
+def _img2dataset_pass(cfg: DownloadConfig, urls_dir: str, raw_dir: str, oom: int, committer: Committer) -> None:
     # (the package exports a function named `main`, so the module is fetched by name)
     img2dataset_main = importlib.import_module("img2dataset.main")
     from pipelines.download_logger import QuietLoggerProcess
     # img2dataset picks its Ray distributor and logger class by name from this module: ours
     # add the fetching guard and Ctrl-C handling; the rest of img2dataset is used unchanged.
-    swapped = {"ray_distributor": _GuardedRayDistributor(cfg.max_response_bytes),
+    swapped = {"ray_distributor": _GuardedRayDistributor(cfg.max_response_bytes, committer),
                "LoggerProcess": QuietLoggerProcess}
     original = {k: getattr(img2dataset_main, k) for k in swapped}
     previous_sigint = signal.getsignal(signal.SIGINT)
@@ -757,6 +825,20 @@ def run(cfg: Config) -> StageSummary:
         remove_temporaries(output, created)
 
 
+def _commit_leftovers(committer: Committer, notes: list[str]) -> None:
+    """Shards a killed run downloaded but did not commit: committed by tasks, not fetched again."""
+    import ray
+
+    left = committer.leftovers()
+    if not left:
+        return
+    task = ray.remote(commit_raw_shard).options(runtime_env=storage_runtime_env(), scheduling_strategy="SPREAD")
+    try:
+        run_tasks([task.remote(committer.target, s) for s in left], committer.record)
+    except ray.exceptions.RayError as err:  # those not committed are downloaded again by the pass
+        notes.append(f"committing {len(left)} downloaded shard(s) left by an earlier run: {str(err).splitlines()[0][:200]}")
+
+
 def _run(cfg: Config, staging: str) -> StageSummary:
     d = cfg.download
     output = d.output
@@ -765,13 +847,14 @@ def _run(cfg: Config, staging: str) -> StageSummary:
     plan = plan_inputs(d.input, staging, d)
     content = {k: v for k, v in dump_config(cfg)["download"].items() if k in CONTENT_KEYS}
     content["input_format"] = plan.input_format  # as used, whether configured or inferred
+    if d.column_names is not None:  # (only when set: tables from before the key keep their fingerprint)
+        content["column_names"] = d.column_names
     writer = TableWriter(output, PAIRS, config=content,
                          input_fingerprint=fingerprint([s.fingerprint for s in plan.all_shards]))
     fs, raw_root = fsspec.core.url_to_fs(raw_dir)
     fs.makedirs(raw_root, exist_ok=True)
-    committer = Committer(writer, raw_dir, plan, d)
+    committer = Committer(writer, ShardTarget(output, raw_dir, d.encode_format), plan)
     skipped = len(plan.shards) - len(committer.pending)
-    committer.prepare(plan)
     for s in plan.rejected:  # never fetched: written here, as failed rows
         if writer.is_done(s.name, s.fingerprint):
             skipped += 1
@@ -789,16 +872,16 @@ def _run(cfg: Config, staging: str) -> StageSummary:
     download_seconds = 0.0
     if committer.pending:
         init_ray(cfg.ray)
+        _commit_leftovers(committer, notes)
     for attempt in range(1 + d.max_shard_retry):
         if not committer.pending:
             break
         if attempt:
             print(f"[download] retrying {len(committer.pending)} unfinished shard(s), retry {attempt}/{d.max_shard_retry}")
-            committer.prepare(plan)
+        committer.prepare(plan)
         t0 = time.time()
-        thread = committer.watch()
         try:
-            _img2dataset_pass(d, staging + "/urls", raw_dir, plan.oom_shard_count)
+            _img2dataset_pass(d, staging + "/urls", raw_dir, plan.oom_shard_count, committer)
         except Exception as err:  # a Ray task or worker died: retry what is missing
             # ...but a bug (a wrong keyword after an upgrade) must stay visible: the whole
             # traceback goes to the log and the manifest, the summary gets one line.
@@ -808,7 +891,6 @@ def _run(cfg: Config, staging: str) -> StageSummary:
             notes.append(f"pass {attempt + 1} raised {err.__class__.__name__}: {str(err).splitlines()[0][:200]} "
                          "(traceback in the log and the manifest)")
         finally:
-            committer.stop(thread)
             download_seconds += time.time() - t0
 
     expected = [s.name for s in plan.all_shards]
@@ -840,7 +922,7 @@ def _run(cfg: Config, staging: str) -> StageSummary:
         summary.notes.append(f"{len(missing)} shard(s) still failing after {d.max_shard_retry} retries: "
                              f"{', '.join(missing[:10])}; rerun the same command to resume")
         writer.manifest.stats = stats  # the tracebacks stay with the table for the rerun to see
-        writer.manifest.save(output)
+        writer.compact()
         return summary
     writer.finalize(expected, stats=stats)
     return summary

@@ -54,7 +54,8 @@ from lmeye.config import Config, ExtractConfig
 from lmeye.errors import UserError
 from lmeye.report import StageSummary, node_note
 from lmeye.runtime import init_ray, storage_runtime_env
-from lmeye.tables import ShardInfo, ShardWriter, TableReader, TableWriter, fingerprint
+from lmeye.shard_parts import ShardAssembler, assemble_shard, with_parts
+from lmeye.tables import STAGING, ShardInfo, TableReader, TableWriter, fingerprint, remove_temporaries
 from schemas.features import FAILED_TO_DECODE, FEATURES, SUCCESS, features_schema
 from schemas.pairs import PAIRS
 from schemas.pairs import SUCCESS as PAIRS_SUCCESS
@@ -254,57 +255,15 @@ def _norm(v: Any) -> Any:
 # ----------------------------------------------------------------------------- driver side
 
 
-class _ShardSink:
-    """One features shard being written as its rows arrive, counting statuses and failures."""
-
-    def __init__(self, path: str, name: str, schema: pa.Schema, expected: int, row_group_rows: int,
-                 pairs_name: str, pairs_sha: str):
-        self.name, self.schema, self.expected = name, schema, expected
-        self.row_group_rows = row_group_rows
-        self.pairs_name, self.pairs_sha = pairs_name, pairs_sha
-        self.out = ShardWriter(path, name, schema)
-        self.pending: list[pa.Table] = []
-        self.pending_rows = 0
-        self.rows = 0
-        self.by_status: Counter = Counter()
-        self.failures: Counter = Counter()
-        self.nodes: Counter = Counter()
-
-    def add(self, part: pa.Table) -> None:
-        if NODE_COL in part.column_names:
-            self.nodes.update(n for n in part.column(NODE_COL).to_pylist() if n)
-        part = part.select(self.schema.names).cast(self.schema)
-        self.rows += part.num_rows
-        counts = Counter(part.column("status").to_pylist())
-        self.by_status.update(counts)
-        if counts.get(FAILED_TO_DECODE):
-            bad = part.filter(pc.equal(part["status"], FAILED_TO_DECODE))
-            self.failures.update(bad.column("error_message").to_pylist())
-        self.pending.append(part)
-        self.pending_rows += part.num_rows
-        if self.pending_rows >= self.row_group_rows:
-            self._flush()
-        if self.rows > self.expected:
-            raise RuntimeError(f"{self.name}: got {self.rows} rows, expected {self.expected}")
-
-    def _flush(self) -> None:
-        if self.pending:
-            self.out.write(pa.concat_tables(self.pending), row_group_size=self.row_group_rows)
-            self.pending, self.pending_rows = [], 0
-
-    @property
-    def complete(self) -> bool:
-        return self.rows == self.expected
-
-    def close(self) -> ShardInfo:
-        self._flush()
-        return self.out.close(
-            inputs=[self.pairs_name], input_fingerprint=self.pairs_sha,
-            stats={"by_status": dict(self.by_status), "failures": dict(self.failures), "nodes": dict(self.nodes)},
-        )
-
-    def abort(self) -> None:
-        self.out.abort()
+def _part_stats(part: pa.Table) -> dict[str, dict[str, int]]:
+    """A part's statistics for its shard's manifest entry: statuses, decode failures by message,
+    and the Ray nodes whose model actors encoded its rows (summed over parts, see shard_parts)."""
+    status = part.column("status")
+    failed = part.filter(pc.equal(status, FAILED_TO_DECODE))
+    nodes = part.column(NODE_COL).to_pylist() if NODE_COL in part.column_names else []
+    return {"by_status": dict(Counter(status.to_pylist())),
+            "failures": dict(Counter(failed.column("error_message").to_pylist())),
+            "nodes": dict(Counter(n for n in nodes if n))}
 
 
 def _count_success(reader: TableReader, names: list[str]) -> dict[str, int]:
@@ -335,7 +294,7 @@ def table_metadata(ec: ExtractConfig, spec: clip.ModelSpec, precision: str) -> d
     h, w = spec.image_size
     return {
         "model": ec.model,
-        "pretrained": ec.pretrained or f"none (random init, seed {ec.seed})",
+        "pretrained": ec.pretrained or f"{clip.RANDOM_INIT}, seed {ec.seed})",
         "checkpoint_sha256": spec.checkpoint_sha256,
         "image_size": str(h) if h == w else f"{h}x{w}",
         "dtype": ec.dtype,
@@ -391,8 +350,9 @@ def run(cfg: Config) -> StageSummary:
     try:
         for name in pending:
             if expected[name] == 0:  # nothing to extract: an empty shard keeps the one-to-one layout
-                sink = _ShardSink(out, name, schema, 0, ec.row_group_rows, name, pairs_sha[name])
-                writer.record(sink.close())
+                writer.record(assemble_shard(out, name, schema, [], row_group_rows=ec.row_group_rows, inputs=[name],
+                                             input_fingerprint=pairs_sha[name],
+                                             stats={"by_status": {}, "failures": {}, "nodes": {}}))
                 summary.shards_done += 1
         work = [n for n in pending if expected[n] > 0]
         if work:
@@ -416,11 +376,13 @@ def run(cfg: Config) -> StageSummary:
     except (KeyboardInterrupt, ray.exceptions.RayError, RuntimeError, OSError, ValueError) as err:
         progress.close()
         if isinstance(err, KeyboardInterrupt):
+            remove_temporaries(out)  # the workers' parts of unfinished shards
             raise
         traceback.print_exc(file=sys.stderr)
         summary.ok = False
         summary.notes.append(f"stopped: {_reason(err)}"[:400])
     progress.close()
+    remove_temporaries(out)
     if summary.ok:
         writer.finalize(names, stats=_stats(writer.manifest.shards), metadata=meta)
     by_status, failures = _aggregate(writer.manifest.shards)
@@ -449,34 +411,32 @@ def run(cfg: Config) -> StageSummary:
 
 def _one_pass(ec, spec, precision, pairs, work, writer, schema, expected, pairs_sha, progress) -> int:
     """Stream one Ray Data pipeline over ``work`` into features shards; returns the shards written.
-    Shards still open when it fails are aborted (their rows are redone by the next pass or run)."""
-    sinks: dict[str, _ShardSink] = {}
-    written = 0
+
+    The workers write each block's rows as parts and the driver reads only the parts' metadata
+    (``lmeye.shard_parts``); a shard whose parts hold all its rows is assembled by a Ray task
+    and recorded when it returns. Shards assembled before a failure are recorded; the rest are
+    redone by the next pass or run (their parts are scratch in ``_staging``).
+    """
+    remote = {"num_cpus": ec.decode_num_cpus, "runtime_env": storage_runtime_env()}
+    assembler = ShardAssembler(
+        writer, schema, {n: expected[n] for n in work},
+        lambda name: {"inputs": [name], "input_fingerprint": pairs_sha[name]},
+        row_group_rows=ec.row_group_rows, **remote,
+    )
     try:
-        ds = _build_dataset(ec, spec, precision, pairs, work)
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            for name in pc.unique(block.column(SHARD_COL)).to_pylist():
-                part = block.filter(pc.equal(block[SHARD_COL], name))
-                sink = sinks.get(name)
-                if sink is None:
-                    sink = sinks[name] = _ShardSink(
-                        ec.output, name, schema, expected[name], ec.row_group_rows, name, pairs_sha[name]
-                    )
-                sink.add(part)
-                if sink.complete:
-                    writer.record(sinks.pop(name).close())
-                    written += 1
-            progress.update(block.num_rows)
-        if sinks:
-            raise RuntimeError(
-                "the pipeline ended with shards short of rows: "
-                + ", ".join(f"{n} ({s.rows}/{s.expected})" for n, s in sorted(sinks.items()))
-            )
-        return written
+        ds = with_parts(_build_dataset(ec, spec, precision, pairs, work), staging=_parts_dir(ec.output),
+                        shard_col=SHARD_COL, schema=schema, stats_of=_part_stats, **remote)
+        for parts in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            progress.update(assembler.feed(parts))
+        return assembler.finish()
     except BaseException:
-        for sink in sinks.values():
-            sink.abort()
+        assembler.salvage()
         raise
+
+
+def _parts_dir(output: str) -> str:
+    """Where the workers write parts: the features table's scratch folder (removed by the stage)."""
+    return output.rstrip("/") + "/" + STAGING + "/parts"
 
 
 class _Progress:

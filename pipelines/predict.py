@@ -41,11 +41,13 @@ from lmeye.errors import UserError
 from lmeye.report import StageSummary
 from lmeye.runtime import init_ray
 from lmeye.serve.loader import read_checkpoint_config
-from lmeye.tables import ShardInfo, ShardWriter, TableReader, TableWriter, fingerprint
+from lmeye.shard_parts import ShardAssembler, with_parts
+from lmeye.tables import STAGING, TableReader, TableWriter, fingerprint, remove_temporaries
 from schemas.instructions import INSTRUCTIONS, ROLE_ASSISTANT, ROLE_USER
 from schemas.predictions import MISSING_FEATURES, PREDICTIONS, SUCCESS, TOO_LONG
 
 SHARD_COL = "_shard"
+PREDICTION_ROW_GROUP = 10_000  # rows a row group (the shards used to get one per arriving block)
 READ_ROWS = 256
 
 
@@ -176,31 +178,8 @@ class _Predictor:
 # ----------------------------------------------------------------------------- driver side
 
 
-class _Sink:
-    """One predictions shard being written as its rows arrive."""
-
-    def __init__(self, path: str, name: str, expected: int, input_sha: str):
-        self.name, self.expected, self.input_sha = name, expected, input_sha
-        self.schema = PREDICTIONS.with_metadata(PREDICTIONS.schema)
-        self.out = ShardWriter(path, name, self.schema)
-        self.rows = 0
-        self.by_status: Counter = Counter()
-
-    def add(self, part: pa.Table) -> None:
-        part = part.select(self.schema.names).cast(self.schema)
-        self.rows += part.num_rows
-        if self.rows > self.expected:
-            raise RuntimeError(f"{self.name}: got {self.rows} rows, expected {self.expected}")
-        self.by_status.update(part.column("status").to_pylist())
-        self.out.write(part)
-
-    @property
-    def complete(self) -> bool:
-        return self.rows == self.expected
-
-    def close(self) -> ShardInfo:
-        return self.out.close(inputs=[self.name], input_fingerprint=self.input_sha,
-                              stats={"by_status": dict(self.by_status)})
+def _part_stats(part: pa.Table) -> dict[str, dict[str, int]]:
+    return {"by_status": dict(Counter(part.column("status").to_pylist()))}
 
 
 def _expected_rows(reader: TableReader, names: list[str], split: Optional[str]) -> dict[str, int]:
@@ -238,32 +217,36 @@ def run(cfg: Config) -> StageSummary:
     names = [n for n in reader.shard_names if expected[n] > 0]
     pending = [n for n in names if not writer.is_done(n, input_sha[n])]
     summary.shards_skipped = len(names) - len(pending)
-    sinks: dict[str, _Sink] = {}
     processed = 0
     try:
         if pending:
             init_ray(cfg.ray)
-            ds = _build_dataset(cfg, reader, pending, store.version, features)
-            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                for name in pc.unique(block.column(SHARD_COL)).to_pylist():
-                    part = block.filter(pc.equal(block[SHARD_COL], name))
-                    sink = sinks.get(name) or sinks.setdefault(name, _Sink(out, name, expected[name], input_sha[name]))
-                    sink.add(part)
-                    processed += part.num_rows
-                    if sink.complete:
-                        writer.record(sinks.pop(name).close())
-                        summary.shards_done += 1
-            if sinks:
-                raise RuntimeError("the pipeline ended with shards short of rows: "
-                                   + ", ".join(f"{n} ({s.rows}/{s.expected})" for n, s in sorted(sinks.items())))
+            schema = PREDICTIONS.with_metadata(PREDICTIONS.schema)
+            # the workers write the shards (lmeye.shard_parts); the driver sees part metadata only
+            assembler = ShardAssembler(
+                writer, schema, {n: expected[n] for n in pending},
+                lambda name: {"inputs": [name], "input_fingerprint": input_sha[name]},
+                row_group_rows=PREDICTION_ROW_GROUP, num_cpus=p.read_num_cpus,
+            )
+            ds = with_parts(_build_dataset(cfg, reader, pending, store.version, features),
+                            staging=out.rstrip("/") + "/" + STAGING + "/parts", shard_col=SHARD_COL,
+                            schema=schema, stats_of=_part_stats, num_cpus=p.read_num_cpus)
+            try:
+                for parts in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                    processed += assembler.feed(parts)
+                summary.shards_done += assembler.finish()
+            except BaseException:
+                assembler.salvage()
+                summary.shards_done += assembler.written
+                raise
     except (KeyboardInterrupt, ray.exceptions.RayError, RuntimeError, OSError, ValueError) as err:
-        for sink in sinks.values():
-            sink.out.abort()
+        remove_temporaries(out)  # the parts of unfinished shards
         if isinstance(err, KeyboardInterrupt):
             raise
         traceback.print_exc(file=sys.stderr)
         summary.ok = False
         summary.notes.append(f"stopped: {type(err).__name__}: {err}"[:400])
+    remove_temporaries(out)
     by_status: Counter = Counter()
     for info in writer.manifest.shards.values():
         by_status.update(info.stats.get("by_status", {}))

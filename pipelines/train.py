@@ -3,10 +3,12 @@
 ``run(cfg)`` runs the configured training stages in order (``train.stages``; the shipped configs
 have ``align`` then ``instruct``, which starts from ``align``'s model). For each stage:
 
-1. *Checks on the driver, before any worker starts* (each one clear error): the instructions
-   table, the features table (opened through the feature store, which also builds its serving
-   copy once, not once per worker), the LLM named by the model section, the ``init_from`` model
-   and that its feature width matches the features table.
+1. *Checks on the driver, before any worker starts* (``preflight``; each one clear error, never
+   retried by Ray Train): the instructions table, the features table (opened through the feature
+   store, which also builds its serving copy once, not once per worker), that the output is
+   writable, the model against the features (``lmeye.train.preflight``: the LLM's architecture,
+   the tokenizer and its chat template, RVII's CLIP and its activation, the patch grid), the
+   ``init_from`` model and that its feature width matches the features table.
 2. *Data*: the ``train`` (and ``validation``) shards of the instructions table are read with Ray
    Data (the stage's tasks pushed down as a Parquet filter), one block per shard, block order
    shuffled with the seed, re-cut into blocks of up to 8 optimizer steps (``block_steps``), and
@@ -25,6 +27,7 @@ have ``align`` then ``instruct``, which starts from ``align``'s model). For each
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -43,6 +46,7 @@ from lmeye.report import StageSummary, node_note
 from lmeye.tables import Manifest, TableReader, fingerprint
 from lmeye.train.checkpoint import ATTEMPTS, MODEL_DIR
 from lmeye.train.ds_config import stage_value
+from lmeye.train import preflight as checks
 from lmeye.train.model_factory import IPNFactory
 from schemas.instructions import INSTRUCTIONS, TRAIN, VALIDATION
 
@@ -116,20 +120,6 @@ def _init_dir(stage: TrainStage, output: str, earlier: list[str]) -> Optional[st
             f"train stage {stage.name}: init_from {path!r} is neither an earlier stage's name nor a model directory"
         )
     return path
-
-
-def _check_feature_shape(factory: Any, init_dir: str, store: Any, stage: TrainStage) -> None:
-    dim, patch = factory.feature_shape(init_dir)
-    if dim is not None and dim != store.dim:
-        raise UserError(
-            f"train stage {stage.name}: {init_dir} was built for {dim}-d features, but {store.path} holds "
-            f"{store.dim}-d features (model {store.model or '?'}); use the features it was trained on"
-        )
-    if patch is not None and store.patch_shape is not None and tuple(patch) != tuple(store.patch_shape):
-        raise UserError(
-            f"train stage {stage.name}: {init_dir} was built for patch tokens {tuple(patch)}, "
-            f"but {store.path} holds {tuple(store.patch_shape)}"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,9 +262,17 @@ def _fit(config: dict[str, Any], datasets: dict[str, Any], tc: TrainConfig, name
 # One stage
 
 
-def _stage_fingerprint(cfg: Config, stage: TrainStage, files: dict[str, list[str]], store: Any, init_dir: Optional[str]) -> str:
+# train keys that do not change what is trained: a rerun that changes only these resumes or is done
+NOT_FINGERPRINTED = ("only", "resume", "log_every", "max_failures", "output", "placement_strategy", "checkpoint_every",
+                     "keep_checkpoints", "val_max_rows", "cpus_per_worker")
+
+
+def _stage_fingerprint(cfg: Config, stage: TrainStage, files: dict[str, list[str]], store: Any, init_dir: Optional[str],
+                       any_workers: bool = False) -> str:
+    """What the stage trains; ``any_workers``: the same but for ``num_workers`` (to tell a rerun on
+    another number of workers from a rerun of another config)."""
     tc = dump_config(cfg)["train"]
-    for k in ("only", "resume", "log_every", "max_failures", "output", "placement_strategy"):
+    for k in NOT_FINGERPRINTED + (("num_workers",) if any_workers else ()):
         tc.pop(k, None)
     tc.pop("stages")
     model = getattr(cfg, "model", None)
@@ -298,13 +296,25 @@ def _finished(directory: str, fp: str) -> Optional[dict[str, Any]]:
     return None
 
 
-def _check_same_run(directory: str, fp: str, stage: TrainStage) -> None:
-    """Checkpoints of another config or other inputs are not resumed silently."""
+def _check_same_run(directory: str, fp: str, fp_any_workers: str, stage: TrainStage, workers: int) -> None:
+    """Checkpoints of another config or other inputs are not resumed silently. Another number of
+    workers alone: DeepSpeed's optimizer state is split per rank and is not resharded here, so the
+    run stops with how to go on, and the stage folder stays as it is."""
     try:
         with open(f"{directory}/run.json") as f:
-            old = json.load(f).get("fingerprint")
+            run = json.load(f)
     except (FileNotFoundError, ValueError):
         return
+    old = run.get("fingerprint")
+    if old != fp and run.get("fingerprint_any_workers") == fp_any_workers and run.get("num_workers") != workers:
+        saved = sorted(glob.glob(f"{directory}/checkpoint_*/{MODEL_DIR}")) or sorted(glob.glob(f"{directory}/{MODEL_DIR}"))
+        go_on = (f"or train a new stage with init_from: {saved[-1]} (the last saved model)" if saved
+                 else "or set train.resume: never to start it over")
+        raise UserError(
+            f"train stage {stage.name}: {directory} was trained with train.num_workers {run.get('num_workers')}, not "
+            f"{workers}, and DeepSpeed's per-rank optimizer state is not resharded; set train.num_workers: "
+            f"{run.get('num_workers')} to resume, {go_on}"
+        )
     if old != fp:
         raise UserError(
             f"train stage {stage.name}: {directory} holds a run of another config or other inputs; "
@@ -387,13 +397,15 @@ def _run_stage(cfg: Config, stage: TrainStage, factory: Any, files: dict[str, li
             summary.rate = None
             summary.notes.insert(0, "already trained with this config and these inputs; nothing redone")
             return summary
-        _check_same_run(directory, fp, stage)
+        _check_same_run(directory, fp, _stage_fingerprint(cfg, stage, files, store, init_dir, any_workers=True), stage,
+                        tc.num_workers)
     config, rows = loop_config(cfg, stage, factory, files, store, init_dir, directory)
     micro, accum, total = (stage_value(tc, stage, "micro_batch_size"), stage_value(tc, stage, "grad_accum"),
                            config["total_steps"])
     os.makedirs(directory, exist_ok=True)
     with open(f"{directory}/run.json", "w") as f:
-        json.dump({"fingerprint": fp}, f)
+        json.dump({"fingerprint": fp, "num_workers": tc.num_workers,
+                   "fingerprint_any_workers": _stage_fingerprint(cfg, stage, files, store, init_dir, any_workers=True)}, f)
     print(f"[train {stage.name}] {rows} train rows, {tc.num_workers} workers x {micro} rows x {accum} accumulation, "
           f"about {total} steps; output {directory}", flush=True)
     init_ray(cfg.ray)
@@ -424,12 +436,13 @@ def _run_stage(cfg: Config, stage: TrainStage, factory: Any, files: dict[str, li
 # The stage
 
 
-def run(cfg: Config, *, factory: Any = None) -> StageSummary:
-    """Train every configured stage in order; print each stage's summary but the last, return the last.
-
-    ``factory`` builds and loads the model (default ``IPNFactory``: ``lmeye.model``); tests pass a fake.
-    """
-    factory = factory or IPNFactory()
+def preflight(cfg: Config, factory: Any) -> tuple[Config, dict[str, list[str]], Any, str, list[tuple[TrainStage, Optional[str]]]]:
+    """Every check on the driver, before Ray starts (``lmeye.train.preflight``): the tables, the
+    output, the model against the features table (through ``factory.check``), each stage's
+    ``init_from`` and rows. A deterministic mistake is one error here, never a worker's failure
+    that Ray Train's ``FailureConfig`` would retry. Returns the config (RVII's CLIP resolved from
+    the features table when ``model.clip_model`` is null), the shard files, the feature store, the
+    output and each stage with the model directory it starts from."""
     instructions, features, output = _paths(cfg)
     tc = cfg.train
     stages = [s for s in tc.stages if tc.only is None or s.name in tc.only]
@@ -437,7 +450,9 @@ def run(cfg: Config, *, factory: Any = None) -> StageSummary:
         raise UserError("train.stages: no stage to run")
     files = _split_files(instructions)
     store = _open_features(features)
-    factory.check(cfg)
+    checks.check_outputs(output)
+    cfg = cfg.model_copy(update={"model": checks.with_table_clip(cfg.model, store.metadata, store.path)})
+    factory.check(cfg, store)
     names = [s.name for s in tc.stages]
     plan = []
     for stage in stages:
@@ -448,12 +463,22 @@ def run(cfg: Config, *, factory: Any = None) -> StageSummary:
             if not os.path.isdir(init_dir):
                 raise FileNotFoundError(f"train stage {stage.name}: init_from {stage.init_from}: no model at {init_dir}; "
                                         f"train stage {stage.init_from} first")
-            _check_feature_shape(factory, init_dir, store, stage)
+            checks.check_init_features(stage.name, init_dir, factory.feature_shape(init_dir), store)
         if _count_rows(files[TRAIN], _task_filter(stage)) == 0:
             raise UserError(f"train stage {stage.name}: no train rows of tasks {stage.tasks or 'any'} in the instructions table")
         plan.append((stage, init_dir))
+    return cfg, files, store, output, plan
+
+
+def run(cfg: Config, *, factory: Any = None) -> StageSummary:
+    """Train every configured stage in order; print each stage's summary but the last, return the last.
+
+    ``factory`` builds and loads the model (default ``IPNFactory``: ``lmeye.model``); tests pass a fake.
+    """
+    factory = factory or IPNFactory()
+    cfg, files, store, output, plan = preflight(cfg, factory)
     summary: Optional[StageSummary] = None
-    for i, (stage, init_dir) in enumerate(plan):
+    for stage, init_dir in plan:
         if summary is not None:
             print(summary.render(), flush=True)
         summary = _run_stage(cfg, stage, factory, files, store, output, init_dir)
@@ -463,4 +488,4 @@ def run(cfg: Config, *, factory: Any = None) -> StageSummary:
     return summary
 
 
-__all__ = ["run", "stage_dir"]
+__all__ = ["preflight", "run", "stage_dir"]

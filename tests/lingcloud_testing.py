@@ -147,3 +147,18 @@ def start_cluster(head_args: dict):
             with open(log, errors="replace") as f:
                 print(f"--- {log}\n" + f.read()[-2000:], file=sys.stderr)
         raise
+
+
+def committed_manifest(table: str | os.PathLike) -> dict:
+    """A table's manifest as JSON, with the shards committed to its journal since the last
+    compaction (what every reader sees; `_manifest.json` alone lags a running stage). {} if none."""
+    import json
+
+    from lmeye.tables import Manifest
+    from schemas import SchemaError
+
+    try:
+        manifest = Manifest.load(str(table))
+    except SchemaError:  # a journal line being written
+        return {}
+    return json.loads(manifest.to_json()) if manifest is not None else {}

@@ -35,9 +35,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from lingcloud_testing import free_port, run_own_cluster, start_cluster
+from lingcloud_testing import committed_manifest, free_port, run_own_cluster, start_cluster
 
-from lmeye.tables import shard_file
+from lmeye.tables import Manifest, shard_file
+from schemas import SchemaError
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1000)]  # about 5 min alone, more beside other tests
 TAG = "lingcloud_test"
@@ -113,8 +114,8 @@ def _running(client, job_id: str) -> bool:
 
 def _manifest_shards(table: Path) -> dict:
     try:
-        return json.loads((table / "_manifest.json").read_text())["shards"]
-    except (FileNotFoundError, ValueError, KeyError):
+        return Manifest.load(str(table)).shards  # with the shards committed to its journal
+    except (AttributeError, SchemaError):  # no manifest yet, or one being written
         return {}
 
 
@@ -156,7 +157,7 @@ def _extract_then_lose_the_second_node(cluster, worker, client, address: str, ro
     while time.time() < deadline and _running(client, "lingcloud-extract"):
         shards = _manifest_shards(root / "features")
         written = len(shards)
-        by_second = any(worker.node_id in s.get("stats", {}).get("nodes", {}) for s in shards.values())
+        by_second = any(worker.node_id in s.stats.get("nodes", {}) for s in shards.values())
         if (by_second or written >= 2) and any(
                 a["Address"]["NodeID"] == worker.node_id and a["State"] == "ALIVE" for a in _encoder_actors()):
             # while the run goes on: the table is not complete yet (asserted by the test)
@@ -299,7 +300,7 @@ def run(tmp_path_factory):
 
 
 def _manifest(table: Path) -> dict:
-    return json.loads((table / "_manifest.json").read_text())
+    return committed_manifest(table)
 
 
 def test_download_job_fetched_on_both_nodes(run):

@@ -28,7 +28,7 @@ _SCHEMAS = {"pairs": PAIRS, "features": FEATURES, "instructions": INSTRUCTIONS}
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 server on 127.0.0.1 with one bucket; the AWS variables point s3fs (here and in
-    every Ray worker: the stages forward them) at it. HF_HUB_OFFLINE=1 makes `datasets` refuse
+    every Ray worker: the stages forward them, the keys by explicit opt-in) at it. HF_HUB_OFFLINE=1 makes `datasets` refuse
     s3:// paths, so it is unset here (nothing in this module reaches for the hub)."""
     from moto.server import ThreadedMotoServer
 
@@ -41,6 +41,8 @@ def s3():
             "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1",
             "HF_UPDATE_DOWNLOAD_COUNTS": "0",
+            # the session's embedded Ray started before these keys were set: ship them (opt-in)
+            "LMEYE_FORWARD_CREDENTIALS": "1",
         }.items():
             mp.setenv(key, value)
         mp.delenv("HF_HUB_OFFLINE", raising=False)

@@ -24,6 +24,10 @@ class DownloadConfig(Section):
         None, description="format of the URL list; null: from the file extension (the summary says which)")
     url_col: str = Field("url", description="column of the URL list holding the URL")
     caption_col: Optional[str] = Field("caption", description="column holding the caption; null: none")
+    column_names: Optional[list[str]] = Field(
+        None, min_length=1,
+        description="csv/tsv lists without a header line (CC3M's released TSV: [caption, url]): the columns' "
+                    "names, in order; every line is then a row. null: the first line is the header")
     # resizing, passed through to img2dataset unchanged
     image_size: int = Field(256, gt=0, description="side of the stored image after resizing")
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = Field(

@@ -12,16 +12,19 @@ from lmeye.config.base import Section
 class ModelConfig(Section):
     # the frozen parts (referenced, never copied into a checkpoint)
     llm: Optional[str] = Field(
-        None, description="directory (or hub name where a network exists) of a causal LM, loaded frozen with AutoModelForCausalLM; required to build an IPN"
+        None, description="directory (or hub name where a network exists) of a causal LM (AutoModelForCausalLM) or an encoder-decoder such as T5 (AutoModelForSeq2SeqLM), loaded frozen; required to build an IPN"
     )
     tokenizer: Optional[str] = Field(None, description="tokenizer directory or name; null: the llm's")
     chat_template: Optional[str] = Field(
         None,
         description="chat template: null = the tokenizer's own; a built-in (plain for base models, vicuna_v1, llama2, chatml) or a .jinja file (lmeye.model.templates); a tokenizer without one needs it",
     )
-    clip_model: str = Field("ViT-L-14", description="open_clip architecture whose frozen text tower runs RVII (rvii: clip_text)")
+    clip_model: Optional[str] = Field(
+        None,
+        description="open_clip architecture whose frozen text tower runs RVII (rvii: clip_text); null: the CLIP that made the features table (its manifest names the model and weights), so the two cannot disagree",
+    )
     clip_pretrained: Optional[str] = Field(
-        "openai", description="open_clip pretrained tag or local checkpoint file of clip_model; null: random weights (tests only)"
+        None, description="open_clip pretrained tag or local checkpoint file of clip_model; null: the features table's when clip_model is null, else random weights (tests only)"
     )
     clip_model_config_dirs: list[str] = Field(default_factory=list, description="extra directories of open_clip model JSONs")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the frozen LLM and CLIP text tower")

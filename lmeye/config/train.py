@@ -75,6 +75,9 @@ class TrainConfig(Section):
     max_failures: int = Field(0, ge=-1, description="Ray Train restarts a failed worker group from the last checkpoint this often (-1: always)")
     # -- DeepSpeed
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    zero3_param_persistence_threshold: Optional[int] = Field(
+        None, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every rank (null: DeepSpeed's default, 1e5; 0: partition every one)"
+    )
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="training precision (the frozen LLM runs in it too)")
     micro_batch_size: int = Field(8, ge=1, description="rows per worker per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")

@@ -6,8 +6,19 @@ transmission, the two passes), ``io`` (save/load), ``demo`` (the offline tiny LL
 ``describe`` (parameter counts).
 """
 
-from lmeye.config.model import ModelConfig
-from lmeye.model.io import load_ipn
-from lmeye.model.ipn import IPN, IPNOutput
+from importlib import import_module
+from typing import Any
+
+# Resolved on first use, so that ``lmeye.model.ipn`` imports with torch and transformers alone (no
+# pydantic, open_clip or Ray: benchmarks/train_gpu.py runs it on a bare GPU machine).
+_EXPORTS = {"IPN": "lmeye.model.ipn", "IPNOutput": "lmeye.model.ipn", "ModelConfig": "lmeye.config.model",
+            "load_ipn": "lmeye.model.io"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lmeye.model' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)
+
 
 __all__ = ["IPN", "IPNOutput", "ModelConfig", "load_ipn"]

@@ -77,7 +77,10 @@ def describe(cfg, stage: str = "instruct") -> str:
 
         ensure_demo_llm(cfg)
     dim, patch = feature_shapes(cfg)
-    ipn = IPN.from_config(cfg.model, dim, patch)
+    model = cfg.model
+    if model.rvii == "clip_text" and model.clip_model is None:  # as training does: the CLIP that makes the features
+        model = model.model_copy(update={"clip_model": cfg.extract.model, "clip_pretrained": cfg.extract.pretrained})
+    ipn = IPN.from_config(model, dim, patch)
     ipn.set_trainable(stage)
     head = (f"IPN: llm {cfg.model.llm} ({type(ipn.llm).__name__}, hidden {ipn.hidden}); rvii {cfg.model.rvii}; "
             f"features {dim}-d, patch tokens {patch}; stage {stage}")

@@ -25,17 +25,21 @@ False, eval mode), and the LLM's vocabulary and embedding matrix are never resiz
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
+from transformers.utils import ModelOutput
 
-from lmeye.config.model import ModelConfig
 from lmeye.errors import UserError
 from lmeye.model.rvii import ClipTextRVII, TransformerRVII, load_clip_text_tower
 from lmeye.model.text import IGNORE, IMG, IMG_D, IMG_Q, TextCodec
+
+if TYPE_CHECKING:  # annotations only: the model runs with torch and transformers alone (benchmarks/train_gpu.py)
+    from lmeye.config.model import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FROZEN_PREFIXES = ("llm.", "rvii.tower.")  # referenced by the config, never saved
@@ -48,34 +52,62 @@ PARTS = {  # part name -> the IPN's own parameter-name prefixes (describe, set_t
 
 
 @dataclass
-class IPNOutput:
-    loss: torch.Tensor  # mean over every answer token of the batch
-    per_sample_loss: torch.Tensor  # (B,) mean over each sample's answer tokens
+class IPNOutput(ModelOutput):
+    """A transformers ``ModelOutput`` (a dict as well): DeepSpeed ZeRO-3 looks for the output tensors
+    of a module in tuples, lists and dicts only, and without them the IPN's backward hook never runs,
+    so its own top-level weights (<img-q>, <img>, <img-d> embeddings) stay released (shape [0])
+    when their gradients arrive. Every field defaults to None, as ModelOutput requires."""
+
+    loss: Optional[torch.Tensor] = None  # mean over every answer token of the batch
+    per_sample_loss: Optional[torch.Tensor] = None  # (B,) mean over each sample's answer tokens
     logits: Optional[torch.Tensor] = None  # (B, S, V) over the suffix
     num_tokens: Optional[torch.Tensor] = None  # (B,) answer tokens per sample
 
 
-def load_llm(cfg: ModelConfig):
-    """(frozen causal LM, tokenizer) from ``cfg.llm``; one UserError naming the path if it is not one."""
+def llm_config(cfg: ModelConfig):
+    """The LLM's ``transformers`` config, once its architecture is known to be one the IPN runs.
+
+    The one place that says which architectures are supported (the driver's preflight and every
+    worker's ``load_llm`` ask it), so a new kind of LLM is added here. One UserError naming the path."""
     import os
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING, AutoConfig
 
-    hf_logging.disable_progress_bar()  # one line per loaded model is enough
     if not cfg.llm:
-        raise UserError("model.llm is not set: name a causal LM directory (the demo builds one with lmeye.model.demo.ensure_demo_llm)")
+        raise UserError("model.llm is not set: name a causal (or encoder-decoder) LM directory (the demo builds one with lmeye.model.demo.ensure_demo_llm)")
     try:
         llm_cfg = AutoConfig.from_pretrained(cfg.llm)
     except (OSError, ValueError) as err:
         where = "no such directory" if not os.path.exists(cfg.llm) else "no usable config.json"
         raise UserError(f"model.llm {cfg.llm!r}: {where} ({str(err).splitlines()[0]})") from None
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING, AutoModelForSeq2SeqLM
-
     # an encoder-decoder (T5, FlanT5) is wrapped by lmeye.model.seq2seq.Seq2SeqIPN
     seq2seq = getattr(llm_cfg, "is_encoder_decoder", False) and type(llm_cfg) in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
     if not seq2seq and type(llm_cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise UserError(f"model.llm {cfg.llm!r} is neither a causal LM nor an encoder-decoder LM ({type(llm_cfg).__name__})")
+        raise UserError(f"model.llm {cfg.llm!r} is not a causal LM nor an encoder-decoder LM ({type(llm_cfg).__name__})")
+    return llm_cfg
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The configured tokenizer (``model.tokenizer``, else the LLM's); one UserError naming it."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.llm)
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"model.tokenizer {cfg.tokenizer or cfg.llm!r}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # pads are masked; any id works
+    return tok
+
+
+def load_llm(cfg: ModelConfig):
+    """(frozen causal or encoder-decoder LM, tokenizer) from ``cfg.llm``; one UserError naming the path if it is not one."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line per loaded model is enough
+    llm_cfg = llm_config(cfg)
+    seq2seq = bool(getattr(llm_cfg, "is_encoder_decoder", False))
     kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype]}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -87,17 +119,16 @@ def load_llm(cfg: ModelConfig):
         raise
     except OSError as err:
         raise UserError(f"model.llm {cfg.llm!r}: cannot load weights ({str(err).splitlines()[0]})") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.llm)
-    except (OSError, ValueError) as err:
-        raise UserError(f"model.tokenizer {cfg.tokenizer or cfg.llm!r}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # pads are masked; any id works
-    return llm, tok
+    return llm, load_tokenizer(cfg)
 
 
 def llm_context(llm) -> int:
-    c = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
+    return config_context(llm.config)
+
+
+def config_context(config) -> int:
+    """Positions an LLM of this ``transformers`` config takes (very many when it names no limit)."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in ("max_position_embeddings", "n_positions", "seq_length"):
         if getattr(c, key, None):
             return int(getattr(c, key))
@@ -153,7 +184,7 @@ class IPN(nn.Module):
         llm, tok = load_llm(cfg)
         tower = None
         if cfg.rvii == "clip_text":
-            tower = load_clip_text_tower(cfg.clip_model, cfg.clip_pretrained, cfg.clip_model_config_dirs, torch.float32)
+            tower = load_clip_text_tower(cfg.clip_model, cfg.clip_pretrained, cfg.clip_model_config_dirs, DTYPES[cfg.dtype])
         if llm.config.is_encoder_decoder:  # the encoder-decoder path lives in its own module
             from lmeye.model.seq2seq import Seq2SeqIPN
 
@@ -275,7 +306,10 @@ class IPN(nn.Module):
         q = ids == IMG_Q
         emb = torch.where(q[..., None], self.imgq_embed.to(dtype), emb)
         img = ids == IMG
-        if img.any():
+        # whenever the batch carries features, not only when a row has an <img>: under ZeRO-3 every
+        # rank must run the same modules (their weights are gathered collectively), so the trainer
+        # gives a text-only batch zero features and it runs the same parts as the others
+        if "embeddings" in batch:
             mapped = self.img_proj(batch["embeddings"].to(self.img_proj.weight.dtype)).view(len(ids), self.cfg.num_img, -1) + self.img_embed
             slot = (img.cumsum(1) - 1).clamp(min=0)  # j-th <img> of a row gets its j-th mapped vector
             emb = torch.where(img[..., None], mapped.to(dtype).gather(1, slot[..., None].expand(-1, -1, emb.shape[-1])), emb)
@@ -299,7 +333,7 @@ class IPN(nn.Module):
         ids = batch["suffix_ids"]
         emb = self._embed(ids)
         d = ids == IMG_D
-        if d.any():
+        if "embeddings" in batch:  # as in _prefix_embeds
             img_d = self._img_d(batch, request_state).to(emb.dtype)
             slot = (d.cumsum(1) - 1).clamp(min=0)
             emb = torch.where(d[..., None], img_d.gather(1, slot[..., None].expand(-1, -1, emb.shape[-1])), emb)
@@ -330,15 +364,24 @@ class IPN(nn.Module):
         mask = torch.cat([batch["prefix_mask"], batch["suffix_mask"]], dim=1)
         pos = positions(mask)
         p_len = prefix_emb.shape[1]
+        labels = batch["labels"]
+        # logits at suffix position t predict token t+1; the first suffix token is never an answer token.
+        # The LLM computes logits only at positions where some row has an answer token (a 128k vocabulary
+        # over the whole suffix was ~10 GB at micro-batch 16 x 512), unless the caller wants them all.
+        target = labels[:, 1:]
+        answer_at = (target != IGNORE).any(0).nonzero().squeeze(1)
+        keep = 0 if return_logits else answer_at  # 0: every position (transformers' logits_to_keep)
         if reuse_prefix:
-            logits = self.llm(inputs_embeds=suffix_emb, attention_mask=mask, position_ids=pos[:, p_len:], cache=cache, use_cache=True).logits
+            logits = self.llm(inputs_embeds=suffix_emb, attention_mask=mask, position_ids=pos[:, p_len:], cache=cache,
+                              use_cache=True, logits_to_keep=keep).logits
         else:
             full = torch.cat([prefix_emb, suffix_emb], dim=1)
-            logits = self.llm(inputs_embeds=full, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, p_len:]
-        labels = batch["labels"]
-        # logits at suffix position t predict token t+1; the first suffix token is never an answer token
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none")
-        counted = (labels[:, 1:] != IGNORE).sum(1)
+            logits = self.llm(inputs_embeds=full, attention_mask=mask, position_ids=pos, use_cache=False,
+                              logits_to_keep=keep if return_logits else keep + p_len).logits
+            logits = logits[:, p_len:] if return_logits else logits
+        answer_logits = logits[:, answer_at] if return_logits else logits
+        nll = answer_nll(answer_logits, target[:, answer_at])
+        counted = (target != IGNORE).sum(1)
         per_sample = nll.sum(1) / counted.clamp(min=1)
         loss = nll.sum() / counted.sum().clamp(min=1)
         return IPNOutput(loss=loss, per_sample_loss=per_sample, logits=logits if return_logits else None, num_tokens=counted)
@@ -395,6 +438,32 @@ class IPN(nn.Module):
         out = self.forward(self.collate(encs, emb, pt))
         nll = out.per_sample_loss * (out.num_tokens if reduction == "sum" else 1)
         return (-nll).tolist()
+
+
+CE_ROWS = 4096  # logit rows (batch x positions) upcast to fp32 at once by answer_nll
+
+
+def answer_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, K, V) logits, (B, K) targets -> (B, K) fp32 negative log-likelihoods (0 at IGNORE).
+
+    In chunks of positions, each recomputed in the backward pass: only one chunk's fp32 copy of the
+    logits (and its log-softmax) exists at a time, not one over every answer position."""
+    b, k = target.shape
+    if k == 0:
+        return logits.new_zeros(b, 0, dtype=torch.float32)
+    step = max(1, CE_ROWS // max(1, b))
+    parts = []
+    for s in range(0, k, step):
+        chunk, tgt = logits[:, s : s + step], target[:, s : s + step]
+        if torch.is_grad_enabled() and chunk.requires_grad:
+            parts.append(torch.utils.checkpoint.checkpoint(_nll, chunk, tgt, use_reentrant=False))
+        else:
+            parts.append(_nll(chunk, tgt))
+    return torch.cat(parts, dim=1)
+
+
+def _nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

@@ -84,18 +84,19 @@ class ClipTextTower(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
 
-    def forward(self, middle: torch.Tensor) -> torch.Tensor:
-        """(B, L, width) soft prompts -> (B, L, width) final-norm outputs over [BOS, middle, EOS], middle part only."""
+    def forward(self, middle: torch.Tensor, last: int) -> torch.Tensor:
+        """(B, L, width) soft prompts -> (B, last, embed_dim): the final-norm outputs of the ``last``
+        positions of ``middle`` (over [BOS, middle, EOS]) through ``text_projection``. The projection
+        runs inside the forward: under ZeRO-3 a module's weights are gathered only while its forward
+        runs, and a projection applied afterwards would see them released (shape [0])."""
+        middle = middle.to(self.bos_eos.dtype)  # the tower runs in the model's dtype, the trained parts around it may not
         b, length = middle.shape[0], middle.shape[1] + 2
         if length > self.context_length:
             raise UserError(f"RVII sequence of {length} tokens exceeds the CLIP text context ({self.context_length}); lower model.rvii_image_tokens")
-        bos, eos = self.bos_eos.to(middle.dtype)[:, None].expand(-1, b, -1)
-        x = torch.cat([bos[:, None], middle, eos[:, None]], dim=1) + self.positional_embedding[:length].to(middle.dtype)
+        bos, eos = self.bos_eos[:, None].expand(-1, b, -1)
+        x = torch.cat([bos[:, None], middle, eos[:, None]], dim=1) + self.positional_embedding[:length]
         mask = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
-        x = self.ln_final(self.transformer(x, attn_mask=mask))
-        return x[:, 1:-1]
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_final(self.transformer(x, attn_mask=mask))[:, -1 - last : -1]
         return self.text_projection(x) if isinstance(self.text_projection, nn.Module) else x @ self.text_projection
 
 
@@ -115,8 +116,7 @@ class ClipTextRVII(nn.Module):
     def forward(self, request: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """request (B, k, width), image_tokens (B, T, image_dim) -> (B, k, embed_dim)."""
         img = self.image_proj(image_regions(image_tokens, self.center, self.max_image_tokens))
-        out = self.tower(torch.cat([img, request], dim=1))
-        return self.tower.project(out[:, -self.num_img_d :])
+        return self.tower(torch.cat([img, request], dim=1), last=self.num_img_d)
 
 
 class TransformerRVII(nn.Module):
@@ -146,19 +146,39 @@ class TransformerRVII(nn.Module):
         return self.norm(out[:, -self.num_img_d :])
 
 
-def load_clip_text_tower(model: str, pretrained: Optional[str], config_dirs: list[str], dtype: torch.dtype) -> ClipTextTower:
-    """The frozen text tower of an open_clip model (the visual tower is dropped right after loading)."""
+def check_clip_text(model: Optional[str], pretrained: Optional[str], config_dirs: list[str]) -> int:
+    """Check, without loading weights, that ``model`` + ``pretrained`` build the text tower RVII needs:
+    a known architecture, an existing file or a tag of it, and the activation its weights were trained
+    with (open_clip would only warn, and that warning is muted while loading). Returns the tower's
+    context length. One UserError naming the key."""
     import os
 
     import open_clip
 
-    from lmeye.clip import DEMO_SEED, _quiet_open_clip, register_model_configs
+    from lmeye.clip import ModelError, check_activation, register_model_configs, text_context_length
 
+    if not model:
+        raise UserError("model.clip_model is not set: the train stage takes the CLIP named by the features table's "
+                        "manifest; elsewhere name it (and model.clip_pretrained)")
     register_model_configs(config_dirs)
     if open_clip.get_model_config(model.replace("/", "-")) is None and not model.startswith(("hf-hub:", "local-dir:")):
         raise UserError(f"model.clip_model {model!r}: no such open_clip architecture (add its JSON to configs/models/ or model.clip_model_config_dirs)")
     if pretrained and not os.path.isfile(pretrained) and not open_clip.get_pretrained_cfg(model.replace("/", "-"), pretrained):
         raise UserError(f"model.clip_pretrained {pretrained!r}: neither an existing file nor a pretrained tag of {model}")
+    try:
+        check_activation(model, pretrained, key="model.clip_model")
+    except ModelError as err:
+        raise UserError(str(err)) from None
+    return text_context_length(model)
+
+
+def load_clip_text_tower(model: str, pretrained: Optional[str], config_dirs: list[str], dtype: torch.dtype) -> ClipTextTower:
+    """The frozen text tower of an open_clip model (the visual tower is dropped right after loading)."""
+    import open_clip
+
+    from lmeye.clip import DEMO_SEED, _quiet_open_clip
+
+    check_clip_text(model, pretrained, config_dirs)
     # Random weights (no pretrained) come from a fixed seed in a private RNG state: the frozen tower is
     # never saved, so every worker, and every later load of a trained IPN, must rebuild the very same
     # one (an unseeded tower differs per process and the trained projections around it mean nothing).

@@ -29,10 +29,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from lmeye.errors import UserError
-from lmeye.model.ipn import IPN, IPNOutput
+from lmeye.model.ipn import IPN, IPNOutput, answer_nll
 from lmeye.model.text import IGNORE, IMG_D, TextCodec
 
 
@@ -120,7 +119,7 @@ class Seq2SeqIPN(IPN):
         labels = batch["decoder_labels"]
         # labels -> the decoder's inputs (shifted right behind its start token), the model's own rule
         logits = self.llm(inputs_embeds=emb, attention_mask=mask, labels=labels).logits
-        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+        nll = answer_nll(logits, labels)  # the causal IPN's chunked fp32 cross-entropy
         counted = (labels != IGNORE).sum(1)
         return IPNOutput(
             loss=nll.sum() / counted.sum().clamp(min=1), per_sample_loss=nll.sum(1) / counted.clamp(min=1),

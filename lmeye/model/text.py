@@ -56,7 +56,7 @@ IMG, IMG_Q, IMG_D = -1, -2, -3  # slot ids, filled with embeddings by the IPN
 _MARK = {IMG: "\x00lmeye-img\x00", IMG_Q: "\x00lmeye-img-q\x00"}
 _PROBE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
 
-__all__ = ["IGNORE", "IMG", "IMG_D", "IMG_Q", "Layout", "TextCodec", "resolve_chat_template"]
+__all__ = ["IGNORE", "IMG", "IMG_D", "IMG_Q", "Layout", "TextCodec", "check_template", "resolve_chat_template"]
 
 
 @dataclass
@@ -233,6 +233,35 @@ class TextCodec:
             "has_image": IMG in prefix,  # an image sample: its <img> slots
             "for_generation": bool(for_generation),
         }
+
+
+# A two-turn conversation with an image: what every training row looks like to the template.
+PROBE = [{"role": "user", "content": "What colour is the circle?"}, {"role": "assistant", "content": "red"},
+         {"role": "user", "content": "And the square?"}, {"role": "assistant", "content": "blue"}]
+
+
+def check_template(tokenizer, *, num_img: int = 1, num_img_d: int = 1, max_length: int = 1 << 30,
+                   system_prompt: Optional[str] = None, chat_template: Optional[str] = None) -> None:
+    """Raise one UserError naming the tokenizer unless its chat template can lay out a training
+    sample (present, renders, prefix-consistent, text between the user's turn and the answer) and
+    such a sample, with its slots, fits ``max_length``.
+
+    ``chat_template``: ``model.chat_template`` (lmeye.model.templates); a tokenizer without a template
+    and no key set is one UserError naming the key. The train stage's preflight runs it on the
+    driver, before any worker loads the LLM."""
+    name = getattr(tokenizer, "name_or_path", tokenizer)
+    try:  # the codec renders a probe conversation as it is built: inside the try too
+        codec = TextCodec(tokenizer, num_img=num_img, num_img_d=num_img_d, max_length=max_length, system_prompt=system_prompt,
+                          chat_template=chat_template)
+        enc = codec.encode(PROBE, has_image=True)
+    except UserError:
+        raise
+    except Exception as err:  # the template is the tokenizer's own Jinja code: any error is the template's
+        raise UserError(f"tokenizer {name!r}: its chat template fails on a two-turn conversation "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    if enc is None:
+        raise UserError(f"model.max_length {max_length}: a two-turn conversation with one-word answers does not fit "
+                        f"with tokenizer {name!r} and {num_img} + {num_img_d} image slots; raise it")
 
 
 def _adds_bos(tokenizer) -> bool:

@@ -38,6 +38,8 @@ def deepspeed_config(tc: TrainConfig, stage: TrainStage, world_size: int, total_
     }
     if tc.zero_stage == 3:
         cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        if tc.zero3_param_persistence_threshold is not None:
+            cfg["zero_optimization"]["stage3_param_persistence_threshold"] = tc.zero3_param_persistence_threshold
     return cfg
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
+
+from lmeye.train.data import to_device
 
 _SPACE = re.compile(r"\s+")
 
@@ -22,56 +24,86 @@ def normalise(text: str) -> str:
     return _SPACE.sub(" ", text.strip().lower()).rstrip(".!? ")
 
 
-def evaluate(engine: Any, ipn: Any, maker: Any, shard: Any, batch_size: int, device: Any, tc: Any) -> dict[str, float]:
+def evaluate(engine: Any, ipn: Any, maker: Any, shard: Any, batch_size: int, device: Any, tc: Any,
+             comm: Optional[Any] = None) -> dict[str, float]:
+    """This rank's validation counts. ``comm`` (ZeRO-3 with several ranks, whose weights are gathered
+    collectively as each module runs): the ranks go batch by batch together until none has data
+    left, a rank without a batch runs the maker's filler row (not counted), and generation runs
+    until every rank's answers are done (``synced_gpus``), so shards of unequal size never hang."""
     import torch
-
-    from lmeye.train.loop import _to_device
 
     counts: Counter = Counter()
     was_training = engine.module.training
     engine.module.eval()
+    tables = iter(shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=1))
     try:
         with torch.no_grad():
-            for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=1):
-                prep = maker.prepare(table)
-                if prep.batch is not None:
-                    out = engine(_to_device(prep.batch, device, tc.precision))
-                    per = out.per_sample_loss.detach().float()
-                    counts["val_loss_sum"] += float(per.sum())
-                    counts["val_loss_rows"] += int(per.numel())
-                _exact_match(ipn, maker, table, device, tc, counts)
+            while True:
+                table = next(tables, None)
+                if comm is not None:
+                    if comm.sum([float(table is not None)])[0] == 0:
+                        break
+                elif table is None:
+                    break
+                _loss(engine, maker, table, device, tc, counts, lockstep=comm is not None)
+                exact_match(ipn, maker, table, device, tc, counts, lockstep=comm is not None)
     finally:
         engine.module.train(was_training)
     return dict(counts)
 
 
-def _exact_match(ipn: Any, maker: Any, table: Any, device: Any, tc: Any, counts: Counter) -> None:
-    from lmeye.train.loop import _to_device
-
-    uids = [u or "" for u in table.column("uid").to_pylist()]
-    convs = table.column("conversation").to_pylist()
-    tasks = table.column("task").to_pylist()
-    emb, patches, found = maker.features(uids)
-    encs, answers, keep = [], [], []
-    for i in np.flatnonzero(found):
-        conv = convs[i]
-        if len(conv) < 2 or conv[-1]["role"] != "assistant":
-            continue
-        enc = ipn.encode(conv[:-1], has_image=bool(uids[i]), for_generation=True)
-        if enc is None:
-            continue
-        encs.append(enc)
-        answers.append(conv[-1]["content"])
-        keep.append(i)
-    if not encs:
+def _loss(engine: Any, maker: Any, table: Any, device: Any, tc: Any, counts: Counter, lockstep: bool) -> None:
+    batch = maker.prepare(table).batch if table is not None else None
+    if batch is None and not lockstep:
         return
-    sel = np.asarray(keep)
-    batch = ipn.collate(encs, emb[sel], patches[sel] if patches is not None else None)
-    texts = ipn.generate(_to_device(batch, device, tc.precision), max_new_tokens=tc.val_max_new_tokens,
-                         do_sample=False, num_beams=1)
-    for i, text, answer in zip(sel, texts, answers):
+    out = engine(to_device(batch if batch is not None else maker.filler(), device, tc.precision))
+    if batch is not None:
+        per = out.per_sample_loss.detach().float()
+        counts["val_loss_sum"] += float(per.sum())
+        counts["val_loss_rows"] += int(per.numel())
+
+
+def exact_match(ipn: Any, maker: Any, table: Any, device: Any, tc: Any, counts: Counter, lockstep: bool = False) -> None:
+    """Greedy answers to the last assistant turn of ``table``'s rows (None: no rows, under ``lockstep``
+    the filler's answer is generated and dropped), counted per task."""
+    encs, answers, keep = [], [], []
+    if table is not None:
+        uids = [u or "" for u in table.column("uid").to_pylist()]
+        convs = table.column("conversation").to_pylist()
+        tasks = table.column("task").to_pylist()
+        emb, patches, found = maker.features(uids)
+        for i in np.flatnonzero(found):
+            conv = convs[i]
+            if len(conv) < 2 or conv[-1]["role"] != "assistant":
+                continue
+            enc = ipn.encode(conv[:-1], has_image=bool(uids[i]), for_generation=True)
+            if enc is None:
+                continue
+            encs.append(enc)
+            answers.append(conv[-1]["content"])
+            keep.append(i)
+    if not encs and not lockstep:
+        return
+    if encs:
+        sel = np.asarray(keep)
+        batch = maker.collate(encs, emb[sel], patches[sel] if patches is not None else None)
+    else:
+        batch = maker.filler(for_generation=True)
+    texts = _generate(ipn, to_device(batch, device, tc.precision), tc.val_max_new_tokens, lockstep)
+    for i, text, answer in zip(keep, texts, answers):
         ok = int(normalise(text) == normalise(answer))
         counts["val_rows"] += 1
         counts["val_correct"] += ok
         counts[f"rows:{tasks[i]}"] += 1
         counts[f"correct:{tasks[i]}"] += ok
+
+
+def _generate(ipn: Any, batch: dict[str, Any], max_new_tokens: int, lockstep: bool) -> list[str]:
+    if not lockstep:
+        return ipn.generate(batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    import deepspeed
+
+    # generate is not the IPN's forward, so ZeRO-3's hooks do not gather the IPN's own top-level
+    # weights (<img-q>, <img>, <img-d> embeddings); its submodules gather theirs as they run
+    with deepspeed.zero.GatheredParameters(list(ipn.parameters(recurse=False)), modifier_rank=None):
+        return ipn.generate(batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, synced_gpus=True)

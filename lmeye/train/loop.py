@@ -46,33 +46,9 @@ from lmeye.train.checkpoint import (
     safe_checkpoint_engine,
     save_rank_files,
 )
-
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def _to_device(batch: dict[str, Any], device: Any, precision: str) -> dict[str, Any]:
-    import torch
-
-    dtype = getattr(torch, DTYPES[precision])
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device)
-            if v.is_floating_point():
-                v = v.to(dtype)  # DeepSpeed casts the module, not the inputs
-        out[k] = v
-    return out
-
-
-def _tokens(batch: Optional[dict[str, Any]]) -> int:
-    if batch is None:
-        return 0
-    mask = batch.get("attention_mask")
-    if mask is None:
-        mask = batch.get("labels")
-        return int((mask != -100).sum()) if mask is not None else 0
-    return int(mask.sum())
-
+from lmeye.train.collectives import Collectives
+from lmeye.train.data import SeenSet, llm_tokens, to_device
+from lmeye.train.model_factory import in_training_dtype, training_dtype
 
 class Worker:
     """State of one rank for one stage (see module doc)."""
@@ -98,16 +74,20 @@ class Worker:
         np.random.seed(self.tc.seed)
         torch.manual_seed(self.tc.seed)
         self.store = FeatureStore.open(config["features"], version=config["features_version"])
-        ipn = (self.factory.load(config["init_dir"]) if config.get("init_dir")
-               else self.factory.build(self.cfg, self.store.dim, self.store.patch_shape))
+        # the frozen LLM is loaded once, directly in the training dtype (lmeye.train.model_factory.training_dtype)
+        ipn = (self.factory.load(config["init_dir"], dtype=training_dtype(self.cfg)) if config.get("init_dir")
+               else self.factory.build(in_training_dtype(self.cfg), self.store.dim, self.store.patch_shape))
         ipn.set_trainable(self.stage.trainable, train_visual_mapping=self.stage.train_visual_mapping)
         ipn.features_table = config["features"]  # saved in the model's JSON: chat and eval encode images with it
         self.ipn = ipn
         self.params = [p for p in ipn.trainable_parameters() if p.requires_grad]
-        self.maker = BatchMaker(ipn, self.store, on_missing=self.tc.on_missing_features, on_too_long=self.tc.on_too_long)
+        # ZeRO-3 gathers each module's weights collectively as it runs: every rank runs the same modules
+        self.lockstep = self.tc.zero_stage == 3 and self.world > 1
+        self.maker = BatchMaker(ipn, self.store, on_missing=self.tc.on_missing_features, on_too_long=self.tc.on_too_long,
+                                lockstep=self.lockstep)
         self._init_engine(config)
         self.state = TrainState(stage=self.stage.name, world_size=self.world)
-        self.seen_prev = np.zeros(0, np.uint64)  # rows of this epoch trained before the resume
+        self.seen_prev = SeenSet()  # rows of this epoch trained before the resume
         self.seen_new: list[np.ndarray] = []
 
     def _init_engine(self, config: dict[str, Any]) -> None:
@@ -126,16 +106,7 @@ class Worker:
         )
         safe_checkpoint_engine(self.engine.checkpoint_engine)
         self.device = get_accelerator().device_name(self.engine.local_rank)
-
-    # ------------------------------------------------------------------ collectives
-    def _sum(self, values: list[float]) -> list[float]:
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
+        self.comm = Collectives(self.world, self.device)
 
     # ------------------------------------------------------------------ resume
     def resume(self) -> bool:
@@ -151,7 +122,7 @@ class Worker:
                 os.path.join(d, DS_DIR), tag=DS_TAG, load_module_strict=False,
                 load_optimizer_states=True, load_lr_scheduler_states=True,
             )
-            self.seen_prev = load_seen(d)
+            self.seen_prev = SeenSet(load_seen(d))
             restore_rng(d, self.rank)
         state.world_size = self.world
         self.state = state
@@ -165,13 +136,8 @@ class Worker:
         after a lost worker) is one line of ``attempts.jsonl``: the ranks' Ray nodes and the step it
         resumed at (null: from scratch)."""
         import ray
-        import torch.distributed as dist
 
-        node = ray.get_runtime_context().get_node_id()
-        nodes = [node]
-        if self.world > 1:
-            nodes = [None] * self.world
-            dist.all_gather_object(nodes, node)
+        nodes = self.comm.gather(ray.get_runtime_context().get_node_id())
         self.nodes = nodes
         if self.rank == 0:
             _append_jsonl(os.path.join(os.path.dirname(self.metrics_path), ATTEMPTS),
@@ -186,7 +152,7 @@ class Worker:
         tmp = tempfile.mkdtemp(prefix="lingcloud-ckpt-")
         try:
             self.engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True)
-            seen = np.concatenate([self.seen_prev if self.rank == 0 else np.zeros(0, np.uint64), *self.seen_new])
+            seen = np.concatenate([self.seen_prev.keys if self.rank == 0 else np.zeros(0, np.uint64), *self.seen_new])
             save_rank_files(tmp, self.rank, seen)
             self.save_model(os.path.join(tmp, MODEL_DIR))
             if self.rank == 0:
@@ -199,11 +165,13 @@ class Worker:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def save_model(self, directory: str) -> None:
-        """Rank 0 writes the model directory (under ZeRO-3 every rank gathers the weights first)."""
+        """Rank 0 writes the model directory. Under ZeRO-3 every rank first gathers every weight the
+        directory holds: the IPN's own, frozen in this stage or not (not only the stage's trainable
+        ones, or the frozen ones would be written with shape [0] and the next stage could not load them)."""
         if self.tc.zero_stage == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(self.params, modifier_rank=None):
+            with deepspeed.zero.GatheredParameters(list(self.ipn.own_parameters().values()), modifier_rank=None):
                 if self.rank == 0:
                     self.ipn.save_pretrained(directory)
         elif self.rank == 0:
@@ -248,17 +216,21 @@ class Worker:
 
     def _micro_step(self, prep: Optional[Any]) -> tuple[float, int, int]:
         batch = prep.batch if prep is not None else None
-        zero = sum(p.sum() for p in self.params) * 0.0  # every trainable parameter in every rank's graph
-        if batch is not None:
-            out = self.engine(_to_device(batch, self.device, self.tc.precision))
-            loss = out.loss + zero
-            value = float(out.loss.detach().float())
+        if self.lockstep:  # every rank runs the forward (a filler row without data); every part runs, so every weight has a gradient
+            out = self.engine(to_device(batch if batch is not None else self.maker.filler(), self.device, self.tc.precision))
+            loss, value = (out.loss, float(out.loss.detach().float())) if batch is not None else (out.loss * 0.0, 0.0)
         else:
-            loss, value = zero, 0.0
+            zero = sum(p.sum() for p in self.params) * 0.0  # every trainable parameter in every rank's graph
+            if batch is not None:
+                out = self.engine(to_device(batch, self.device, self.tc.precision))
+                loss = out.loss + zero
+                value = float(out.loss.detach().float())
+            else:
+                loss, value = zero, 0.0
         self.engine.backward(loss)
         self.engine.step()
         rows = prep.rows if prep is not None else 0
-        return value * rows, rows, _tokens(batch)
+        return value * rows, rows, llm_tokens(batch)
 
     def train(self) -> None:
         import ray.train
@@ -283,7 +255,7 @@ class Worker:
                 for k in range(self.accum):
                     prep = None if mine_done else self._next_batch(batches)
                     mine_done = prep is None
-                    alive = self._sum([0.0 if mine_done else 1.0])[0]
+                    alive = self.comm.sum([0.0 if mine_done else 1.0])[0]
                     if alive == 0 and k == 0:
                         ended = True  # no rank has data left: the epoch is over
                         break
@@ -302,11 +274,11 @@ class Worker:
             if not ended:
                 break  # max_steps inside the epoch: the epoch is not finished
             self.state.epoch += 1
-            self.seen_prev, self.seen_new = np.zeros(0, np.uint64), []
+            self.seen_prev, self.seen_new = SeenSet(), []
         self.train_seconds = time.time() - self._started  # training alone: no start-up, no validation
 
     def _after_step(self, acc: list[float], t0: float) -> None:
-        loss_rows, rows, tokens, *skips = self._sum([acc[0], acc[1], acc[2], *self._skip_vector()])
+        loss_rows, rows, tokens, *skips = self.comm.sum([acc[0], acc[1], acc[2], *self._skip_vector()])
         self._skips.clear()
         self.state.step += 1
         self.state.rows += int(rows)
@@ -353,8 +325,9 @@ class Worker:
             shard = ray.train.get_dataset_shard("validation")
         except KeyError:  # the stage has no validation rows (a small corpus's split can leave none)
             return {}
-        local = evaluate(self.engine, self.ipn, self.maker, shard, self.micro, self.device, self.tc)
-        return _merge_eval(local, self.world)
+        local = evaluate(self.engine, self.ipn, self.maker, shard, self.micro, self.device, self.tc,
+                         self.comm if self.lockstep else None)
+        return _merge_eval(self.comm.gather(local))
 
     def finish(self, val: dict[str, Any]) -> None:
         self.state.done = True
@@ -383,14 +356,8 @@ def _skip_shm_comm_op() -> None:
         ops["deepspeed_shm_comm"] = False
 
 
-def _merge_eval(local: dict[str, Any], world: int) -> dict[str, Any]:
+def _merge_eval(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum every rank's validation counts (small dicts, gathered once)."""
-    import torch.distributed as dist
-
-    parts = [local]
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, local)
     total: dict[str, float] = Counter()
     for p in parts:
         for k, v in p.items():

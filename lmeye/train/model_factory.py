@@ -4,8 +4,8 @@ The trainer never imports ``lmeye.model`` itself. It calls a factory (``IPNFacto
 caller of ``pipelines.train.run`` passes its own), which is pickled into every Ray Train worker
 with the loop's config. The factory:
 
-* ``check(cfg)``: fails with one ``UserError`` when the model section names an LLM that is not
-  there (run on the driver, before any worker starts);
+* ``check(cfg, features)``: fails with one ``UserError`` when the model section cannot train on
+  the features table (``lmeye.train.preflight``; run on the driver, before any worker starts);
 * ``build(cfg, feature_dim, patch_shape)``: a fresh IPN (frozen LLM and CLIP, new trainable weights);
 * ``load(directory)``: an IPN from a model directory (safetensors + JSON, nothing unpickled);
 * ``feature_shape(directory)``: the ``(feature_dim, patch_shape)`` a model directory was built for,
@@ -26,48 +26,42 @@ IPN_CONFIG = "ipn_config.json"
 class IPNFactory:
     """The real IPN of ``lmeye.model`` (see /IPN contract)."""
 
-    def check(self, cfg: Any) -> None:
-        model_cfg = getattr(cfg, "model", None)
-        if model_cfg is None:
-            raise UserError("model: the config has no model section; the train stage needs one (model.llm)")
-        llm = model_cfg.llm
-        if not llm:
-            raise UserError("model.llm: not set; name the frozen LLM's directory (the demo builds one: lmeye.model.demo)")
-        try:
-            from transformers import AutoConfig
+    def check(self, cfg: Any, features: Any) -> None:
+        """The driver's preflight of the model against the features table (lmeye.train.preflight)."""
+        from lmeye.train.preflight import check_model
 
-            AutoConfig.from_pretrained(llm)
-        except (OSError, ValueError) as err:
-            raise UserError(f"model.llm: cannot load an LLM config from {llm!r} ({str(err).splitlines()[0]})") from None
-        check_chat_template(model_cfg)
+        check_model(cfg.model, features)
 
     def build(self, cfg: Any, feature_dim: int, patch_shape: Optional[tuple[int, int]]) -> Any:
         from lmeye.model import IPN
 
         return IPN.from_config(cfg.model, feature_dim=feature_dim, patch_shape=patch_shape)
 
-    def load(self, directory: str) -> Any:
+    def load(self, directory: str, dtype: Optional[str] = None) -> Any:
+        """``dtype``: the frozen LLM's and CLIP's (``model.dtype``) instead of the one saved."""
         from lmeye.model import load_ipn
 
-        return load_ipn(directory)
+        return load_ipn(directory, **({"dtype": dtype} if dtype else {}))
 
     def feature_shape(self, directory: str) -> tuple[Optional[int], Optional[tuple[int, int]]]:
         return feature_shape_from_json(os.path.join(directory, IPN_CONFIG))
 
 
-def check_chat_template(model_cfg: Any) -> None:
-    """One UserError naming ``model.chat_template`` when the tokenizer has no usable chat template
-    and none is configured (a base model), before any worker loads the LLM."""
-    from transformers import AutoTokenizer
+TRAINING_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
-    from lmeye.model.text import resolve_chat_template
 
-    where = model_cfg.tokenizer or model_cfg.llm
-    try:
-        tok = AutoTokenizer.from_pretrained(where)
-    except (OSError, ValueError) as err:
-        raise UserError(f"model.tokenizer: cannot load a tokenizer from {where!r} ({str(err).splitlines()[0]})") from None
-    resolve_chat_template(tok, model_cfg.chat_template)
+def training_dtype(cfg: Any) -> str:
+    """The ``model.dtype`` a worker loads the frozen LLM and CLIP in: the training precision's, so a
+    bf16 run of a 7B LLM holds one bf16 copy per worker (about 14 GB) from the start, not an fp32 one
+    (28 GB) that DeepSpeed casts later."""
+    return TRAINING_DTYPES[cfg.train.precision]
+
+
+def in_training_dtype(cfg: Any) -> Any:
+    """``cfg`` with ``model.dtype`` set to :func:`training_dtype` (configs without a model section as they are)."""
+    if getattr(cfg, "model", None) is None:
+        return cfg
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": training_dtype(cfg)})})
 
 
 def feature_shape_from_json(path: str) -> tuple[Optional[int], Optional[tuple[int, int]]]:

@@ -189,3 +189,38 @@ def test_cli_info_get_and_missing(tmp_path, capsys):
     assert captured.err.strip().endswith("ab" * 16) and "\n" not in captured.err.strip()
     assert main(["store", "get", "--json", "--mask", str(tmp_path / "f"), "ab" * 16]) == 0
     assert json.loads(capsys.readouterr().out) == {"uid": "ab" * 16, "found": False}
+
+
+def test_two_workers_on_one_node_build_one_serving_copy(tmp_path, monkeypatch):
+    """Train workers and predict actors open the store at the same moment: one builds, the other
+    waits for the lock and opens that copy (before: each built its own, a full read of the table)."""
+    import threading
+    import time
+
+    import lmeye.store as store
+
+    write_features(tmp_path / "f", n=30)
+    builds = []
+    real = store._build
+
+    def slow_build(*args, **kwargs):
+        builds.append(threading.get_ident())
+        time.sleep(1.0)  # long enough that the second opener arrives mid-build
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_build", slow_build)
+    opened, errors = [], []
+
+    def worker():
+        try:
+            opened.append(FeatureStore.open(tmp_path / "f", cache_dir=str(tmp_path / "cache")))
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(builds) == 1
+    assert opened[0].serving_dir == opened[1].serving_dir and opened[0].num_rows == opened[1].num_rows == 28

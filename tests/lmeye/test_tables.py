@@ -4,8 +4,8 @@ import pyarrow as pa
 import pytest
 
 from lmeye.tables import (
-    Manifest, NotATableFolder, OutputNotWritable, TableMismatch, TableReader, TableWriter, ensure_writable,
-    fingerprint, overwriting, shard_file,
+    JOURNAL, MANIFEST, Manifest, NotATableFolder, OutputNotWritable, TableMismatch, TableReader, TableWriter,
+    ensure_writable, fingerprint, open_table, overwriting, shard_file,
 )
 from schemas import SchemaError
 from schemas.pairs import PAIRS
@@ -126,7 +126,7 @@ def test_finalize_removes_only_files_a_manifest_listed(tmp_path):
     assert names == ["_manifest.json", "notes.parquet", shard_file("00000.parquet")]
 
 
-def test_finished_shard_is_recognised_by_checksum_not_size(tmp_path):
+def test_finished_shard_is_recognised_by_version_mark_not_size(tmp_path):
     w = TableWriter(str(tmp_path), PAIRS, config={})
     info = w.write("00000.parquet", _one_row(), input_fingerprint="x")
     assert TableWriter(str(tmp_path), PAIRS, config={}).is_done("00000.parquet", "x")
@@ -146,3 +146,92 @@ def test_shard_file_where_a_table_folder_is_expected(make_pairs):
             call()
         assert str(err.value) == (f"{shard}: is a file, not a table folder (a table is the folder holding "
                                   f"_manifest.json; did you mean {path}?)")
+
+
+def test_a_commit_appends_one_journal_line_not_the_manifest(tmp_path):
+    w = TableWriter(str(tmp_path), PAIRS, config={})
+    for i in range(3):
+        w.write(f"{i:05d}.parquet", _one_row(str(i)), input_fingerprint="x")
+    before = (tmp_path / MANIFEST).read_bytes()
+    w.write("00003.parquet", _one_row("d"), input_fingerprint="x")
+    assert (tmp_path / MANIFEST).read_bytes() == before  # untouched by the commit
+    [log] = (tmp_path / JOURNAL).iterdir()
+    assert [json.loads(line)["name"] for line in log.read_text().splitlines()] == [f"{i:05d}.parquet" for i in range(4)]
+    assert json.loads(before)["shards"] == {}
+    w.finalize([f"{i:05d}.parquet" for i in range(4)], stats={})
+    assert not (tmp_path / JOURNAL).exists()  # compacted into the manifest
+    assert sorted(json.loads((tmp_path / MANIFEST).read_text())["shards"]) == [f"{i:05d}.parquet" for i in range(4)]
+
+
+def test_object_store_layout_one_object_a_commit_reads_back_the_same(tmp_path):
+    """Object stores cannot append: one object per commit, read back by one listing."""
+    from lmeye import journal
+    from lmeye.tables import LocalFileSystem
+
+    fs = LocalFileSystem(auto_mkdir=True)
+    records = [{"name": f"{i:05d}.parquet", "rows": i} for i in range(3)]
+    for r in records:
+        journal.append(fs, str(tmp_path), "e1", r, appendable=False)
+    journal.append(fs, str(tmp_path), "e0", {"name": "old.parquet"}, appendable=False)
+    assert sorted(p.name for p in (tmp_path / JOURNAL / "e1").iterdir()) == [f"{r['name']}.json" for r in records]
+    assert journal.read(fs, str(tmp_path), "e1", "T") == records
+    journal.clear(fs, str(tmp_path))
+    assert journal.read(fs, str(tmp_path), "e1", "T") == [] and not (tmp_path / JOURNAL).exists()
+
+
+def test_a_crash_between_commit_and_compaction_loses_nothing(tmp_path):
+    w = TableWriter(str(tmp_path), PAIRS, config={"a": 1})
+    infos = [w.write(f"{i:05d}.parquet", _one_row(str(i)), input_fingerprint="x") for i in range(2)]
+    del w  # the driver dies: no finalize, no compaction
+    loaded = Manifest.load(str(tmp_path))
+    assert {n: s.sha256 for n, s in loaded.shards.items()} == {i.name: i.sha256 for i in infos}
+    assert not loaded.complete
+    reader = open_table(str(tmp_path), PAIRS, allow_incomplete=True)
+    assert reader.num_rows == 2 and reader.shard_names == [i.name for i in infos]
+    rerun = TableWriter(str(tmp_path), PAIRS, config={"a": 1})
+    assert all(rerun.is_done(i.name, "x") for i in infos)  # resumed, nothing redone
+    assert not (tmp_path / JOURNAL).exists()  # the rerun's opening compaction absorbed the journal
+    rerun.finalize([i.name for i in infos], stats={})
+    assert open_table(str(tmp_path), PAIRS).num_rows == 2
+
+
+def test_journal_entries_of_an_older_epoch_are_ignored(tmp_path):
+    """A crash after a compaction's manifest write but before its journal was removed: the
+    leftover entries (here, of a shard finalize dropped) must not come back."""
+    w = TableWriter(str(tmp_path), PAIRS, config={})
+    w.write("00000.parquet", _one_row("a"), input_fingerprint="x")
+    w.write("00001.parquet", _one_row("b"), input_fingerprint="x")
+    leftovers = {p.name: p.read_bytes() for p in (tmp_path / JOURNAL).iterdir()}
+    w.finalize(["00000.parquet"], stats={})
+    (tmp_path / JOURNAL).mkdir()
+    for name, data in leftovers.items():
+        (tmp_path / JOURNAL / name).write_bytes(data)
+    m = Manifest.load(str(tmp_path))
+    assert sorted(m.shards) == ["00000.parquet"] and m.complete
+
+
+def test_a_torn_last_journal_line_is_a_commit_that_never_returned(tmp_path):
+    w = TableWriter(str(tmp_path), PAIRS, config={})
+    w.write("00000.parquet", _one_row("a"), input_fingerprint="x")
+    [log] = (tmp_path / JOURNAL).iterdir()
+    with log.open("a") as f:
+        f.write('{"name": "00001.par')  # killed mid-write
+    assert sorted(Manifest.load(str(tmp_path)).shards) == ["00000.parquet"]
+    log.write_text('{"name": "00000.par\n' + log.read_text())  # damage before the last line: an error
+    with pytest.raises(SchemaError, match=f"{JOURNAL}/{log.name}, line 1: unreadable journal entry"):
+        Manifest.load(str(tmp_path))
+
+
+def test_is_done_reads_metadata_not_the_shards(tmp_path, monkeypatch):
+    w = TableWriter(str(tmp_path), PAIRS, config={})
+    names = [f"{i:05d}.parquet" for i in range(3)]
+    for i, n in enumerate(names):
+        w.write(n, _one_row(str(i)), input_fingerprint="x")
+    w.finalize(names, stats={})
+    rerun = TableWriter(str(tmp_path), PAIRS, config={})
+    opened, listed = [], []
+    real_open, real_ls = rerun.fs.open, rerun.fs.ls
+    monkeypatch.setattr(rerun.fs, "open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k))
+    monkeypatch.setattr(rerun.fs, "ls", lambda p, *a, **k: listed.append(p) or real_ls(p, *a, **k))
+    assert all(rerun.is_done(n, "x") for n in names)
+    assert opened == [] and len(listed) == 1  # one folder listing, no shard read

@@ -21,7 +21,8 @@ import pytest
 from lmeye.cli import main
 from lmeye.config import load_config
 from lmeye.demo.corpus import write_url_list
-from lmeye.tables import OutputNotWritable, TableReader, shard_file
+from lmeye.tables import Manifest, OutputNotWritable, TableReader, shard_file
+from schemas import SchemaError
 from lmeye.uid import uid_for
 from pipelines.download import read_url_list, run
 from schemas.pairs import PAIRS, SUCCESS
@@ -163,8 +164,8 @@ def test_download_pairs_table_rows_failures_and_rerun(tmp_path, corpus, server, 
 
 def _manifest_shards(out: Path) -> dict:
     try:
-        return json.loads((out / "_manifest.json").read_text())["shards"]
-    except (FileNotFoundError, ValueError, KeyError):
+        return Manifest.load(str(out)).shards  # with the shards committed to its journal
+    except (AttributeError, SchemaError):  # no manifest yet, or one being written
         return {}
 
 
@@ -446,3 +447,123 @@ def test_ctrl_c_during_the_download_exits_130_with_one_line(tmp_path, corpus, se
     assert "interrupted; rerun the same command to resume" in stderr.splitlines()
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert (out / "_manifest.json").exists() and not (out / "_staging").exists()
+
+
+def test_the_committer_lists_the_raw_folder_once_whatever_is_pending(tmp_path, monkeypatch):
+    """Before a pass: one listing, not 2-3 existence calls per pending shard."""
+    from collections import Counter as Calls
+
+    from lmeye.tables import TableWriter
+    from pipelines.download import Committer, Plan, PlannedShard, ShardTarget
+
+    shards = [PlannedShard(i, f"{i:05d}.parquet", 10, f"fp{i}", ["in.csv"]) for i in range(200)]
+    plan = Plan(files=[], shards=shards, rejected=[], counts=Counter(), oom_shard_count=5,
+                input_format="csv", format_inferred=True)
+    writer = TableWriter(str(tmp_path / "pairs"), PAIRS, config={})
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    committer = Committer(writer, ShardTarget(str(tmp_path / "pairs"), str(raw), "jpg"), plan)
+    calls: Calls = Calls()
+    for op in ("exists", "isfile", "ls", "size", "cat_file"):  # (a local ls stats the folder itself)
+        real = getattr(committer.fs, op)
+        monkeypatch.setattr(committer.fs, op, lambda *a, _op=op, _real=real, **k: calls.update([_op]) or _real(*a, **k))
+    assert committer.leftovers() == []
+    committer.prepare(plan)
+    assert calls == {"ls": 2} and len(committer.pending) == 200
+
+
+def _task_that(tmp_path, ray_local):
+    @ray_local.remote
+    def task(name: str, delay: float, fail: bool = False):
+        time.sleep(delay)
+        if fail:
+            raise OSError(f"{name}: the node went away")
+        (tmp_path / name).write_text("written")  # what a download task's shard write stands for
+        return name
+
+    return task
+
+
+def test_a_failed_task_lets_the_rest_of_its_pass_finish_before_the_pass_fails(tmp_path, ray_local):
+    from pipelines.download import run_tasks
+
+    task = _task_that(tmp_path, ray_local)
+    got = []
+    with pytest.raises(ray_local.exceptions.RayTaskError, match="the node went away"):
+        run_tasks([task.remote("bad", 0, fail=True), task.remote("slow", 2.0)], got.append)
+    assert got == ["slow"] and (tmp_path / "slow").exists()  # no task of the pass outlives it
+
+
+def test_a_pass_that_fails_cancels_its_tasks_before_the_retry(tmp_path, ray_local):
+    """Before: the retry pass started while the failed pass's tasks still ran (two writers of a shard)."""
+    from pipelines.download import run_tasks
+
+    task = _task_that(tmp_path, ray_local)
+    slow = task.remote("slow", 4.0)
+
+    def recording_fails(_result):
+        raise OSError("the journal's disk is full")
+
+    with pytest.raises(OSError, match="disk is full"):
+        run_tasks([task.remote("fast", 0), slow], recording_fails)
+    ready, _ = ray_local.wait([slow], timeout=0)
+    assert ready == [slow]  # ended (cancelled) by the time the pass returned
+    with pytest.raises(ray_local.exceptions.TaskCancelledError):
+        ray_local.get(slow)
+    time.sleep(5)
+    assert not (tmp_path / "slow").exists()
+
+
+def test_cc3m_tsv_as_released_no_header_and_no_quote_processing(tmp_path):
+    """CC3M's TSV: caption<TAB>url, no header line; a caption's lone '"' is just a character
+    (quoted parsing made it swallow the lines after it)."""
+    tsv = tmp_path / "Train_GCC-training.tsv"
+    rows = [('a sign reading "open', "http://h/1.jpg"), ("a dog, running", "http://h/2.jpg"),
+            ('12" record on a table', "http://h/3.jpg")]
+    tsv.write_text("".join(f"{c}\t{u}\n" for c, u in rows))
+    cfg = _cfg(tsv, tmp_path / "pairs", **{"download.column_names": ["caption", "url"]}).download
+    table = read_url_list(str(tsv), cfg)
+    assert list(zip(table["caption"].to_pylist(), table["url"].to_pylist())) == rows
+
+
+def test_column_names_must_be_a_list_of_names(tmp_path):
+    from lmeye.config import ConfigError
+
+    with pytest.raises(ConfigError, match="column_names"):
+        _cfg(tmp_path / "x.tsv", tmp_path / "pairs", **{"download.column_names": []})
+
+
+def test_parquet_lists_read_only_the_columns_used(tmp_path, monkeypatch):
+    """LAION's metadata parquet has many more columns than url and caption."""
+    path = tmp_path / "laion.parquet"
+    pq.write_table(pa.table({"URL": ["http://h/1.jpg"], "TEXT": ["a cat"], "similarity": [0.31],
+                             "embedding": [[0.5] * 512]}), path)
+    read = []
+    real = pq.ParquetFile.iter_batches
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches",
+                        lambda self, *a, **k: read.append(k.get("columns")) or real(self, *a, **k))
+    cfg = _cfg(path, tmp_path / "pairs", **{"download.url_col": "URL", "download.caption_col": "TEXT"}).download
+    table = read_url_list(str(path), cfg)
+    assert table["caption"].to_pylist() == ["a cat"] and read == [["URL", "TEXT"]]
+    with pytest.raises(Exception, match=r"laion.parquet: no caption column 'caption' \(columns: URL, TEXT"):
+        read_url_list(str(path), _cfg(path, tmp_path / "p", **{"download.url_col": "URL"}).download)
+
+
+def test_the_driver_never_reads_or_writes_a_fetched_shard(tmp_path, corpus, server, ray_local, monkeypatch):
+    """The tasks that fetch a shard write it (write_shard where the bytes are) and return a
+    ShardInfo: in the driver process, reading img2dataset's output or writing a pairs shard
+    fails here (the patch reaches this process only, not the Ray workers), and the run still
+    completes. Before, the driver's committer thread read, re-encoded and wrote every shard."""
+    import pipelines.download as download
+
+    def not_on_the_driver(*args, **kwargs):
+        raise AssertionError("table bytes through the driver")
+
+    monkeypatch.setattr(download, "to_pairs", not_on_the_driver)
+    monkeypatch.setattr(download, "write_shard", not_on_the_driver)
+    urls = write_url_list(corpus, server.base_url, tmp_path / "urls.csv")
+    summary = run(_cfg(urls, tmp_path / "pairs"))
+    assert summary.ok and summary.shards_done >= 2, summary.render()
+    table = TableReader(str(tmp_path / "pairs"), PAIRS).read(columns=["uid", "status", "image"])
+    assert table.num_rows == pa.csv.read_csv(urls).num_rows
+    assert sum(len(b or b"") for b in table["image"].to_pylist()) > 0

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from lingcloud_testing import build_pairs_table
+from lingcloud_testing import build_pairs_table, committed_manifest
 
 from lmeye import clip
 from lmeye.cli import main
@@ -159,7 +159,7 @@ def test_resume_after_sigkill_redoes_only_unfinished_shards(tmp_path):
         while time.time() < deadline:
             if manifest.exists():
                 try:
-                    if json.loads(manifest.read_text())["shards"]:
+                    if committed_manifest(manifest.parent).get("shards"):
                         break
                 except ValueError:
                     pass
@@ -170,7 +170,7 @@ def test_resume_after_sigkill_redoes_only_unfinished_shards(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    first = json.loads(manifest.read_text())
+    first = committed_manifest(manifest.parent)
     assert not first["complete"] and 1 <= len(first["shards"]) < 6
     kept = {n: ((tmp_path / "features" / shard_file(n)).stat().st_mtime_ns,
                 hashlib.sha256((tmp_path / "features" / shard_file(n)).read_bytes()).hexdigest())
@@ -185,7 +185,7 @@ def test_resume_after_sigkill_redoes_only_unfinished_shards(tmp_path):
         assert (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) == (mtime, sha)
     table = _table(tmp_path / "features")
     assert sorted(table["uid"].to_pylist()) == sorted(pairs["uid"].to_pylist())  # exactly one row per uid
-    assert json.loads(manifest.read_text())["complete"]
+    assert committed_manifest(manifest.parent)["complete"]
     assert not list((tmp_path / "features").glob(".*.tmp-*"))
 
 
@@ -252,6 +252,34 @@ def test_progress_counts_images_and_the_summary_splits_startup_from_steady_rate(
     assert "torch threads per model actor: 2 (the CPUs of its node / the model actors that fit there" in out
 
 
+def test_the_driver_receives_part_metadata_never_feature_rows(tmp_path, ray_local, monkeypatch):
+    """The workers write the shards: what Ray Data hands the driver is one small row per part
+    (lmeye.shard_parts), never a uid or an embedding. Before, the driver iterated every output
+    block, patch tokens included, and wrote the shards itself."""
+    import ray
+
+    from lmeye.shard_parts import PART_SCHEMA
+
+    build_pairs_table(tmp_path / "pairs", 9, shards=3, corrupt=1, failed=1, size=32)
+    received: list[pa.Table] = []
+    real = ray.data.Dataset.iter_batches
+
+    def spy(self, *args, **kwargs):
+        for batch in real(self, *args, **kwargs):
+            received.append(batch)
+            yield batch
+
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", spy)
+    assert main(["extract", str(tmp_path / "pairs"), str(tmp_path / "features"),
+                 "--set", f"extract.model={clip.TINY_MODEL}", "--set", "extract.pretrained=null",
+                 "--set", "extract.batch_size=2", "--set", "extract.decode_batch_rows=2",
+                 "--set", "extract.decode_num_cpus=0.5", "--set", "extract.patch_tokens=true"]) == 0
+    assert received and all(b.schema.names == PART_SCHEMA.names for b in received)
+    assert sum(b.num_rows for b in received) >= 3 and sum(int(r) for b in received for r in b["rows"].to_pylist()) == 10
+    assert _table(tmp_path / "features").num_rows == 10
+    assert not (tmp_path / "features" / "_staging").exists()  # the parts are gone
+
+
 def test_auto_torch_threads_share_the_node_between_model_actors():
     from pipelines.extract import auto_torch_threads
 
@@ -280,7 +308,7 @@ def test_a_killed_model_actor_is_replaced_and_the_run_completes(tmp_path, ray_lo
     thread.start()
     victim, deadline = None, time.time() + 180
     while victim is None and time.time() < deadline and thread.is_alive():
-        started = manifest.exists() and json.loads(manifest.read_text() or "{}").get("shards")
+        started = committed_manifest(manifest.parent).get("shards")
         for p in psutil.Process().children(recursive=True) if started else []:  # once a shard is written
             try:
                 if p.pid not in before and "_Encoder" in " ".join(p.cmdline()):

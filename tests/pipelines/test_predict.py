@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lingcloud_testing import committed_manifest
 from lmeye.cli import main
 from lmeye.serve.testing import fake_answer, write_fake_checkpoint
 from lmeye.tables import TableWriter
@@ -145,7 +146,7 @@ def test_resume_after_sigkill_redoes_only_unfinished_shards(tmp_path):
         deadline = time.time() + 180
         while time.time() < deadline:
             try:
-                if manifest.exists() and json.loads(manifest.read_text())["shards"]:
+                if committed_manifest(manifest.parent).get("shards"):
                     break
             except ValueError:
                 pass
@@ -156,7 +157,7 @@ def test_resume_after_sigkill_redoes_only_unfinished_shards(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    first = json.loads(manifest.read_text())
+    first = committed_manifest(manifest.parent)
     assert not first["complete"] and 1 <= len(first["shards"]) < 6
     kept = {n: ((out / n).stat().st_mtime_ns, hashlib.sha256((out / n).read_bytes()).hexdigest()) for n in first["shards"]}
     log = tmp_path / "run2.log"
@@ -167,4 +168,4 @@ def test_resume_after_sigkill_redoes_only_unfinished_shards(tmp_path):
         assert ((out / n).stat().st_mtime_ns, hashlib.sha256((out / n).read_bytes()).hexdigest()) == (mtime, sha)
     ids = _read(out)["sample_id"].to_pylist()
     assert sorted(ids) == sorted(r["sample_id"] for r in t["rows"])  # exactly one row per sample
-    assert json.loads(manifest.read_text())["complete"] and not list(out.glob(".*.tmp-*"))
+    assert committed_manifest(manifest.parent)["complete"] and not list(out.glob(".*.tmp-*"))

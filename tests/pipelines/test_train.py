@@ -152,6 +152,23 @@ def test_sigkill_mid_epoch_then_resume_latest_trains_the_rest_once_and_matches(r
     assert max(float(np.abs(want[k] - got[k]).max()) for k in want) <= 1e-4
 
 
+@pytest.mark.slow
+def test_rerun_changing_what_does_not_train_is_done_and_another_worker_count_stops_in_one_line(reference, monkeypatch):
+    from pipelines.train import run
+
+    tables, fake, stage = reference["tables"], reference["fake"], reference["out"]
+    _no_ray(monkeypatch)
+    same = {"train.checkpoint_every": 7, "train.keep_checkpoints": 3, "train.log_every": 5, "train.val_max_rows": 3,
+            "train.cpus_per_worker": 0.25}
+    summary = run(load_config(None, _overrides(tables, stage.parent, **same)), factory=fake.FakeFactory())
+    assert summary.ok and "nothing redone" in summary.notes[0]
+    before = sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
+    with pytest.raises(UserError, match=r"num_workers 2, not 1, .*set train.num_workers: 2 to resume, or train a new "
+                                        r"stage with init_from: \S+/model \(the last saved model\)$"):
+        run(load_config(None, _overrides(tables, stage.parent, **{"train.num_workers": 1})), factory=fake.FakeFactory())
+    assert sorted(str(p.relative_to(stage)) for p in stage.rglob("*")) == before  # nothing deleted
+
+
 def _no_ray(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("Ray was started before the input checks")

@@ -236,3 +236,31 @@ def test_transmission_maps_each_rvii_output_or_all_of_them_to_each_slot(ipn_fact
     fresh = _wake(ipn_factory("llama", transmission=transmission))
     fresh(batch_of(fresh)).loss.backward()
     assert fresh.transmit.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("reuse_prefix", [True, False])
+def test_the_loss_computes_logits_only_at_answer_positions_in_fp32_chunks(ipn_factory, monkeypatch, reuse_prefix):
+    """A 128k vocabulary over the whole suffix in fp32 was ~10 GB at micro-batch 16 x 512: the LM head
+    runs only where some row has an answer token, and the fp32 cross-entropy goes in chunks."""
+    import lmeye.model.ipn as ipn_module
+
+    ipn = _wake(ipn_factory("llama"))
+    batch = batch_of(ipn)
+    head_rows = []
+    ipn.llm.get_output_embeddings().register_forward_hook(lambda m, i, o: head_rows.append(i[0].shape[1]))
+    with torch.no_grad():
+        reference = ipn(batch, reuse_prefix=reuse_prefix, return_logits=True)  # every suffix position
+    answer_positions = int((batch["labels"][:, 1:] != -100).any(0).sum())
+    every = batch["suffix_ids"].shape[1] + (0 if reuse_prefix else batch["prefix_ids"].shape[1])
+    assert head_rows[-1] == every > answer_positions
+    monkeypatch.setattr(ipn_module, "CE_ROWS", 2)  # several chunks even at this size
+    out = ipn(batch, reuse_prefix=reuse_prefix)
+    assert head_rows[-1] == answer_positions  # the head saw the answer positions only
+    assert torch.allclose(out.per_sample_loss, reference.per_sample_loss, atol=1e-6)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in ipn.named_parameters() if p.grad is not None}
+    ipn.zero_grad()
+    labels, logits = batch["labels"][:, 1:], reference.logits
+    ipn(batch, reuse_prefix=reuse_prefix, return_logits=True).loss.backward()  # the unchunked path
+    assert grads and all(torch.allclose(grads[n], p.grad, atol=1e-6) for n, p in ipn.named_parameters() if n in grads)
+    assert labels.shape[1] == logits.shape[1] - 1

@@ -101,7 +101,7 @@ def test_stop_list_joins_end_of_turn_eos_and_the_generation_config(released):
 
 def test_a_base_model_without_a_template_is_one_error_naming_the_key(released, clip_checkpoint):
     from lmeye.model import IPN
-    from lmeye.train.model_factory import IPNFactory
+    from lmeye.train.preflight import check_llm, check_tokenizer
 
     tok = _tokenizer(released["llama1"])
     with pytest.raises(UserError, match=r"model\.chat_template: not set and tokenizer .* has no chat template"):
@@ -109,14 +109,11 @@ def test_a_base_model_without_a_template_is_one_error_naming_the_key(released, c
     cfg = tiny_model_config(released["llama1"], clip_checkpoint)
     with pytest.raises(UserError, match=r"model\.chat_template"):
         IPN.from_config(cfg, FEATURE_DIM, PATCH_SHAPE)
-
-    class Whole:  # the driver's check sees the whole config
-        model = cfg
-
-    with pytest.raises(UserError, match=r"model\.chat_template"):
-        IPNFactory().check(Whole)
-    Whole.model = tiny_model_config(released["llama1"], clip_checkpoint, chat_template="plain")
-    IPNFactory().check(Whole)
+    with pytest.raises(UserError, match=r"model\.chat_template") as err:  # the driver's preflight, before Ray
+        check_tokenizer(cfg, check_llm(cfg))
+    assert len(str(err.value).splitlines()) == 1
+    plain = tiny_model_config(released["llama1"], clip_checkpoint, chat_template="plain")
+    check_tokenizer(plain, check_llm(plain))
 
 
 def test_templates_by_name_file_and_their_errors(released, tmp_path):

@@ -120,15 +120,16 @@ def test_t5_through_the_trainers_batch_maker_and_exact_match(t5_cfg, tmp_path):
     from lmeye.config import load_config
     from lmeye.store import FeatureStore
     from lmeye.train.data import BatchMaker
-    from lmeye.train.evaluate import _exact_match
+    from lmeye.train.evaluate import exact_match
     from lmeye.train.model_factory import IPNFactory
+    from lmeye.train.preflight import check_llm, check_tokenizer
 
     spec = importlib.util.spec_from_file_location("_fake_ipn_file", Path(__file__).parents[1] / "train" / "fake_ipn.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     t = module.build_tables(tmp_path, n_train=6, n_val=3, missing=(), too_long=(), dim=FEATURE_DIM, patch=PATCH_SHAPE)
     cfg = load_config(None, {f"model.{k}": v for k, v in t5_cfg().model_dump().items()})
-    IPNFactory().check(cfg)
+    check_tokenizer(cfg.model, check_llm(cfg.model))  # the driver's preflight accepts a T5
     store = FeatureStore.open(t["features"])
     ipn = IPNFactory().build(cfg, store.dim, store.patch_shape)
     cols = ("sample_id", "uid", "task", "conversation")
@@ -138,5 +139,5 @@ def test_t5_through_the_trainers_batch_maker_and_exact_match(t5_cfg, tmp_path):
     assert torch.isfinite(out.loss) and out.per_sample_loss.shape == (prep.rows,)
     counts: Counter = Counter()
     val = pa.Table.from_pylist([{k: r[k] for k in cols} for r in t["rows"] if r["split"] == "validation"])
-    _exact_match(ipn, BatchMaker(ipn, store), val, "cpu", load_config(None).train.model_copy(update={"precision": "fp32"}), counts)
+    exact_match(ipn, BatchMaker(ipn, store), val, "cpu", load_config(None).train.model_copy(update={"precision": "fp32"}), counts)
     assert counts["val_rows"] == 3 and 0 <= counts["val_correct"] <= 3

@@ -171,7 +171,7 @@ class FakeFactory:
     def __init__(self, log_dir: Optional[str] = None, delay_s: float = 0.0, llm_ok: bool = True):
         self.log_dir, self.delay_s, self.llm_ok = log_dir, delay_s, llm_ok
 
-    def check(self, cfg: Any) -> None:
+    def check(self, cfg: Any, features: Any) -> None:
         from lmeye.errors import UserError
 
         if not self.llm_ok:
@@ -181,7 +181,7 @@ class FakeFactory:
         torch.manual_seed(cfg.train.seed)
         return FakeIPN(feature_dim, patch_shape, log_dir=self.log_dir, delay_s=self.delay_s)
 
-    def load(self, directory: str) -> FakeIPN:
+    def load(self, directory: str, dtype: Optional[str] = None) -> FakeIPN:
         from safetensors.torch import load_file
 
         with open(os.path.join(directory, "ipn_config.json")) as f:
@@ -211,7 +211,9 @@ FEATURE_META = {"model": "toy", "pretrained": "none", "checkpoint_sha256": "", "
                 "dtype": "float32", "embed_dim": "8", "precision": "fp32"}
 
 
-def write_features(path: Path, uids: list[str], dim: int = 8, patch: Optional[tuple[int, int]] = (4, 6), seed: int = 0) -> None:
+def write_features(path: Path, uids: list[str], dim: int = 8, patch: Optional[tuple[int, int]] = (4, 6), seed: int = 0,
+                   meta: Optional[dict[str, str]] = None) -> None:
+    """A features table of random vectors; ``meta`` overrides the metadata (the CLIP it names)."""
     from lmeye.tables import TableWriter
     from schemas.features import FEATURES, SUCCESS, features_schema
 
@@ -226,7 +228,7 @@ def write_features(path: Path, uids: list[str], dim: int = 8, patch: Optional[tu
     if patch:
         w = patch[0] * patch[1]
         cols["patch_tokens"] = pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(n * w).astype(np.float32)), w)
-    meta = dict(FEATURE_META, embed_dim=str(dim))
+    meta = {**FEATURE_META, "embed_dim": str(dim), **(meta or {})}
     schema = features_schema(dim, "float32", patch, meta)
     writer = TableWriter(str(path), FEATURES, config={"fake": seed})
     writer.write("00000.parquet", pa.table(cols, schema=schema))

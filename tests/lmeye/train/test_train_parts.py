@@ -15,7 +15,7 @@ from lmeye.config import ConfigError, load_config
 from lmeye.errors import UserError
 from lmeye.store import FeatureStore
 from lmeye.train.checkpoint import load_seen, restore_rng, save_rank_files
-from lmeye.train.data import BatchMaker
+from lmeye.train.data import BatchMaker, SeenSet
 from lmeye.train.ds_config import deepspeed_config, lr_factor
 from lmeye.train.evaluate import normalise
 from lmeye.train.plot import plot_loss
@@ -82,12 +82,43 @@ def test_batch_maker_skips_counts_and_filters_seen(tmp_path):
     assert prep.seen.size == table.num_rows  # skipped rows are seen too
     text_only = prep.batch["keys"].index(train[13]["conversation"][0]["content"])
     assert not bool(prep.batch["has_image"][text_only]) and float(prep.batch["embeddings"][text_only].abs().sum()) == 0
-    again = maker.prepare(table, seen=prep.seen[:10])
+    again = maker.prepare(table, seen=SeenSet(prep.seen[:10]))
     assert again.skipped["resumed_skip"] == 10 and again.seen.size == table.num_rows - 10
     with pytest.raises(UserError, match="no features"):
         BatchMaker(ipn, store, on_missing="error").prepare(table)
     with pytest.raises(UserError, match="max_length"):
         BatchMaker(ipn, store, on_too_long="error").prepare(table.slice(6, 4))
+
+
+def test_the_seen_filter_is_a_binary_search_not_a_sort_per_batch(tmp_path, monkeypatch):
+    """At 1M seen rows np.isin cost ~1.7 s per micro-batch (it sorts every seen id each call); the
+    seen set is sorted once and a batch costs a binary search per row."""
+    fake = _fake()
+    t = fake.build_tables(tmp_path)
+    store = FeatureStore.open(t["features"])
+    maker = BatchMaker(fake.FakeIPN(store.dim, store.patch_shape), store)
+    train = [r for r in t["rows"] if r["split"] == "train"]
+    table = pa.Table.from_pylist([{k: r[k] for k in ("sample_id", "uid", "task", "conversation")} for r in train])
+    keys = maker.prepare(table).seen
+    rng = np.random.default_rng(0)
+    others = rng.integers(0, 2**63, 200_000, dtype=np.uint64)
+    seen = SeenSet(np.concatenate([others, keys[::3]]))  # sorted here, once
+    probe = np.concatenate([keys, others[:50], np.array([0, 2**64 - 1], np.uint64)])
+    assert (seen.contains(probe) == np.isin(probe, seen.keys)).all()
+    def no_sort_of_the_seen_set(name):
+        original = getattr(np, name)
+
+        def guarded(*args, **kwargs):
+            if any(getattr(a, "size", 0) >= seen.size for a in args):
+                pytest.fail(f"np.{name} over the whole seen set in a batch")
+            return original(*args, **kwargs)
+        return guarded
+
+    for name in ("isin", "unique", "sort", "argsort"):  # nothing per batch re-sorts the seen ids
+        monkeypatch.setattr(np, name, no_sort_of_the_seen_set(name))
+    again = maker.prepare(table, seen=seen)
+    assert again.skipped["resumed_skip"] == keys[::3].size and again.seen.size == table.num_rows - keys[::3].size
+    assert not SeenSet().contains(keys).any()
 
 
 def test_rank_files_round_trip_without_pickle(tmp_path):
