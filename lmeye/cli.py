@@ -17,6 +17,7 @@ COMMANDS = [
     "download",
     "extract",
     "store",
+    "curate",
     "instruct",
     "train",
     "predict",

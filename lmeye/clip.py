@@ -313,7 +313,18 @@ def pixels_to_tensor(pixels, tensor_steps: list[Callable], device: str = "cpu"):
     return x
 
 
-def load_visual(
+class TextTower:
+    """A CLIP model's text tower and its tokenizer (extract.text_embeddings): captions ->
+    L2-normalised embeddings, exactly as open_clip's ``encode_text(normalize=True)``."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def __call__(self, captions: list[str], device: str = "cpu"):
+        return self.model.encode_text(self.tokenizer(captions).to(device), normalize=True)
+
+
+def load_towers(
     model: str,
     pretrained: Optional[str],
     *,
@@ -323,11 +334,13 @@ def load_visual(
     config_dirs: Iterable[str] = (),
     output_tokens: bool = False,
     cache_dir: Optional[str] = None,
+    text: bool = False,
 ):
-    """Load the visual tower through open_clip (the text tower is dropped). Returns (visual, preprocess).
+    """Load a model through open_clip: (visual tower, preprocess, TextTower or None).
 
-    ``pretrained`` is passed as given: a tag is resolved by open_clip here, into ``cache_dir`` (None:
-    open_clip's default), with the tag's own preprocessing; a file is loaded from its path.
+    The text tower is kept only with ``text=True``. ``pretrained`` is passed as given: a tag is
+    resolved by open_clip here, into ``cache_dir`` (None: open_clip's default), with the tag's own
+    preprocessing; a file is loaded from its path.
     """
     import open_clip
     import torch
@@ -340,14 +353,23 @@ def load_visual(
         m, _, preprocess = open_clip.create_model_and_transforms(
             model, pretrained=pretrained or None, device=device, precision=create_precision, cache_dir=cache_dir
         )
-    visual = m.visual.eval()
+    m.eval()
+    visual = m.visual
     if output_tokens:
         if not hasattr(visual, "output_tokens"):
             raise ModelError(f"{model}: its visual tower cannot return token features (extract.patch_tokens)")
         visual.output_tokens = True
-    for p in visual.parameters():
+    for p in m.parameters():
         p.requires_grad_(False)
+    tower = TextTower(m, open_clip.get_tokenizer(model)) if text else None
     del m
+    return visual, preprocess, tower
+
+
+def load_visual(model: str, pretrained: Optional[str], **kwargs):
+    """Load the visual tower through open_clip (the text tower is dropped). Returns (visual, preprocess);
+    keyword arguments as ``load_towers``."""
+    visual, preprocess, _ = load_towers(model, pretrained, **kwargs)
     return visual, preprocess
 
 

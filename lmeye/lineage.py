@@ -23,6 +23,7 @@ import fsspec
 from lmeye.errors import UserError
 from lmeye.stages import BY_TABLE, STAGES, input_paths, manifest_of, record_for, version_of
 from lmeye.tables import MANIFEST, Manifest, code_version, fingerprint
+from schemas.curation import CURATION
 
 CHECKPOINT_LINEAGE = "lineage.json"
 
@@ -48,6 +49,7 @@ class Node:
     input_version: str = ""  # the version of this node its consumer was built from
     changed_since: Optional[bool] = None  # this node is no longer the version its consumer read
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> rows, sha256, input shards
+    filters: dict[str, Any] = field(default_factory=dict)  # a curation table: the filters and thresholds that chose its rows
     inputs: list["Node"] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,6 +98,11 @@ def _table_node(path: str, manifest: Manifest, role: str) -> tuple[Node, dict[st
         built=manifest.updated or prov.get("started"), complete=manifest.complete, rows=manifest.num_rows,
         recorded=recorded,
     )
+    if manifest.table == CURATION.name:  # what decided which images training sees
+        node.filters = {k: v for k, v in sorted(manifest.config.items()) if v is not None and v != []}
+        kept = manifest.stats.get("kept")
+        if kept is not None:
+            node.filters["kept_rows"] = kept
     # Which table each shard's input shards came from: the stage's only table input, when it has one.
     table_inputs = [r for r, p in inputs.items() if manifest_of(p) is not None]
     source = inputs[table_inputs[0]] if len(table_inputs) == 1 else ""
@@ -214,6 +221,8 @@ def render(node: Node, depth: int = 0, max_shards: int = 6) -> str:
     ]
     if not node.recorded:
         lines.append(f"{rest}(no recorded provenance: inputs inferred from the folder layout)")
+    if node.filters:
+        lines.append(f"{rest}filters: " + ", ".join(f"{k}={v}" for k, v in node.filters.items()))
     if node.shards:
         rows = f", {node.rows} rows" if node.rows is not None else ""
         lines.append(f"{rest}{len(node.shards)} {'shards' if node.kind == 'table' else 'files'}{rows}:")

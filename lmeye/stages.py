@@ -39,10 +39,12 @@ STAGES: dict[str, Stage] = {
     for s in (
         Stage("download", "pipelines.download:run", "pairs", "download.output", {"urls": "download.input"}),
         Stage("extract", "pipelines.extract:run", "features", "extract.output", {"pairs": "extract.input"}),
+        Stage("curate", "pipelines.curate:run", "curation", "curate.output",
+              {"pairs": "curate.pairs", "features": "curate.features"}),
         Stage("instruct", "pipelines.instruct:run", "instructions", "instruct.output",
-              {"pairs": "instruct.pairs", "features": "instruct.features"}),
+              {"pairs": "instruct.pairs", "features": "instruct.features", "curation": "instruct.curation"}),
         Stage("train", "pipelines.train:run", "checkpoint", "train.output",
-              {"instructions": "train.instructions", "features": "train.features"}),
+              {"instructions": "train.instructions", "features": "train.features", "curation": "train.curation"}),
     )
 }
 BY_TABLE = {s.table: s for s in STAGES.values()}

@@ -56,7 +56,7 @@ from lmeye.report import StageSummary, node_note
 from lmeye.runtime import init_ray, storage_runtime_env
 from lmeye.shard_parts import ShardAssembler, assemble_shard, with_parts
 from lmeye.tables import STAGING, ShardInfo, TableReader, TableWriter, fingerprint, remove_temporaries
-from schemas.features import FAILED_TO_DECODE, FEATURES, SUCCESS, features_schema
+from schemas.features import FAILED_TO_DECODE, FEATURES, SUCCESS, TEXT_EMBEDDING, features_schema
 from schemas.pairs import PAIRS
 from schemas.pairs import SUCCESS as PAIRS_SUCCESS
 
@@ -66,6 +66,7 @@ SHARD_COL = "_shard"
 NODE_COL = "_node"  # the Ray node of the model actor that encoded a row (per-shard stats, never written)
 PIXELS_COL = "_pixels"
 ERROR_COL = "_error"
+CAPTION_COL = "_caption"  # carried to the model actors only with extract.text_embeddings
 
 
 # ----------------------------------------------------------------------------- CPU tasks
@@ -102,7 +103,8 @@ def decode_image(data: bytes, pil_part, size: tuple[int, int]) -> np.ndarray:
         return clip.to_pixels(pil_part, img, size)
 
 
-def _decode_shard(batch: pa.Table, *, preprocess_key: str, size: tuple[int, int], rows: int) -> Iterator[pa.Table]:
+def _decode_shard(batch: pa.Table, *, preprocess_key: str, size: tuple[int, int], rows: int,
+                  captions: bool = False) -> Iterator[pa.Table]:
     """One pairs shard -> batches of (uid, _shard, _error, _pixels) for its success rows."""
     pil_part = _pil_part(preprocess_key)
     h, w = size
@@ -111,7 +113,7 @@ def _decode_shard(batch: pa.Table, *, preprocess_key: str, size: tuple[int, int]
         with fsspec.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             PAIRS.check(pf.schema_arrow, path)
-            for rb in pf.iter_batches(batch_size=rows, columns=["uid", "status", "image"]):
+            for rb in pf.iter_batches(batch_size=rows, columns=["uid", "status", "image"] + (["caption"] if captions else [])):
                 part = pa.Table.from_batches([rb])
                 part = part.filter(pc.equal(part["status"], PAIRS_SUCCESS))
                 n = part.num_rows
@@ -124,14 +126,15 @@ def _decode_shard(batch: pa.Table, *, preprocess_key: str, size: tuple[int, int]
                         pixels[i] = decode_image(data, pil_part, size)
                     except Exception as err:  # noqa: BLE001 - any decode failure is a failed row
                         errors[i] = _reason(err)
-                yield pa.table(
-                    {
-                        "uid": part["uid"],
-                        SHARD_COL: pa.array([shard] * n, pa.string()),
-                        ERROR_COL: pa.array(errors, pa.string()),
-                        PIXELS_COL: pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), type=pixel_type),
-                    }
-                )
+                out = {
+                    "uid": part["uid"],
+                    SHARD_COL: pa.array([shard] * n, pa.string()),
+                    ERROR_COL: pa.array(errors, pa.string()),
+                    PIXELS_COL: pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), type=pixel_type),
+                }
+                if captions:
+                    out[CAPTION_COL] = part["caption"]
+                yield pa.table(out)
 
 
 # ----------------------------------------------------------------------------- model actors
@@ -171,7 +174,7 @@ class _Encoder:
                     "on the driver; a checkpoint file must be the same on every node (shared storage)"
                 )
         # a tag is resolved here, by open_clip, into this node's cache: never a driver-only path
-        self.visual, preprocess = clip.load_visual(
+        self.visual, preprocess, self.text = clip.load_towers(
             spec["model"],
             spec["pretrained"],
             device=self.device,
@@ -180,6 +183,7 @@ class _Encoder:
             config_dirs=settings["model_config_dirs"],
             output_tokens=settings["patch_tokens"],
             cache_dir=clip.weights_cache_dir(settings["weights_cache_dir"]),
+            text=settings.get("text_embeddings", False),  # off unless asked (settings built by hand: tests, benchmarks)
         )
         got = dict(self.visual.preprocess_cfg)
         want = spec["preprocess_cfg"]
@@ -194,15 +198,19 @@ class _Encoder:
         self.embed_dim = spec["embed_dim"]
         self.token_shape = spec["token_shape"]
 
-    def _forward(self, pixels: np.ndarray):
+    def _run(self, fn, *args):
+        """``fn(*args)`` in inference mode, under the precision's autocast."""
         torch = self.torch
-        x = clip.pixels_to_tensor(pixels, self.tensor_steps, self.device).to(self.input_dtype)
         with torch.inference_mode():
             if self.autocast is not None:
                 with torch.autocast(device_type=self.device.split(":")[0], dtype=self.autocast):
-                    out = self.visual(x)
-            else:
-                out = self.visual(x)
+                    return fn(*args)
+            return fn(*args)
+
+    def _forward(self, pixels: np.ndarray):
+        torch = self.torch
+        x = clip.pixels_to_tensor(pixels, self.tensor_steps, self.device).to(self.input_dtype)
+        out = self._run(self.visual, x)
         pooled, tokens = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
         emb = torch.nn.functional.normalize(pooled.float(), dim=-1)
         emb = emb.to(torch.float16 if self.store == np.float16 else torch.float32).cpu().numpy()
@@ -235,6 +243,7 @@ class _Encoder:
         if self.settings["debug_delay_s"]:
             time.sleep(self.settings["debug_delay_s"])
         failed = ~ok
+        text = self._captions(batch, ok) if self.text is not None else None
         cols = {
             "uid": batch.column("uid"),
             "status": pa.array(np.where(ok, SUCCESS, FAILED_TO_DECODE), pa.string()),
@@ -243,9 +252,26 @@ class _Encoder:
         }
         if tokens is not None:
             cols["patch_tokens"] = _vectors(tokens, failed if failed.any() else None)
+        if text is not None:
+            cols[TEXT_EMBEDDING] = _vectors(*text)
         cols[SHARD_COL] = batch.column(SHARD_COL)
         cols[NODE_COL] = pa.array([self.node] * n, pa.string())  # counted per shard, not written
         return pa.table(cols)
+
+
+    def _captions(self, batch: pa.Table, ok: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Caption embeddings of the decoded rows (null for a failed image or a missing caption)."""
+        torch = self.torch
+        captions = batch.column(CAPTION_COL).to_pylist()
+        has = ok & np.array([bool(c) for c in captions])
+        out = np.zeros((batch.num_rows, self.embed_dim), dtype=self.store)
+        idx = np.flatnonzero(has)
+        step = self.settings["batch_size"]
+        for start in range(0, idx.size, step):
+            part = idx[start:start + step]
+            emb = self._run(self.text, [captions[i] for i in part], self.device)
+            out[part] = emb.float().to(torch.float16 if self.store == np.float16 else torch.float32).cpu().numpy()
+        return out, (~has if not has.all() else None)
 
 
 def _norm(v: Any) -> Any:
@@ -286,6 +312,7 @@ def content_config(ec: ExtractConfig, spec: clip.ModelSpec, precision: str) -> d
         "precision": precision,
         "dtype": ec.dtype,
         "patch_tokens": ec.patch_tokens,
+        **({"text_embeddings": True} if ec.text_embeddings else {}),  # absent when off: older tables keep their fingerprint
         "preprocess": {k: _norm(v) for k, v in spec.preprocess_cfg.items()},
     }
 
@@ -334,7 +361,7 @@ def run(cfg: Config) -> StageSummary:
     meta = table_metadata(ec, spec, precision)
     schema = features_schema(
         spec.embed_dim, ec.dtype, spec.token_shape if ec.patch_tokens else None,
-        {k: v for k, v in meta.items() if k != "patch_tokens_shape"},
+        {k: v for k, v in meta.items() if k != "patch_tokens_shape"}, text_embeddings=ec.text_embeddings,
     )
     pairs_sha = {n: s.sha256 for n, s in pairs.manifest.shards.items()}
     writer = TableWriter(
@@ -504,6 +531,7 @@ def encoder_settings(ec: ExtractConfig, precision: str) -> dict[str, Any]:
         "model_config_dirs": list(ec.model_config_dirs),
         "weights_cache_dir": ec.weights_cache_dir,
         "patch_tokens": ec.patch_tokens,
+        "text_embeddings": ec.text_embeddings,
         "dtype": ec.dtype,
         "debug_delay_s": ec.debug_delay_s,
         "batch_size": ec.batch_size,
@@ -563,7 +591,8 @@ def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pair
         _decode_shard,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"preprocess_key": preprocess_key, "size": spec.image_size, "rows": ec.decode_batch_rows},
+        fn_kwargs={"preprocess_key": preprocess_key, "size": spec.image_size, "rows": ec.decode_batch_rows,
+                   "captions": ec.text_embeddings},
         num_cpus=ec.decode_num_cpus,
         # Reserving memory for the decode tasks also gives them remote args unlike the actors',
         # which keeps Ray Data from fusing decoding into the model actors: decoding must stay in

@@ -48,6 +48,7 @@ from lmeye.train.checkpoint import ATTEMPTS, MODEL_DIR
 from lmeye.train.ds_config import stage_value
 from lmeye.train import preflight as checks
 from lmeye.train.model_factory import IPNFactory
+from pipelines.instruct.curation import check_built_with
 from schemas.instructions import INSTRUCTIONS, TRAIN, VALIDATION
 
 STAGE = "train"
@@ -449,6 +450,8 @@ def preflight(cfg: Config, factory: Any) -> tuple[Config, dict[str, list[str]], 
     if not stages:
         raise UserError("train.stages: no stage to run")
     files = _split_files(instructions)
+    if tc.curation:  # the keep-list: instruct applied it; here it is checked to be the one the config names
+        check_built_with(instructions, tc.curation)
     store = _open_features(features)
     checks.check_outputs(output)
     cfg = cfg.model_copy(update={"model": checks.with_table_clip(cfg.model, store.metadata, store.path)})

@@ -23,6 +23,9 @@ import pyarrow as pa
 from schemas import UID128_NOTE, TableSchema
 from schemas.pairs import SUCCESS  # noqa: F401  (one word for success across tables)
 FAILED_TO_DECODE = "failed_to_decode"
+# Optional column (extract.text_embeddings: true): the caption's CLIP text embedding, L2-normalised,
+# the same fixed_size_list type as ``embedding``; null for a row without a caption or a failed image.
+TEXT_EMBEDDING = "text_embedding"
 
 VALUE_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
@@ -59,8 +62,10 @@ def features_schema(
     dtype: str = "float16",
     patch_shape: Optional[tuple[int, int]] = None,
     metadata: Optional[dict[str, str]] = None,
+    text_embeddings: bool = False,
 ) -> pa.Schema:
-    """The exact schema of one run: embedding width, value type, optional patch tokens, metadata."""
+    """The exact schema of one run: embedding width, value type, optional patch tokens and caption
+    embeddings, metadata."""
     value = VALUE_TYPES[dtype]
     fields = list(FEATURES.schema)[:3] + [pa.field("embedding", pa.list_(value, embed_dim))]
     meta = {f"lingcloud.{k}": str(v) for k, v in (metadata or {}).items()}
@@ -68,6 +73,8 @@ def features_schema(
         t, d = patch_shape
         fields.append(pa.field("patch_tokens", pa.list_(value, t * d)))
         meta["lingcloud.patch_tokens_shape"] = f"{t},{d}"
+    if text_embeddings:
+        fields.append(pa.field(TEXT_EMBEDDING, pa.list_(value, embed_dim)))
     return FEATURES.with_metadata(pa.schema(fields), meta)
 
 

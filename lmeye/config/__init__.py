@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from lmeye.config.base import Section
+from lmeye.config.curate import CurateConfig
 from lmeye.config.download import DownloadConfig
 from lmeye.config.extract import ExtractConfig
 from lmeye.config.instruct import InstructConfig
@@ -54,6 +55,7 @@ class DemoConfig(Section):
     llm_steps: int = Field(1000, ge=0, description="training steps of the demo LLM (lmeye.model.demo; fewer: it reads its context less well)")
     eval_images: int = Field(12, gt=0, description="held-out images in the demo's MME/MMBench/SEED-Bench-layout sets")
     eval_max_new_tokens: int = Field(8, gt=0, description="answer length of the demo's evaluation (answers are a word or two)")
+    eval_batch_size: int = Field(16, gt=0, description="questions per model call in the demo's evaluation")
 
 
 class Config(Section):
@@ -62,6 +64,7 @@ class Config(Section):
     demo: DemoConfig = DemoConfig()
     download: DownloadConfig = DownloadConfig()
     extract: ExtractConfig = ExtractConfig()
+    curate: CurateConfig = CurateConfig()
     instruct: InstructConfig = InstructConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -77,6 +80,12 @@ class Config(Section):
             self.extract.input = self.download.output
         if self.extract.output is None:
             self.extract.output = f"{root}/features"
+        if self.curate.pairs is None:
+            self.curate.pairs = self.download.output
+        if self.curate.features is None:
+            self.curate.features = self.extract.output
+        if self.curate.output is None:
+            self.curate.output = f"{root}/curation"
         if self.instruct.pairs is None:
             self.instruct.pairs = self.download.output
         if self.instruct.features is None:
@@ -163,6 +172,7 @@ def dump_config(cfg: Config) -> dict[str, Any]:
 __all__ = [
     "Config",
     "ConfigError",
+    "CurateConfig",
     "DataConfig",
     "DemoConfig",
     "DownloadConfig",

@@ -34,6 +34,9 @@ class ExtractConfig(Section):
     )
     dtype: Literal["float16", "float32"] = Field("float16", description="stored dtype of embeddings and patch tokens")
     patch_tokens: bool = Field(False, description="also store the visual tower's token features (tokens x width)")
+    text_embeddings: bool = Field(
+        False, description="also store each caption's embedding from the same CLIP's text tower (column text_embedding; "
+        "the curate stage's CLIP score is its cosine with the image embedding)")
     # the actor pool
     batch_size: int = Field(256, gt=0, description="images per model forward")
     pool_size: int = Field(1, gt=0, description="model actors (min size when pool_max_size is set)")

@@ -78,7 +78,31 @@ class CaptionsSource(_FileSource):
         return self
 
 
-class VQASource(_FileSource):
+ANSWER_FORMATS = ("plain", "short", "yes_no", "multiple_choice")
+
+
+class _QASource(_FileSource):
+    """A source of one question and one answer per record, which can be asked in benchmark formats."""
+
+    formats: dict[str, float] = Field(
+        default_factory=lambda: {"plain": 1.0},
+        description="answer formats and their relative weights, one per record (pipelines/instruct/formats.py): "
+                    "plain, short, yes_no (balanced negatives), multiple_choice (distractors of the same question type)",
+    )
+    type_words: int = Field(3, ge=1, description="a question's type is its first this many words (the distractors' pool)")
+    distractors: int = Field(3, ge=1, le=25, description="multiple_choice: wrong options per question (fewer when the type has fewer answers)")
+
+    @model_validator(mode="after")
+    def _check_formats(self) -> "_QASource":
+        unknown = [f for f in self.formats if f not in ANSWER_FORMATS]
+        if unknown:
+            raise ValueError(f"formats: unknown format(s) {', '.join(unknown)}; expected some of {', '.join(ANSWER_FORMATS)}")
+        if not self.formats or any(w < 0 for w in self.formats.values()) or sum(self.formats.values()) <= 0:
+            raise ValueError("formats: need at least one format with a positive weight")
+        return self
+
+
+class VQASource(_QASource):
     kind: Literal["vqa"]
     image_field: str = "image"
     question_field: str = "question"
@@ -93,7 +117,7 @@ class LlavaSource(_FileSource):
     text_only_task: str = Field("text_conversation", description="the `task` column of a text-only record")
 
 
-class LMEyeMIDSource(_FileSource):
+class LMEyeMIDSource(_QASource):
     kind: Literal["lmeyemid"]
     image_key: ImageKey = Field("basename", description="exact file names (coco_id: COCO-named files only)")
     image_field: str = "image_path"
@@ -115,6 +139,9 @@ class InstructConfig(Section):
         description="what to build from; default: the captions of the pairs table",
     )
     templates: Optional[str] = Field(None, description="caption templates (YAML); default the packaged lmeye/templates/captions.yaml")
+    curation: Optional[str] = Field(
+        None, description="curation table (lmeye curate): rows whose image it does not keep are left out (curated_out); "
+        "null: no curation")
     require_features: bool = Field(True, description="leave out rows whose image has no features (false: no check, said in the summary)")
     seed: int = Field(0, description="template phrasing, weight sampling and shuffling")
     split_seed: int = Field(0, description="salt of the train/validation split by uid (separate, so reshuffling never moves images)")

@@ -60,6 +60,9 @@ class TrainConfig(Section):
     instructions: Optional[str] = Field(None, description="instructions table; default instruct.output")
     features: Optional[str] = Field(None, description="features table (read by uid through the feature store); default extract.output")
     output: Optional[str] = Field(None, description="where every stage writes its folder; default {data.root}/train")
+    curation: Optional[str] = Field(
+        None, description="curation table (lmeye curate) the instructions must have been built with (instruct.curation), "
+        "so only its kept images are trained on; checked before training starts; null: no check")
     stages: list[TrainStage] = Field(default_factory=_default_stages, description="the stages, run in order")
     only: Optional[list[str]] = Field(None, description="run only these stages (by name; null: all)")
     resume: Literal["latest", "never"] = Field(

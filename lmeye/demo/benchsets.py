@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from lmeye.eval.seedbench import DIMENSIONS
 from lmeye.demo.corpus import COLOURS, MAX_OBJECTS, POSITIONS, SHAPES, DemoItem, _where, generate_items, render
 
 QUESTION_TYPES = ("count", "background", "shape", "colour", "position")
@@ -29,10 +30,9 @@ L2_CATEGORY = {
     "colour": "finegrained_perception (instance-level)",
     "position": "finegrained_perception (instance-level)",
 }
-SEED_DIMENSION = {"background": 1, "shape": 2, "position": 3, "colour": 4, "count": 5}
-SEED_DIMENSION_NAME = {1: "Scene Understanding", 2: "Instance Identity", 3: "Instance Location", 4: "Instance Attributes", 5: "Instances Counting"}
+# SEED-Bench DATASET.md: 3 is Instance Attributes (colour), 4 is Instance Location (position).
+SEED_DIMENSION = {"background": 1, "shape": 2, "colour": 3, "position": 4, "count": 5}
 MME_SUBTASKS = ("existence", "count", "position", "color")
-YES_NO = " Please answer yes or no."
 COUNTS = tuple(str(n) for n in range(1, MAX_OBJECTS + 2))  # one more than possible, so there are 4 options
 
 
@@ -97,23 +97,30 @@ def multiple_choice(item: DemoItem, rng: random.Random) -> list[Question]:
 
 
 def yes_no(item: DemoItem, rng: random.Random) -> dict[str, list[tuple[str, str]]]:
-    """MME subtask -> its two (question, Yes|No) pairs about ``item``: one true, one false."""
-    shape, colour, position = item.objects[0]
-    present = {(c, s) for s, c, _ in item.objects}
-    absent = sorted((c, s) for c in COLOURS for s in SHAPES if (c, s) not in present and c != item.background)
-    no_colour, no_shape = rng.choice(absent)
-    n = len(item.objects)
-    wrong_n = rng.choice([m for m in range(1, MAX_OBJECTS + 2) if m != n])
-    holding = {p for s, c, p in item.objects if (c, s) == (colour, shape)}
-    elsewhere = rng.choice(sorted(set(POSITIONS) - holding))
-    other_bg = rng.choice(sorted(set(COLOURS) - {item.background}))
-    pairs = {
-        "existence": [(f"Is there a {colour} {shape} in the image?", "Yes"), (f"Is there a {no_colour} {no_shape} in the image?", "No")],
-        "count": [(f"Is the number of shapes in the image {n}?", "Yes"), (f"Is the number of shapes in the image {wrong_n}?", "No")],
-        "position": [(f"Is there a {colour} {shape} {_where(position)}?", "Yes"), (f"Is there a {colour} {shape} {_where(elsewhere)}?", "No")],
-        "color": [(f"Is the background {item.background}?", "Yes"), (f"Is the background {other_bg}?", "No")],
+    """MME subtask -> its two (question, Yes|No) pairs about ``item``: the corpus's question asked about
+    its own answer ("Yes") and about another answer of the same type ("No"), in the yes/no form the
+    instruct stage's ``yes_no`` format trains (``pipelines.instruct.formats.yes_no_question``)."""
+    from pipelines.instruct.formats import yes_no_question
+
+    shape, _, position = item.objects[0]
+    c_shape, c_colour, c_position = item.objects[-1]
+    kinds = [(c, s) for s, c, _ in item.objects]
+    unique = [(s, c, p) for s, c, p in item.objects if kinds.count((c, s)) == 1]
+    asked = {
+        "existence": (f"What shape is {_where(position)}?", shape, SHAPES),
+        "count": ("How many shapes are in the image?", str(len(item.objects)), COUNTS[:-1]),
+        "color": (f"What colour is the shape {_where(c_position)}?", c_colour, COLOURS),
     }
-    return {name: [(q + YES_NO, a) for q, a in qa] for name, qa in pairs.items()}
+    if unique:
+        u_shape, u_colour, u_position = unique[0]
+        asked["position"] = (f"Where is the {u_colour} {u_shape}?", u_position, POSITIONS)
+    else:  # every shape has a twin: no "where is" question has one answer; ask what is where instead
+        asked["position"] = (f"What shape is {_where(c_position)}?", c_shape, SHAPES)
+    out = {}
+    for name, (question, answer, vocabulary) in asked.items():
+        other = rng.choice(sorted(set(vocabulary) - {answer}))
+        out[name] = [(yes_no_question(question, answer), "Yes"), (yes_no_question(question, other), "No")]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +177,7 @@ def write_seedbench(path: Path, items: list[DemoItem], images: dict[str, bytes],
                 "question_id": f"{Path(item.name).stem}_{q.type}",
                 "question_type_id": SEED_DIMENSION[q.type],
             })
-    doc = {"questions": questions, "question_type": {name: i for i, name in SEED_DIMENSION_NAME.items()}}
+    doc = {"questions": questions, "question_type": {DIMENSIONS[i]: i for i in sorted(SEED_DIMENSION.values())}}
     path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     return path
 

@@ -19,6 +19,18 @@ LOSS_PNG = "loss_curves.png"
 ROWS_PNG = "row_counts.png"
 ACCURACY_PNG = "accuracy_by_type.png"
 SCORES_PNG = "benchmark_scores.png"
+GALLERY_PNG = "gallery.png"
+
+
+@dataclass(frozen=True)
+class GalleryEntry:
+    """A held-out image, a question about it, the model's answer and whether it is the right one."""
+
+    image: bytes  # the encoded image
+    question: str
+    answer: str
+    truth: str
+    right: bool
 
 
 @dataclass
@@ -31,6 +43,9 @@ class ReportInputs:
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # benchmark -> its lmeye.eval result
     checks: dict[str, str] = field(default_factory=dict)  # e.g. "learning check" -> "passed: ..."
     wall_seconds: float | None = None
+    gallery: list[GalleryEntry] = field(default_factory=list)
+    baseline: dict[str, dict[str, Any]] = field(default_factory=dict)  # benchmark -> result of stage 1 alone
+    baseline_name: str = "stage 1 alone"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,8 +156,45 @@ def plot_scores(scores: dict[str, dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def plot_gallery(entries: list[GalleryEntry], path: Path, columns: int = 4) -> Path:
+    import io
+
+    from PIL import Image
+
+    rows = (len(entries) + columns - 1) // columns
+    fig = _figure(2.6 * columns, 3.0 * rows)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, e in zip(axes, entries):
+        ax.imshow(Image.open(io.BytesIO(e.image)).convert("RGB"))
+        mark = "right" if e.right else f"wrong (truth: {e.truth})"
+        ax.set_title(f"{e.question}\nLMEye: {e.answer or '(nothing)'}\n{mark}", fontsize=7,
+                     color="tab:green" if e.right else "tab:red")
+    fig.savefig(path)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # Text
+
+# benchmark -> (its main score's key in the result, what it is)
+MAIN_SCORE = {"mme": ("accuracy", "MME accuracy"), "mmbench": ("overall", "MMBench CircularEval"), "seedbench": ("overall", "SEED-Bench accuracy")}
+
+
+def versus_lines(inputs: ReportInputs) -> list[str]:
+    """Each benchmark's main score beside its chance level and beside stage 1 alone."""
+    lines = []
+    for name, result in inputs.scores.items():
+        if name not in MAIN_SCORE or MAIN_SCORE[name][0] not in result:
+            continue
+        key, label = MAIN_SCORE[name]
+        line = f"{label} {result[key]:.3f} (chance {result.get('chance', 0.0):.3f}"
+        if key in inputs.baseline.get(name, {}):
+            line += f"; {inputs.baseline_name} {inputs.baseline[name][key]:.3f}"
+        lines.append(line + ")")
+    return lines
+
 
 
 def _scores_table(scores: dict[str, dict[str, Any]]) -> str:
@@ -189,8 +241,15 @@ def render_markdown(inputs: ReportInputs, curves: dict[str, list[dict[str, Any]]
         out += ["", f"![accuracy per question type]({ACCURACY_PNG})"]
     else:
         out.append("Not measured.")
+    if inputs.gallery:
+        right = sum(e.right for e in inputs.gallery)
+        out += ["", "## Held-out examples", "", f"{right} of {len(inputs.gallery)} answered right.", "",
+                f"![held-out images, questions and answers]({GALLERY_PNG})", "",
+                markdown_table(("question", "LMEye's answer", "truth", ""), ((e.question, e.answer, e.truth, "right" if e.right else "WRONG")
+                                                                           for e in inputs.gallery))]
     out += ["", "## Benchmarks", ""]
     if inputs.scores:
+        out += [f"- {line}" for line in versus_lines(inputs)] + [""]
         out.append(_scores_table(inputs.scores))
         out += ["", f"![benchmark scores]({SCORES_PNG})"]
     else:
@@ -213,6 +272,8 @@ def write_report(out_dir: str | Path, inputs: ReportInputs) -> Path:
         plots[ACCURACY_PNG] = str(plot_accuracy(inputs.accuracy, out / ACCURACY_PNG))
     if _score_panels(inputs.scores):
         plots[SCORES_PNG] = str(plot_scores(inputs.scores, out / SCORES_PNG))
+    if inputs.gallery:
+        plots[GALLERY_PNG] = str(plot_gallery(inputs.gallery, out / GALLERY_PNG))
     path = out / "report.md"
     path.write_text(render_markdown(inputs, curves, plots))
     return path
@@ -232,6 +293,7 @@ def final_summary(inputs: ReportInputs, report_path: str | Path | None = None) -
         lines.append(f"  {stage}: {loss_summary(read_metrics(path))}")
     lines += [f"  {name}: {text}" for name, text in inputs.checks.items()]
     lines += [f"  {headline(result)}" for result in inputs.scores.values()]
+    lines += [f"  {line}" for line in versus_lines(inputs)]
     if report_path is not None:
         lines.append(f"  report: {report_path}")
     lines.append("=" * 72)

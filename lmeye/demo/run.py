@@ -15,17 +15,22 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import random
 import time
 from pathlib import Path
 from typing import Callable
 
 from lmeye.config import Config
+from lmeye.demo.console import Console
 from lmeye.demo.corpus import write_corpus, write_url_list
 from lmeye.demo.server import DemoServer
 from lmeye.report import StageSummary
 from lmeye.runtime import init_ray
 from lmeye.stages import run_recorded
 
+LOG_FILE = "logs/demo.log"  # under data.root: the run's folder
+LEARNING_CHECK_FILE = "eval/learning_check.json"  # under data.root: the learning check's scores of both stages
 URL_FILE = {"csv": "urls.csv", "tsv": "urls.tsv", "jsonl": "urls.jsonl", "parquet": "urls.parquet"}
 
 
@@ -43,13 +48,32 @@ def _optional_stages() -> list[tuple[str, Callable[[Config], StageSummary]]]:
     return stages
 
 
-def run_demo(cfg: Config, benchmarks: bool = True) -> list[StageSummary]:
-    """The pipeline on the demo corpus; with ``benchmarks``, then the held-out benchmark sets and the report."""
+def run_demo(cfg: Config, benchmarks: bool = True, verbose: bool = False, stop_ray: bool = False) -> list[StageSummary]:
+    """The pipeline on the demo corpus; with ``benchmarks``, then the held-out benchmark sets and the report.
+
+    The console shows a progress line per stage and the summaries; everything else (Ray's workers and
+    libraries, the stages' own lines) goes to ``{data.root}/logs/demo.log``, unless ``verbose``.
+    ``stop_ray`` (the command): the embedded Ray this process started is shut down before the console
+    is given back, so late worker lines still go to the log."""
+    from lmeye.demo.console import quiet_console
+    from lmeye.runtime import embedded
+
+    with quiet_console(Path(cfg.data.root) / LOG_FILE, quiet=not verbose) as console:
+        try:
+            return _run(cfg, benchmarks, console)
+        finally:
+            if stop_ray and embedded():
+                import ray
+
+                ray.shutdown()
+
+
+def _run(cfg: Config, benchmarks: bool, console: Console) -> list[StageSummary]:
     from pipelines.download import run as download
 
     d = cfg.demo
     corpus = write_corpus(d.corpus_dir, num_images=d.num_images, seed=d.seed, image_size=d.image_size, max_objects=d.max_objects)
-    print(f"[demo] corpus: {len(corpus.items)} images + {len(corpus.broken)} broken entries in {d.corpus_dir}")
+    console.say(f"[demo] corpus: {len(corpus.items)} images + {len(corpus.broken)} broken entries in {d.corpus_dir}")
     init_ray(cfg.ray)
     summaries: list[StageSummary] = []
     started = time.time()
@@ -58,35 +82,62 @@ def run_demo(cfg: Config, benchmarks: bool = True) -> list[StageSummary]:
         print(f"[demo] serving on {server.base_url}; URL list {url_list}")
         cfg.download.input = str(url_list)
         cfg.download.input_format = d.url_format
-        summaries.append(run_recorded(download, cfg))
-        print(summaries[-1].render(), flush=True)
+        with console.stage("download"):
+            summaries.append(run_recorded(download, cfg))
+        console.say(summaries[-1].render())
     for name, stage in _optional_stages():
         if not summaries[-1].ok:
             break
-        if name == "extract":
-            from lmeye.clip import ensure_demo_model
+        if name == "train":
+            summaries += _train_each(cfg, stage, console)
+            continue
+        with console.stage(name):
+            if name == "extract":
+                from lmeye.clip import ensure_demo_model
 
-            ensure_demo_model(cfg.extract)
-        if name == "train":  # the tiny LLM the IPN wraps, built once
-            from lmeye.model.demo import ensure_demo_llm
-
-            ensure_demo_llm(cfg)
-        summaries.append(run_recorded(stage, cfg))
-        print(summaries[-1].render(), flush=True)
+                ensure_demo_model(cfg.extract)
+            summaries.append(run_recorded(stage, cfg))
+        console.say(summaries[-1].render())
     if benchmarks and summaries[-1].ok and summaries[-1].stage.startswith("train"):
-        evaluate_demo(cfg, corpus.items, summaries, started)
+        with console.stage("evaluate"):
+            summary = evaluate_demo(cfg, corpus.items, summaries, started)
+        console.say(summary)
     status = "ok" if all(s.ok for s in summaries) else "INCOMPLETE"
-    print(f"[demo] {status}: {', '.join(s.stage for s in summaries)} in {time.time() - started:.1f}s; "
-          f"tables under {cfg.data.root}")
+    console.say(f"[demo] {status}: {', '.join(s.stage for s in summaries)} in {time.time() - started:.1f}s; "
+                f"tables under {cfg.data.root}")
     return summaries
 
 
-def evaluate_demo(cfg: Config, training_items: list, summaries: list[StageSummary], started: float) -> Path:
-    """Score the trained IPN on benchmark-layout sets of held-out images; write the report."""
+def _train_each(cfg: Config, stage: Callable[[Config], StageSummary], console: Console) -> list[StageSummary]:
+    """The train stage once per training stage (``train.only``), so each has its own progress line,
+    summary and time (the report's stage table has a row for each)."""
+    from lmeye.model.demo import ensure_demo_llm
+
+    with console.stage("demo LLM"):  # the tiny LLM the IPN wraps, built once
+        ensure_demo_llm(cfg)
+    only, out = cfg.train.only, []
+    try:
+        for s in cfg.train.stages:
+            if only is not None and s.name not in only:
+                continue
+            cfg.train.only = [s.name]
+            with console.stage(f"train {s.name}"):
+                out.append(run_recorded(stage, cfg))
+            console.say(out[-1].render())
+            if not out[-1].ok:
+                break
+    finally:
+        cfg.train.only = only
+    return out
+
+
+def evaluate_demo(cfg: Config, training_items: list, summaries: list[StageSummary], started: float) -> str:
+    """Score the trained IPN on benchmark-layout sets of held-out images; write the report; return the
+    one-screen summary."""
     from lmeye.demo.benchsets import accuracy_by_type, heldout_items, write_benchsets
     from lmeye.demo.report import ReportInputs, final_summary, write_report
     from lmeye.eval.ipn_answerer import build_answerer
-    from lmeye.eval.run import evaluate, evaluate_all
+    from lmeye.eval.run import evaluate_all
     from pipelines.train import _paths, stage_dir
 
     d, root = cfg.demo, Path(cfg.data.root)
@@ -95,20 +146,62 @@ def evaluate_demo(cfg: Config, training_items: list, summaries: list[StageSummar
     output = _paths(cfg)[2]
     names = [s.name for s in cfg.train.stages]
     final = build_answerer(f"{stage_dir(output, names[-1])}/model", max_new_tokens=d.eval_max_new_tokens)
-    scores = evaluate_all(final, dataclasses.asdict(sets), root / "eval")
-    accuracy = {f"stage {names[-1]}": accuracy_by_type(scores["seedbench"])}
+    scores = evaluate_all(final, dataclasses.asdict(sets), root / "eval", batch_size=d.eval_batch_size)
+    accuracy, checks, baseline = {f"stage {names[-1]}": accuracy_by_type(scores["seedbench"])}, {}, {}
     if len(names) > 1:  # stage 1 alone on the same questions: LMEye's static-versus-interactive claim
         first = build_answerer(f"{stage_dir(output, names[0])}/model", max_new_tokens=d.eval_max_new_tokens)
-        alone = evaluate("seedbench", first, sets.seedbench, root / "eval" / names[0])
-        accuracy = {f"stage {names[0]} alone": accuracy_by_type(alone), f"stages {' + '.join(names)}": accuracy[f"stage {names[-1]}"]}
-        checks = {"SEED-Bench (held-out)": f"stage {names[0]} alone {alone['overall']:.3f}, "
-                                           f"after stage {names[-1]} {scores['seedbench']['overall']:.3f}"}
-    else:
-        checks = {}
+        baseline = evaluate_all(first, dataclasses.asdict(sets), root / "eval" / names[0], batch_size=d.eval_batch_size)
+        accuracy, line = learning_check_accuracy(cfg, names)
+        checks["learning check"] = line
     inputs = ReportInputs(
         metrics={n: f"{stage_dir(output, n)}/metrics.jsonl" for n in names}, summaries=summaries,
         accuracy=accuracy, scores=scores, checks=checks, wall_seconds=time.time() - started,
+        gallery=gallery(final, items, d.image_size), baseline=baseline, baseline_name=f"stage {names[0]} alone",
     )
     report = write_report(root / "report", inputs)
-    print(final_summary(inputs, report), flush=True)
-    return report
+    return final_summary(inputs, report)
+
+
+def learning_check_accuracy(cfg: Config, names: list[str]) -> tuple[dict[str, dict[str, float]], str]:
+    """Exact match per question type on the corpus's held-out questions (the learning check): stage 1
+    alone, stage 1 + 2, and the two controls of the final model (the most common training answer of
+    the type; each question paired with another image's features). And its one-line summary. The
+    scores are also written to ``{data.root}/eval/learning_check.json``."""
+    from lmeye.train.learning_check import score
+
+    results = score(cfg)
+    # kept for whoever checks the thresholds (tests/test_demo.py), so the scoring runs once
+    path = Path(cfg.data.root) / LEARNING_CHECK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    first, final = results[names[0]], results[names[-1]]
+    accuracy = {
+        f"stage {names[0]} alone": first["exact_match"],
+        f"stages {' + '.join(names)}": final["exact_match"],
+        "control: most common answer": final["majority"],
+        "control: another image's features": final["swapped"],
+    }
+    worst = min((v, t) for t, v in final["exact_match"].items() if t != "all")
+    line = (f"{final['rows']} held-out questions: exact match {final['exact_match']['all']:.3f} (worst type {worst[1]} "
+            f"{worst[0]:.3f}; stage {names[0]} alone {first['exact_match']['all']:.3f}); most common answer "
+            f"{final['majority']['all']:.3f}; another image's features {final['swapped']['all']:.3f}")
+    return accuracy, line
+
+
+def gallery(answerer, items: list, image_size: int, count: int = 8) -> list:
+    """The first ``count`` held-out images, each with one question (the types in turn) and the model's answer."""
+    from lmeye.demo.benchsets import multiple_choice
+    from lmeye.demo.corpus import render
+    from lmeye.demo.report import GalleryEntry
+    from lmeye.eval.common import open_image
+    from lmeye.train.evaluate import normalise
+
+    rng = random.Random(0)
+    chosen = []
+    for i, item in enumerate(items[:count]):
+        questions = multiple_choice(item, rng)
+        chosen.append((item, questions[i % len(questions)]))
+    images = [render(item, image_size) for item, _ in chosen]
+    answers = answerer.answer([open_image(b, item.name) for b, (item, _) in zip(images, chosen)], [q.question for _, q in chosen])
+    return [GalleryEntry(b, q.question, a.strip(), q.answer, normalise(a) == normalise(q.answer))
+            for b, (_, q), a in zip(images, chosen, answers)]

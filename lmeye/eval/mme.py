@@ -9,7 +9,9 @@ Scoring is the official ``eval_tool/calculation.py``: the lowercased response is
 is exactly that, else "yes" if its first 4 characters contain "yes", else "no" if they contain "no",
 else "other", which counts as wrong. acc = right / questions; acc+ = images with both questions
 right / images; score = 100*acc + 100*acc+. Perception and cognition are sums over their subtasks.
-The answers are also written in the official tool's input layout (``mme_results/<subtask>.txt``).
+The answers are also written in the official tool's input layout (``mme_results/<subtask>.txt``, all
+14 subtasks, no tab or newline inside a response), and per question to ``mme_answers.jsonl``, from
+which an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from lmeye.eval.common import Answerer, LayoutError, markdown_table, open_image, pct, progress, ratio, write_result
+from lmeye.eval.common import Answerer, LayoutError, answer_all, markdown_table, open_image, pct, ratio, write_result
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -135,6 +137,8 @@ def score_mme(answers: Iterable[MMEAnswer]) -> dict[str, Any]:
         "perception": totals["perception"],
         "cognition": totals["cognition"],
         "questions": sum(s["questions"] for s in subtasks.values()),
+        "accuracy": ratio(sum(s["correct"] for s in subtasks.values()), sum(s["questions"] for s in subtasks.values())),
+        "chance": 0.5,  # accuracy of a coin flip between yes and no
         "other": sum(s["other"] for s in subtasks.values()),
     }
 
@@ -157,36 +161,51 @@ def markdown_mme(result: dict[str, Any]) -> str:
 
 
 def _one_line(text: str) -> str:
-    # The official results files are one line per question; the parse sees what the tool would.
-    return text.replace("\r", " ").replace("\n", " ")
+    # The official results files are one line per question, four tab-separated fields: a newline or a
+    # tab inside a response would shift the tool's columns. The parse then sees what the tool would.
+    return text.replace("\r", " ").replace("\n", " ").replace("\t", " ")
 
 
-def answer_mme(answerer: Answerer, questions: list[MMEQuestion]) -> list[MMEAnswer]:
-    answers, cached = [], (None, None)
-    for i, q in enumerate(questions, 1):
-        if cached[0] != q.image_path:
-            cached = (q.image_path, open_image(q.image_path, str(q.image_path)))
-        response = _one_line(answerer.answer(cached[1], q.question))
-        answers.append(MMEAnswer(q.subtask, q.image, q.question, q.truth, response))
-        progress(i, len(questions), "mme")
-    return answers
+def _key(q: MMEQuestion) -> str:
+    return f"{q.subtask}/{q.image}|{q.question}"
+
+
+def answer_mme(answerer: Answerer, questions: list[MMEQuestion], results: Path, batch_size: int = 1) -> list[MMEAnswer]:
+    """Answers in batches; ``results`` (JSONL, one record per question) is written as they come and an
+    interrupted run resumes from it."""
+
+    def ask(batch: list[MMEQuestion]) -> list[dict[str, Any]]:
+        images: dict[Path, Any] = {}  # the two questions of an image usually share a batch
+        for q in batch:
+            if q.image_path not in images:
+                images[q.image_path] = open_image(q.image_path, str(q.image_path))
+        responses = answerer.answer([images[q.image_path] for q in batch], [q.question for q in batch])
+        return [{"subtask": q.subtask, "image": q.image, "question": q.question, "truth": q.truth, "response": _one_line(r)}
+                for q, r in zip(batch, responses)]
+
+    records = answer_all(questions, _key, ask, results, answerer.name, batch_size, "mme")
+    return [MMEAnswer(r["subtask"], r["image"], r["question"], r["truth"], r["response"]) for r in records]
 
 
 def write_official_results(answers: list[MMEAnswer], folder: Path) -> None:
-    """``<subtask>.txt``: ``Image_Name<TAB>Question<TAB>Ground_Truth<TAB>Response`` (eval_tool's input)."""
+    """``<subtask>.txt`` for EVERY subtask (``calculation.py`` opens all 14; a subtask not evaluated gets
+    an empty file): ``Image_Name<TAB>Question<TAB>Ground_Truth<TAB>Response`` per line, the two
+    questions of an image adjacent (the tool pairs consecutive lines)."""
     folder.mkdir(parents=True, exist_ok=True)
-    by_subtask: dict[str, list[str]] = defaultdict(list)
+    by_subtask: dict[str, list[str]] = {name: [] for name in SUBTASKS}
     for a in answers:
-        by_subtask[a.subtask].append("\t".join((a.image, a.question, a.truth, a.response)))
+        by_subtask[a.subtask].append("\t".join((a.image, a.question, a.truth, _one_line(a.response))))
     for name, lines in by_subtask.items():
-        (folder / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (folder / f"{name}.txt").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def evaluate_mme(answerer: Answerer, data: str | Path, out_dir: str | Path, limit: int | None = None) -> dict[str, Any]:
+def evaluate_mme(
+    answerer: Answerer, data: str | Path, out_dir: str | Path, limit: int | None = None, batch_size: int = 1
+) -> dict[str, Any]:
     questions = read_mme(data)
     if limit is not None:
         questions = questions[: 2 * limit]  # whole images only
-    answers = answer_mme(answerer, questions)
+    answers = answer_mme(answerer, questions, Path(out_dir) / "mme_answers.jsonl", batch_size)
     result = score_mme(answers)
     result["data"] = str(data)
     write_official_results(answers, Path(out_dir) / "mme_results")

@@ -4,7 +4,12 @@ Layout (SEED-Bench ``DATASET.md``): ``SEED-Bench.json`` = ``{"questions": [...],
 {name: id}}``; an image item has ``question, choice_a..choice_d, answer (A-D), question_type_id,
 data_id`` (the image's file name under the image folder, ``SEED-Bench-image/`` beside the JSON by
 default) and ``data_type: "image"``. Items of other data types, and dimensions outside 1-9, are left
-out (``eval.py --task image``).
+out (``eval.py --task image``) and counted in the summary (``video_left_out``).
+
+Per-question output: ``seedbench_results.jsonl``, one ``{question_id, prediction, gt, question_type_id}``
+per line, the form SEED-Bench's ``eval.py`` writes and its leaderboard takes (``q_type_id``, the
+name ``eval.py``'s own accuracy loop reads, is written too). ``seedbench_answers.jsonl`` keeps the
+choice log-likelihoods; an interrupted run resumes from it.
 
 Ranking (SEED-Bench ``EVALUATION.md``): the model's likelihood of generating each choice's text
 given the question; the prediction is the most likely choice (ties go to the earlier letter). The
@@ -22,16 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from lmeye.eval.common import Answerer, LayoutError, markdown_table, open_image, pct, progress, ratio, write_result
+from lmeye.eval.common import Answerer, LayoutError, answer_all, markdown_table, open_image, pct, ratio, write_result
 
 LETTERS = ("A", "B", "C", "D")
 CHOICE_KEYS = ("choice_a", "choice_b", "choice_c", "choice_d")
 REQUIRED = ("question", *CHOICE_KEYS, "answer", "question_type_id", "data_id")
+# SEED-Bench DATASET.md's question_type (SEED-Bench-1 and -2 agree): 3 is Attributes, 4 is Location.
 DIMENSIONS = {
     1: "Scene Understanding",
     2: "Instance Identity",
-    3: "Instance Location",
-    4: "Instance Attributes",
+    3: "Instance Attributes",
+    4: "Instance Location",
     5: "Instances Counting",
     6: "Spatial Relation",
     7: "Instance Interaction",
@@ -44,7 +50,7 @@ DEFAULT_IMAGE_DIR = "SEED-Bench-image"
 
 @dataclass(frozen=True)
 class SeedQuestion:
-    question_id: str
+    question_id: Any
     question: str
     choices: tuple[str, str, str, str]
     answer: str  # letter
@@ -55,7 +61,7 @@ class SeedQuestion:
 
 @dataclass(frozen=True)
 class SeedAnswer:
-    question_id: str
+    question_id: Any
     type_id: int
     answer: str
     logliks: tuple[float, ...]  # one per choice, A..D
@@ -77,8 +83,15 @@ def resolve_paths(data: str | Path, image_dir: str | Path | None = None) -> tupl
     return json_path, Path(image_dir)
 
 
-def read_seedbench(data: str | Path, image_dir: str | Path | None = None) -> tuple[list[SeedQuestion], dict[int, str]]:
-    """The image questions and the dimension names ({id: name}, from the JSON's ``question_type``)."""
+@dataclass(frozen=True)
+class SeedSet:
+    questions: list[SeedQuestion]
+    names: dict[int, str]  # dimension id -> name (the JSON's ``question_type`` over DIMENSIONS)
+    left_out: int  # video items (another data type, or a dimension outside 1-9)
+
+
+def read_seedbench(data: str | Path, image_dir: str | Path | None = None) -> SeedSet:
+    """The image questions, the dimension names and how many video items were left out."""
     json_path, image_dir = resolve_paths(data, image_dir)
     try:
         doc = json.loads(json_path.read_text(encoding="utf-8"))
@@ -90,14 +103,18 @@ def read_seedbench(data: str | Path, image_dir: str | Path | None = None) -> tup
     for name, type_id in (doc.get("question_type") or {}).items():
         if isinstance(type_id, int) and type_id in DIMENSIONS:
             names[type_id] = name
-    questions = []
+    questions, seen = [], {}
     for i, item in enumerate(doc["questions"]):
         q = _question(item, f"{json_path}: questions[{i}]", image_dir)
-        if q is not None:
-            questions.append(q)
+        if q is None:
+            continue
+        if q.question_id in seen:
+            raise LayoutError(f"{q.where}: question_id {q.question_id!r} is also that of {seen[q.question_id]}")
+        seen[q.question_id] = q.where.split(": ")[-1]
+        questions.append(q)
     if not questions:
         raise LayoutError(f"{json_path}: no image questions (data_type 'image', question_type_id 1-9)")
-    return questions, names
+    return SeedSet(questions, names, len(doc["questions"]) - len(questions))
 
 
 def _question(item: Any, where: str, image_dir: Path) -> Optional[SeedQuestion]:
@@ -118,7 +135,7 @@ def _question(item: Any, where: str, image_dir: Path) -> Optional[SeedQuestion]:
     if answer not in LETTERS:
         raise LayoutError(f"{where}: answer is {answer!r}; expected one of A, B, C, D")
     choices = tuple(str(item[k]) for k in CHOICE_KEYS)
-    qid = str(item.get("question_id", where))
+    qid = item.get("question_id", where)  # as the JSON has it (a string in the release): the results echo it
     return SeedQuestion(qid, str(item["question"]), choices, answer, type_id, image_dir / str(item["data_id"]), where)
 
 
@@ -132,18 +149,22 @@ def predict(logliks: Iterable[float]) -> str:
     return LETTERS[max(range(len(values)), key=lambda i: (values[i], -i))]
 
 
-def score_seedbench(answers: Iterable[SeedAnswer], names: dict[int, str] | None = None) -> dict[str, Any]:
+def score_seedbench(answers: Iterable[SeedAnswer], names: dict[int, str] | None = None, left_out: int = 0) -> dict[str, Any]:
     names = names or DIMENSIONS
     per_type: dict[int, list[bool]] = defaultdict(list)
+    guess = []  # a uniform guess's chance of each question
     for a in answers:
         per_type[a.type_id].append(predict(a.logliks) == a.answer)
+        guess.append(1 / len(a.logliks))
     total = sum(len(v) for v in per_type.values())
     return {
         "benchmark": "seedbench",
         "rule": "argmax of summed choice log-likelihood given the question (ties: earlier letter)",
         "questions": total,
+        "video_left_out": left_out,
         "correct": sum(sum(v) for v in per_type.values()),
         "overall": ratio(sum(sum(v) for v in per_type.values()), total),
+        "chance": ratio(sum(guess), len(guess)) if guess else 0.0,
         "dimensions": {
             names.get(t, str(t)): {"id": t, "questions": len(v), "correct": sum(v), "accuracy": ratio(sum(v), len(v))}
             for t, v in sorted(per_type.items())
@@ -156,7 +177,8 @@ def markdown_seedbench(result: dict[str, Any]) -> str:
     return (
         "# SEED-Bench (image)\n\n"
         + markdown_table(("id", "dimension", "questions", "correct", "accuracy %"), rows)
-        + f"\n\n**Overall: {pct(result['overall'])}%** ({result['correct']} of {result['questions']})\n"
+        + f"\n\n**Overall: {pct(result['overall'])}%** ({result['correct']} of {result['questions']})\n\n"
+        + f"Video items left out (image task only): {result.get('video_left_out', 0)}.\n"
     )
 
 
@@ -164,24 +186,45 @@ def markdown_seedbench(result: dict[str, Any]) -> str:
 # Running
 
 
-def answer_seedbench(answerer: Answerer, questions: list[SeedQuestion]) -> list[SeedAnswer]:
-    answers = []
-    for i, q in enumerate(questions, 1):
-        image = open_image(q.image_path, f"{q.where}: data_id {q.image_path.name} ({q.image_path})")
-        logliks = tuple(float(x) for x in answerer.choice_loglik(image, q.question, list(q.choices)))
-        if len(logliks) != len(q.choices):
-            raise RuntimeError(f"choice_loglik returned {len(logliks)} scores for {len(q.choices)} choices")
-        answers.append(SeedAnswer(q.question_id, q.type_id, q.answer, logliks))
-        progress(i, len(questions), "seedbench")
-    return answers
+def _key(q: SeedQuestion) -> str:
+    return f"{q.question_id}|{q.question}|{'|'.join(q.choices)}"
+
+
+def answer_seedbench(answerer: Answerer, questions: list[SeedQuestion], results: Path, batch_size: int = 1) -> list[SeedAnswer]:
+    """Choice log-likelihoods in batches; ``results`` (JSONL) is written as they come, and resumed from."""
+
+    def ask(batch: list[SeedQuestion]) -> list[dict[str, Any]]:
+        images = [open_image(q.image_path, f"{q.where}: data_id {q.image_path.name} ({q.image_path})") for q in batch]
+        scores = answerer.choice_loglik(images, [q.question for q in batch], [list(q.choices) for q in batch])
+        records = []
+        for q, logliks in zip(batch, scores):
+            logliks = [float(x) for x in logliks]
+            if len(logliks) != len(q.choices):
+                raise RuntimeError(f"choice_loglik returned {len(logliks)} scores for {len(q.choices)} choices")
+            records.append({"question_id": q.question_id, "type_id": q.type_id, "answer": q.answer, "logliks": logliks})
+        return records
+
+    records = answer_all(questions, _key, ask, results, answerer.name, batch_size, "seedbench")
+    return [SeedAnswer(r["question_id"], r["type_id"], r["answer"], tuple(r["logliks"])) for r in records]
+
+
+def official_records(answers: Iterable[SeedAnswer]) -> list[dict[str, Any]]:
+    """Per question, SEED-Bench ``eval.py``'s answer record."""
+    return [
+        {"question_id": a.question_id, "prediction": predict(a.logliks), "gt": a.answer, "question_type_id": a.type_id, "q_type_id": a.type_id}
+        for a in answers
+    ]
 
 
 def evaluate_seedbench(
-    answerer: Answerer, data: str | Path, out_dir: str | Path, limit: int | None = None, image_dir: str | Path | None = None
+    answerer: Answerer, data: str | Path, out_dir: str | Path, limit: int | None = None, image_dir: str | Path | None = None,
+    batch_size: int = 1,
 ) -> dict[str, Any]:
-    questions, names = read_seedbench(data, image_dir)
-    answers = answer_seedbench(answerer, questions[:limit])
-    result = score_seedbench(answers, names)
+    seed = read_seedbench(data, image_dir)
+    out = Path(out_dir)
+    answers = answer_seedbench(answerer, seed.questions[:limit], out / "seedbench_answers.jsonl", batch_size)
+    result = score_seedbench(answers, seed.names, seed.left_out)
     result["data"] = str(data)
-    write_result(out_dir, "seedbench", result, markdown_seedbench(result))
+    write_result(out, "seedbench", result, markdown_seedbench(result))
+    (out / "seedbench_results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in official_records(answers)), encoding="utf-8")
     return result

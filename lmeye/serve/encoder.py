@@ -39,7 +39,7 @@ def extract_config_of(path: str, model_config_dirs: Iterable[str] = ()) -> tuple
             pretrained=None if pretrained.startswith("none (") else pretrained,
             seed=int(seed_match.group(1)) if seed_match else 0,
             precision=content["precision"], dtype=content["dtype"], patch_tokens=content["patch_tokens"],
-            model_config_dirs=list(model_config_dirs),
+            text_embeddings=content.get("text_embeddings", False), model_config_dirs=list(model_config_dirs),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{path}/_manifest.json: does not record how its features were extracted ({err})") from None
@@ -68,9 +68,9 @@ class ImageEncoder:
         self._pil_part = extract._pil_part(
             json.dumps({k: extract._norm(v) for k, v in spec.preprocess_cfg.items()}, sort_keys=True)
         )
-        # the table's own settings, on this process's CPU threads (no Ray here), no debug delay
+        # the table's own settings, on this process's CPU threads (no Ray here), no debug delay, images only
         settings = {**extract.encoder_settings(ec, ec.precision),
-                    "torch_threads": os.cpu_count() or 1, "num_gpus": 0, "debug_delay_s": 0}
+                    "torch_threads": os.cpu_count() or 1, "num_gpus": 0, "debug_delay_s": 0, "text_embeddings": False}
         self._actor = extract._Encoder(spec.to_dict(), settings)
         self._decode = extract.decode_image
 

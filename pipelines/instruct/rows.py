@@ -23,6 +23,7 @@ from lmeye.config.instruct import DEFAULT_TASK, InstructConfig
 from lmeye.errors import UserError
 from lmeye.tables import TableReader
 from pipelines.instruct.captions import CaptionTasks
+from pipelines.instruct.formats import NEEDS_POOL, AnswerPool, Formatter
 from pipelines.instruct.images import ImageIndex, resolve
 from pipelines.instruct.jsonio import Malformed, read_json_source
 from pipelines.instruct.partition import MASK64, SPILL_SCHEMA, Placement, Spill, seed64, uid_keys
@@ -30,7 +31,7 @@ from pipelines.instruct.records import TEXT_ONLY, Parsed, Reject, parse_caption_
 from schemas.instructions import CONVERSATION, TURN
 from schemas.pairs import CAPTION, STATUS, SUCCESS, UID as PAIRS_UID
 
-OUTCOMES = ("kept", "duplicate", "no_features", "sampled_out", "over_cap", "malformed")
+OUTCOMES = ("kept", "duplicate", "no_features", "curated_out", "sampled_out", "over_cap", "malformed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +230,32 @@ def _parse(spec: Any, rec: Any) -> Parsed | Reject | tuple[Any, str]:
     return parse_caption_record(rec, spec.image_field, spec.caption_field)
 
 
+def _answer_pool(spec: Any) -> AnswerPool:
+    """A first pass over a question/answer source: every well-formed record's (question, answer)."""
+
+    def pairs():
+        for _, _, rec in read_json_source(spec.path):
+            if isinstance(rec, Malformed):
+                continue
+            try:
+                out = _parse(spec, rec)
+            except Malformed:
+                continue
+            if isinstance(out, Parsed):
+                yield out.turns[0][1], out.turns[1][1]
+
+    return AnswerPool(pairs(), spec.type_words)
+
+
+def formatter_of(spec: Any, seed: int) -> Optional[Formatter]:
+    """The source's answer formats (None: every record as it is)."""
+    formats = getattr(spec, "formats", None)
+    if not formats or set(f for f, w in formats.items() if w > 0) == {"plain"}:
+        return None
+    pool = _answer_pool(spec) if any(formats.get(f, 0) > 0 for f in NEEDS_POOL) else None
+    return Formatter(formats, pool, seed, spec.name or spec.kind, spec.distractors)
+
+
 def run_file_source(ctx: SourceContext, spec: Any, rows: RowBuilder, stats: SourceStats, progress: Progress) -> None:
     index = ctx.index(spec.image_key, spec.path_components)
     task = spec.task or DEFAULT_TASK.get(spec.kind)
@@ -236,6 +263,7 @@ def run_file_source(ctx: SourceContext, spec: Any, rows: RowBuilder, stats: Sour
     caption_tasks = None
     if spec.kind == "captions":
         caption_tasks = CaptionTasks(ctx.templates(list(spec.tasks)), spec.tasks, ctx.cfg.seed, spec.task)
+    formatter = formatter_of(spec, ctx.cfg.seed)
     try:
         for file, where, rec in read_json_source(spec.path):
             stats.input += 1
@@ -261,6 +289,9 @@ def run_file_source(ctx: SourceContext, spec: Any, rows: RowBuilder, stats: Sour
                     stats.rejected["no_grounded_fact"] += 1
                 else:
                     rows.add(uid, made[0], made[1], position, position)
+            elif formatter is not None:  # one question, one answer: asked in one of the source's formats
+                made_task, turns = formatter.apply(out.turns[0][1], out.turns[1][1], task, position, (out.turns[0][0], out.turns[1][0]))
+                rows.add(uid, made_task, turns, out.source_id or position, position)
             else:
                 stats.dropped_turns.update(out.dropped)
                 rows.add(uid, text_task if uid is None else task, out.turns, out.source_id or position, position)

@@ -12,7 +12,8 @@ How it streams (memory does not grow with the input):
    partition's rows are bounded. The uids of the features table are spilled to the same P
    partitions.
 2. *Per partition* (everything about one image is in one partition): drop rows whose image has
-   no features (a text-only row has no image and needs none), drop exact duplicates (same uid
+   no features (a text-only row has no image and needs none), with ``instruct.curation`` rows
+   whose image the curation table does not keep (``curation``), drop exact duplicates (same uid
    and same conversation; the earlier source in the config, then the earlier record, wins),
    shuffle with the seed, and write a ``train-`` and a ``validation-`` shard with
    ``TableWriter`` (atomic shards, manifest). A side without rows gets no shard; the last shard
@@ -66,6 +67,7 @@ from lmeye.errors import UserError
 from lmeye.report import StageSummary
 from lmeye.tables import Manifest, TableWriter, fingerprint, shard_file
 from lmeye.templates import CAPTIONS as DEFAULT_TEMPLATES
+from pipelines.instruct import curation
 from pipelines.instruct.captions import load_templates
 from pipelines.instruct.export import export_hf
 from pipelines.instruct.inputs import (
@@ -116,11 +118,11 @@ PARTITION_SHARDS = "partition_shards"  # stats key of a partition's last shard: 
 
 
 def process_partition(rows: pa.Table, feats: Optional[pa.Table], names: list[str], dedupe: bool,
-                      seed: int, p: int) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+                      seed: int, p: int, kept: Optional[pa.Table] = None) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
     """Feature check, dedup, shuffle and split of one partition, with a single copy of the rows:
     the decisions are made on numpy index arrays, then one ``take`` builds the output (train
     rows first, then validation rows, so both sides are zero-copy slices)."""
-    stats: dict[str, Any] = {"no_features": {}, "duplicate": {}, "kept": {}, "tasks": {}}
+    stats: dict[str, Any] = {"no_features": {}, curation.OUTCOME: {}, "duplicate": {}, "kept": {}, "tasks": {}}
     n0 = rows.num_rows
     src = rows[SRC].to_numpy() if n0 else np.zeros(0, dtype=np.int16)
     sel = np.arange(n0, dtype=np.int64)
@@ -129,6 +131,10 @@ def process_partition(rows: pa.Table, feats: Optional[pa.Table], names: list[str
         has |= pc.is_null(rows[UID]).to_numpy(zero_copy_only=False)  # text-only: no image, no features needed
         stats["no_features"] = _count_by_src(src[~has], names)
         sel = sel[has]
+    if kept is not None and len(sel):  # the curation keep-list (instruct.curation)
+        ok = curation.kept_mask(rows[UID], kept)[sel]
+        stats[curation.OUTCOME] = _count_by_src(src[sel[~ok]], names)
+        sel = sel[ok]
     if dedupe and len(sel):
         _, first = np.unique(rows[KEY].to_numpy()[sel], return_index=True)  # first occurrence of each key
         if len(first) < len(sel):
@@ -227,7 +233,8 @@ def _summary_from_stats(ic: InstructConfig, stats: dict[str, Any], seconds: floa
     return summary
 
 
-def _input_fingerprint(ic: InstructConfig, sources: list[Any], inputs: InputTables, features, templates_path: Optional[str]) -> str:
+def _input_fingerprint(ic: InstructConfig, sources: list[Any], inputs: InputTables, features, templates_path: Optional[str],
+                       curated=None) -> str:
     """What the output depends on besides the config: every input table's shards and every file."""
     listing: list[Any] = []
     for s in sources:
@@ -240,6 +247,8 @@ def _input_fingerprint(ic: InstructConfig, sources: list[Any], inputs: InputTabl
         listing.append({"pairs": pairs.signature()})
     if features is not None:
         listing.append({"features": features.signature()})
+    if curated is not None:
+        listing.append({"curation": curated.signature()})
     if templates_path is not None:
         with fsspec.open(templates_path, "rb") as f:
             listing.append({"templates": hashlib.sha256(f.read()).hexdigest()})
@@ -270,7 +279,8 @@ def run(cfg: Config) -> StageSummary:
     templates_path = (fill_paths(ic.templates, cfg) or str(DEFAULT_TEMPLATES)) if uses_templates else None
     inputs = InputTables(ic)
     features = features_table(ic, inputs)
-    input_fp = _input_fingerprint(ic, sources, inputs, features, templates_path)
+    curated = curation.curation_table(ic, inputs)
+    input_fp = _input_fingerprint(ic, sources, inputs, features, templates_path, curated)
     config = _config_for_fingerprint(ic, sources)
     config["templates"] = templates_path
     incomplete = [r.describe_incomplete() for r in inputs.incomplete()]
@@ -288,7 +298,7 @@ def run(cfg: Config) -> StageSummary:
               for s in sources)
     partitions = max(1, math.ceil(est / (ic.partition_mb * 1024 * 1024)))
     placement = Placement(partitions, ic.split_seed, ic.val_fraction)
-    raise_open_files_limit(2 * partitions)
+    raise_open_files_limit(3 * partitions)
 
     writer = TableWriter(ic.output, INSTRUCTIONS, config=config, input_fingerprint=input_fp)
     shard_fp = fingerprint([input_fp, partitions])
@@ -315,6 +325,7 @@ def run(cfg: Config) -> StageSummary:
     try:
         row_spill = Spill(spill_dir, "rows", partitions, SPILL_SCHEMA)
         feat_spill = Spill(spill_dir, "feat", partitions, FEAT_SCHEMA)
+        keep_spill = Spill(spill_dir, "keep", partitions, FEAT_SCHEMA)
         try:
             for i, spec in enumerate(sources):
                 rows = RowBuilder(row_spill, placement, i, spec.name, spec.weight, spec.cap, ic.seed,
@@ -325,9 +336,11 @@ def run(cfg: Config) -> StageSummary:
                     run_file_source(ctx, spec, rows, stats[spec.name], progress)
                 rows.flush()
             features_info = spill_features(features, feat_spill, placement) if features is not None else None
+            kept_uids = curation.spill_kept(curated, keep_spill, placement) if curated is not None else None
         finally:
             row_spill.close()
             feat_spill.close()
+            keep_spill.close()
 
         for p in range(partitions):
             pstats = _finished_partition(writer, p, partitions, shard_fp)
@@ -336,18 +349,19 @@ def run(cfg: Config) -> StageSummary:
                 skipped += len(written)
             else:
                 feats = feat_spill.read(p) if features is not None else None
-                train, valid, pstats = process_partition(row_spill.read(p), feats, names, ic.dedupe, ic.seed, p)
+                kept = keep_spill.read(p) if curated is not None else None
+                train, valid, pstats = process_partition(row_spill.read(p), feats, names, ic.dedupe, ic.seed, p, kept)
                 written = write_partition(writer, p, partitions, shard_fp, train, valid, pstats)
                 del train, valid
                 pa.default_memory_pool().release_unused()  # give freed buffers back between partitions
                 done += len(written)
-                for tmp in (row_spill.path(p), feat_spill.path(p)):
+                for tmp in (row_spill.path(p), feat_spill.path(p), keep_spill.path(p)):
                     if os.path.exists(tmp):
                         os.remove(tmp)
                 if ic.debug_delay_s:
                     time.sleep(ic.debug_delay_s)  # tests: a window to kill the stage mid-run
             expected += written
-            for outcome in ("no_features", "duplicate", "kept"):
+            for outcome in ("no_features", curation.OUTCOME, "duplicate", "kept"):
                 for name, n in pstats.get(outcome, {}).items():
                     stats[name].outcomes[outcome] += n
             splits[TRAIN] += pstats.get("train", 0)
@@ -371,6 +385,8 @@ def run(cfg: Config) -> StageSummary:
     }
     if features is not None:
         out_stats["feature_uids"], out_stats["feature_rows_without_features"] = features_info
+    if curated is not None:
+        out_stats["curation"] = {**curation.recorded(ic), "kept_uids": kept_uids}
     writer.finalize(expected, out_stats, metadata={"val_fraction": str(ic.val_fraction), "split_seed": str(ic.split_seed)})
     summary = _summary_from_stats(ic, out_stats, time.time() - started, done, skipped)
     _maybe_export(ic, summary)

@@ -34,16 +34,21 @@ def sets(tmp_path_factory):
 class Oracle:
     """Answers from the corpus's own truth, keyed by the decoded image and the question."""
 
+    name = "oracle"
+
     def __init__(self, truth: dict[tuple[bytes, str], str]):
         self.truth = truth
 
-    def answer(self, image, prompt):
-        question = next(line for line in prompt.splitlines() if line.endswith("?") or "Please answer" in line)
-        return self.truth[(image.tobytes(), question)]
+    def answer(self, images, prompts):
+        out = []
+        for image, prompt in zip(images, prompts):
+            question = next(line for line in prompt.splitlines() if line.endswith("?") or "Please answer" in line)
+            out.append(self.truth[(image.tobytes(), question)])
+        return out
 
-    def choice_loglik(self, image, question, choices):
-        right = self.truth[(image.tobytes(), question)]
-        return [0.0 if c == right else -5.0 for c in choices]
+    def choice_loglik(self, images, questions, choices):
+        rights = [self.truth[(image.tobytes(), q)] for image, q in zip(images, questions)]
+        return [[0.0 if c == right else -5.0 for c in options] for right, options in zip(rights, choices)]
 
 
 def test_heldout_items_are_new_scenes_with_their_own_names():
@@ -61,9 +66,12 @@ def test_sets_read_back_through_the_benchmark_readers(sets):
         assert sorted(q.truth for q in mme if q.subtask == subtask) == ["No"] * NUM + ["Yes"] * NUM
 
     truth = {item.name: {qa["question"]: qa["answer"] for qa in qa_pairs(item)} for item in items}
-    questions, names = read_seedbench(paths.seedbench)
+    seed = read_seedbench(paths.seedbench)
+    questions, names = seed.questions, seed.names
     assert {q.type_id for q in questions} <= set(SEED_DIMENSION.values())
     assert names[SEED_DIMENSION["count"]] == "Instances Counting"
+    # SEED-Bench DATASET.md: 3 is Instance Attributes, 4 is Instance Location
+    assert (names[SEED_DIMENSION["colour"]], names[SEED_DIMENSION["position"]]) == ("Instance Attributes", "Instance Location")
     for q in questions:  # the right choice is the corpus's answer to that question about that image
         assert q.choices["ABCD".index(q.answer)] == truth[q.image_path.name][q.question]
         assert len(set(q.choices)) == 4
@@ -71,7 +79,7 @@ def test_sets_read_back_through_the_benchmark_readers(sets):
     mmb = read_mmbench(paths.mmbench)
     assert len(mmb) == len(questions)
     assert {q.category for q in mmb} == set(QUESTION_TYPES)
-    assert [q.options["ABCD".index(q.answer)] for q in mmb] == [q.choices["ABCD".index(q.answer)] for q in questions]
+    assert [dict(q.options)[q.answer] for q in mmb] == [q.choices["ABCD".index(q.answer)] for q in questions]
 
 
 def test_an_oracle_scores_full_marks(sets, tmp_path):
@@ -81,11 +89,10 @@ def test_an_oracle_scores_full_marks(sets, tmp_path):
     truth: dict[tuple[bytes, str], str] = {}
     for q in read_mme(paths.mme):
         truth[(open_image(q.image_path, "").tobytes(), q.question)] = q.truth
-    questions, _ = read_seedbench(paths.seedbench)
-    for q in questions:
+    for q in read_seedbench(paths.seedbench).questions:
         truth[(open_image(q.image_path, "").tobytes(), q.question)] = q.choices["ABCD".index(q.answer)]
 
-    scores = evaluate_all(Oracle(truth), dataclasses.asdict(paths), tmp_path)
+    scores = evaluate_all(Oracle(truth), dataclasses.asdict(paths), tmp_path, batch_size=16)
     assert scores["mme"]["perception"] == pytest.approx(200.0 * len(MME_SUBTASKS))
     assert scores["mmbench"]["overall"] == 1.0  # answered by option text
     seed = scores["seedbench"]

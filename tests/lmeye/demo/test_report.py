@@ -6,9 +6,20 @@ import json
 
 import pytest
 
-from lmeye.demo.report import ACCURACY_PNG, LOSS_PNG, ROWS_PNG, SCORES_PNG, ReportInputs, final_summary, write_report
+from lmeye.demo.corpus import generate_items, render
+from lmeye.demo.report import (
+    ACCURACY_PNG,
+    GALLERY_PNG,
+    LOSS_PNG,
+    ROWS_PNG,
+    SCORES_PNG,
+    GalleryEntry,
+    ReportInputs,
+    final_summary,
+    write_report,
+)
 from lmeye.errors import UserError
-from lmeye.eval.mmbench import MMBAnswer, score_mmbench
+from lmeye.eval.mmbench import passes, read_mmbench, score_mmbench
 from lmeye.eval.mme import MMEAnswer, score_mme
 from lmeye.eval.seedbench import SeedAnswer, score_seedbench
 from lmeye.report import StageSummary
@@ -25,7 +36,9 @@ def _metrics(path, losses):
 
 def _inputs(tmp_path) -> ReportInputs:
     mme = score_mme([MMEAnswer("count", "a.jpg", "q1", "Yes", "yes"), MMEAnswer("count", "a.jpg", "q2", "No", "maybe")])
-    mmb = score_mmbench([MMBAnswer(1, 0, ("x", "y"), "A", "count", "coarse", "A"), MMBAnswer(1, 1, ("y", "x"), "B", "count", "coarse", "B")])
+    tsv = tmp_path / "mmbench.tsv"
+    tsv.write_text("index\tquestion\tA\tB\tanswer\tcategory\tl2-category\timage\n1\tQ\tx\ty\tA\tcount\tcoarse\tAAAA\n")
+    mmb = score_mmbench(zip(passes(read_mmbench(tsv)), ["A", "B"]))
     seed = score_seedbench([SeedAnswer("1", 5, "A", (0.0, -1.0, -1.0, -1.0)), SeedAnswer("2", 5, "B", (0.0, -1.0, -1.0, -1.0))])
     return ReportInputs(
         metrics={"stage 1": _metrics(tmp_path / "s1.jsonl", [4.0, 3.0, 2.5]), "stage 2": _metrics(tmp_path / "s2.jsonl", [3.5, 1.25])},
@@ -37,16 +50,19 @@ def _inputs(tmp_path) -> ReportInputs:
         scores={"mme": mme, "mmbench": mmb, "seedbench": seed},
         checks={"learning check": "passed (stage 2 loss fell 64%)"},
         wall_seconds=321.5,
+        gallery=[GalleryEntry(render(item, 48), f"What shape is it {i}?", "circle", "circle" if i else "star", bool(i))
+                 for i, item in enumerate(generate_items(3, seed=0))],
     )
 
 
 def test_report_writes_pngs_and_markdown_with_the_numbers(tmp_path):
     md_path = write_report(tmp_path / "report", _inputs(tmp_path))
     md = md_path.read_text()
-    for name in (LOSS_PNG, ROWS_PNG, ACCURACY_PNG, SCORES_PNG):
+    for name in (LOSS_PNG, ROWS_PNG, ACCURACY_PNG, SCORES_PNG, GALLERY_PNG):
         png = md_path.parent / name
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 1000
         assert f"]({name})" in md
+    assert "2 of 3 answered right." in md and "| What shape is it 0? | circle | star | WRONG |" in md
     assert "| download | pairs | 68 | 2 | ok |" in md and "| download | 404 | 1 |" in md
     assert "stage 1: loss 4.0000 -> 2.5000 over 3 steps" in md and "stage 2: loss 3.5000 -> 1.2500 over 2 steps" in md
     assert "learning check: passed" in md
@@ -63,7 +79,7 @@ def test_final_summary_fits_one_screen(tmp_path):
     lines = text.splitlines()
     assert len(lines) <= 25 and max(map(len, lines)) <= 100
     assert "download" in text and "404" in text and "stage 2: loss 3.5000 -> 1.2500" in text
-    assert "MME perception 50.00" in text and "MMBench CircularEval 100.00%" in text and "SEED-Bench 50.00% (1/2)" in text
+    assert "MME perception 50.00" in text and "MMBench CircularEval 100.00%" in text and "SEED-Bench 50.00% (1/2;" in text
     assert "report: out/report/report.md" in text and "(321.5 s)" in text
 
 

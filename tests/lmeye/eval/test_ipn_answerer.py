@@ -24,7 +24,7 @@ class FakeIPN:
 
     def generate(self, batch, **kwargs):
         self.calls.append(("generate", kwargs))
-        return ["a red circle"]
+        return ["a red circle"] * len(batch["encs"])
 
     def score_choices(self, conversation, choices, embedding=None, patch_tokens=None):
         # the real IPN's signature: the conversation up to the user's turn, features of one image
@@ -37,37 +37,42 @@ class FakeIPN:
 FEATURIZED: list = []
 
 
-def _featurize(image):
-    FEATURIZED.append(image)
-    return np.full(3, 0.5, np.float32), np.ones((2, 3), np.float32)
+def _featurize(images):
+    FEATURIZED.append(list(images))
+    return [(np.full(3, 0.5, np.float32), np.ones((2, 3), np.float32)) for _ in images]
 
 
 def test_answer_with_and_without_an_image():
     ipn = FakeIPN()
     answerer = IPNAnswerer(ipn, _featurize, feature_dim=3, max_new_tokens=7)
-    assert answerer.answer(Image.new("RGB", (4, 4)), "What is it?") == "a red circle"
+    assert answerer.answer([Image.new("RGB", (4, 4))], ["What is it?"]) == ["a red circle"]
     _, conversation, has_image, for_generation = ipn.calls[0]
     assert conversation == [{"role": "user", "content": "What is it?"}] and has_image and for_generation
     assert ipn.calls[1][1].shape == (1, 3) and ipn.calls[1][2].shape == (1, 2, 3)
     assert ipn.calls[2][1] == {"max_new_tokens": 7, "do_sample": False, "num_beams": 1}
 
     ipn.calls.clear()
-    image = Image.new("RGB", (4, 4))
-    FEATURIZED.clear()
-    answerer.answer(image, "Q1")
-    answerer.choice_loglik(image, "Q2", ["a", "b"])
-    answerer.answer(Image.new("RGB", (4, 4)), "Q3")
-    assert len(FEATURIZED) == 2  # the same image object is featurized once
-
-    ipn.calls.clear()
-    assert answerer.answer(None, "Hello?") == "a red circle"
+    assert answerer.answer([None], ["Hello?"]) == ["a red circle"]
     assert ipn.calls[0][2] is False
     assert np.array_equal(ipn.calls[1][1], np.zeros((1, 3))) and ipn.calls[1][2] is None
 
 
+def test_a_batch_is_one_generate_call_and_each_image_is_featurized_once():
+    ipn = FakeIPN()
+    answerer = IPNAnswerer(ipn, _featurize, feature_dim=3)
+    image, other = Image.new("RGB", (4, 4)), Image.new("RGB", (4, 4))
+    FEATURIZED.clear()
+    assert answerer.answer([image, image, None, other], ["Q1", "Q2", "Q3", "Q4"]) == ["a red circle"] * 4
+    assert [len(call) for call in FEATURIZED] == [2]  # one encoder call, the two distinct images
+    collate = [c for c in ipn.calls if c[0] == "collate"]
+    assert len(collate) == 1 and collate[0][1].shape == (4, 3) and collate[0][2].shape == (4, 2, 3)
+    assert np.array_equal(collate[0][1][2], np.zeros(3))  # the text-only row
+    assert sum(c[0] == "generate" for c in ipn.calls) == 1
+
+
 def test_choice_loglik_and_prompts_that_do_not_fit():
     answerer = IPNAnswerer(FakeIPN(), _featurize, feature_dim=3)
-    assert answerer.choice_loglik(Image.new("RGB", (4, 4)), "Q", ["ab", "c"]) == [-2.0, -1.0]
+    assert answerer.choice_loglik([Image.new("RGB", (4, 4))], ["Q"], [["ab", "c"]]) == [[-2.0, -1.0]]
     too_long = IPNAnswerer(FakeIPN(fits=False), _featurize, feature_dim=3)
-    assert too_long.answer(None, "Q") == ""
-    assert too_long.choice_loglik(None, "Q", ["a", "b"]) == [float("-inf")] * 2
+    assert too_long.answer([None], ["Q"]) == [""]
+    assert too_long.choice_loglik([None], ["Q"], [["a", "b"]]) == [[float("-inf")] * 2]

@@ -14,15 +14,19 @@ YN = " Please answer yes or no."
 
 
 class ScriptedAnswerer:
-    """Answers by question text; remembers what it was asked."""
+    """Answers by question text; remembers what it was asked, and the size of each call."""
+
+    name = "scripted"
 
     def __init__(self, responses: dict[str, str]):
         self.responses = responses
         self.asked: list[tuple[tuple[int, int], str]] = []
+        self.calls: list[int] = []
 
-    def answer(self, image, question):
-        self.asked.append((image.size, question))
-        return self.responses[question]
+    def answer(self, images, questions):
+        self.calls.append(len(questions))
+        self.asked += [(image.size, q) for image, q in zip(images, questions)]
+        return [self.responses[q] for q in questions]
 
     def choice_loglik(self, image, question, choices):
         raise AssertionError("MME does not rank choices")
@@ -142,3 +146,55 @@ def test_unreadable_image_names_its_path(tmp_path):
     _qa(root / "color" / "a.txt", [("q1", "Yes"), ("q2", "No")])
     with pytest.raises(LayoutError, match=r"color/a\.jpg: cannot open the image"):
         evaluate_mme(ScriptedAnswerer({}), root, tmp_path / "out")
+
+
+def test_results_files_for_all_14_subtasks_and_no_tab_in_a_response(tmp_path):
+    from lmeye.eval.mme import SUBTASKS
+
+    responses = _fixture(tmp_path / "MME")
+    responses["Is there a car?" + YN] = "No\tI see\r\nno car"
+    answerer = ScriptedAnswerer(responses)
+    evaluate_mme(answerer, tmp_path / "MME", tmp_path / "out", batch_size=3)
+    assert answerer.calls == [3, 3, 2]  # 8 questions, in batches of 3
+    folder = tmp_path / "out" / "mme_results"
+    assert sorted(p.stem for p in folder.iterdir()) == sorted(SUBTASKS)  # calculation.py opens all 14
+    assert (folder / "OCR.txt").read_text() == ""
+    for path in folder.iterdir():
+        for line in path.read_text().splitlines():
+            assert len(line.split("\t")) == 4, (path, line)  # Image_Name, Question, Ground_Truth, Response
+    existence = (folder / "existence.txt").read_text().splitlines()
+    assert existence[3] == "b.png\tIs there a car?" + YN + "\tNo\tNo I see  no car"
+
+
+class Interrupted(Exception):
+    pass
+
+
+class DiesAfter(ScriptedAnswerer):
+    def __init__(self, responses, calls):
+        super().__init__(responses)
+        self.left = calls
+
+    def answer(self, images, questions):
+        if self.left == 0:
+            raise Interrupted
+        self.left -= 1
+        return super().answer(images, questions)
+
+
+def test_an_interrupted_run_resumes_from_the_answers_written(tmp_path):
+    responses = _fixture(tmp_path / "MME")
+    with pytest.raises(Interrupted):
+        evaluate_mme(DiesAfter(responses, calls=2), tmp_path / "MME", tmp_path / "out", batch_size=3)
+    assert len((tmp_path / "out" / "mme_answers.jsonl").read_text().splitlines()) == 6
+    again = ScriptedAnswerer(responses)
+    resumed = evaluate_mme(again, tmp_path / "MME", tmp_path / "out", batch_size=3)
+    assert again.calls == [2]  # only the last 2 questions are asked
+    fresh = evaluate_mme(ScriptedAnswerer(responses), tmp_path / "MME", tmp_path / "fresh", batch_size=3)
+    assert resumed["subtasks"] == fresh["subtasks"]
+    assert len((tmp_path / "out" / "mme_answers.jsonl").read_text().splitlines()) == 8  # no duplicates
+
+    other = ScriptedAnswerer(responses)
+    other.name = "another checkpoint"
+    evaluate_mme(other, tmp_path / "MME", tmp_path / "out", batch_size=3)
+    assert other.calls == [3, 3, 2]  # another model's answers are never reused

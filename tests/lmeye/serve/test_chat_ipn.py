@@ -73,4 +73,4 @@ def test_eval_answers_with_the_features_tables_encoder_as_chat_does(served, ipn_
     want = ipn.chat([{"role": "user", "content": question}], got["embedding"][0], got["patch_tokens"][0],
                     max_new_tokens=12).strip()
     with Image.open(path) as image:
-        assert answerer.answer(image.convert("RGB"), question).strip() == want
+        assert answerer.answer([image.convert("RGB")], [question])[0].strip() == want
