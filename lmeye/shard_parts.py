@@ -5,9 +5,9 @@ shards (a shard column says which), in whatever order its actors finish them. Th
 not pull those blocks in to write the shards itself (at LAION scale, patch tokens are ~5 GB a
 shard). Instead:
 
-1. ``write_parts`` runs as the pipeline's last step, on the workers: each block's rows of each
-   shard go to one *part* file under the table's staging folder, and the step returns one small
-   row per part (shard, path, rows, per-part statistics as JSON);
+1. ``write_parts`` runs where the pipeline's last step makes its rows (the model actors): each
+   block's rows of each shard go to one *part* file under the table's staging folder, and the
+   step passes on one small row per part (shard, path, rows, per-part statistics as JSON);
 2. the driver reads only those rows (``PartCollector``); once a shard's parts hold all its
    rows, it starts ``assemble_shard`` as a Ray task, which concatenates the parts into the final
    shard with ``ShardWriter`` (temporary name, rename; on object stores one upload), removes them
@@ -21,6 +21,7 @@ dictionaries, summed per shard.
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections import Counter, defaultdict
 from typing import Any, Callable, Iterable
@@ -128,21 +129,13 @@ def assemble_shard(
     return info
 
 
-def with_parts(ds, *, staging: str, shard_col: str, schema: pa.Schema,
-               stats_of: Callable[[pa.Table], dict[str, dict[str, int]]], **remote_args: Any):
-    """``ds`` (a Ray Dataset of output rows with ``shard_col``) with ``write_parts`` as its last
-    step: what it yields to the driver is PART_SCHEMA rows only."""
-    return ds.map_batches(
-        write_parts, batch_size=None, batch_format="pyarrow",
-        fn_kwargs={"staging": staging, "shard_col": shard_col, "schema": schema, "stats_of": stats_of},
-        **remote_args,
-    )
-
-
 class ShardAssembler:
     """The driver's side: part rows in, assembly tasks out, ``ShardInfo``s recorded as they return.
 
-    ``shard_args(name)`` gives ``assemble_shard``'s ``inputs`` and ``input_fingerprint`` for a shard.
+    A thread records each assembled shard as soon as its task returns (not when the next batch
+    of part rows happens to arrive), so a stage killed mid-run keeps every shard assembled
+    before the kill. ``shard_args(name)`` gives ``assemble_shard``'s ``inputs`` and
+    ``input_fingerprint`` for a shard.
     """
 
     def __init__(self, writer, schema: pa.Schema, expected: dict[str, int], shard_args: Callable[[str], dict[str, Any]],
@@ -155,6 +148,11 @@ class ShardAssembler:
         self.task = ray.remote(assemble_shard).options(**remote_args)
         self.assembling: dict[Any, str] = {}
         self.written = 0
+        self.failure: BaseException | None = None
+        self._lock = threading.Lock()  # assembling, written, failure and the writer's journal
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._record_loop, name="shard-assembler", daemon=True)
+        self._thread.start()
 
     def feed(self, parts: pa.Table) -> int:
         """Record a batch of part rows, start the shards it completes; returns the rows it added."""
@@ -162,25 +160,50 @@ class ShardAssembler:
             paths, stats = self.collector.take(name)
             ref = self.task.remote(self.writer.path, name, self.schema, paths, row_group_rows=self.row_group_rows,
                                    stats=stats, **self.shard_args(name))
-            self.assembling[ref] = name
-        self.harvest(wait=False)
+            with self._lock:
+                self.assembling[ref] = name
         return int(pc.sum(parts["rows"]).as_py() or 0)
 
-    def harvest(self, wait: bool) -> None:
-        """Record the assembled shards (all of them, waiting, when ``wait``)."""
+    def _record(self, ref) -> None:
         import ray
 
-        if not self.assembling:
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.RayError as err:  # that shard is redone by a later pass or run
+            with self._lock:
+                self.assembling.pop(ref, None)
+                self.failure = self.failure or err
             return
-        ready, _ = ray.wait(list(self.assembling), num_returns=len(self.assembling), timeout=None if wait else 0)
-        for ref in ready:
-            self.assembling.pop(ref)
-            self.writer.record(ray.get(ref))
+        with self._lock:
+            self.assembling.pop(ref, None)
+            self.writer.record(info)
             self.written += 1
+
+    def _record_loop(self) -> None:
+        import ray
+
+        while not self._stop.is_set():
+            with self._lock:
+                refs = list(self.assembling)
+            if not refs:
+                self._stop.wait(0.05)
+                continue
+            ready, _ = ray.wait(refs, num_returns=1, timeout=0.2)
+            for ref in ready:
+                self._record(ref)
+
+    def _drain(self) -> None:
+        """Stop the thread, then record every assembly still running (waiting for each)."""
+        self._stop.set()
+        self._thread.join()
+        for ref in list(self.assembling):
+            self._record(ref)
 
     def finish(self) -> int:
         """After the last batch: every shard assembled and recorded; returns how many."""
-        self.harvest(wait=True)
+        self._drain()
+        if self.failure is not None:
+            raise self.failure
         short = self.collector.short()
         if short:
             raise RuntimeError("the pipeline ended with shards short of rows: "
@@ -190,11 +213,4 @@ class ShardAssembler:
     def salvage(self) -> None:
         """After a failure: record the shards whose assembly finishes anyway (finished work);
         the rest are redone by a later pass or run."""
-        import ray
-
-        for ref in list(self.assembling):
-            try:
-                self.writer.record(ray.get(ref))
-            except ray.exceptions.RayError:
-                pass
-        self.assembling.clear()
+        self._drain()

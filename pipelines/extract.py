@@ -54,7 +54,7 @@ from lmeye.config import Config, ExtractConfig
 from lmeye.errors import UserError
 from lmeye.report import StageSummary, node_note
 from lmeye.runtime import init_ray, storage_runtime_env
-from lmeye.shard_parts import ShardAssembler, assemble_shard, with_parts
+from lmeye.shard_parts import ShardAssembler, assemble_shard, write_parts
 from lmeye.tables import STAGING, ShardInfo, TableReader, TableWriter, fingerprint, remove_temporaries
 from schemas.features import FAILED_TO_DECODE, FEATURES, SUCCESS, TEXT_EMBEDDING, features_schema
 from schemas.pairs import PAIRS
@@ -256,7 +256,8 @@ class _Encoder:
             cols[TEXT_EMBEDDING] = _vectors(*text)
         cols[SHARD_COL] = batch.column(SHARD_COL)
         cols[NODE_COL] = pa.array([self.node] * n, pa.string())  # counted per shard, not written
-        return pa.table(cols)
+        parts = self.settings.get("parts")  # the stage's: rows go to part files here, only metadata on
+        return write_parts(pa.table(cols), **parts) if parts else pa.table(cols)
 
 
     def _captions(self, batch: pa.Table, ok: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -444,17 +445,17 @@ def _one_pass(ec, spec, precision, pairs, work, writer, schema, expected, pairs_
     and recorded when it returns. Shards assembled before a failure are recorded; the rest are
     redone by the next pass or run (their parts are scratch in ``_staging``).
     """
-    remote = {"num_cpus": ec.decode_num_cpus, "runtime_env": storage_runtime_env()}
+    # Assembling is I/O: no CPU reserved, so it never waits behind the pipeline's own tasks.
     assembler = ShardAssembler(
         writer, schema, {n: expected[n] for n in work},
         lambda name: {"inputs": [name], "input_fingerprint": pairs_sha[name]},
-        row_group_rows=ec.row_group_rows, **remote,
+        row_group_rows=ec.row_group_rows, num_cpus=0, runtime_env=storage_runtime_env(),
     )
+    parts = {"staging": _parts_dir(ec.output), "shard_col": SHARD_COL, "schema": schema, "stats_of": _part_stats}
     try:
-        ds = with_parts(_build_dataset(ec, spec, precision, pairs, work), staging=_parts_dir(ec.output),
-                        shard_col=SHARD_COL, schema=schema, stats_of=_part_stats, **remote)
-        for parts in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            progress.update(assembler.feed(parts))
+        ds = _build_dataset(ec, spec, precision, pairs, work, parts)
+        for metadata in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            progress.update(assembler.feed(metadata))
         return assembler.finish()
     except BaseException:
         assembler.salvage()
@@ -577,7 +578,10 @@ def _stats(shards: dict[str, ShardInfo]) -> dict[str, Any]:
     return {"by_status": dict(by_status), "failures": dict(failures)}
 
 
-def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pairs: TableReader, work: list[str]):
+def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pairs: TableReader, work: list[str],
+                   parts: dict[str, Any]):
+    """Decoding tasks, then the model actors, which write their output rows as shard parts
+    (``parts``: ``write_parts``'s arguments) and pass on only the parts' metadata."""
     import json
 
     import ray
@@ -604,7 +608,7 @@ def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pair
         compute = ray.data.ActorPoolStrategy(min_size=ec.pool_size, max_size=max(ec.pool_size, ec.pool_max_size))
     else:
         compute = ray.data.ActorPoolStrategy(size=ec.pool_size)
-    settings = encoder_settings(ec, precision)
+    settings = encoder_settings(ec, precision) | {"parts": parts}
     # Ray Data passes an actor's constructor arguments through the object store, where Ray cannot
     # restore them for a restart (ray-project/ray#53727: "constructor arguments in the object store and
     # max_restarts > 0 ... restart will fail"). So Ray's own actor restarts are off and the stage restarts

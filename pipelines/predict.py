@@ -41,7 +41,7 @@ from lmeye.errors import UserError
 from lmeye.report import StageSummary
 from lmeye.runtime import init_ray
 from lmeye.serve.loader import read_checkpoint_config
-from lmeye.shard_parts import ShardAssembler, with_parts
+from lmeye.shard_parts import ShardAssembler, write_parts
 from lmeye.tables import STAGING, TableReader, TableWriter, fingerprint, remove_temporaries
 from schemas.instructions import INSTRUCTIONS, ROLE_ASSISTANT, ROLE_USER
 from schemas.predictions import MISSING_FEATURES, PREDICTIONS, SUCCESS, TOO_LONG
@@ -116,6 +116,7 @@ class _Predictor:
         self.columns = [c for c in ("embedding", "patch_tokens") if c in self.store.columns]
         self.gen = Generation(max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"])
         self.delay = settings["debug_delay_s"]
+        self.parts = settings.get("parts")
 
     def _features(self, uids: list[Optional[str]]) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
         """Embeddings, patch tokens (zeros for text-only rows) and which image rows have features."""
@@ -163,7 +164,7 @@ class _Predictor:
                     answers[i] = text.strip()
         if self.delay:
             time.sleep(self.delay)
-        return pa.table({
+        out = pa.table({
             "sample_id": batch.column("sample_id"),
             "uid": batch.column("uid"),
             "task": batch.column("task"),
@@ -173,6 +174,8 @@ class _Predictor:
             "status": pa.array(status.tolist(), pa.string()),
             SHARD_COL: batch.column(SHARD_COL),
         })
+        # the stage's: rows go to part files here (lmeye.shard_parts), only their metadata on
+        return write_parts(out, **self.parts) if self.parts else out
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -223,17 +226,17 @@ def run(cfg: Config) -> StageSummary:
             init_ray(cfg.ray)
             schema = PREDICTIONS.with_metadata(PREDICTIONS.schema)
             # the workers write the shards (lmeye.shard_parts); the driver sees part metadata only
-            assembler = ShardAssembler(
+            assembler = ShardAssembler(  # (I/O: no CPU reserved, never behind the pipeline's tasks)
                 writer, schema, {n: expected[n] for n in pending},
                 lambda name: {"inputs": [name], "input_fingerprint": input_sha[name]},
-                row_group_rows=PREDICTION_ROW_GROUP, num_cpus=p.read_num_cpus,
+                row_group_rows=PREDICTION_ROW_GROUP, num_cpus=0,
             )
-            ds = with_parts(_build_dataset(cfg, reader, pending, store.version, features),
-                            staging=out.rstrip("/") + "/" + STAGING + "/parts", shard_col=SHARD_COL,
-                            schema=schema, stats_of=_part_stats, num_cpus=p.read_num_cpus)
+            parts = {"staging": out.rstrip("/") + "/" + STAGING + "/parts", "shard_col": SHARD_COL,
+                     "schema": schema, "stats_of": _part_stats}
+            ds = _build_dataset(cfg, reader, pending, store.version, features, parts)
             try:
-                for parts in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                    processed += assembler.feed(parts)
+                for metadata in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                    processed += assembler.feed(metadata)
                 summary.shards_done += assembler.finish()
             except BaseException:
                 assembler.salvage()
@@ -264,7 +267,8 @@ def run(cfg: Config) -> StageSummary:
     return summary
 
 
-def _build_dataset(cfg: Config, reader: TableReader, pending: list[str], version: str, features: str):
+def _build_dataset(cfg: Config, reader: TableReader, pending: list[str], version: str, features: str,
+                   parts: dict[str, Any]):
     import ray
 
     p = cfg.predict
@@ -275,6 +279,7 @@ def _build_dataset(cfg: Config, reader: TableReader, pending: list[str], version
     settings = {
         "torch_threads": p.torch_threads or max(1, int(p.actor_num_cpus)),
         "max_new_tokens": p.max_new_tokens, "num_beams": p.num_beams, "debug_delay_s": p.debug_delay_s,
+        "parts": parts,
     }
     return ds.map_batches(
         _Predictor,
