@@ -13,6 +13,12 @@ is ``--prefix-words`` words long. Measured, interleaved, median of ``--repeats``
     generate over the full embeddings without it.
 Prints each time and the ratio full / reuse (> 1: reuse is faster). The logits of both paths are
 checked to agree (<= 1e-4) first, so the two paths compute the same thing.
+
+``--family t5`` (an encoder-decoder, lmeye.model.seq2seq): there is no cache to reuse, the encoder
+attends both ways, so pass 2 reruns it over the whole prompt. Measured instead: the training step
+as the IPN runs it (pass 1, the encoder over the prefix for the request; pass 2, the encoder over
+prefix + <img-d> + rest, and the decoder) vs the same step with pass 1 skipped (a fixed request),
+and the same for answering: the ratio is what the request's extra encoder pass costs.
 """
 
 from __future__ import annotations
@@ -39,7 +45,24 @@ SIZES = {  # family -> config keys for --hidden / --layers
 }
 
 
+def build_t5(args, root: str) -> IPN:
+    """A random T5 (d_model --hidden, --layers encoder and decoder layers) around the demo tokenizer."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    tok = tiny_tokenizer()
+    config = AutoConfig.for_model(
+        "t5", d_model=args.hidden, d_ff=4 * args.hidden, d_kv=64, num_heads=max(1, args.hidden // 64), num_layers=args.layers,
+        vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, decoder_start_token_id=tok.pad_token_id,
+    )
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(f"{root}/llm")
+    tok.save_pretrained(f"{root}/llm")
+    cfg = tiny_model_config(f"{root}/llm", tiny_clip_checkpoint(f"{root}/clip.safetensors"), max_length=2048)
+    return IPN.from_config(cfg, FEATURE_DIM, PATCH_SHAPE).to(args.device)
+
+
 def build(args, root: str) -> IPN:
+    if args.family == "t5":
+        return build_t5(args, root)
     tok = tiny_tokenizer()
     h_key, l_key, extra = SIZES[args.family]
     sizes = {h_key: args.hidden, l_key: args.layers, "max_position_embeddings" if args.family != "gpt2" else "n_positions": 2048}
@@ -65,7 +88,7 @@ def timed(fn, device: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--family", default="llama", choices=sorted(SIZES))
+    p.add_argument("--family", default="llama", choices=sorted(SIZES) + ["t5"])
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--prefix-words", type=int, default=150)
@@ -89,6 +112,8 @@ def main() -> None:
         print(f"{args.family}: hidden {args.hidden}, {args.layers} layers, {sum(p.numel() for p in ipn.llm.parameters()):,} LLM parameters; "
               f"prefix {batch['prefix_ids'].shape[1]} tokens, suffix {batch['suffix_ids'].shape[1]} (k=5 <img-d> + answer), batch {args.batch}; "
               f"device {args.device}, {torch.get_num_threads()} threads")
+        if args.family == "t5":
+            return encoder_decoder(ipn, batch, prompt, args)
         with torch.no_grad():
             a, b = ipn(batch, return_logits=True), ipn(batch, reuse_prefix=False, return_logits=True)
             diff = (a.logits - b.logits)[batch["suffix_mask"].bool()].abs().max().item()
@@ -103,13 +128,42 @@ def main() -> None:
             ipn.generate(prompt, max_new_tokens=args.new_tokens, reuse_prefix=reuse, min_new_tokens=args.new_tokens)
 
         for name, fn in (("training step (fwd+bwd)", step), (f"answer ({args.new_tokens} new tokens)", answer_once)):
-            fn(True), fn(False)  # warm-up
-            times = {True: [], False: []}
-            for _ in range(args.repeats):
-                for reuse in (True, False):
-                    times[reuse].append(timed(lambda: fn(reuse), args.device))
-            reuse_t, full_t = statistics.median(times[True]), statistics.median(times[False])
+            reuse_t, full_t = compare(fn, args)
             print(f"{name:<28} reuse {reuse_t * 1e3:8.1f} ms   two full passes {full_t * 1e3:8.1f} ms   ratio {full_t / reuse_t:5.2f}x")
+
+
+def compare(fn, args) -> tuple[float, float]:
+    """Median times of fn(True) and fn(False), interleaved, after a warm-up of each."""
+    fn(True), fn(False)
+    times = {True: [], False: []}
+    for _ in range(args.repeats):
+        for flag in (True, False):
+            times[flag].append(timed(lambda: fn(flag), args.device))
+    return statistics.median(times[True]), statistics.median(times[False])
+
+
+def encoder_decoder(ipn, batch, prompt, args) -> None:
+    """T5: the IPN's step and answer (with pass 1) vs the same with pass 1 skipped (a fixed request)."""
+    fixed = {}
+    with torch.no_grad():
+        for name, b in (("batch", batch), ("prompt", prompt)):
+            p = ipn._prefix_embeds(b)
+            fixed[name] = ipn.llm.get_encoder()(inputs_embeds=p, attention_mask=b["prefix_mask"]).last_hidden_state[:, -1]
+
+    def step(with_pass1: bool):
+        ipn.zero_grad()
+        emb, mask = ipn.encoder_inputs(batch, None if with_pass1 else fixed["batch"])
+        ipn.llm(inputs_embeds=emb, attention_mask=mask, labels=batch["decoder_labels"]).loss.backward()
+
+    def answer_once(with_pass1: bool):
+        with torch.no_grad():
+            emb, mask = ipn.encoder_inputs(prompt, None if with_pass1 else fixed["prompt"])
+            ipn.llm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+
+    for name, fn in (("training step (fwd+bwd)", step), (f"answer ({args.new_tokens} new tokens)", answer_once)):
+        with_t, without_t = compare(fn, args)
+        print(f"{name:<28} IPN (2 encoder passes) {with_t * 1e3:8.1f} ms   pass 1 skipped {without_t * 1e3:8.1f} ms   "
+              f"pass 1 costs {with_t / without_t - 1:6.1%}")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,13 @@ from lmeye.config.base import Section
 class ModelConfig(Section):
     # the frozen parts (referenced, never copied into a checkpoint)
     llm: Optional[str] = Field(
-        None, description="directory (or hub name where a network exists) of a causal LM, loaded frozen with AutoModelForCausalLM; required to build an IPN"
+        None, description="directory (or hub name where a network exists) of a causal LM (AutoModelForCausalLM) or an encoder-decoder such as T5 (AutoModelForSeq2SeqLM), loaded frozen; required to build an IPN"
     )
     tokenizer: Optional[str] = Field(None, description="tokenizer directory or name; null: the llm's")
+    chat_template: Optional[str] = Field(
+        None,
+        description="chat template: null = the tokenizer's own; a built-in (plain for base models, vicuna_v1, llama2, chatml) or a .jinja file (lmeye.model.templates); a tokenizer without one needs it",
+    )
     clip_model: Optional[str] = Field(
         None,
         description="open_clip architecture whose frozen text tower runs RVII (rvii: clip_text); null: the CLIP that made the features table (its manifest names the model and weights), so the two cannot disagree",

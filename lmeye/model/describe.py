@@ -1,10 +1,15 @@
-"""Parameter counts of an IPN, part by part, and the trainable fraction.
+"""Parameter counts of an IPN, part by part, and the trainable fraction; or, with ``--llm``, how
+the IPN will talk to an LLM, checked before any GPU hour is spent.
 
     python -m lmeye.model.describe --config configs/demo.yaml [--stage instruct|align] [--set k=v]
     lmeye model describe --config configs/demo.yaml
+    lmeye model describe --llm DIR [--chat-template plain|vicuna_v1|llama2|chatml|FILE.jinja]
 
 The feature shapes come from the features table when it exists, else from the extract section's
 CLIP (probed without weights). For the demo config the tiny LLM is built first if absent.
+``--llm`` loads the LLM's config and tokenizer only (no weights) and prints its family, the chat
+template in use, an example conversation as the IPN lays it out with the trained characters
+marked, the stop tokens, and the prefix length in tokens.
 """
 
 from __future__ import annotations
@@ -86,16 +91,93 @@ def describe(cfg, stage: str = "instruct") -> str:
     return head + "\n" + render(ipn)
 
 
+EXAMPLE = [  # one image conversation of two turns: the first turn carries the IPN's slots
+    {"role": "user", "content": "What colour is the circle?"},
+    {"role": "assistant", "content": "red"},
+    {"role": "user", "content": "And the background?"},
+    {"role": "assistant", "content": "white"},
+]
+OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧ around the characters that carry the loss
+
+
+def describe_llm(model_cfg) -> str:
+    """The LLM's family, template, an example with its loss mask, stop tokens and prefix length."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from lmeye.errors import UserError
+    from lmeye.model.templates import template_label
+    from lmeye.model.text import IMG, TextCodec
+
+    llm = model_cfg.llm
+    try:
+        conf = AutoConfig.from_pretrained(llm)
+        tok = AutoTokenizer.from_pretrained(model_cfg.tokenizer or llm)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.llm {llm!r}: cannot load its config and tokenizer ({str(err).splitlines()[0]})") from None
+    codec = TextCodec(tok, num_img=model_cfg.num_img, num_img_d=model_cfg.num_img_d, max_length=model_cfg.max_length,
+                      system_prompt=model_cfg.system_prompt, chat_template=model_cfg.chat_template)
+    try:
+        gen = GenerationConfig.from_pretrained(llm)
+    except OSError:
+        gen = GenerationConfig.from_model_config(conf)
+    arch = ", ".join(conf.architectures or []) or type(conf).__name__
+    seq2seq = bool(getattr(conf, "is_encoder_decoder", False))
+    kind = "encoder-decoder" if seq2seq else "decoder-only"
+    # an encoder-decoder reads the conversation up to the last answer; its decoder produces that answer
+    example = EXAMPLE[:-1] if seq2seq else EXAMPLE
+    lay = codec.layout(example, has_image=True, for_generation=seq2seq)
+    enc = codec.encode(example, has_image=True, for_generation=seq2seq)
+    if seq2seq:  # earlier answers are encoder text there, without loss
+        lay.trained = [False] * len(lay.trained)
+    stops = ", ".join(f"{tok.convert_ids_to_tokens(i)!r} ({i})" for i in codec.stop_ids(gen))
+    prefix = len(enc["prefix_ids"]) if enc else None
+    return "\n".join([
+        f"LLM: {llm}",
+        f"family: {conf.model_type} ({arch}), {kind}",
+        f"tokenizer: {type(tok).__name__}, {len(tok)} tokens, adds BOS: {'yes' if codec.add_bos else 'no'}",
+        f"chat template: {template_label(tok, model_cfg.chat_template)} (model.chat_template: null, plain, vicuna_v1, llama2, chatml or a .jinja file)",
+        f"end of turn: {', '.join(repr(tok.convert_ids_to_tokens(i)) for i in codec.end_of_turn_ids) or 'none (the whole answer is trained)'}",
+        f"stop tokens: {stops}",
+        f"example ({OPEN}...{CLOSE}: trained characters; <img>, <img-q>, <img-d>: the IPN's slots):",
+        ("encoder: " if seq2seq else "") + mark_example(lay, model_cfg.num_img, model_cfg.num_img_d),
+        *([f"decoder: {OPEN}{EXAMPLE[-1]['content']}{tok.eos_token}{CLOSE}"] if seq2seq else []),
+        f"prefix: {prefix} tokens (through <img-q>: {model_cfg.num_img} <img> included); "
+        f"whole sample: {len(lay.ids) + model_cfg.num_img + 1 + model_cfg.num_img_d} tokens of {codec.max_length}",
+    ]) + ("" if IMG in (enc or {}).get("prefix_ids", [IMG]) else "\n(the example does not fit model.max_length)")
+
+
+def mark_example(lay, num_img: int, num_img_d: int) -> str:
+    """The layout's text with the slots written in and the trained characters bracketed."""
+    def start(j):
+        return lay.offsets[j][0] if j < len(lay.offsets) else len(lay.text)
+
+    inserts = [(start(lay.img_at), 0, "<img>" * num_img)]
+    inserts.append((lay.offsets[lay.q_at - 1][1] if lay.q_at else 0, 1, "<img-q>" + "<img-d>" * num_img_d))
+    for a, b in lay.trained_spans():
+        inserts += [(a, 2, OPEN), (b, -1, CLOSE)]
+    out, i = [], 0
+    for pos, _, text in sorted(inserts):
+        out.append(lay.text[i:pos] + text)
+        i = pos
+    return "".join(out) + lay.text[i:]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from lmeye.cli import add_config_args
 
     add_config_args(p)
     p.add_argument("--stage", choices=["instruct", "align"], default="instruct", help="which parts train (default instruct)")
+    p.add_argument("--llm", help="describe how the IPN talks to this LLM (directory) instead: template, loss mask, stop tokens")
+    p.add_argument("--chat-template", help="with --llm: model.chat_template (plain, vicuna_v1, llama2, chatml or a .jinja file)")
 
 
 def run(args: argparse.Namespace) -> int:
     from lmeye.cli import config_from_args
 
+    if args.llm:
+        cfg = config_from_args(args, **{"model.llm": args.llm, "model.chat_template": args.chat_template})
+        print(describe_llm(cfg.model))
+        return 0
     print(describe(config_from_args(args), args.stage))
     return 0
 

@@ -71,17 +71,19 @@ def llm_config(cfg: ModelConfig):
     worker's ``load_llm`` ask it), so a new kind of LLM is added here. One UserError naming the path."""
     import os
 
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING, AutoConfig
 
     if not cfg.llm:
-        raise UserError("model.llm is not set: name a causal LM directory (the demo builds one with lmeye.model.demo.ensure_demo_llm)")
+        raise UserError("model.llm is not set: name a causal (or encoder-decoder) LM directory (the demo builds one with lmeye.model.demo.ensure_demo_llm)")
     try:
         llm_cfg = AutoConfig.from_pretrained(cfg.llm)
     except (OSError, ValueError) as err:
         where = "no such directory" if not os.path.exists(cfg.llm) else "no usable config.json"
         raise UserError(f"model.llm {cfg.llm!r}: {where} ({str(err).splitlines()[0]})") from None
-    if type(llm_cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise UserError(f"model.llm {cfg.llm!r} is not a causal LM ({type(llm_cfg).__name__} has no AutoModelForCausalLM class)")
+    # an encoder-decoder (T5, FlanT5) is wrapped by lmeye.model.seq2seq.Seq2SeqIPN
+    seq2seq = getattr(llm_cfg, "is_encoder_decoder", False) and type(llm_cfg) in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+    if not seq2seq and type(llm_cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"model.llm {cfg.llm!r} is not a causal LM nor an encoder-decoder LM ({type(llm_cfg).__name__})")
     return llm_cfg
 
 
@@ -99,17 +101,18 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_llm(cfg: ModelConfig):
-    """(frozen causal LM, tokenizer) from ``cfg.llm``; one UserError naming the path if it is not one."""
-    from transformers import AutoModelForCausalLM
+    """(frozen causal or encoder-decoder LM, tokenizer) from ``cfg.llm``; one UserError naming the path if it is not one."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one line per loaded model is enough
     llm_cfg = llm_config(cfg)
+    seq2seq = bool(getattr(llm_cfg, "is_encoder_decoder", False))
     kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype]}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
-        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, **kwargs)
+        llm = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(cfg.llm, **kwargs)
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise UserError(f"model.llm {cfg.llm!r} is not a causal LM ({type(llm_cfg).__name__})") from None
@@ -169,7 +172,8 @@ class IPN(nn.Module):
         nn.init.zeros_(self.transmit.weight)
         nn.init.zeros_(self.transmit.bias)
         self.imgd_embed = nn.Parameter(torch.randn(k, hidden) * 0.02)
-        self.codec = TextCodec(tokenizer, num_img=cfg.num_img, num_img_d=k, max_length=min(cfg.max_length, llm_context(llm)), system_prompt=cfg.system_prompt)
+        self.codec = TextCodec(tokenizer, num_img=cfg.num_img, num_img_d=k, max_length=min(cfg.max_length, llm_context(llm)), system_prompt=cfg.system_prompt,
+                               chat_template=cfg.chat_template)
         self.set_trainable("instruct")
 
     # ---------------------------------------------------------------------------------------
@@ -181,6 +185,10 @@ class IPN(nn.Module):
         tower = None
         if cfg.rvii == "clip_text":
             tower = load_clip_text_tower(cfg.clip_model, cfg.clip_pretrained, cfg.clip_model_config_dirs, DTYPES[cfg.dtype])
+        if llm.config.is_encoder_decoder:  # the encoder-decoder path lives in its own module
+            from lmeye.model.seq2seq import Seq2SeqIPN
+
+            cls = Seq2SeqIPN
         return cls(cfg, feature_dim, tuple(patch_shape) if patch_shape else None, llm, tok, tower)
 
     @classmethod
@@ -404,7 +412,8 @@ class IPN(nn.Module):
         tok = self.tokenizer
         out = self.llm.generate(
             inputs_embeds=full, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            num_beams=num_beams, streamer=streamer, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            num_beams=num_beams, streamer=streamer, pad_token_id=tok.pad_token_id,
+            eos_token_id=self.codec.stop_ids(self.llm.generation_config),  # end-of-turn tokens + the LLM's own stop list
             **kwargs, **generation_kwargs,
         )
         return tok.batch_decode(out, skip_special_tokens=True)

@@ -1,5 +1,5 @@
 """Conversations -> token ids for the IPN: where the image slots go, which tokens carry the loss,
-and what happens to a sample that is too long.
+where generation stops, and what happens to a sample that is too long.
 
 Layout of one sample (the chat template's own text, with the IPN's slots inserted)::
 
@@ -16,10 +16,25 @@ user text) and goes through the LLM alone.
 Slots are negative ids (never real tokens): the vocabulary and the embedding matrix are never
 resized; the model fills these positions with embeddings.
 
-Loss mask: only the assistant turns, each through its end-of-turn (eos) token (LLaVA masks
-everything else the same way); template text after that token (a newline) carries no loss. An assistant turn's text is what the template adds between "the conversation
-so far + generation prompt" and "the conversation including that turn", so any chat template that
-renders prefixes consistently works; one that does not is an error naming the tokenizer.
+Exact ids: the rendered conversation is tokenised in ONE call, and the slots are put between its
+tokens. Tokenising piece by piece (template text, user text, answer) gives other ids than the
+text the LLM was trained on: a SentencePiece-style tokenizer (LLaMA, Mistral, Vicuna) puts a
+``▁`` at the start of every call, and BPE merges differ at the cuts. So the ids here, without the
+slots, are exactly ``tokenizer(rendered, add_special_tokens=False)`` (tests/lmeye/model/
+test_released.py checks every tokenizer style). A slot that falls inside a token goes beside the
+whole token: ``<img>`` before it, ``<img-q>`` after it.
+
+Template: ``model.chat_template`` (lmeye.model.templates): the tokenizer's own by default, a
+built-in (``plain`` for base models, ``vicuna_v1``, ``llama2``, ``chatml``) or a Jinja file.
+
+Loss mask: the assistant turns only (LLaVA masks everything else the same way), each through
+the last special token its template puts after it: the end-of-turn token (``</s>``,
+``<|im_end|>``, ``<|eot_id|>``, ...), which is what teaches the LLM to stop. Template text after
+that token (a newline) carries no loss. An assistant turn's text is what the template adds
+between "the conversation so far + generation prompt" and "the conversation including that
+turn", so any chat template that renders prefixes consistently works; one that does not is an
+error naming the tokenizer. Generation stops at those end-of-turn tokens, at the LLM's own
+``generation_config`` stop list and at EOS (``TextCodec.stop_ids``).
 
 Truncation (``max_length``, capped by the LLM's context): the sequence is cut from the end (later
 turns first, then the tail of the last kept answer). A sample that would lose its *first* answer
@@ -30,104 +45,172 @@ returns None and ``TextCodec.counts`` counts it as ``too_long``; cut samples cou
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from lmeye.errors import UserError
+from lmeye.model.templates import resolve_chat_template
 
 IGNORE = -100  # label of tokens without loss (the value torch's cross_entropy ignores)
 IMG, IMG_Q, IMG_D = -1, -2, -3  # slot ids, filled with embeddings by the IPN
 _MARK = {IMG: "\x00lmeye-img\x00", IMG_Q: "\x00lmeye-img-q\x00"}
+_PROBE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+
+__all__ = ["IGNORE", "IMG", "IMG_D", "IMG_Q", "Layout", "TextCodec", "check_template", "resolve_chat_template"]
+
+
+@dataclass
+class Layout:
+    """One rendered conversation: its text (without slot markers), the one-call token ids with their
+    character offsets, which tokens carry the loss, and where the slots go (token indices)."""
+
+    text: str
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    trained: list[bool]
+    img_at: Optional[int]  # <img> x num_img go before token img_at (None: text-only)
+    q_at: int  # the prefix ends before token q_at (<img-q> goes there for an image sample)
+
+    def trained_spans(self) -> list[tuple[int, int]]:
+        """Character spans of the text that carry the loss, merged."""
+        spans: list[tuple[int, int]] = []
+        for (a, b), t in zip(self.offsets, self.trained):
+            if not t:
+                continue
+            if spans and a <= spans[-1][1]:
+                spans[-1] = (spans[-1][0], max(b, spans[-1][1]))
+            else:
+                spans.append((a, b))
+        return spans
 
 
 class TextCodec:
-    """Tokenises conversations for one tokenizer and IPN layout."""
+    """Tokenises conversations for one tokenizer, chat template and IPN layout."""
 
-    def __init__(self, tokenizer, *, num_img: int, num_img_d: int, max_length: int, system_prompt: Optional[str] = None):
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template")
+    def __init__(
+        self, tokenizer, *, num_img: int, num_img_d: int, max_length: int, system_prompt: Optional[str] = None,
+        chat_template: Optional[str] = None,
+    ):
         self.tokenizer = tokenizer
+        self.template = resolve_chat_template(tokenizer, chat_template)
+        self.chat_template = chat_template
         self.num_img = num_img
         self.num_img_d = num_img_d
         self.max_length = max_length
         self.system_prompt = system_prompt
+        self.add_bos = _adds_bos(tokenizer)
+        self.special_ids = _special_ids(tokenizer)
+        probe = self.layout(_PROBE, has_image=False)
+        # the special tokens the template closes an answer with (what the loss teaches the LLM to emit)
+        self.end_of_turn_ids = sorted({i for i, t in zip(probe.ids, probe.trained) if t and i in self.special_ids})
         self.counts: Counter = Counter()
 
-    # -- rendering ---------------------------------------------------------------------------
-    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    @property
+    def name(self) -> str:
+        return getattr(self.tokenizer, "name_or_path", "") or type(self.tokenizer).__name__
 
-    def _ids(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, no special tokens added. A fast tokenizer's own (Rust) tokenizer
-        is called directly: the ``transformers`` wrapper around it cost 5 times as much as the
-        tokenising itself (about 40 us against 8 a piece, 5 pieces a sample), and so does its
-        ``encode_batch``, whose thread pool is all overhead at a few short pieces. Same ids
-        (tests/lmeye/model/test_text.py)."""
+    # -- rendering ---------------------------------------------------------------------------
+    def render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt, add_bos_token=self.add_bos,
+        )
+
+    def ids_and_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The text's ids in one call, no special tokens added, with each token's character span. A
+        fast tokenizer's own (Rust) tokenizer is called directly: the ``transformers`` wrapper around
+        it cost 5 times as much as the tokenising itself. Same ids (tests/lmeye/model/test_text.py)."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:
-            return [backend.encode(t, add_special_tokens=False).ids for t in texts]
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+            enc = backend.encode(text, add_special_tokens=False)
+            return enc.ids, enc.offsets
+        try:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:
+            raise UserError(f"tokenizer {self.name!r} gives no character offsets; use a fast (tokenizers-backed) tokenizer") from None
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
-    def _segments(self, messages: list[dict], for_generation: bool) -> list[tuple[str, bool]]:
-        """The rendered conversation as consecutive (text, is_answer) pieces."""
-        out: list[tuple[str, bool]] = []
+    def _answer_regions(self, messages: list[dict], for_generation: bool) -> tuple[str, list[tuple[int, int]]]:
+        """(the whole rendered text, the character span of every assistant turn in it)."""
+        regions: list[tuple[int, int]] = []
         done = ""
         for i, turn in enumerate(messages):
             if turn["role"] != "assistant":
                 continue
-            before = self._render(messages[:i], True)
-            through = self._render(messages[: i + 1], False)
+            before = self.render(messages[:i], True)
+            through = self.render(messages[: i + 1], False)
             if not before.startswith(done) or not through.startswith(before):
                 raise UserError(
-                    f"tokenizer {self.tokenizer.name_or_path!r}: its chat template does not render conversations "
+                    f"tokenizer {self.name!r}: its chat template does not render conversations "
                     "prefix-consistently, so assistant turns cannot be located for the loss mask"
                 )
-            answer = through[len(before):]
-            eos = self.tokenizer.eos_token or ""
-            end = answer.rfind(eos) + len(eos) if eos and eos in answer else len(answer)
-            # the turn through its end-of-turn token carries the loss; what the template puts after it does not
-            out += [(before[len(done):], False), (answer[:end], True), (answer[end:], False)]
+            regions.append((len(before), len(through)))
             done = through
         if for_generation:
-            full = self._render(messages, True)
-            out.append((full[len(done):], False))
-        return out
+            full = self.render(messages, True)
+            if not full.startswith(done):
+                raise UserError(f"tokenizer {self.name!r}: its chat template renders the generation prompt inconsistently")
+            return full, regions
+        return done, regions
 
-    def _tokenise(self, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-        parts = [(part, answer) for text, answer in pieces for part in _split_marks(text)]
-        texts = iter(self._ids([p for p, _ in parts if isinstance(p, str)]))
-        ids: list[int] = []
-        labels: list[int] = []
-        for part, answer in parts:
-            toks = [part] * (self.num_img if part == IMG else 1) if isinstance(part, int) else next(texts)
-            ids += toks
-            labels += toks if answer else [IGNORE] * len(toks)
-        return ids, labels
-
-    # -- the public step -----------------------------------------------------------------------
-    def encode(self, conversation: list[dict], has_image: bool, for_generation: bool = False) -> Optional[dict[str, Any]]:
-        """Token ids of one sample (see the module docstring), or None when it is too long."""
+    def layout(self, conversation: list[dict], has_image: bool, for_generation: bool = False) -> Layout:
+        """The conversation rendered and tokenised in one call, with the loss mask and slot places."""
         turns = [{"role": t["role"], "content": t["content"]} for t in conversation]
         if not turns or turns[0]["role"] != "user":
             raise UserError("a conversation must start with a user turn")
         if not for_generation and turns[-1]["role"] != "assistant":
             raise UserError("a training conversation must end with an assistant turn")
         first = turns[0]["content"]
-        turns[0] = {"role": "user", "content": (_MARK[IMG] + first + _MARK[IMG_Q]) if has_image else first + _MARK[IMG_Q]}
+        turns[0] = {"role": "user", "content": (_MARK[IMG] if has_image else "") + first + _MARK[IMG_Q]}
         if self.system_prompt:
             turns.insert(0, {"role": "system", "content": self.system_prompt})
-        pieces = self._segments(turns, for_generation)
-        ids, labels = self._tokenise(pieces)
-        cut = ids.index(IMG_Q)  # the request slot ends the prefix
+        marked, regions = self._answer_regions(turns, for_generation)
+        text, marks = _strip_marks(marked)
+        if IMG_Q not in marks or (has_image and IMG not in marks):
+            raise UserError(f"tokenizer {self.name!r}: its chat template does not render the first user turn's text")
+        regions = [(_shift(a, marked, marks), _shift(b, marked, marks)) for a, b in regions]
+        ids, offsets = self.ids_and_offsets(text)
+        trained = [False] * len(ids)
+        for a, b in regions:
+            inside = [j for j, (s, e) in enumerate(offsets) if s < b and e > a]
+            closing = [j for j in inside if ids[j] in self.special_ids]
+            for j in inside[: inside.index(closing[-1]) + 1] if closing else inside:
+                trained[j] = True
+        q = marks[IMG_Q]
+        q_at = max((j + 1 for j, (s, _) in enumerate(offsets) if s < q), default=0)
+        img_at = None
         if has_image:
-            prefix_ids, suffix_ids = ids[: cut + 1], [IMG_D] * self.num_img_d + ids[cut + 1 :]
-            suffix_labels = [IGNORE] * self.num_img_d + labels[cut + 1 :]
-        else:  # text-only: no slots at all, the same split point
-            prefix_ids, suffix_ids, suffix_labels = ids[:cut], ids[cut + 1 :], labels[cut + 1 :]
-        return self._fit(prefix_ids, suffix_ids, suffix_labels, has_image, for_generation)
+            img_at = next((j for j, (_, e) in enumerate(offsets) if e > marks[IMG]), len(ids))
+            img_at = min(img_at, q_at)
+        return Layout(text, list(ids), [tuple(o) for o in offsets], trained, img_at, q_at)
 
-    def _fit(self, prefix, suffix, labels, has_image, for_generation) -> Optional[dict[str, Any]]:
+    # -- the public step -----------------------------------------------------------------------
+    def encode(self, conversation: list[dict], has_image: bool, for_generation: bool = False) -> Optional[dict[str, Any]]:
+        """Token ids of one sample (see the module docstring), or None when it is too long."""
+        lay = self.layout(conversation, has_image, for_generation)
+        labels = [i if t else IGNORE for i, t in zip(lay.ids, lay.trained)]
+        q = lay.q_at
+        if has_image:
+            prefix = lay.ids[: lay.img_at] + [IMG] * self.num_img + lay.ids[lay.img_at : q] + [IMG_Q]
+            suffix, suffix_labels = [IMG_D] * self.num_img_d + lay.ids[q:], [IGNORE] * self.num_img_d + labels[q:]
+        else:  # text-only: no slots at all, the same split point
+            prefix, suffix, suffix_labels = lay.ids[:q], lay.ids[q:], labels[q:]
+        if any(x != IGNORE for x in labels[:q]):
+            raise UserError(f"tokenizer {self.name!r}: an answer token falls inside the first user turn")
+        return self._fit(prefix, suffix, suffix_labels, for_generation)
+
+    def stop_ids(self, generation_config=None) -> list[int]:
+        """Where generation stops: the template's end-of-turn tokens, EOS, and the LLM's own
+        ``generation_config.eos_token_id`` list (passing one id to ``generate`` would replace it)."""
+        ids = set(self.end_of_turn_ids)
+        own = getattr(generation_config, "eos_token_id", None)
+        ids.update([own] if isinstance(own, int) else (own or []))
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+    def _fit(self, prefix, suffix, labels, for_generation) -> Optional[dict[str, Any]]:
         if labels and labels[0] != IGNORE:  # nothing would predict it: the loss starts inside the suffix
-            raise UserError(f"tokenizer {self.tokenizer.name_or_path!r}: its chat template puts no text between the user's turn and the answer")
+            raise UserError(f"tokenizer {self.name!r}: its chat template puts no text between the user's turn and the answer")
         budget = self.max_length - len(prefix)
         first_answer = next((i for i, x in enumerate(labels) if x != IGNORE), None)
         if for_generation:
@@ -147,7 +230,7 @@ class TextCodec:
             "prefix_ids": prefix,
             "suffix_ids": suffix,
             "labels": labels,
-            "has_image": bool(has_image),
+            "has_image": IMG in prefix,  # an image sample: its <img> slots
             "for_generation": bool(for_generation),
         }
 
@@ -158,15 +241,18 @@ PROBE = [{"role": "user", "content": "What colour is the circle?"}, {"role": "as
 
 
 def check_template(tokenizer, *, num_img: int = 1, num_img_d: int = 1, max_length: int = 1 << 30,
-                   system_prompt: Optional[str] = None) -> None:
+                   system_prompt: Optional[str] = None, chat_template: Optional[str] = None) -> None:
     """Raise one UserError naming the tokenizer unless its chat template can lay out a training
     sample (present, renders, prefix-consistent, text between the user's turn and the answer) and
     such a sample, with its slots, fits ``max_length``.
 
-    The train stage's preflight runs it on the driver, before any worker loads the LLM."""
+    ``chat_template``: ``model.chat_template`` (lmeye.model.templates); a tokenizer without a template
+    and no key set is one UserError naming the key. The train stage's preflight runs it on the
+    driver, before any worker loads the LLM."""
     name = getattr(tokenizer, "name_or_path", tokenizer)
-    codec = TextCodec(tokenizer, num_img=num_img, num_img_d=num_img_d, max_length=max_length, system_prompt=system_prompt)
-    try:
+    try:  # the codec renders a probe conversation as it is built: inside the try too
+        codec = TextCodec(tokenizer, num_img=num_img, num_img_d=num_img_d, max_length=max_length, system_prompt=system_prompt,
+                          chat_template=chat_template)
         enc = codec.encode(PROBE, has_image=True)
     except UserError:
         raise
@@ -178,20 +264,37 @@ def check_template(tokenizer, *, num_img: int = 1, num_img_d: int = 1, max_lengt
                         f"with tokenizer {name!r} and {num_img} + {num_img_d} image slots; raise it")
 
 
-def _split_marks(text: str) -> list:
-    """Text with slot markers -> [str | slot id, ...]."""
-    parts: list = [text]
-    for slot, mark in _MARK.items():
-        nxt: list = []
-        for p in parts:
-            if isinstance(p, int) or mark not in p:
-                nxt.append(p)
-                continue
-            chunks = p.split(mark)
-            for j, c in enumerate(chunks):
-                if j:
-                    nxt.append(slot)
-                if c:
-                    nxt.append(c)
-        parts = nxt
-    return parts
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS before a text it encodes (LLaMA, OPT do; Qwen2, BLOOM don't)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    return tokenizer("a")["input_ids"][:1] == [bos] and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for i, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(tok, "special", False):
+            ids.add(int(i))
+    return ids
+
+
+def _strip_marks(marked: str) -> tuple[str, dict[int, int]]:
+    """The text without slot markers, and each marker's position in it (the first user turn's)."""
+    text, marks, i = [], {}, 0
+    found = sorted((marked.find(m), slot) for slot, m in _MARK.items() if m in marked)
+    for pos, slot in found:
+        text.append(marked[i:pos])
+        marks[slot] = sum(len(t) for t in text)
+        i = pos + len(_MARK[slot])
+    text.append(marked[i:])
+    joined = "".join(text)
+    if any(m in joined for m in _MARK.values()):
+        raise UserError("the chat template renders the first user turn more than once")
+    return joined, marks
+
+
+def _shift(pos: int, marked: str, marks: dict[int, int]) -> int:
+    """A position in the marked text -> the same position in the text without markers."""
+    return pos - sum(len(_MARK[s]) for s in marks if marked.find(_MARK[s]) < pos)

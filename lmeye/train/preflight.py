@@ -72,11 +72,9 @@ def check_tokenizer(model_cfg: Any, llm_cfg: Any) -> None:
     from lmeye.model.text import check_template
 
     tok = load_tokenizer(model_cfg)
-    configured = getattr(model_cfg, "chat_template", None)  # model.chat_template, where the config has the key
-    if configured:
-        tok.chat_template = configured
     check_template(tok, num_img=model_cfg.num_img, num_img_d=model_cfg.num_img_d,
-                   max_length=min(model_cfg.max_length, config_context(llm_cfg)), system_prompt=model_cfg.system_prompt)
+                   max_length=min(model_cfg.max_length, config_context(llm_cfg)), system_prompt=model_cfg.system_prompt,
+                   chat_template=model_cfg.chat_template)  # a name or .jinja file, resolved by lmeye.model.templates
 
 
 def check_clip(model_cfg: Any) -> Optional[int]:

@@ -41,3 +41,12 @@ def ipn_factory(model_cfg):
         return IPN.from_config(model_cfg(family, **kw), FEATURE_DIM, patch_shape)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def released(tmp_path_factory) -> dict[str, str]:
+    """Every family of lmeye.model.released: a tokenizer in its released style and a tiny LLM."""
+    from lmeye.model.released import FAMILIES, build_family
+
+    root = tmp_path_factory.mktemp("released")
+    return {name: build_family(str(root / name), name) for name in FAMILIES}

@@ -180,13 +180,14 @@ def test_patch_tokens_pooled_to_another_grid_are_refused(ipn_factory):
 
 
 def test_bad_llm_paths_are_one_clear_error(model_cfg, tmp_path):
-    from transformers import T5Config
+    from transformers import ViTConfig
 
     with pytest.raises(UserError, match="no-such-llm"):
         IPN.from_config(model_cfg(llm=str(tmp_path / "no-such-llm")), FEATURE_DIM, None)
-    T5Config(vocab_size=50, d_model=16, d_ff=16, num_layers=1, num_heads=2).save_pretrained(tmp_path / "t5")  # seq2seq, not causal
-    with pytest.raises(UserError, match="is not a causal LM"):
-        IPN.from_config(model_cfg(llm=str(tmp_path / "t5")), FEATURE_DIM, None)
+    # an image model is no LLM (an encoder-decoder such as T5 is one: tests/lmeye/model/test_seq2seq.py)
+    ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16).save_pretrained(tmp_path / "vit")
+    with pytest.raises(UserError, match="is not a causal LM nor an encoder-decoder LM"):
+        IPN.from_config(model_cfg(llm=str(tmp_path / "vit")), FEATURE_DIM, None)
     with pytest.raises(UserError, match="no-such-clip"):
         IPN.from_config(model_cfg(clip_model="no-such-clip"), FEATURE_DIM, None)
 
