@@ -150,7 +150,7 @@ def _extract_then_lose_the_second_node(cluster, worker, client, address: str, ro
     _submit(address, "lingcloud-extract", ["tests/test_multinode.py", "--extract-job", *_sets({
         "data.root": root, "extract.model": "lingcloud-tiny-vit", "extract.pretrained": TAG, "extract.dtype": "float32",
         "extract.batch_size": 2, "extract.pool_size": 2, "extract.actor_num_cpus": 1.5, "extract.decode_num_cpus": 0.5,
-        "extract.decode_memory_mb": 64, "extract.decode_batch_rows": 2, "extract.debug_delay_s": 1.0,
+        "extract.decode_memory_mb": 64, "extract.decode_batch_rows": 2, "extract.debug_delay_s": 2.5,
     })], runtime_env={"worker_process_setup_hook": "test_multinode.register_tag",
                       "env_vars": {"PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", DRIVER_CACHE_ENV: str(root / "driver_cache")}})
     deadline = time.time() + 300

@@ -337,7 +337,7 @@ def test_a_killed_model_actor_is_replaced_and_the_run_completes(tmp_path, ray_lo
     pairs = build_pairs_table(tmp_path / "pairs", 12, shards=4, corrupt=0, failed=0, size=32)
     cfg = load_config(None, [f"data.root={tmp_path}", f"extract.model={clip.TINY_MODEL}", "extract.pretrained=null",
                              "extract.batch_size=1", "extract.decode_batch_rows=1", "extract.decode_num_cpus=0.5",
-                             "extract.debug_delay_s=0.5"])
+                             "extract.debug_delay_s=2.0"])
     before = {p.pid for p in psutil.Process().children(recursive=True)}  # earlier tests' workers are not it
     manifest = tmp_path / "features" / "_manifest.json"
     result = {}
