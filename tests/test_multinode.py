@@ -333,8 +333,9 @@ def test_extraction_ran_on_both_nodes_and_finished_after_losing_one(run):
     success = {u for u, s in zip(pairs["uid"].to_pylist(), pairs["status"].to_pylist()) if s == "success"}
     assert len(uids) == len(set(uids)) and set(uids) == success  # one row per successful uid
     encoded_on = {n for s in manifest["shards"].values() for n in s["stats"]["nodes"]}
-    # where the rows were encoded, as the manifest says (the second node too, unless it started late)
-    assert result["head"] in encoded_on and encoded_on <= {result["head"], result["second"], result["replacement"]}
+    # where the rows were encoded, as the manifest says: only on this cluster's nodes (which of them
+    # depends on when each model actor started, and the loss now comes as soon as the run stages a part)
+    assert encoded_on and encoded_on <= {result["head"], result["second"], result["replacement"]}
 
 
 def test_two_worker_training_spans_two_nodes_and_restarts_from_a_checkpoint_after_losing_one(run):
