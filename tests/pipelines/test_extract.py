@@ -345,11 +345,9 @@ def test_a_killed_model_actor_is_replaced_and_the_run_completes(tmp_path, ray_lo
     thread.start()
     victim, deadline = None, time.time() + 180
     while victim is None and time.time() < deadline and thread.is_alive():
-        # once the model actor has written rows: a committed shard, or a part file it staged
-        # (shards are assembled from parts, so the first commit can come late in a short run)
-        started = committed_manifest(manifest.parent).get("shards") or any(
-            (manifest.parent / "_staging").rglob("*.parquet"))
-        for p in psutil.Process().children(recursive=True) if started else []:
+        # as soon as the model actor's process exists: this run's actor may take all 12 rows in one or
+        # two batches, so waiting for its first staged part or commit left no window (2 of 3 suite runs)
+        for p in psutil.Process().children(recursive=True):
             try:
                 if p.pid not in before and "_Encoder" in " ".join(p.cmdline()):
                     victim = p
