@@ -338,7 +338,19 @@ def test_a_killed_model_actor_is_replaced_and_the_run_completes(tmp_path, ray_lo
     cfg = load_config(None, [f"data.root={tmp_path}", f"extract.model={clip.TINY_MODEL}", "extract.pretrained=null",
                              "extract.batch_size=1", "extract.decode_batch_rows=1", "extract.decode_num_cpus=0.5",
                              "extract.debug_delay_s=2.0"])
-    before = {p.pid for p in psutil.Process().children(recursive=True)}  # earlier tests' workers are not it
+    def encoder_pids():
+        pids = set()
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if "_Encoder" in " ".join(p.cmdline()):
+                    pids.add(p.pid)
+            except psutil.Error:
+                pass
+        return pids
+
+    # an earlier test's model actor is not it; an idle worker is not excluded, because Ray reuses idle
+    # worker processes, and this run's actor can be one that was `ray::IDLE` when the test began
+    before = encoder_pids()
     manifest = tmp_path / "features" / "_manifest.json"
     result = {}
     thread = threading.Thread(target=lambda: result.update(summary=run(cfg)), daemon=True)
