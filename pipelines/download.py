@@ -39,7 +39,6 @@ import io
 import itertools
 import json
 import math
-import os
 import signal
 import sys
 import tempfile
@@ -60,8 +59,9 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from lmeye.config import Config, DownloadConfig, dump_config
-from lmeye.report import StageSummary, node_note
+from lmeye.report import StageSummary, node_note, sum_counts
 from lmeye.runtime import init_ray, storage_runtime_env
+from lmeye.spill import Spill
 from lmeye.tables import (
     STAGING, ShardInfo, TableWriter, ensure_writable, fingerprint, remove_temporaries, write_shard,
 )
@@ -273,61 +273,47 @@ class Plan:
 
 
 class _Partitions:
-    """Rows spilled to local files by a hash of their uid, so every copy of a URL lands in one
-    partition. A partition that came out larger than ``PARTITION_BYTES`` (the input size was
-    only an estimate) is split again with another hash when it is read: memory stays bounded
-    whatever the estimate was."""
+    """Rows spilled to local files (``lmeye.spill``) by a hash of their uid, so every copy of a
+    URL lands in one partition. A partition that came out larger than ``PARTITION_BYTES`` (the
+    input size was only an estimate) is split again with another hash when it is read: memory
+    stays bounded whatever the estimate was."""
 
     def __init__(self, folder: str, count: int, level: int = 0):
-        self.folder, self.count, self.level = folder, count, level
-        self.writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
-
-    def path(self, p: int) -> str:
-        return os.path.join(self.folder, f"{self.level}-{p:05d}.arrow")
+        self.count, self.level = count, level
+        self.spill = Spill(folder, str(level), count, SPILL_SCHEMA)
 
     def add(self, table: pa.Table) -> None:
         if self.count == 1:
-            parts = {0: table}
+            parts = np.zeros(table.num_rows, dtype=np.int64)
         else:  # crc32 of the opaque uid string (salted by level): stable across runs and machines
-            salt = str(self.level).encode()
-            keys = np.fromiter((zlib.crc32(u.encode(), zlib.crc32(salt)) for u in table["uid"].to_pylist()),
-                               dtype=np.uint32, count=table.num_rows) % self.count
-            order = np.argsort(keys, kind="stable")
-            bounds = np.searchsorted(keys[order], np.arange(self.count + 1))
-            parts = {p: table.take(order[bounds[p]:bounds[p + 1]])
-                     for p in range(self.count) if bounds[p + 1] > bounds[p]}
-        for p, part in parts.items():
-            if p not in self.writers:
-                self.writers[p] = pa.ipc.new_stream(self.path(p), SPILL_SCHEMA)
-            self.writers[p].write_table(part)
+            salt = zlib.crc32(str(self.level).encode())
+            parts = np.fromiter((zlib.crc32(u.encode(), salt) for u in table["uid"].to_pylist()),
+                                dtype=np.uint32, count=table.num_rows) % self.count
+        self.spill.write(table, parts)
 
     def close(self) -> None:
-        for w in self.writers.values():
-            w.close()
+        self.spill.close()
 
     def tables(self) -> Iterator[pa.Table]:
         """Each partition in turn (in a fixed order), none over ``PARTITION_BYTES`` if splittable."""
         for p in range(self.count):
-            if p not in self.writers:
+            size = self.spill.size(p)
+            if not size:
                 continue
-            path = self.path(p)
-            size = os.path.getsize(path)
             if size > PARTITION_BYTES and self.level < 4:
-                sub = _Partitions(self.folder, math.ceil(size / PARTITION_BYTES) + 1, self.level + 1)
+                sub = _Partitions(self.spill.folder, math.ceil(size / PARTITION_BYTES) + 1, self.level + 1)
                 try:
-                    with pa.memory_map(path) as source:
-                        for batch in pa.ipc.open_stream(source):
-                            sub.add(pa.Table.from_batches([batch]))
+                    for batch in self.spill.batches(p):
+                        sub.add(pa.Table.from_batches([batch]))
                 finally:
                     sub.close()
-                os.remove(path)
+                self.spill.remove(p)
                 yield from sub.tables()
                 continue
-            with pa.memory_map(path) as source:
-                table = pa.ipc.open_stream(source).read_all()
+            table = self.spill.read(p)
             yield table
             del table
-            os.remove(path)
+            self.spill.remove(p)
             pa.default_memory_pool().release_unused()  # hand the partition's memory back before the next
 
 
@@ -841,21 +827,46 @@ def _commit_leftovers(committer: Committer, notes: list[str]) -> None:
 
 def _run(cfg: Config, staging: str) -> StageSummary:
     d = cfg.download
-    output = d.output
     started = time.time()
     raw_dir = staging + "/raw"
     plan = plan_inputs(d.input, staging, d)
+    writer = TableWriter(d.output, PAIRS, config=_content_config(cfg, plan),
+                         input_fingerprint=fingerprint([s.fingerprint for s in plan.all_shards]))
+    fs, raw_root = fsspec.core.url_to_fs(raw_dir)
+    fs.makedirs(raw_root, exist_ok=True)
+    committer = Committer(writer, ShardTarget(d.output, raw_dir, d.encode_format), plan)
+    skipped = len(plan.shards) - len(committer.pending) + _write_rejected(plan, writer, committer)
+    notes = [f"input format {plan.input_format}"
+             + (" (inferred from the file extension)" if plan.format_inferred else " (download.input_format)")]
+    pass_errors, download_seconds = _download_passes(cfg, staging, plan, committer, notes)
+    summary = _summary(d.output, plan, writer, committer, skipped, notes, started, download_seconds)
+    stats = summary.to_dict() | {"input": dict(plan.counts), "pass_errors": pass_errors}
+    if committer.pending:
+        missing = sorted(s.name for s in committer.pending.values())
+        summary.ok = False
+        summary.notes.append(f"{len(missing)} shard(s) still failing after {d.max_shard_retry} retries: "
+                             f"{', '.join(missing[:10])}; rerun the same command to resume")
+        writer.manifest.stats = stats  # the tracebacks stay with the table for the rerun to see
+        writer.compact()
+        return summary
+    writer.finalize([s.name for s in plan.all_shards], stats=stats)
+    return summary
+
+
+def _content_config(cfg: Config, plan: Plan) -> dict:
+    """What decides the pairs' content: the table's config fingerprint."""
+    d = cfg.download
     content = {k: v for k, v in dump_config(cfg)["download"].items() if k in CONTENT_KEYS}
     content["input_format"] = plan.input_format  # as used, whether configured or inferred
     if d.column_names is not None:  # (only when set: tables from before the key keep their fingerprint)
         content["column_names"] = d.column_names
-    writer = TableWriter(output, PAIRS, config=content,
-                         input_fingerprint=fingerprint([s.fingerprint for s in plan.all_shards]))
-    fs, raw_root = fsspec.core.url_to_fs(raw_dir)
-    fs.makedirs(raw_root, exist_ok=True)
-    committer = Committer(writer, ShardTarget(output, raw_dir, d.encode_format), plan)
-    skipped = len(plan.shards) - len(committer.pending)
-    for s in plan.rejected:  # never fetched: written here, as failed rows
+    return content
+
+
+def _write_rejected(plan: Plan, writer: TableWriter, committer: Committer) -> int:
+    """The shards of URLs never fetched, written here as failed rows; returns those already done."""
+    skipped = 0
+    for s in plan.rejected:
         if writer.is_done(s.name, s.fingerprint):
             skipped += 1
             continue
@@ -865,9 +876,15 @@ def _run(cfg: Config, staging: str) -> StageSummary:
         writer.write(s.name, table, inputs=s.sources, input_fingerprint=s.fingerprint,
                      stats=_row_counts(table), compression=PAIRS_COMPRESSION)
         committer.written.append(s.name)
+    return skipped
 
-    notes = [f"input format {plan.input_format}"
-             + (" (inferred from the file extension)" if plan.format_inferred else " (download.input_format)")]
+
+def _download_passes(cfg: Config, staging: str, plan: Plan, committer: Committer,
+                     notes: list[str]) -> tuple[list[str], float]:
+    """img2dataset passes until nothing is pending or the retries are spent; returns the passes'
+    tracebacks and the seconds spent downloading."""
+    d = cfg.download
+    raw_dir = staging + "/raw"
     pass_errors: list[str] = []
     download_seconds = 0.0
     if committer.pending:
@@ -892,37 +909,25 @@ def _run(cfg: Config, staging: str) -> StageSummary:
                          "(traceback in the log and the manifest)")
         finally:
             download_seconds += time.time() - t0
+    return pass_errors, download_seconds
 
-    expected = [s.name for s in plan.all_shards]
-    by_status: Counter = Counter()
-    reasons: Counter = Counter()
-    nodes: Counter = Counter()
-    for shard in plan.all_shards:  # this run's shards only: the manifest may still list stale ones
-        if writer.is_done(shard.name, shard.fingerprint):
-            info = writer.manifest.shards[shard.name]
-            by_status.update(info.stats.get("by_status", {}))
-            reasons.update(info.stats.get("errors", {}))
-            if info.stats.get("node"):
-                nodes[info.stats["node"]] += 1
+
+def _summary(output: str, plan: Plan, writer: TableWriter, committer: Committer, skipped: int, notes: list[str],
+             started: float, download_seconds: float) -> StageSummary:
+    """Rows by status and failures by reason over this run's shards (the manifest may still list
+    stale ones), and the nodes that fetched them."""
+    done = [writer.manifest.shards[s.name] for s in plan.all_shards if writer.is_done(s.name, s.fingerprint)]
+    by_status = sum_counts(info.stats.get("by_status", {}) for info in done)
+    nodes = Counter(info.stats["node"] for info in done if info.stats.get("node"))
     if nodes:
         notes.append(node_note(nodes, "shards"))
-    summary = StageSummary(
+    return StageSummary(
         stage="download", output=output, rows=sum(by_status.values()),
         counts=dict(by_status) | {k: v for k, v in plan.counts.items()
                                   if k in ("empty_url", "duplicate_url", UNSUPPORTED_SCHEME) and v},
-        failures=dict(reasons), shards_done=len(committer.written), shards_skipped=skipped,
+        failures=dict(sum_counts(info.stats.get("errors", {}) for info in done)),
+        shards_done=len(committer.written), shards_skipped=skipped,
         seconds=time.time() - started,
         rate=(committer.ok_done / download_seconds) if download_seconds > 0 else None, rate_unit="img/s",
         notes=notes,
     )
-    stats = summary.to_dict() | {"input": dict(plan.counts), "pass_errors": pass_errors}
-    if committer.pending:
-        missing = sorted(s.name for s in committer.pending.values())
-        summary.ok = False
-        summary.notes.append(f"{len(missing)} shard(s) still failing after {d.max_shard_retry} retries: "
-                             f"{', '.join(missing[:10])}; rerun the same command to resume")
-        writer.manifest.stats = stats  # the tracebacks stay with the table for the rerun to see
-        writer.compact()
-        return summary
-    writer.finalize(expected, stats=stats)
-    return summary

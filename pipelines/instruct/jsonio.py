@@ -14,6 +14,8 @@ from typing import Any, Iterator, Optional
 
 import fsspec
 
+from lmeye.tables import is_local
+
 
 class Malformed(Exception):
     """A record that is not the expected shape; the message says what is wrong with it."""
@@ -23,7 +25,7 @@ def list_files(path: str) -> list[str]:
     """A file, a folder (its *.json / *.jsonl, .gz too), or a glob; sorted, with protocol."""
     fs, root = fsspec.core.url_to_fs(path)
     proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    prefix = "" if proto in ("file", "local") else f"{proto}://"
+    prefix = "" if is_local(fs) else f"{proto}://"
     if any(c in root for c in "*?["):
         found = sorted(fs.glob(root))
     elif fs.isdir(root):

@@ -21,12 +21,13 @@ import pyarrow as pa
 
 from lmeye.config.instruct import DEFAULT_TASK, InstructConfig
 from lmeye.errors import UserError
+from lmeye.spill import Spill
 from lmeye.tables import TableReader
 from pipelines.instruct.captions import CaptionTasks
 from pipelines.instruct.formats import NEEDS_POOL, AnswerPool, Formatter
 from pipelines.instruct.images import ImageIndex, resolve
 from pipelines.instruct.jsonio import Malformed, read_json_source
-from pipelines.instruct.partition import MASK64, SPILL_SCHEMA, Placement, Spill, seed64, uid_keys
+from pipelines.instruct.partition import MASK64, SPILL_SCHEMA, Placement, seed64, uid_keys
 from pipelines.instruct.records import TEXT_ONLY, Parsed, Reject, parse_caption_record, parse_llava, parse_qa
 from schemas.instructions import CONVERSATION, TURN
 from schemas.pairs import CAPTION, STATUS, SUCCESS, UID as PAIRS_UID
