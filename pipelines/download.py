@@ -48,7 +48,7 @@ import urllib.request
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import fsspec
 import numpy as np
@@ -67,7 +67,7 @@ from lmeye.tables import (
 )
 from lmeye.uid import uid_for
 from schemas import SchemaError
-from schemas.pairs import FAILED_TO_DOWNLOAD, PAIRS, SUCCESS
+from schemas.pairs import FAILED_TO_DOWNLOAD, PAIRS, SUCCESS, additional_type, with_additional
 
 UNSUPPORTED_SCHEME = "unsupported_url_scheme"
 TOO_LARGE = "response_too_large"
@@ -142,6 +142,11 @@ def _column_names(cfg: DownloadConfig, fmt: str) -> tuple[str, str | None]:
     return cfg.url_col, caption_col
 
 
+def _columns_read(cfg: DownloadConfig, fmt: str) -> list[str]:
+    """Every column of the list the stage uses: url, caption, then ``additional_columns``."""
+    return [c for c in _column_names(cfg, fmt) if c] + list(cfg.additional_columns)
+
+
 def _raw_batches(f, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Table]:
     """Stream one opened URL list as tables of at most a few MB, every column kept as read."""
     base = fmt.removesuffix(".gz")
@@ -150,7 +155,7 @@ def _raw_batches(f, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Table]:
             f = io.BytesIO(f.read())
         pf = pq.ParquetFile(f)
         # only the columns used: LAION's metadata parquet has a dozen more (and some have embeddings)
-        wanted = [c for c in _column_names(cfg, fmt) if c]
+        wanted = _columns_read(cfg, fmt)
         columns = [c for c in pf.schema_arrow.names if c in wanted]
         if len(columns) < len(wanted):  # let the caller name the missing column
             yield pf.schema_arrow.empty_table()
@@ -201,41 +206,59 @@ def iter_url_batches(path: str, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Ta
             for table in _raw_batches(f, fmt, cfg):
                 if table.num_columns == 0:
                     continue
-                for role, col in (("url", url_col), ("caption", caption_col)):
+                roles = [("url", url_col, "url_col"), ("caption", caption_col, "caption_col")]
+                roles += [("additional", c, "additional_columns") for c in cfg.additional_columns]
+                for role, col, key in roles:
                     if col is not None and col not in table.column_names:
                         raise InputError(
                             f"{path}: no {role} column '{col}' (columns: {', '.join(table.column_names)}); "
-                            f"set download.{role}_col"
+                            f"set download.{key}"
                         )
                 if table.num_rows:
-                    yield _normalise(table, url_col, caption_col)
+                    yield _normalise(table, url_col, caption_col, cfg.additional_columns)
     except (pa.ArrowInvalid, ValueError, UnicodeDecodeError, OSError, EOFError) as err:
         if isinstance(err, InputError):
             raise
         raise InputError(f"{path}: cannot read as {fmt} ({str(err).splitlines()[0]})") from None
 
 
-def _normalise(table: pa.Table, url_col: str, caption_col: str | None) -> pa.Table:
+def _normalise(table: pa.Table, url_col: str, caption_col: str | None, additional: list[str]) -> pa.Table:
     urls = pc.utf8_trim_whitespace(pc.cast(table[url_col], pa.string()))
     captions = (
         pc.cast(table[caption_col], pa.string()) if caption_col else pa.nulls(table.num_rows, pa.string())
     )
-    return pa.table({
+    columns = {
         "uid": pa.array([uid_for(u) if u else None for u in urls.to_pylist()], pa.string()),
         "url": urls,
         "caption": captions,
-    })
+    }
+    for c in additional:
+        columns[c] = pc.cast(table[c], additional_type(table[c].type))
+    return pa.table(columns)
+
+
+def _conform(t: pa.Table, extra: pa.Schema, path: str) -> pa.Table:
+    """A batch's additional columns as the run's first batch typed them (one spill schema)."""
+    if t.schema.equals(pa.schema(list(URL_SCHEMA) + list(extra))):
+        return t
+    for f in extra:
+        try:
+            t = t.set_column(t.column_names.index(f.name), f, pc.cast(t[f.name], f.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise InputError(f"{path}: additional column '{f.name}' holds {t[f.name].type} values where earlier "
+                             f"rows held {f.type} (download.additional_columns)") from None
+    return t
 
 
 def read_url_list(path: str, cfg: DownloadConfig) -> pa.Table:
-    """One whole input file as a (uid, url, caption) table (small lists and tests)."""
+    """One whole input file as a (uid, url, caption, additional...) table (small lists and tests)."""
     fmt = cfg.input_format or resolve_inputs(path, None)[1]
     parts = list(iter_url_batches(path, fmt, cfg))
     return pa.concat_tables(parts) if parts else URL_SCHEMA.empty_table()
 
 
 URL_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()), ("caption", pa.string())])
-SPILL_SCHEMA = pa.schema([("seq", pa.int64())] + list(URL_SCHEMA))
+NO_EXTRA = pa.schema([])  # no additional columns
 # Spilled bytes per planning partition: the planner holds one partition at a time, so this (not
 # the length of the URL list) bounds its memory. Input is first spread over up to SPILL_FANOUT
 # partitions (one per SPILL_BYTES of input); larger ones are split again when read.
@@ -266,6 +289,7 @@ class Plan:
     oom_shard_count: int
     input_format: str
     format_inferred: bool
+    extra: pa.Schema = NO_EXTRA  # the additional columns kept, with their stored types
 
     @property
     def all_shards(self) -> list[PlannedShard]:
@@ -278,9 +302,9 @@ class _Partitions:
     input size was only an estimate) is split again with another hash when it is read: memory
     stays bounded whatever the estimate was."""
 
-    def __init__(self, folder: str, count: int, level: int = 0):
+    def __init__(self, folder: str, count: int, schema: pa.Schema, level: int = 0):
         self.count, self.level = count, level
-        self.spill = Spill(folder, str(level), count, SPILL_SCHEMA)
+        self.spill = Spill(folder, str(level), count, schema)
 
     def add(self, table: pa.Table) -> None:
         if self.count == 1:
@@ -301,7 +325,8 @@ class _Partitions:
             if not size:
                 continue
             if size > PARTITION_BYTES and self.level < 4:
-                sub = _Partitions(self.spill.folder, math.ceil(size / PARTITION_BYTES) + 1, self.level + 1)
+                sub = _Partitions(self.spill.folder, math.ceil(size / PARTITION_BYTES) + 1, self.spill.schema,
+                                  self.level + 1)
                 try:
                     for batch in self.spill.batches(p):
                         sub.add(pa.Table.from_batches([batch]))
@@ -395,23 +420,8 @@ def plan_inputs(input_path: str, staging: str, cfg: DownloadConfig) -> Plan:
     cutters = {kind: _ShardCutter(fs, f"{sroot}/{kind}", cfg.samples_per_shard, files, kind == "rejected")
                for kind in ("urls", "rejected")}
     with tempfile.TemporaryDirectory(prefix="lmeye-download-plan-") as tmp:
-        spill = _Partitions(tmp, n_parts)
-        seq = 0
-        try:
-            for src_index, src in enumerate(files):
-                for t in iter_url_batches(src, fmt, cfg):
-                    counts["input_rows"] += t.num_rows
-                    valid = pc.is_valid(t["uid"])
-                    t = t.filter(valid)
-                    counts["empty_url"] += len(valid) - t.num_rows
-                    # position = (file, row): the file index rides in the high bits
-                    spill.add(t.add_column(0, "seq", pa.array(np.arange(seq, seq + t.num_rows, dtype=np.int64)
-                                                              + (src_index << 40))))
-                    seq += t.num_rows
-                    pa.default_memory_pool().release_unused()  # keep the footprint at one batch
-        finally:
-            spill.close()
-        for t in spill.tables():
+        spill, extra = _spill_lists(files, fmt, cfg, tmp, n_parts, counts)
+        for t in spill.tables() if spill is not None else ():
             if cfg.dedupe_urls and t.num_rows:
                 before = t.num_rows
                 t = _first_of_each_uid(t)
@@ -432,14 +442,45 @@ def plan_inputs(input_path: str, staging: str, cfg: DownloadConfig) -> Plan:
         s.shard_id, s.name = i, f"{i:0{oom}d}.parquet"
     counts["rows"] = sum(s.rows for s in fetch + rejected)
     counts[UNSUPPORTED_SCHEME] = sum(s.rows for s in rejected)
-    return Plan(urls_files, fetch, rejected, counts, oom, fmt, inferred)
+    return Plan(urls_files, fetch, rejected, counts, oom, fmt, inferred, extra)
+
+
+def _spill_lists(files: list[str], fmt: str, cfg: DownloadConfig, tmp: str, n_parts: int,
+                 counts: Counter) -> tuple[_Partitions | None, pa.Schema]:
+    """Step 1 of the plan: every row with a url, numbered by its input position, spilled by uid
+    hash. Returns the spill (None: no row) and the additional columns' schema, fixed by the
+    first batch (a later batch is cast to it, or is an error naming its file and column)."""
+    spill: _Partitions | None = None
+    extra = pa.schema([(c, pa.string()) for c in cfg.additional_columns])
+    seq = 0
+    try:
+        for src_index, src in enumerate(files):
+            for t in iter_url_batches(src, fmt, cfg):
+                counts["input_rows"] += t.num_rows
+                valid = pc.is_valid(t["uid"])
+                t = t.filter(valid)
+                counts["empty_url"] += len(valid) - t.num_rows
+                if spill is None:
+                    extra = pa.schema([t.schema.field(c) for c in cfg.additional_columns])
+                    spill = _Partitions(tmp, n_parts, pa.schema([("seq", pa.int64())] + list(URL_SCHEMA) + list(extra)))
+                t = _conform(t, extra, src)
+                # position = (file, row): the file index rides in the high bits
+                spill.add(t.add_column(0, "seq", pa.array(np.arange(seq, seq + t.num_rows, dtype=np.int64)
+                                                          + (src_index << 40))))
+                seq += t.num_rows
+                pa.default_memory_pool().release_unused()  # keep the footprint at one batch
+    finally:
+        if spill is not None:
+            spill.close()
+    return spill, extra
 
 
 # ----------------------------------------------------------------------------- raw -> pairs
 
 
-def to_pairs(raw: pa.Table, encode_format: str) -> pa.Table:
-    """img2dataset's parquet columns -> the `pairs` schema, rows in input order."""
+def to_pairs(raw: pa.Table, encode_format: str, additional: tuple[str, ...] = ()) -> pa.Table:
+    """img2dataset's parquet columns -> the `pairs` schema (with the ``additional`` columns of
+    the URL list after its own), rows in input order."""
     order = pc.sort_indices(pc.cast(raw["key"], pa.int64()))
     raw = raw.take(order)
     cols = {
@@ -450,7 +491,13 @@ def to_pairs(raw: pa.Table, encode_format: str) -> pa.Table:
         "original_width": raw["original_width"], "original_height": raw["original_height"],
         "sha256": raw["sha256"], "image": raw[encode_format],
     }
-    schema = PAIRS.with_metadata(PAIRS.schema)
+    return _as_pairs(cols, raw, additional)
+
+
+def _as_pairs(cols: dict[str, Any], source: pa.Table, additional: tuple[str, ...]) -> pa.Table:
+    """The pairs columns ``cols`` and the additional columns of ``source``, as one pairs table."""
+    schema = with_additional(pa.schema([source.schema.field(c) for c in additional]))
+    cols = cols | {c: source[c] for c in additional}
     return pa.table({f.name: pc.cast(cols[f.name], f.type) for f in schema}, schema=schema)
 
 
@@ -465,6 +512,7 @@ class ShardTarget:
     output: str  # the pairs table
     raw_dir: str  # img2dataset's output folder (in the table's staging folder)
     encode_format: str
+    additional: tuple[str, ...] = ()  # download.additional_columns, carried into pairs
 
 
 def raw_paths(target: ShardTarget, s: PlannedShard) -> tuple[str, str, str]:
@@ -486,7 +534,7 @@ def commit_raw_shard(target: ShardTarget, s: PlannedShard) -> ShardInfo | None:
         # shard is still being finished (or its download failed).
         stats = json.loads(fs.cat_file(stats_file))
         with fs.open(data, "rb") as f:
-            table = to_pairs(pq.read_table(f), target.encode_format)
+            table = to_pairs(pq.read_table(f), target.encode_format, target.additional)
     except (ValueError, FileNotFoundError):
         return None
     if fingerprint(table["uid"].to_pylist()) != s.fingerprint:
@@ -579,8 +627,7 @@ def rejected_pairs(rows: pa.Table) -> pa.Table:
         "width": null_int, "height": null_int, "original_width": null_int, "original_height": null_int,
         "sha256": pa.nulls(n, pa.string()), "image": pa.nulls(n, pa.binary()),
     }
-    schema = PAIRS.with_metadata(PAIRS.schema)
-    return pa.table({f.name: pc.cast(cols[f.name], f.type) for f in schema}, schema=schema)
+    return _as_pairs(cols, rows, tuple(c for c in rows.column_names if c not in URL_SCHEMA.names and c != "seq"))
 
 
 # ----------------------------------------------------------------------------- fetching guard
@@ -758,7 +805,7 @@ def _call_img2dataset(img2dataset_download, cfg: DownloadConfig, urls_dir: str, 
         input_format="parquet",
         url_col="url",
         caption_col="caption",
-        save_additional_columns=["uid"],
+        save_additional_columns=["uid", *cfg.additional_columns],
         output_folder=raw_dir,
         output_format="parquet",
         distributor="ray",
@@ -834,7 +881,7 @@ def _run(cfg: Config, staging: str) -> StageSummary:
                          input_fingerprint=fingerprint([s.fingerprint for s in plan.all_shards]))
     fs, raw_root = fsspec.core.url_to_fs(raw_dir)
     fs.makedirs(raw_root, exist_ok=True)
-    committer = Committer(writer, ShardTarget(d.output, raw_dir, d.encode_format), plan)
+    committer = Committer(writer, ShardTarget(d.output, raw_dir, d.encode_format, tuple(d.additional_columns)), plan)
     skipped = len(plan.shards) - len(committer.pending) + _write_rejected(plan, writer, committer)
     notes = [f"input format {plan.input_format}"
              + (" (inferred from the file extension)" if plan.format_inferred else " (download.input_format)")]
@@ -860,6 +907,8 @@ def _content_config(cfg: Config, plan: Plan) -> dict:
     content["input_format"] = plan.input_format  # as used, whether configured or inferred
     if d.column_names is not None:  # (only when set: tables from before the key keep their fingerprint)
         content["column_names"] = d.column_names
+    if d.additional_columns:  # (likewise)
+        content["additional_columns"] = d.additional_columns
     return content
 
 
