@@ -168,9 +168,9 @@ def _raw_batches(f, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Table]:
         while chunk := list(itertools.islice(lines, BATCH_ROWS)):
             yield pa.table({cfg.url_col: pa.array([s for s in (c.strip() for c in chunk) if s], pa.string())})
         return
-    if base == "json":  # one JSON array: not streamable, read whole
+    if base == "json":  # one JSON array (or COCO's object with one): not streamable, read whole
         raw = f.read()
-        yield pa.Table.from_pylist(json.loads(raw)) if raw.strip() else pa.table({})
+        yield pa.Table.from_pylist(_json_rows(json.loads(raw))) if raw.strip() else pa.table({})
         return
     head = f.peek(1) if hasattr(f, "peek") else b"?"
     if not head:  # an empty file: an empty list, not an error
@@ -191,6 +191,17 @@ def _raw_batches(f, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Table]:
     yield reader.schema.empty_table()  # the columns, checked even when there is no row
     for batch in reader:
         yield pa.Table.from_batches([batch])
+
+
+def _json_rows(value: Any) -> list:
+    """The rows of a .json list: the list itself, or COCO's ``images`` list of an annotation
+    file as released (``captions_train2017.json``: ``{"images": [{"coco_url", "file_name", ...}]``)."""
+    if isinstance(value, dict) and isinstance(value.get("images"), list):
+        return value["images"]
+    if not isinstance(value, list):
+        found = f"an object with {', '.join(map(repr, value))}" if isinstance(value, dict) else type(value).__name__
+        raise ValueError(f"expected a JSON list of rows, or COCO's object with an 'images' list; found {found}")
+    return value
 
 
 def iter_url_batches(path: str, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Table]:

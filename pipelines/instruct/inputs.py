@@ -35,6 +35,8 @@ def resolved_sources(cfg: Config) -> list[Any]:
         updates: dict[str, Any] = {"name": spec.name or spec.kind, "path": fill_paths(spec.path, cfg)}
         if spec.kind == "captions":
             updates["table"] = fill_paths(spec.table, cfg) or cfg.instruct.pairs
+        if getattr(spec, "answers", None):
+            updates["answers"] = fill_paths(spec.answers, cfg)
         out.append(spec.model_copy(update=updates))
     return out
 

@@ -28,7 +28,16 @@ from pipelines.instruct.formats import NEEDS_POOL, AnswerPool, Formatter
 from pipelines.instruct.images import ImageIndex, resolve
 from pipelines.instruct.jsonio import Malformed, read_json_source
 from pipelines.instruct.partition import MASK64, SPILL_SCHEMA, Placement, seed64, uid_keys
-from pipelines.instruct.records import TEXT_ONLY, Parsed, Reject, parse_caption_record, parse_llava, parse_qa
+from pipelines.instruct.records import (
+    TEXT_ONLY,
+    Parsed,
+    Reject,
+    load_vqa_answers,
+    parse_caption_record,
+    parse_llava,
+    parse_qa,
+    with_vqa_answer,
+)
 from schemas.instructions import CONVERSATION, TURN
 from schemas.pairs import CAPTION, STATUS, SUCCESS, UID as PAIRS_UID
 
@@ -222,8 +231,12 @@ def _position(spec: Any, file: str, where: str) -> str:
     return f"{rel}:{where}"
 
 
-def _parse(spec: Any, rec: Any) -> Parsed | Reject | tuple[Any, str]:
+def _parse(spec: Any, rec: Any, answers: Optional[dict] = None) -> Parsed | Reject | tuple[Any, str]:
     kind = spec.kind
+    if answers is not None:  # VQAv2 as released: the answer is in the annotations file
+        rec = with_vqa_answer(rec, answers, spec.answer_field)
+        if isinstance(rec, Reject):
+            return rec
     if kind in ("vqa", "lmeyemid"):
         return parse_qa(rec, spec.image_field, spec.question_field, spec.answer_field, spec.id_field)
     if kind == "llava":
@@ -231,7 +244,7 @@ def _parse(spec: Any, rec: Any) -> Parsed | Reject | tuple[Any, str]:
     return parse_caption_record(rec, spec.image_field, spec.caption_field)
 
 
-def _answer_pool(spec: Any) -> AnswerPool:
+def _answer_pool(spec: Any, answers: Optional[dict]) -> AnswerPool:
     """A first pass over a question/answer source: every well-formed record's (question, answer)."""
 
     def pairs():
@@ -239,7 +252,7 @@ def _answer_pool(spec: Any) -> AnswerPool:
             if isinstance(rec, Malformed):
                 continue
             try:
-                out = _parse(spec, rec)
+                out = _parse(spec, rec, answers)
             except Malformed:
                 continue
             if isinstance(out, Parsed):
@@ -248,12 +261,12 @@ def _answer_pool(spec: Any) -> AnswerPool:
     return AnswerPool(pairs(), spec.type_words)
 
 
-def formatter_of(spec: Any, seed: int) -> Optional[Formatter]:
+def formatter_of(spec: Any, seed: int, answers: Optional[dict] = None) -> Optional[Formatter]:
     """The source's answer formats (None: every record as it is)."""
     formats = getattr(spec, "formats", None)
     if not formats or set(f for f, w in formats.items() if w > 0) == {"plain"}:
         return None
-    pool = _answer_pool(spec) if any(formats.get(f, 0) > 0 for f in NEEDS_POOL) else None
+    pool = _answer_pool(spec, answers) if any(formats.get(f, 0) > 0 for f in NEEDS_POOL) else None
     return Formatter(formats, pool, seed, spec.name or spec.kind, spec.distractors)
 
 
@@ -264,22 +277,23 @@ def run_file_source(ctx: SourceContext, spec: Any, rows: RowBuilder, stats: Sour
     caption_tasks = None
     if spec.kind == "captions":
         caption_tasks = CaptionTasks(ctx.templates(list(spec.tasks)), spec.tasks, ctx.cfg.seed, spec.task)
-    formatter = formatter_of(spec, ctx.cfg.seed)
     try:
+        answers = load_vqa_answers(spec.answers) if getattr(spec, "answers", None) else None
+        formatter = formatter_of(spec, ctx.cfg.seed, answers)
         for file, where, rec in read_json_source(spec.path):
             stats.input += 1
             try:
                 if isinstance(rec, Malformed):
                     raise rec
-                out = _parse(spec, rec)
+                out = _parse(spec, rec, answers)
+                if isinstance(out, Reject):
+                    stats.rejected[out.reason] += 1
+                    continue
+                ref = out.image if isinstance(out, Parsed) else out[0]
+                uid = None if ref is TEXT_ONLY else resolve(ref, spec.image_key, index, spec.path_components, spec.url_prefix)
             except Malformed as err:
                 _bad(ctx, stats, file, where, err)
                 continue
-            if isinstance(out, Reject):
-                stats.rejected[out.reason] += 1
-                continue
-            ref = out.image if isinstance(out, Parsed) else out[0]
-            uid = None if ref is TEXT_ONLY else resolve(ref, spec.image_key, index, spec.path_components, spec.url_prefix)
             if isinstance(uid, Reject):
                 stats.rejected[uid.reason] += 1
                 continue
@@ -300,3 +314,14 @@ def run_file_source(ctx: SourceContext, spec: Any, rows: RowBuilder, stats: Sour
                 progress.tick(lambda: f"{spec.path}: {stats.input} records read")
     except Malformed as err:  # the file as a whole is not a JSON list: never skippable
         raise UserError(str(err)) from None
+    _check_mostly_well_formed(ctx, spec, stats)
+
+
+def _check_mostly_well_formed(ctx: SourceContext, spec: Any, stats: SourceStats) -> None:
+    """A source whose records are mostly malformed does not fit its config (fields, image_key):
+    one error, not a table without its rows and a count in the summary."""
+    bad = stats.outcomes["malformed"]
+    if stats.input and bad > ctx.cfg.max_malformed_fraction * stats.input:
+        first = f"; the first: {stats.examples[0]}" if stats.examples else ""
+        raise UserError(f"instruct source '{spec.name}': {bad} of {stats.input} records are malformed "
+                        f"(more than instruct.max_malformed_fraction {ctx.cfg.max_malformed_fraction}){first}")

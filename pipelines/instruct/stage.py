@@ -187,8 +187,11 @@ def write_partition(writer: TableWriter, p: int, partitions: int, fp: str, train
 
 
 def _config_for_fingerprint(ic: InstructConfig, sources: list[Any]) -> dict[str, Any]:
-    d = ic.model_dump(mode="json", exclude={"export_hf", "tmp_dir", "chunk_rows", "sources", "allow_incomplete", "debug_delay_s"})
-    d["sources"] = [s.model_dump(mode="json") for s in sources]
+    d = ic.model_dump(mode="json", exclude={"export_hf", "tmp_dir", "chunk_rows", "sources", "allow_incomplete",
+                                            "debug_delay_s", "max_malformed_fraction"})
+    # keys added later enter only when set, so tables built before them keep their fingerprint
+    d["sources"] = [{k: v for k, v in s.model_dump(mode="json").items() if not (k == "answers" and v is None)}
+                    for s in sources]
     return d
 
 
@@ -233,6 +236,8 @@ def _input_fingerprint(ic: InstructConfig, sources: list[Any], inputs: InputTabl
             listing.append({"table": s.table, "sig": inputs.pairs(s.table, f"instruct source '{s.name}'").signature()})
         else:
             listing.append([file_signature(f) for f in list_files(s.path)])
+            if getattr(s, "answers", None):
+                listing.append({"answers": file_signature(s.answers)})
     if any(s.image_key not in ("url", "uid") and not uses_pairs_table(s) for s in sources):
         pairs = inputs.pairs(ic.pairs, "instruct.pairs (needed to map image references to uids; or use image_key: url or uid)")
         listing.append({"pairs": pairs.signature()})

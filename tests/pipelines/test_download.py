@@ -665,3 +665,21 @@ def test_additional_columns_may_not_shadow_pairs_or_img2dataset_columns(tmp_path
 
     with pytest.raises(ConfigError, match=match):
         _cfg(tmp_path / "x.parquet", tmp_path / "pairs", **{"download.additional_columns": columns})
+
+
+def test_coco_annotation_file_as_released_is_a_url_list(tmp_path):
+    """captions_train2017.json itself: its ``images`` list holds the URLs (no derived list)."""
+    path = tmp_path / "captions_train2017.json"
+    path.write_text(json.dumps({
+        "info": {"year": 2017}, "licenses": [{"id": 1, "name": "x"}],
+        "images": [{"license": 1, "file_name": f"{i:012d}.jpg", "id": i,
+                    "coco_url": f"http://images.cocodataset.org/train2017/{i:012d}.jpg"} for i in (9, 25)],
+        "annotations": [{"image_id": 9, "id": 1, "caption": "a plate of food"}],
+    }))
+    cfg = _cfg(path, tmp_path / "pairs", **{"download.url_col": "coco_url", "download.caption_col": None}).download
+    table = read_url_list(str(path), cfg)
+    assert table["url"].to_pylist() == [f"http://images.cocodataset.org/train2017/{i:012d}.jpg" for i in (9, 25)]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"annotations": []}))
+    with pytest.raises(Exception, match=r"bad.json: cannot read as json \(expected a JSON list of rows, or COCO's object"):
+        read_url_list(str(bad), cfg)
