@@ -25,7 +25,9 @@ from lmeye.spill import Spill
 from lmeye.tables import TableReader
 from pipelines.instruct.captions import CaptionTasks
 from pipelines.instruct.formats import NEEDS_POOL, AnswerPool, Formatter
-from pipelines.instruct.images import ImageIndex, resolve
+from pipelines.instruct.images import join_key, resolve
+from pipelines.instruct.inputs import file_bytes
+from pipelines.instruct.join import PairsIndex, Resolver, partition_count
 from pipelines.instruct.jsonio import Malformed, read_json_source
 from pipelines.instruct.partition import MASK64, SPILL_SCHEMA, Placement, seed64, uid_keys
 from pipelines.instruct.records import (
@@ -175,21 +177,29 @@ class RowBuilder:
 
 @dataclass
 class SourceContext:
-    """What every source runner needs: the config, the pairs table (opened once, on first use)
-    and the templates (loaded on first use)."""
+    """What every source runner needs: the config, the pairs table (opened once, on first use),
+    the templates (loaded on first use), and a folder for the join's spill files."""
 
     cfg: InstructConfig
     pairs: Callable[[], TableReader]
     templates: Callable[[list[str]], dict]
-    indexes: dict[tuple[str, int], ImageIndex] = field(default_factory=dict)
+    spill_dir: str
+    indexes: dict[tuple[str, int, int], PairsIndex] = field(default_factory=dict)
+    resolvers: int = 0  # names each source's join files
 
-    def index(self, rule: str, components: int) -> Optional[ImageIndex]:
+    def resolver(self, spec: Any) -> Optional[Resolver]:
+        """The partitioned join of a source whose image_key needs the pairs table; None for url
+        and uid, which need none. The pairs side is spilled once per rule and partition count."""
+        rule = spec.image_key
         if rule in ("url", "uid"):
             return None
-        key = (rule, components if rule == "path" else 0)
+        pairs = self.pairs()
+        partitions = partition_count(pairs.num_rows, file_bytes(spec.path), self.cfg.partition_mb)
+        key = (rule, spec.path_components if rule == "path" else 0, partitions)
         if key not in self.indexes:
-            self.indexes[key] = ImageIndex(self.pairs(), rule, components)
-        return self.indexes[key]
+            self.indexes[key] = PairsIndex(pairs, rule, key[1], self.spill_dir, partitions, self.cfg.chunk_rows)
+        self.resolvers += 1
+        return Resolver(self.indexes[key], self.spill_dir, f"source{self.resolvers}", self.cfg.chunk_rows)
 
 
 def _bad(ctx: SourceContext, stats: SourceStats, file: str, where: str, err: Malformed) -> None:
@@ -270,16 +280,43 @@ def formatter_of(spec: Any, seed: int, answers: Optional[dict] = None) -> Option
     return Formatter(formats, pool, seed, spec.name or spec.kind, spec.distractors)
 
 
+class _Emitter:
+    """Turns one resolved record of a file source into rows: caption tasks, answer formats or
+    the conversation as it is."""
+
+    def __init__(self, ctx: SourceContext, spec: Any, rows: RowBuilder, stats: SourceStats,
+                 formatter: Optional[Formatter]):
+        self.spec, self.rows, self.stats, self.formatter = spec, rows, stats, formatter
+        self.task = spec.task or DEFAULT_TASK.get(spec.kind)
+        self.text_task = getattr(spec, "text_only_task", None)
+        self.caption_tasks = None
+        if spec.kind == "captions":
+            self.caption_tasks = CaptionTasks(ctx.templates(list(spec.tasks)), spec.tasks, ctx.cfg.seed, spec.task)
+
+    def emit(self, uid: Optional[str], out: Any, file: str, where: str) -> None:
+        position = _position(self.spec, file, where)
+        if self.caption_tasks is not None:
+            made = self.caption_tasks.make(uid, out[1].strip())
+            if made is None:
+                self.stats.rejected["no_grounded_fact"] += 1
+            else:
+                self.rows.add(uid, made[0], made[1], position, position)
+        elif self.formatter is not None:  # one question, one answer: asked in one of the source's formats
+            made_task, turns = self.formatter.apply(out.turns[0][1], out.turns[1][1], self.task, position,
+                                                    (out.turns[0][0], out.turns[1][0]))
+            self.rows.add(uid, made_task, turns, out.source_id or position, position)
+        else:
+            self.stats.dropped_turns.update(out.dropped)
+            self.rows.add(uid, self.text_task if uid is None else self.task, out.turns, out.source_id or position, position)
+
+
 def run_file_source(ctx: SourceContext, spec: Any, rows: RowBuilder, stats: SourceStats, progress: Progress) -> None:
-    index = ctx.index(spec.image_key, spec.path_components)
-    task = spec.task or DEFAULT_TASK.get(spec.kind)
-    text_task = getattr(spec, "text_only_task", None)
-    caption_tasks = None
-    if spec.kind == "captions":
-        caption_tasks = CaptionTasks(ctx.templates(list(spec.tasks)), spec.tasks, ctx.cfg.seed, spec.task)
+    """Read a file source record by record. A record whose image needs the pairs table waits in
+    the partitioned join (``join.Resolver``) and is built, in input order, once it is resolved."""
+    resolver = ctx.resolver(spec)
     try:
         answers = load_vqa_answers(spec.answers) if getattr(spec, "answers", None) else None
-        formatter = formatter_of(spec, ctx.cfg.seed, answers)
+        emitter = _Emitter(ctx, spec, rows, stats, formatter_of(spec, ctx.cfg.seed, answers))
         for file, where, rec in read_json_source(spec.path):
             stats.input += 1
             try:
@@ -290,28 +327,27 @@ def run_file_source(ctx: SourceContext, spec: Any, rows: RowBuilder, stats: Sour
                     stats.rejected[out.reason] += 1
                     continue
                 ref = out.image if isinstance(out, Parsed) else out[0]
-                uid = None if ref is TEXT_ONLY else resolve(ref, spec.image_key, index, spec.path_components, spec.url_prefix)
+                if resolver is not None:
+                    key = None if ref is TEXT_ONLY else join_key(ref, spec.image_key, spec.path_components)
+                else:
+                    key = None if ref is TEXT_ONLY else resolve(ref, spec.image_key, spec.url_prefix)
             except Malformed as err:
                 _bad(ctx, stats, file, where, err)
                 continue
-            if isinstance(uid, Reject):
-                stats.rejected[uid.reason] += 1
-                continue
-            position = _position(spec, file, where)
-            if caption_tasks is not None:
-                made = caption_tasks.make(uid, out[1].strip())
-                if made is None:
-                    stats.rejected["no_grounded_fact"] += 1
-                else:
-                    rows.add(uid, made[0], made[1], position, position)
-            elif formatter is not None:  # one question, one answer: asked in one of the source's formats
-                made_task, turns = formatter.apply(out.turns[0][1], out.turns[1][1], task, position, (out.turns[0][0], out.turns[1][0]))
-                rows.add(uid, made_task, turns, out.source_id or position, position)
+            if isinstance(key, Reject):
+                stats.rejected[key.reason] += 1
+            elif resolver is not None:
+                resolver.add(stats.input, key, file, where, rec)
             else:
-                stats.dropped_turns.update(out.dropped)
-                rows.add(uid, text_task if uid is None else task, out.turns, out.source_id or position, position)
+                emitter.emit(key, out, file, where)  # url and uid rules: the key is the uid
             if stats.input % 4096 == 0:
                 progress.tick(lambda: f"{spec.path}: {stats.input} records read")
+        if resolver is not None:
+            for _, r in resolver.resolved():
+                if r.reason is not None:
+                    stats.rejected[r.reason] += 1
+                else:  # parsed again from the record's text: the same result as the first time
+                    emitter.emit(r.uid, _parse(spec, r.rec, answers), r.file, r.where)
     except Malformed as err:  # the file as a whole is not a JSON list: never skippable
         raise UserError(str(err)) from None
     _check_mostly_well_formed(ctx, spec, stats)

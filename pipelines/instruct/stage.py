@@ -361,7 +361,7 @@ def _partition_count(ic: InstructConfig, job: _Job) -> int:
     return max(1, math.ceil(est / (ic.partition_mb * 1024 * 1024)))
 
 
-def _source_context(ic: InstructConfig, job: _Job) -> SourceContext:
+def _source_context(ic: InstructConfig, job: _Job, spill_dir: str) -> SourceContext:
     cache: dict[str, Any] = {}
 
     def templates(tasks: list[str]) -> dict:
@@ -373,7 +373,7 @@ def _source_context(ic: InstructConfig, job: _Job) -> SourceContext:
                 raise UserError(str(err)) from None
         return cache[key]
 
-    return SourceContext(cfg=ic, pairs=lambda: job.inputs.pairs(ic.pairs), templates=templates)
+    return SourceContext(cfg=ic, pairs=lambda: job.inputs.pairs(ic.pairs), templates=templates, spill_dir=spill_dir)
 
 
 def _spill_inputs(cfg: Config, job: _Job, placement: Placement, spill_dir: str, stats: dict[str, SourceStats],
@@ -383,7 +383,7 @@ def _spill_inputs(cfg: Config, job: _Job, placement: Placement, spill_dir: str, 
     partitions = placement.partitions
     spills = _Spills(Spill(spill_dir, "rows", partitions, SPILL_SCHEMA), Spill(spill_dir, "feat", partitions, FEAT_SCHEMA),
                      Spill(spill_dir, "keep", partitions, FEAT_SCHEMA))
-    ctx = _source_context(ic, job)
+    ctx = _source_context(ic, job, spill_dir)
     try:
         for i, spec in enumerate(job.sources):
             rows = RowBuilder(spills.rows, placement, i, spec.name, spec.weight, spec.cap, ic.seed,
