@@ -82,9 +82,21 @@ class PairsIndex:
         if t.num_rows == 0:
             return pa.table({"key": pa.array([], pa.string()), "value": pa.array([], pa.string()),
                              "ambiguous": pa.array([], pa.bool_())})
-        g = t.group_by("key").aggregate([("value", "min"), ("value", "max")])
-        return pa.table({"key": g["key"], "value": g["value_min"],
-                         "ambiguous": pc.not_equal(g["value_min"], g["value_max"])})
+        # Sorted by (key, value), a key's rows are one run: its first and last value differ iff
+        # the key is ambiguous. (A sort costs a few bytes a row; a hash aggregation of string
+        # minima and maxima cost about 1 KB a row here, the partition's largest allocation.)
+        order = pc.sort_indices(t, sort_keys=[("key", "ascending"), ("value", "ascending")])
+        keys = t["key"].take(order).combine_chunks()
+        values = t["value"].take(order).combine_chunks()
+        del t, order
+        n = len(keys)
+        new = np.ones(n, dtype=bool)  # the first row of each key's run
+        if n > 1:
+            new[1:] = pc.not_equal(keys.slice(1), keys.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+        first = np.flatnonzero(new)
+        last = np.append(first[1:] - 1, n - 1)
+        lo, hi = values.take(pa.array(first)), values.take(pa.array(last))
+        return pa.table({"key": keys.take(pa.array(first)), "value": lo, "ambiguous": pc.not_equal(lo, hi)})
 
 
 @dataclass
