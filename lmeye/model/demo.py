@@ -38,7 +38,6 @@ CORPUS_IMAGES = 512  # more than the demo renders: the LM sees more sentences th
 SEED = 0
 BATCH = 32
 LR = 3e-3
-THREADS = 2
 SPECIAL = ["<pad>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
@@ -53,8 +52,10 @@ CHAT_TEMPLATE = (
 FORMATS = ("plain", "yes_no", "multiple_choice")
 
 
-def demo_conversations(num_images: int = CORPUS_IMAGES, seed: int = SEED) -> list[list[dict[str, str]]]:
-    """User/assistant pairs about the synthetic images: caption tasks and question/answer pairs."""
+def demo_conversations(num_images: int = CORPUS_IMAGES, seed: int = SEED, formats: tuple[str, ...] = FORMATS) -> list[list[dict[str, str]]]:
+    """User/assistant pairs about the synthetic images: caption tasks and question/answer pairs, the
+    questions in each of ``formats`` (``("plain",)``: the text the released-style test tokenizers
+    of ``lmeye.model.released`` learn, whose expected token counts are written for it)."""
     import yaml
 
     from lmeye.demo.corpus import generate_items, qa_pairs
@@ -66,7 +67,7 @@ def demo_conversations(num_images: int = CORPUS_IMAGES, seed: int = SEED) -> lis
     rng = random.Random(seed)
     items = generate_items(num_images, seed)
     pool = AnswerPool(((qa["question"], qa["answer"]) for item in items for qa in qa_pairs(item)), words=3)
-    formatters = [Formatter({f: 1.0}, pool, seed, f"demo-llm-{f}") for f in FORMATS]
+    formatters = [Formatter({f: 1.0}, pool, seed, f"demo-llm-{f}") for f in formats]
     convs = []
     for i, item in enumerate(items):
         task = tasks[rng.choice(sorted(tasks))]
@@ -169,7 +170,7 @@ def _pretrain(model, ids: list[list[int]], starts: list[int], pad: int, steps: i
 
     gen = torch.Generator().manual_seed(SEED)
     threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)  # fixed, not the machine's: the same sums in the same order on every machine
+    torch.set_num_threads(1)  # one thread: the same sums in the same order on every machine, and no contention (2 threads beside a busy Ray took 10x as long)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     model.train()
     for _ in range(steps):
