@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import fsspec
 import pyarrow.dataset as pads
@@ -236,24 +236,28 @@ def _trainer_class(embedded: bool) -> type:
     return EmbeddedTorchTrainer
 
 
-def _fit(config: dict[str, Any], datasets: dict[str, Any], tc: TrainConfig, name: str, output: str) -> Any:
+def fit(config: dict[str, Any], files: dict[str, list[str]], stage: TrainStage, tc: TrainConfig, rows: int, output: str,
+        *, name: Optional[str] = None, loop: Optional[Callable[[dict[str, Any]], None]] = None) -> Any:
+    """Ray Train's run of one stage (``name``: the run's folder under ``output``, default the stage's):
+    ``loop`` (default ``lmeye.train.loop.train_loop``) on every worker with ``config`` (``loop_config``),
+    over the stage's train and validation rows (``rows``: its train rows). Returns Ray Train's result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     from lmeye.runtime import embedded
     from lmeye.train.loop import train_loop
 
     trainer = _trainer_class(embedded())(
-        train_loop,
+        loop or train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker},
                                      placement_strategy=tc.placement_strategy),
         run_config=RunConfig(
-            name=name, storage_path=output,
+            name=name or stage.name, storage_path=output,
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             failure_config=FailureConfig(max_failures=tc.max_failures),
         ),
-        datasets=datasets,
+        datasets=_datasets(files, stage, tc, rows),
         dataset_config=_data_config(tc.deterministic),
     )
     return trainer.fit()
@@ -412,7 +416,7 @@ def _run_stage(cfg: Config, stage: TrainStage, factory: Any, files: dict[str, li
     init_ray(cfg.ray)
     error = None
     try:
-        result = _fit(config, _datasets(files, stage, tc, rows), tc, stage.name, output)
+        result = fit(config, files, stage, tc, rows, output)
         error = result.error
     except Exception as err:  # Ray Train's own failure type varies by version; the message is what matters
         result, error = None, err
@@ -491,4 +495,4 @@ def run(cfg: Config, *, factory: Any = None) -> StageSummary:
     return summary
 
 
-__all__ = ["preflight", "run", "stage_dir"]
+__all__ = ["fit", "loop_config", "preflight", "run", "stage_dir"]

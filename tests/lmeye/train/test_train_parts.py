@@ -151,13 +151,13 @@ def test_a_stage_without_validation_rows_skips_validation(monkeypatch):
     "validation" shard, and the stage must still finish (it once failed both workers)."""
     import ray.train
 
-    from lmeye.train.loop import Worker
+    from lmeye.train.evaluate import validate
 
     def no_shard(name):
         raise KeyError(f"Dataset shard for {name!r} not found")
 
     monkeypatch.setattr(ray.train, "get_dataset_shard", no_shard)
-    assert Worker.validate(object()) == {}
+    assert validate(None, None, None, 4, "cpu", None, None, lockstep=False) == {}
 
 
 @pytest.mark.parametrize("use_gpu", [False, True])
@@ -165,7 +165,7 @@ def test_batches_are_prepared_in_order_in_line_or_one_ahead_in_a_thread(use_gpu)
     import threading
     from types import SimpleNamespace
 
-    from lmeye.train.loop import Worker
+    from lmeye.train.feed import Feed
 
     threads = []
 
@@ -175,8 +175,7 @@ def test_batches_are_prepared_in_order_in_line_or_one_ahead_in_a_thread(use_gpu)
             return (table, seen)
 
     seen = np.array([7], np.uint64)
-    worker = SimpleNamespace(maker=Maker(), seen_prev=seen, tc=SimpleNamespace(use_gpu=use_gpu))
-    got = list(Worker._prepared(worker, iter(["a", "b", "c"])))
+    got = list(Feed(Maker(), use_gpu, seen_prev=seen).prepared(iter(["a", "b", "c"])))
     assert [t for t, _ in got] == ["a", "b", "c"] and all(s is seen for _, s in got)
     # CPU workers prepare on the step's own thread; GPU workers one batch ahead in another
     assert all(n.startswith("lingcloud-batches") for n in threads) == use_gpu
