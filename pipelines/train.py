@@ -59,7 +59,9 @@ COLUMNS = ["sample_id", "uid", "task", "conversation"]
 # Paths and checks (driver, before Ray)
 
 
-def _paths(cfg: Config) -> tuple[str, str, str]:
+def train_paths(cfg: Config) -> tuple[str, str, str]:
+    """(instructions, features, output) of the train stage: the ``train`` keys, else the other stages'
+    outputs under ``data.root``; local ones made absolute."""
     tc = cfg.train
     output = tc.output or f"{cfg.data.root.rstrip('/')}/train"
 
@@ -69,6 +71,9 @@ def _paths(cfg: Config) -> tuple[str, str, str]:
         return os.path.abspath(path) if local else path
 
     return (absolute(tc.instructions or cfg.instruct.output), absolute(tc.features or cfg.extract.output), absolute(output))
+
+
+_paths = train_paths  # the old name, still imported by lmeye/demo/run.py (moves with the learning check; then goes)
 
 
 def stage_dir(output: str, stage: str) -> str:
@@ -448,7 +453,7 @@ def preflight(cfg: Config, factory: Any) -> tuple[Config, dict[str, list[str]], 
     that Ray Train's ``FailureConfig`` would retry. Returns the config (RVII's CLIP resolved from
     the features table when ``model.clip_model`` is null), the shard files, the feature store, the
     output and each stage with the model directory it starts from."""
-    instructions, features, output = _paths(cfg)
+    instructions, features, output = train_paths(cfg)
     tc = cfg.train
     stages = [s for s in tc.stages if tc.only is None or s.name in tc.only]
     if not stages:
@@ -495,4 +500,4 @@ def run(cfg: Config, *, factory: Any = None) -> StageSummary:
     return summary
 
 
-__all__ = ["fit", "loop_config", "preflight", "run", "stage_dir"]
+__all__ = ["fit", "loop_config", "preflight", "run", "stage_dir", "train_paths"]

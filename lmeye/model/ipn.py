@@ -35,7 +35,8 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from lmeye.errors import UserError
-from lmeye.model.rvii import ClipTextRVII, TransformerRVII, load_clip_text_tower
+from lmeye.model.io import save_ipn
+from lmeye.model.rvii import ClipTextRVII, TransformerRVII
 from lmeye.model.text import IGNORE, IMG, IMG_D, IMG_Q, TextCodec
 
 if TYPE_CHECKING:  # annotations only: the model runs with torch and transformers alone (benchmarks/train_gpu.py)
@@ -178,28 +179,8 @@ class IPN(nn.Module):
 
     # ---------------------------------------------------------------------------------------
     # construction, parameters, saving
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, feature_dim: int, patch_shape: Optional[Sequence[int]] = None) -> "IPN":
-        """A fresh IPN (weights from ``cfg.seed``) around the configured frozen LLM and CLIP text tower."""
-        llm, tok = load_llm(cfg)
-        tower = None
-        if cfg.rvii == "clip_text":
-            tower = load_clip_text_tower(cfg.clip_model, cfg.clip_pretrained, cfg.clip_model_config_dirs, DTYPES[cfg.dtype])
-        if llm.config.is_encoder_decoder:  # the encoder-decoder path lives in its own module
-            from lmeye.model.seq2seq import Seq2SeqIPN
-
-            cls = Seq2SeqIPN
-        return cls(cfg, feature_dim, tuple(patch_shape) if patch_shape else None, llm, tok, tower)
-
-    @classmethod
-    def from_pretrained(cls, directory: str) -> "IPN":
-        from lmeye.model.io import load_ipn
-
-        return load_ipn(directory)
-
     def save_pretrained(self, directory: str) -> str:
-        from lmeye.model.io import save_ipn
-
+        """The model directory (``lmeye.model.io``); ``lmeye.model.build.load_ipn`` reads it back."""
         return save_ipn(self, directory)
 
     def own_parameters(self) -> dict[str, nn.Parameter]:
@@ -302,7 +283,9 @@ class IPN(nn.Module):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(ids.clamp(min=0))
 
-    def _prefix_embeds(self, batch: dict) -> torch.Tensor:
+    def prefix_embeds(self, batch: dict) -> torch.Tensor:
+        """Pass 1's input embeddings: the prefix's tokens with the <img> and <img-q> slots filled
+        (``benchmarks/ipn.py`` runs the encoder on them alone)."""
         ids = batch["prefix_ids"]
         emb = self._embed(ids)
         dtype = emb.dtype
@@ -336,7 +319,7 @@ class IPN(nn.Module):
         ids = batch["suffix_ids"]
         emb = self._embed(ids)
         d = ids == IMG_D
-        if "embeddings" in batch:  # as in _prefix_embeds
+        if "embeddings" in batch:  # as in prefix_embeds
             img_d = self._img_d(batch, request_state).to(emb.dtype)
             slot = (d.cumsum(1) - 1).clamp(min=0)
             emb = torch.where(d[..., None], img_d.gather(1, slot[..., None].expand(-1, -1, emb.shape[-1])), emb)
@@ -349,7 +332,7 @@ class IPN(nn.Module):
         """Pass 1 over the prefixes: (prefix embeddings, cache, request state at <img-q>)."""
         from transformers import DynamicCache
 
-        emb = self._prefix_embeds(batch)
+        emb = self.prefix_embeds(batch)
         mask = batch["prefix_mask"]
         cache = DynamicCache(config=self.llm.config)
         out = self.llm(

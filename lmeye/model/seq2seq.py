@@ -83,7 +83,7 @@ class Seq2SeqCodec:
 
 
 class Seq2SeqIPN(IPN):
-    """IPN whose frozen LLM is an encoder-decoder; built by ``IPN.from_config`` when the LLM is one."""
+    """IPN whose frozen LLM is an encoder-decoder; built by ``lmeye.model.build.build_ipn`` when the LLM is one."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -102,7 +102,7 @@ class Seq2SeqIPN(IPN):
     def encoder_inputs(self, batch: dict, request: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pass 1 (the prefix, for the request) and the packed input of pass 2 (embeddings, mask).
         ``request`` given: pass 1 is skipped (benchmarks/ipn.py measures what pass 1 costs)."""
-        prefix_emb = self._prefix_embeds(batch)
+        prefix_emb = self.prefix_embeds(batch)
         if request is None and (batch["suffix_ids"] == IMG_D).any():
             states = self.llm.get_encoder()(inputs_embeds=prefix_emb, attention_mask=batch["prefix_mask"]).last_hidden_state
             request = states[:, -1]  # left padding: <img-q> is the last prefix position

@@ -33,9 +33,9 @@ class IPNFactory:
         check_model(cfg.model, features)
 
     def build(self, cfg: Any, feature_dim: int, patch_shape: Optional[tuple[int, int]]) -> Any:
-        from lmeye.model import IPN
+        from lmeye.model import build_ipn
 
-        return IPN.from_config(cfg.model, feature_dim=feature_dim, patch_shape=patch_shape)
+        return build_ipn(cfg.model, feature_dim=feature_dim, patch_shape=patch_shape)
 
     def load(self, directory: str, dtype: Optional[str] = None) -> Any:
         """``dtype``: the frozen LLM's and CLIP's (``model.dtype``) instead of the one saved."""
