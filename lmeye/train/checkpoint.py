@@ -1,7 +1,10 @@
 """What a training checkpoint holds, and how a resumed worker reads it back.
 
 One checkpoint is one folder that every rank writes into (Ray Train merges the ranks' files,
-whose names never collide) and reports with ``ray.train.report``:
+whose names never collide) and reports with ``ray.train.report``. Each rank writes its part into a
+local temporary folder (DeepSpeed's ``save_checkpoint`` writes to a local disk), which Ray Train
+uploads to the run's storage (``train.output``, through fsspec: ``lmeye.train.storage.ray_storage``)
+and, on resume, downloads again (``Checkpoint.as_directory``):
 
 * ``model/``: the IPN model directory (``save_pretrained``: safetensors + JSON), rank 0;
 * ``deepspeed/``: ``engine.save_checkpoint``: each rank's optimizer partition, the LR scheduler

@@ -179,6 +179,7 @@ class Worker:
         self.metrics.step(self.state, loss_rows, int(rows), int(tokens), self.engine.lr, time.time() - t0)
 
     def checkpoint(self, **extra: Any) -> None:
+        self.metrics.flush()
         self.checkpoints.save(self.state, self.feed.seen(with_resumed=self.rank == 0),
                               dict(self.metrics.last, step=self.state.step, **extra))
 

@@ -1,15 +1,16 @@
 """What a stage records as it trains: a line per optimizer step in ``metrics.jsonl`` and a line per
-start of the worker group in ``attempts.jsonl`` (rank 0 writes both), and every ``log_every`` steps
-a report to Ray Train with a progress line."""
+start of the worker group in ``attempts.jsonl`` (rank 0 writes both, through fsspec into the run's
+output wherever rank 0 runs: ``lmeye.train.storage.JsonLines``), and every ``log_every`` steps a
+report to Ray Train with a progress line."""
 
 from __future__ import annotations
 
-import json
-import os
+import posixpath
 import time
-from typing import Any
+from typing import Any, Optional
 
 from lmeye.train.checkpoint import ATTEMPTS, TrainState
+from lmeye.train.storage import JsonLines
 
 
 class Metrics:
@@ -26,18 +27,23 @@ class Metrics:
         self.window_rows = 0  # rows and tokens since the last report
         self.window_tokens = 0
         self.window_start = time.time()
+        self.steps: Optional[JsonLines] = None  # metrics.jsonl, rank 0's, from log_start on
 
     def begin(self) -> None:
         """Training starts: the first window's clock starts here, not at start-up."""
         self.window_start = time.time()
 
-    def log_start(self, nodes: list[str], resumed_step: Any) -> None:
+    def log_start(self, nodes: list[str], resumed_step: Optional[int]) -> None:
         """Every start of the worker group (the first, a `resume: latest` rerun, Ray Train's restart
         after a lost worker) is one line of ``attempts.jsonl``: the ranks' Ray nodes and the step it
-        resumed at (null: from scratch)."""
-        if self.rank == 0:
-            append_jsonl(os.path.join(os.path.dirname(self.metrics_path), ATTEMPTS),
-                         {"time": round(time.time(), 3), "nodes": nodes, "resumed_step": resumed_step})
+        resumed at (None: from scratch). ``metrics.jsonl`` keeps the lines of the steps up to that
+        one: the steps after the checkpoint are trained again and get their lines again."""
+        if self.rank != 0:
+            return
+        attempts = JsonLines(posixpath.join(posixpath.dirname(self.metrics_path), ATTEMPTS))
+        attempts.append({"time": round(time.time(), 3), "nodes": nodes, "resumed_step": resumed_step})
+        attempts.flush(force=True)
+        self.steps = JsonLines(self.metrics_path, keep=lambda r: resumed_step is not None and r.get("step", 0) <= resumed_step)
 
     def step(self, state: TrainState, loss_rows: float, rows: int, tokens: int, lr: float, seconds: float) -> None:
         """Record the optimizer step ``state.step`` (sums over the ranks); report every ``log_every`` steps."""
@@ -47,8 +53,9 @@ class Metrics:
             "loss": loss_rows / rows if rows else None, "lr": lr,
             "rows": rows, "samples_per_s": rows / seconds, "tokens_per_s": tokens / seconds,
         }
-        if self.rank == 0:
-            append_jsonl(self.metrics_path, self.last)
+        if self.steps is not None:
+            self.steps.append(self.last)
+            self.steps.flush()
         self.window_rows += rows
         self.window_tokens += tokens
         if state.step % self.log_every == 0:
@@ -70,8 +77,7 @@ class Metrics:
         self.window_rows = self.window_tokens = 0
         self.window_start = time.time()
 
-
-def append_jsonl(path: str, record: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    def flush(self) -> None:
+        """Every step's line into the run's output now (at a checkpoint and at the end)."""
+        if self.steps is not None:
+            self.steps.flush(force=True)
