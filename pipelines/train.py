@@ -278,7 +278,7 @@ def fit(config: dict[str, Any], files: dict[str, list[str]], stage: TrainStage, 
 
 # train keys that do not change what is trained: a rerun that changes only these resumes or is done
 NOT_FINGERPRINTED = ("only", "resume", "log_every", "max_failures", "output", "placement_strategy", "checkpoint_every",
-                     "keep_checkpoints", "val_max_rows", "cpus_per_worker")
+                     "keep_checkpoints", "val_max_rows", "cpus_per_worker", "activation_checkpointing")
 
 
 def _stage_fingerprint(cfg: Config, stage: TrainStage, files: dict[str, list[str]], store: Any, init_dir: Optional[str],

@@ -118,7 +118,8 @@ class Seq2SeqIPN(IPN):
         emb, mask = self.encoder_inputs(batch)
         labels = batch["decoder_labels"]
         # labels -> the decoder's inputs (shifted right behind its start token), the model's own rule
-        logits = self.llm(inputs_embeds=emb, attention_mask=mask, labels=labels).logits
+        # no decoder cache: training needs none, and a layer called with one is not checkpointed (lmeye.model.recompute)
+        logits = self.llm(inputs_embeds=emb, attention_mask=mask, labels=labels, use_cache=False).logits
         nll = answer_nll(logits, labels)  # the causal IPN's chunked fp32 cross-entropy
         counted = (labels != IGNORE).sum(1)
         return IPNOutput(

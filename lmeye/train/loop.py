@@ -92,6 +92,8 @@ class Worker:
         ipn = (factory.load(config["init_dir"], dtype=training_dtype(cfg)) if config.get("init_dir")
                else factory.build(in_training_dtype(cfg), store.dim, store.patch_shape))
         ipn.set_trainable(stage.trainable, train_visual_mapping=stage.train_visual_mapping)
+        if tc.activation_checkpointing:  # the frozen LLM's activations are recomputed, not kept (lmeye.model.recompute)
+            ipn.recompute_activations()
         ipn.features_table = config["features"]  # saved in the model's JSON: chat and eval encode images with it
         params = [p for p in ipn.trainable_parameters() if p.requires_grad]
         # ZeRO-3 gathers each module's weights collectively as it runs: every rank runs the same modules

@@ -196,3 +196,34 @@ def test_on_the_embedded_ray_trainers_start_no_placement_group_cleaner():
     on_a_cluster, embedded = callbacks(TorchTrainer), callbacks(_trainer_class(embedded=True))
     assert "PlacementGroupCleanerCallback" in on_a_cluster  # Ray Train's, where a dashboard serves its state API
     assert embedded == [name for name in on_a_cluster if name != "PlacementGroupCleanerCallback"]
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_a_worker_recomputes_the_llms_activations_when_the_config_says_so(tmp_path, monkeypatch, on):
+    """``train.activation_checkpointing`` reaches the worker's IPN (``IPN.recompute_activations``)."""
+    import ray.train
+    from types import SimpleNamespace
+
+    from lmeye.config import dump_config
+    from lmeye.train import loop
+
+    fake = _fake()
+    tables = fake.build_tables(tmp_path, n_train=8, n_val=2)
+    calls = []
+
+    class Factory(fake.FakeFactory):
+        def build(self, cfg, feature_dim, patch_shape):
+            ipn = super().build(cfg, feature_dim, patch_shape)
+            ipn.recompute_activations = lambda: calls.append("recompute")
+            return ipn
+
+    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1))
+    monkeypatch.setattr(loop.Engine, "initialize", classmethod(lambda cls, *a, **k: SimpleNamespace(device="cpu")))
+    cfg = load_config(None, {"train.activation_checkpointing": on, "train.precision": "fp32"})
+    store = FeatureStore.open(str(tables["features"]))
+    worker = loop.Worker.start({
+        "cfg": dump_config(cfg), "stage": cfg.train.stages[1].model_dump(mode="json"), "factory": Factory(),
+        "features": store.path, "features_version": store.version, "init_dir": None, "total_steps": 4,
+        "metrics_path": str(tmp_path / "metrics.jsonl"),
+    })
+    assert calls == (["recompute"] if on else []) and worker.ipn is not None
