@@ -150,6 +150,9 @@ def test_sigkill_mid_epoch_then_resume_latest_trains_the_rest_once_and_matches(r
     want, got = _weights(reference["out"] / "model"), _weights(out / "s1" / "model")
     assert want.keys() == got.keys()
     assert max(float(np.abs(want[k] - got[k]).max()) for k in want) <= 1e-4
+    # one metrics line a step: the resumed run dropped the killed run's lines past its checkpoint
+    steps = [json.loads(line)["step"] for line in (out / "s1" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, json.loads((out / "s1" / "summary.json").read_text())["metrics"]["step"] + 1))
 
 
 @pytest.mark.slow
