@@ -17,15 +17,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lmeye.tables import Manifest, ShardInfo, TableWriter, open_table  # noqa: E402
-from schemas.pairs import PAIRS  # noqa: E402
+from bench_tables import build_table, scratch
+from lmeye.tables import Manifest, ShardInfo, TableWriter, open_table
+from schemas.pairs import PAIRS
 
 ERRORS = {f"failed to download: HTTP Error {code}: reason {code}": 3 for code in range(400, 420)}
 
@@ -42,12 +39,16 @@ def shard_info(i: int) -> ShardInfo:
     )
 
 
+def _record(writer: TableWriter, i: int) -> str:
+    info = shard_info(i)
+    writer.record(info)
+    return info.name
+
+
 def commit_times(root: str, n: int, commits: int) -> tuple[float, float, TableWriter]:
     """(median seconds of a commit at shard n, seconds of one whole-manifest save at n, writer)."""
-    writer = TableWriter(root, PAIRS, config={"bench": n})
     t0 = time.perf_counter()
-    for i in range(n - 1):
-        writer.record(shard_info(i))
+    writer, _ = build_table(root, PAIRS, {"bench": n}, n - 1, _record, finalize=False)
     print(f"  set-up: {n - 1} commits in {time.perf_counter() - t0:.1f} s", flush=True)
     times = []
     for i in range(n - 1, n - 1 + commits):
@@ -68,8 +69,7 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=100_000)
     ap.add_argument("--commits", type=int, default=50)
     args = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="lmeye-manifest-bench-")
-    try:
+    with scratch("lmeye-manifest-bench-") as tmp:
         results = {}
         for n in (args.small, args.large):
             print(f"N = {n}:", flush=True)
@@ -98,8 +98,6 @@ def main() -> None:
         print(f"open_table of a {len(names)}-shard table (compacted, {size / 1e6:.0f} MB manifest): {opened:.2f} s "
               f"({opened_cpu:.2f} s CPU); Manifest.load of it uncompacted (journal): {load_journal:.2f} s; "
               f"finalize's compaction: {compaction:.2f} s ({compaction_cpu:.2f} s CPU)")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

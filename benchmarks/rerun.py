@@ -14,33 +14,29 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pyarrow as pa
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lmeye.tables import TableWriter, file_sha256, shard_file  # noqa: E402
-from schemas.pairs import PAIRS  # noqa: E402
+from bench_tables import build_table, scratch
+from lmeye.tables import TableWriter, file_sha256, shard_file
+from schemas.pairs import PAIRS
 
 CONFIG = {"bench": "rerun"}
 
 
 def build(path: str, shards: int, shard_bytes: int) -> list[str]:
     """A finished pairs-like table: each shard one incompressible binary column of ``shard_bytes``."""
-    writer = TableWriter(path, PAIRS, config=CONFIG)
-    names = [f"{i:05d}.parquet" for i in range(shards)]
     blob = os.urandom(shard_bytes)
-    for i, name in enumerate(names):
+
+    def write(writer: TableWriter, i: int) -> str:
+        name = f"{i:05d}.parquet"
         table = pa.table({"uid": [f"{i}"], "url": [f"http://h/{i}"], "image": [blob]})
         writer.write(name, table, input_fingerprint=f"in{i}", compression="none")
-    writer.finalize(names, stats={})
-    return names
+        return name
+
+    return build_table(path, PAIRS, CONFIG, shards, write)[1]
 
 
 def noop_rerun(path: str, names: list[str]) -> float:
@@ -67,8 +63,7 @@ def main() -> None:
     ap.add_argument("--factor", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="lmeye-rerun-bench-")
-    try:
+    with scratch("lmeye-rerun-bench-") as tmp:
         small_bytes = int(args.shard_mb * 2**20)
         tables = {}
         for label, size in (("1x", small_bytes), (f"{args.factor}x", small_bytes * args.factor)):
@@ -81,8 +76,6 @@ def main() -> None:
               f"ratio {large / small:.2f} (target <= 1.5)")
         print(f"for scale, hashing every shard (the old is_done; lmeye verify): {hashed['1x'] * 1e3:.0f} ms vs "
               f"{hashed[f'{args.factor}x'] * 1e3:.0f} ms: ratio {hashed[f'{args.factor}x'] / hashed['1x']:.2f}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 
 @dataclass
@@ -47,3 +48,12 @@ def node_note(counts: dict[str, int], unit: str) -> str:
     """Where the work ran, for a summary: "on 2 Ray nodes (shards per node: 1a2b3c… 3, 4d5e6f… 2)"."""
     per = ", ".join(f"{node[:8]}… {n}" for node, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     return f"on {len(counts)} Ray node(s) ({unit} per node: {per}; full ids in the manifest)"
+
+
+def sum_counts(counts: Iterable[Mapping[str, int]]) -> Counter:
+    """The one sum of per-shard counts (rows ``by_status``, failures by reason, rows by node):
+    every stage and the feature store add up its shards' counts here, for summaries and manifests."""
+    total: Counter = Counter()
+    for c in counts:
+        total.update(c)
+    return total

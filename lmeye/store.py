@@ -58,7 +58,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lmeye.patch_codec import PatchCodec, codec
-from lmeye.tables import Manifest, TableReader
+from lmeye.report import sum_counts
+from lmeye.tables import Manifest, TableReader, is_local
 from lmeye.uid import UID_KEY, UID_LEN, key_order, key_to_uid, locate, uid_keys
 from schemas import SchemaError
 from schemas.features import FEATURES, SUCCESS, VALUE_TYPES, patch_encoding_of, patch_pool_of, patch_shape_of
@@ -151,16 +152,11 @@ def _load(path: str) -> np.ndarray:
     return np.ndarray(shape, dtype, buffer=mm, offset=offset)
 
 
-def _is_local(path: str) -> bool:
-    fs, _ = fsspec.core.url_to_fs(path)
-    return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
-
-
 def _default_serving_root(path: str, cache_dir: Optional[str]) -> str:
     if cache_dir:
         key = hashlib.sha256(path.encode()).hexdigest()[:12]
         return os.path.join(cache_dir, key)
-    if _is_local(path):
+    if is_local(path):
         _, root = fsspec.core.url_to_fs(path)
         return os.path.join(root, SERVING)
     return os.path.join(os.path.expanduser("~/.cache/lingcloud/serving"), hashlib.sha256(path.encode()).hexdigest()[:12])
@@ -524,6 +520,28 @@ def _segment_info(seg_root: str, sid: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def _write_index(reader: TableReader, seg_root: str, sids: list[str], folder: str) -> int:
+    """The serving copy's index in ``folder``: every segment's uids, sorted, and for each its row
+    (its position in the segments laid end to end). Returns the row count; a uid in two
+    successful rows is an error naming it."""
+    hi = np.concatenate([np.load(os.path.join(seg_root, sid, "uid_hi.npy")) for sid in sids]) if sids else np.zeros(0, np.uint64)
+    lo = np.concatenate([np.load(os.path.join(seg_root, sid, "uid_lo.npy")) for sid in sids]) if sids else np.zeros(0, np.uint64)
+    keys = np.empty(hi.size, dtype=UID_KEY)
+    keys["hi"], keys["lo"] = hi, lo
+    del hi, lo
+    row = key_order(keys)
+    hi, lo = keys["hi"][row], keys["lo"][row]
+    del keys
+    if hi.size > 1:
+        dup = np.flatnonzero((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1]))
+        if dup.size:
+            raise SchemaError(f"{reader.path}: uid {key_to_uid(hi[dup[0]], lo[dup[0]])} appears in more than one successful row")
+    np.save(os.path.join(folder, "uid_hi.npy"), hi)
+    np.save(os.path.join(folder, "uid_lo.npy"), lo)
+    np.save(os.path.join(folder, "row.npy"), row.astype(np.int64, copy=False))
+    return int(hi.size)
+
+
 def _build(reader: TableReader, version: str, root: str) -> None:
     """The serving copy of ``reader``'s table for ``version``: the segments it lacks, then its index."""
     seg_root = os.path.join(root, SEGMENTS)
@@ -543,28 +561,8 @@ def _build(reader: TableReader, version: str, root: str) -> None:
     tmp = os.path.join(root, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        # the index: every segment's uids, sorted; row = position in the segments laid end to end
-        hi = np.concatenate([np.load(os.path.join(seg_root, sid, "uid_hi.npy")) for sid, _ in segs]) if segs else np.zeros(0, np.uint64)
-        lo = np.concatenate([np.load(os.path.join(seg_root, sid, "uid_lo.npy")) for sid, _ in segs]) if segs else np.zeros(0, np.uint64)
-        keys = np.empty(hi.size, dtype=UID_KEY)
-        keys["hi"], keys["lo"] = hi, lo
-        del hi, lo
-        row = key_order(keys)
-        hi, lo = keys["hi"][row], keys["lo"][row]
-        del keys
-        if hi.size > 1:
-            dup = np.flatnonzero((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1]))
-            if dup.size:
-                raise SchemaError(f"{reader.path}: uid {key_to_uid(hi[dup[0]], lo[dup[0]])} appears in more than one successful row")
-        np.save(os.path.join(tmp, "uid_hi.npy"), hi)
-        np.save(os.path.join(tmp, "uid_lo.npy"), lo)
-        np.save(os.path.join(tmp, "row.npy"), row.astype(np.int64, copy=False))
-        total = int(hi.size)
-        del hi, lo, row
-        by_status: dict[str, int] = {}
-        for _, info in segs:
-            for k, v in info["by_status"].items():
-                by_status[k] = by_status.get(k, 0) + v
+        total = _write_index(reader, seg_root, [sid for sid, _ in segs], tmp)
+        by_status = dict(sum_counts(info["by_status"] for _, info in segs))
         columns: dict[str, dict[str, Any]] = {}
         if "embedding" in specs:
             columns["embedding"] = {"dtype": specs["embedding"]["dtype"], "shape": [specs["embedding"]["width"]]}

@@ -140,10 +140,16 @@ def _join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name
 
 
+def is_local(where: str | fsspec.AbstractFileSystem) -> bool:
+    """Whether a path (or a filesystem) is the local disk: the one test of it in the project."""
+    fs = fsspec.core.url_to_fs(where)[0] if isinstance(where, str) else where
+    return isinstance(fs, LocalFileSystem)
+
+
 def commits_by_rename(fs: fsspec.AbstractFileSystem) -> bool:
     """Whether files are committed by an atomic rename (local disks) or by writing the final
     name once (object stores, whose objects appear whole when their upload completes)."""
-    return isinstance(fs, LocalFileSystem)
+    return is_local(fs)
 
 
 @dataclass

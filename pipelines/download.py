@@ -39,7 +39,6 @@ import io
 import itertools
 import json
 import math
-import os
 import signal
 import sys
 import tempfile
@@ -49,7 +48,7 @@ import urllib.request
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import fsspec
 import numpy as np
@@ -60,14 +59,15 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from lmeye.config import Config, DownloadConfig, dump_config
-from lmeye.report import StageSummary, node_note
+from lmeye.report import StageSummary, node_note, sum_counts
 from lmeye.runtime import init_ray, storage_runtime_env
+from lmeye.spill import Spill
 from lmeye.tables import (
     STAGING, ShardInfo, TableWriter, ensure_writable, fingerprint, remove_temporaries, write_shard,
 )
 from lmeye.uid import uid_for
 from schemas import SchemaError
-from schemas.pairs import FAILED_TO_DOWNLOAD, PAIRS, SUCCESS
+from schemas.pairs import FAILED_TO_DOWNLOAD, PAIRS, SUCCESS, additional_type, with_additional
 
 UNSUPPORTED_SCHEME = "unsupported_url_scheme"
 TOO_LARGE = "response_too_large"
@@ -142,6 +142,11 @@ def _column_names(cfg: DownloadConfig, fmt: str) -> tuple[str, str | None]:
     return cfg.url_col, caption_col
 
 
+def _columns_read(cfg: DownloadConfig, fmt: str) -> list[str]:
+    """Every column of the list the stage uses: url, caption, then ``additional_columns``."""
+    return [c for c in _column_names(cfg, fmt) if c] + list(cfg.additional_columns)
+
+
 def _raw_batches(f, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Table]:
     """Stream one opened URL list as tables of at most a few MB, every column kept as read."""
     base = fmt.removesuffix(".gz")
@@ -150,7 +155,7 @@ def _raw_batches(f, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Table]:
             f = io.BytesIO(f.read())
         pf = pq.ParquetFile(f)
         # only the columns used: LAION's metadata parquet has a dozen more (and some have embeddings)
-        wanted = [c for c in _column_names(cfg, fmt) if c]
+        wanted = _columns_read(cfg, fmt)
         columns = [c for c in pf.schema_arrow.names if c in wanted]
         if len(columns) < len(wanted):  # let the caller name the missing column
             yield pf.schema_arrow.empty_table()
@@ -163,9 +168,9 @@ def _raw_batches(f, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Table]:
         while chunk := list(itertools.islice(lines, BATCH_ROWS)):
             yield pa.table({cfg.url_col: pa.array([s for s in (c.strip() for c in chunk) if s], pa.string())})
         return
-    if base == "json":  # one JSON array: not streamable, read whole
+    if base == "json":  # one JSON array (or COCO's object with one): not streamable, read whole
         raw = f.read()
-        yield pa.Table.from_pylist(json.loads(raw)) if raw.strip() else pa.table({})
+        yield pa.Table.from_pylist(_json_rows(json.loads(raw))) if raw.strip() else pa.table({})
         return
     head = f.peek(1) if hasattr(f, "peek") else b"?"
     if not head:  # an empty file: an empty list, not an error
@@ -188,6 +193,17 @@ def _raw_batches(f, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Table]:
         yield pa.Table.from_batches([batch])
 
 
+def _json_rows(value: Any) -> list:
+    """The rows of a .json list: the list itself, or COCO's ``images`` list of an annotation
+    file as released (``captions_train2017.json``: ``{"images": [{"coco_url", "file_name", ...}]``)."""
+    if isinstance(value, dict) and isinstance(value.get("images"), list):
+        return value["images"]
+    if not isinstance(value, list):
+        found = f"an object with {', '.join(map(repr, value))}" if isinstance(value, dict) else type(value).__name__
+        raise ValueError(f"expected a JSON list of rows, or COCO's object with an 'images' list; found {found}")
+    return value
+
+
 def iter_url_batches(path: str, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Table]:
     """One input file as a stream of (uid, url, caption) tables, in input order, before dedupe.
 
@@ -201,41 +217,59 @@ def iter_url_batches(path: str, fmt: str, cfg: DownloadConfig) -> Iterator[pa.Ta
             for table in _raw_batches(f, fmt, cfg):
                 if table.num_columns == 0:
                     continue
-                for role, col in (("url", url_col), ("caption", caption_col)):
+                roles = [("url", url_col, "url_col"), ("caption", caption_col, "caption_col")]
+                roles += [("additional", c, "additional_columns") for c in cfg.additional_columns]
+                for role, col, key in roles:
                     if col is not None and col not in table.column_names:
                         raise InputError(
                             f"{path}: no {role} column '{col}' (columns: {', '.join(table.column_names)}); "
-                            f"set download.{role}_col"
+                            f"set download.{key}"
                         )
                 if table.num_rows:
-                    yield _normalise(table, url_col, caption_col)
+                    yield _normalise(table, url_col, caption_col, cfg.additional_columns)
     except (pa.ArrowInvalid, ValueError, UnicodeDecodeError, OSError, EOFError) as err:
         if isinstance(err, InputError):
             raise
         raise InputError(f"{path}: cannot read as {fmt} ({str(err).splitlines()[0]})") from None
 
 
-def _normalise(table: pa.Table, url_col: str, caption_col: str | None) -> pa.Table:
+def _normalise(table: pa.Table, url_col: str, caption_col: str | None, additional: list[str]) -> pa.Table:
     urls = pc.utf8_trim_whitespace(pc.cast(table[url_col], pa.string()))
     captions = (
         pc.cast(table[caption_col], pa.string()) if caption_col else pa.nulls(table.num_rows, pa.string())
     )
-    return pa.table({
+    columns = {
         "uid": pa.array([uid_for(u) if u else None for u in urls.to_pylist()], pa.string()),
         "url": urls,
         "caption": captions,
-    })
+    }
+    for c in additional:
+        columns[c] = pc.cast(table[c], additional_type(table[c].type))
+    return pa.table(columns)
+
+
+def _conform(t: pa.Table, extra: pa.Schema, path: str) -> pa.Table:
+    """A batch's additional columns as the run's first batch typed them (one spill schema)."""
+    if t.schema.equals(pa.schema(list(URL_SCHEMA) + list(extra))):
+        return t
+    for f in extra:
+        try:
+            t = t.set_column(t.column_names.index(f.name), f, pc.cast(t[f.name], f.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise InputError(f"{path}: additional column '{f.name}' holds {t[f.name].type} values where earlier "
+                             f"rows held {f.type} (download.additional_columns)") from None
+    return t
 
 
 def read_url_list(path: str, cfg: DownloadConfig) -> pa.Table:
-    """One whole input file as a (uid, url, caption) table (small lists and tests)."""
+    """One whole input file as a (uid, url, caption, additional...) table (small lists and tests)."""
     fmt = cfg.input_format or resolve_inputs(path, None)[1]
     parts = list(iter_url_batches(path, fmt, cfg))
     return pa.concat_tables(parts) if parts else URL_SCHEMA.empty_table()
 
 
 URL_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()), ("caption", pa.string())])
-SPILL_SCHEMA = pa.schema([("seq", pa.int64())] + list(URL_SCHEMA))
+NO_EXTRA = pa.schema([])  # no additional columns
 # Spilled bytes per planning partition: the planner holds one partition at a time, so this (not
 # the length of the URL list) bounds its memory. Input is first spread over up to SPILL_FANOUT
 # partitions (one per SPILL_BYTES of input); larger ones are split again when read.
@@ -266,6 +300,7 @@ class Plan:
     oom_shard_count: int
     input_format: str
     format_inferred: bool
+    extra: pa.Schema = NO_EXTRA  # the additional columns kept, with their stored types
 
     @property
     def all_shards(self) -> list[PlannedShard]:
@@ -273,61 +308,48 @@ class Plan:
 
 
 class _Partitions:
-    """Rows spilled to local files by a hash of their uid, so every copy of a URL lands in one
-    partition. A partition that came out larger than ``PARTITION_BYTES`` (the input size was
-    only an estimate) is split again with another hash when it is read: memory stays bounded
-    whatever the estimate was."""
+    """Rows spilled to local files (``lmeye.spill``) by a hash of their uid, so every copy of a
+    URL lands in one partition. A partition that came out larger than ``PARTITION_BYTES`` (the
+    input size was only an estimate) is split again with another hash when it is read: memory
+    stays bounded whatever the estimate was."""
 
-    def __init__(self, folder: str, count: int, level: int = 0):
-        self.folder, self.count, self.level = folder, count, level
-        self.writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
-
-    def path(self, p: int) -> str:
-        return os.path.join(self.folder, f"{self.level}-{p:05d}.arrow")
+    def __init__(self, folder: str, count: int, schema: pa.Schema, level: int = 0):
+        self.count, self.level = count, level
+        self.spill = Spill(folder, str(level), count, schema)
 
     def add(self, table: pa.Table) -> None:
         if self.count == 1:
-            parts = {0: table}
+            parts = np.zeros(table.num_rows, dtype=np.int64)
         else:  # crc32 of the opaque uid string (salted by level): stable across runs and machines
-            salt = str(self.level).encode()
-            keys = np.fromiter((zlib.crc32(u.encode(), zlib.crc32(salt)) for u in table["uid"].to_pylist()),
-                               dtype=np.uint32, count=table.num_rows) % self.count
-            order = np.argsort(keys, kind="stable")
-            bounds = np.searchsorted(keys[order], np.arange(self.count + 1))
-            parts = {p: table.take(order[bounds[p]:bounds[p + 1]])
-                     for p in range(self.count) if bounds[p + 1] > bounds[p]}
-        for p, part in parts.items():
-            if p not in self.writers:
-                self.writers[p] = pa.ipc.new_stream(self.path(p), SPILL_SCHEMA)
-            self.writers[p].write_table(part)
+            salt = zlib.crc32(str(self.level).encode())
+            parts = np.fromiter((zlib.crc32(u.encode(), salt) for u in table["uid"].to_pylist()),
+                                dtype=np.uint32, count=table.num_rows) % self.count
+        self.spill.write(table, parts)
 
     def close(self) -> None:
-        for w in self.writers.values():
-            w.close()
+        self.spill.close()
 
     def tables(self) -> Iterator[pa.Table]:
         """Each partition in turn (in a fixed order), none over ``PARTITION_BYTES`` if splittable."""
         for p in range(self.count):
-            if p not in self.writers:
+            size = self.spill.size(p)
+            if not size:
                 continue
-            path = self.path(p)
-            size = os.path.getsize(path)
             if size > PARTITION_BYTES and self.level < 4:
-                sub = _Partitions(self.folder, math.ceil(size / PARTITION_BYTES) + 1, self.level + 1)
+                sub = _Partitions(self.spill.folder, math.ceil(size / PARTITION_BYTES) + 1, self.spill.schema,
+                                  self.level + 1)
                 try:
-                    with pa.memory_map(path) as source:
-                        for batch in pa.ipc.open_stream(source):
-                            sub.add(pa.Table.from_batches([batch]))
+                    for batch in self.spill.batches(p):
+                        sub.add(pa.Table.from_batches([batch]))
                 finally:
                     sub.close()
-                os.remove(path)
+                self.spill.remove(p)
                 yield from sub.tables()
                 continue
-            with pa.memory_map(path) as source:
-                table = pa.ipc.open_stream(source).read_all()
+            table = self.spill.read(p)
             yield table
             del table
-            os.remove(path)
+            self.spill.remove(p)
             pa.default_memory_pool().release_unused()  # hand the partition's memory back before the next
 
 
@@ -409,23 +431,8 @@ def plan_inputs(input_path: str, staging: str, cfg: DownloadConfig) -> Plan:
     cutters = {kind: _ShardCutter(fs, f"{sroot}/{kind}", cfg.samples_per_shard, files, kind == "rejected")
                for kind in ("urls", "rejected")}
     with tempfile.TemporaryDirectory(prefix="lmeye-download-plan-") as tmp:
-        spill = _Partitions(tmp, n_parts)
-        seq = 0
-        try:
-            for src_index, src in enumerate(files):
-                for t in iter_url_batches(src, fmt, cfg):
-                    counts["input_rows"] += t.num_rows
-                    valid = pc.is_valid(t["uid"])
-                    t = t.filter(valid)
-                    counts["empty_url"] += len(valid) - t.num_rows
-                    # position = (file, row): the file index rides in the high bits
-                    spill.add(t.add_column(0, "seq", pa.array(np.arange(seq, seq + t.num_rows, dtype=np.int64)
-                                                              + (src_index << 40))))
-                    seq += t.num_rows
-                    pa.default_memory_pool().release_unused()  # keep the footprint at one batch
-        finally:
-            spill.close()
-        for t in spill.tables():
+        spill, extra = _spill_lists(files, fmt, cfg, tmp, n_parts, counts)
+        for t in spill.tables() if spill is not None else ():
             if cfg.dedupe_urls and t.num_rows:
                 before = t.num_rows
                 t = _first_of_each_uid(t)
@@ -446,14 +453,45 @@ def plan_inputs(input_path: str, staging: str, cfg: DownloadConfig) -> Plan:
         s.shard_id, s.name = i, f"{i:0{oom}d}.parquet"
     counts["rows"] = sum(s.rows for s in fetch + rejected)
     counts[UNSUPPORTED_SCHEME] = sum(s.rows for s in rejected)
-    return Plan(urls_files, fetch, rejected, counts, oom, fmt, inferred)
+    return Plan(urls_files, fetch, rejected, counts, oom, fmt, inferred, extra)
+
+
+def _spill_lists(files: list[str], fmt: str, cfg: DownloadConfig, tmp: str, n_parts: int,
+                 counts: Counter) -> tuple[_Partitions | None, pa.Schema]:
+    """Step 1 of the plan: every row with a url, numbered by its input position, spilled by uid
+    hash. Returns the spill (None: no row) and the additional columns' schema, fixed by the
+    first batch (a later batch is cast to it, or is an error naming its file and column)."""
+    spill: _Partitions | None = None
+    extra = pa.schema([(c, pa.string()) for c in cfg.additional_columns])
+    seq = 0
+    try:
+        for src_index, src in enumerate(files):
+            for t in iter_url_batches(src, fmt, cfg):
+                counts["input_rows"] += t.num_rows
+                valid = pc.is_valid(t["uid"])
+                t = t.filter(valid)
+                counts["empty_url"] += len(valid) - t.num_rows
+                if spill is None:
+                    extra = pa.schema([t.schema.field(c) for c in cfg.additional_columns])
+                    spill = _Partitions(tmp, n_parts, pa.schema([("seq", pa.int64())] + list(URL_SCHEMA) + list(extra)))
+                t = _conform(t, extra, src)
+                # position = (file, row): the file index rides in the high bits
+                spill.add(t.add_column(0, "seq", pa.array(np.arange(seq, seq + t.num_rows, dtype=np.int64)
+                                                          + (src_index << 40))))
+                seq += t.num_rows
+                pa.default_memory_pool().release_unused()  # keep the footprint at one batch
+    finally:
+        if spill is not None:
+            spill.close()
+    return spill, extra
 
 
 # ----------------------------------------------------------------------------- raw -> pairs
 
 
-def to_pairs(raw: pa.Table, encode_format: str) -> pa.Table:
-    """img2dataset's parquet columns -> the `pairs` schema, rows in input order."""
+def to_pairs(raw: pa.Table, encode_format: str, additional: tuple[str, ...] = ()) -> pa.Table:
+    """img2dataset's parquet columns -> the `pairs` schema (with the ``additional`` columns of
+    the URL list after its own), rows in input order."""
     order = pc.sort_indices(pc.cast(raw["key"], pa.int64()))
     raw = raw.take(order)
     cols = {
@@ -464,7 +502,13 @@ def to_pairs(raw: pa.Table, encode_format: str) -> pa.Table:
         "original_width": raw["original_width"], "original_height": raw["original_height"],
         "sha256": raw["sha256"], "image": raw[encode_format],
     }
-    schema = PAIRS.with_metadata(PAIRS.schema)
+    return _as_pairs(cols, raw, additional)
+
+
+def _as_pairs(cols: dict[str, Any], source: pa.Table, additional: tuple[str, ...]) -> pa.Table:
+    """The pairs columns ``cols`` and the additional columns of ``source``, as one pairs table."""
+    schema = with_additional(pa.schema([source.schema.field(c) for c in additional]))
+    cols = cols | {c: source[c] for c in additional}
     return pa.table({f.name: pc.cast(cols[f.name], f.type) for f in schema}, schema=schema)
 
 
@@ -479,6 +523,7 @@ class ShardTarget:
     output: str  # the pairs table
     raw_dir: str  # img2dataset's output folder (in the table's staging folder)
     encode_format: str
+    additional: tuple[str, ...] = ()  # download.additional_columns, carried into pairs
 
 
 def raw_paths(target: ShardTarget, s: PlannedShard) -> tuple[str, str, str]:
@@ -500,7 +545,7 @@ def commit_raw_shard(target: ShardTarget, s: PlannedShard) -> ShardInfo | None:
         # shard is still being finished (or its download failed).
         stats = json.loads(fs.cat_file(stats_file))
         with fs.open(data, "rb") as f:
-            table = to_pairs(pq.read_table(f), target.encode_format)
+            table = to_pairs(pq.read_table(f), target.encode_format, target.additional)
     except (ValueError, FileNotFoundError):
         return None
     if fingerprint(table["uid"].to_pylist()) != s.fingerprint:
@@ -593,8 +638,7 @@ def rejected_pairs(rows: pa.Table) -> pa.Table:
         "width": null_int, "height": null_int, "original_width": null_int, "original_height": null_int,
         "sha256": pa.nulls(n, pa.string()), "image": pa.nulls(n, pa.binary()),
     }
-    schema = PAIRS.with_metadata(PAIRS.schema)
-    return pa.table({f.name: pc.cast(cols[f.name], f.type) for f in schema}, schema=schema)
+    return _as_pairs(cols, rows, tuple(c for c in rows.column_names if c not in URL_SCHEMA.names and c != "seq"))
 
 
 # ----------------------------------------------------------------------------- fetching guard
@@ -772,7 +816,7 @@ def _call_img2dataset(img2dataset_download, cfg: DownloadConfig, urls_dir: str, 
         input_format="parquet",
         url_col="url",
         caption_col="caption",
-        save_additional_columns=["uid"],
+        save_additional_columns=["uid", *cfg.additional_columns],
         output_folder=raw_dir,
         output_format="parquet",
         distributor="ray",
@@ -841,21 +885,48 @@ def _commit_leftovers(committer: Committer, notes: list[str]) -> None:
 
 def _run(cfg: Config, staging: str) -> StageSummary:
     d = cfg.download
-    output = d.output
     started = time.time()
     raw_dir = staging + "/raw"
     plan = plan_inputs(d.input, staging, d)
+    writer = TableWriter(d.output, PAIRS, config=_content_config(cfg, plan),
+                         input_fingerprint=fingerprint([s.fingerprint for s in plan.all_shards]))
+    fs, raw_root = fsspec.core.url_to_fs(raw_dir)
+    fs.makedirs(raw_root, exist_ok=True)
+    committer = Committer(writer, ShardTarget(d.output, raw_dir, d.encode_format, tuple(d.additional_columns)), plan)
+    skipped = len(plan.shards) - len(committer.pending) + _write_rejected(plan, writer, committer)
+    notes = [f"input format {plan.input_format}"
+             + (" (inferred from the file extension)" if plan.format_inferred else " (download.input_format)")]
+    pass_errors, download_seconds = _download_passes(cfg, staging, plan, committer, notes)
+    summary = _summary(d.output, plan, writer, committer, skipped, notes, started, download_seconds)
+    stats = summary.to_dict() | {"input": dict(plan.counts), "pass_errors": pass_errors}
+    if committer.pending:
+        missing = sorted(s.name for s in committer.pending.values())
+        summary.ok = False
+        summary.notes.append(f"{len(missing)} shard(s) still failing after {d.max_shard_retry} retries: "
+                             f"{', '.join(missing[:10])}; rerun the same command to resume")
+        writer.manifest.stats = stats  # the tracebacks stay with the table for the rerun to see
+        writer.compact()
+        return summary
+    writer.finalize([s.name for s in plan.all_shards], stats=stats)
+    return summary
+
+
+def _content_config(cfg: Config, plan: Plan) -> dict:
+    """What decides the pairs' content: the table's config fingerprint."""
+    d = cfg.download
     content = {k: v for k, v in dump_config(cfg)["download"].items() if k in CONTENT_KEYS}
     content["input_format"] = plan.input_format  # as used, whether configured or inferred
     if d.column_names is not None:  # (only when set: tables from before the key keep their fingerprint)
         content["column_names"] = d.column_names
-    writer = TableWriter(output, PAIRS, config=content,
-                         input_fingerprint=fingerprint([s.fingerprint for s in plan.all_shards]))
-    fs, raw_root = fsspec.core.url_to_fs(raw_dir)
-    fs.makedirs(raw_root, exist_ok=True)
-    committer = Committer(writer, ShardTarget(output, raw_dir, d.encode_format), plan)
-    skipped = len(plan.shards) - len(committer.pending)
-    for s in plan.rejected:  # never fetched: written here, as failed rows
+    if d.additional_columns:  # (likewise)
+        content["additional_columns"] = d.additional_columns
+    return content
+
+
+def _write_rejected(plan: Plan, writer: TableWriter, committer: Committer) -> int:
+    """The shards of URLs never fetched, written here as failed rows; returns those already done."""
+    skipped = 0
+    for s in plan.rejected:
         if writer.is_done(s.name, s.fingerprint):
             skipped += 1
             continue
@@ -865,9 +936,15 @@ def _run(cfg: Config, staging: str) -> StageSummary:
         writer.write(s.name, table, inputs=s.sources, input_fingerprint=s.fingerprint,
                      stats=_row_counts(table), compression=PAIRS_COMPRESSION)
         committer.written.append(s.name)
+    return skipped
 
-    notes = [f"input format {plan.input_format}"
-             + (" (inferred from the file extension)" if plan.format_inferred else " (download.input_format)")]
+
+def _download_passes(cfg: Config, staging: str, plan: Plan, committer: Committer,
+                     notes: list[str]) -> tuple[list[str], float]:
+    """img2dataset passes until nothing is pending or the retries are spent; returns the passes'
+    tracebacks and the seconds spent downloading."""
+    d = cfg.download
+    raw_dir = staging + "/raw"
     pass_errors: list[str] = []
     download_seconds = 0.0
     if committer.pending:
@@ -892,37 +969,25 @@ def _run(cfg: Config, staging: str) -> StageSummary:
                          "(traceback in the log and the manifest)")
         finally:
             download_seconds += time.time() - t0
+    return pass_errors, download_seconds
 
-    expected = [s.name for s in plan.all_shards]
-    by_status: Counter = Counter()
-    reasons: Counter = Counter()
-    nodes: Counter = Counter()
-    for shard in plan.all_shards:  # this run's shards only: the manifest may still list stale ones
-        if writer.is_done(shard.name, shard.fingerprint):
-            info = writer.manifest.shards[shard.name]
-            by_status.update(info.stats.get("by_status", {}))
-            reasons.update(info.stats.get("errors", {}))
-            if info.stats.get("node"):
-                nodes[info.stats["node"]] += 1
+
+def _summary(output: str, plan: Plan, writer: TableWriter, committer: Committer, skipped: int, notes: list[str],
+             started: float, download_seconds: float) -> StageSummary:
+    """Rows by status and failures by reason over this run's shards (the manifest may still list
+    stale ones), and the nodes that fetched them."""
+    done = [writer.manifest.shards[s.name] for s in plan.all_shards if writer.is_done(s.name, s.fingerprint)]
+    by_status = sum_counts(info.stats.get("by_status", {}) for info in done)
+    nodes = Counter(info.stats["node"] for info in done if info.stats.get("node"))
     if nodes:
         notes.append(node_note(nodes, "shards"))
-    summary = StageSummary(
+    return StageSummary(
         stage="download", output=output, rows=sum(by_status.values()),
         counts=dict(by_status) | {k: v for k, v in plan.counts.items()
                                   if k in ("empty_url", "duplicate_url", UNSUPPORTED_SCHEME) and v},
-        failures=dict(reasons), shards_done=len(committer.written), shards_skipped=skipped,
+        failures=dict(sum_counts(info.stats.get("errors", {}) for info in done)),
+        shards_done=len(committer.written), shards_skipped=skipped,
         seconds=time.time() - started,
         rate=(committer.ok_done / download_seconds) if download_seconds > 0 else None, rate_unit="img/s",
         notes=notes,
     )
-    stats = summary.to_dict() | {"input": dict(plan.counts), "pass_errors": pass_errors}
-    if committer.pending:
-        missing = sorted(s.name for s in committer.pending.values())
-        summary.ok = False
-        summary.notes.append(f"{len(missing)} shard(s) still failing after {d.max_shard_retry} retries: "
-                             f"{', '.join(missing[:10])}; rerun the same command to resume")
-        writer.manifest.stats = stats  # the tracebacks stay with the table for the rerun to see
-        writer.compact()
-        return summary
-    writer.finalize(expected, stats=stats)
-    return summary

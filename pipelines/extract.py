@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 from lmeye import clip, patch_codec
 from lmeye.config import Config, ExtractConfig
 from lmeye.errors import UserError
-from lmeye.report import StageSummary, node_note
+from lmeye.report import StageSummary, node_note, sum_counts
 from lmeye.runtime import init_ray, storage_runtime_env
 from lmeye.shard_parts import ShardAssembler, assemble_shard, write_parts
 from lmeye.tables import STAGING, ShardInfo, TableReader, TableWriter, fingerprint, remove_temporaries
@@ -381,19 +381,8 @@ def table_metadata(ec: ExtractConfig, spec: clip.ModelSpec, precision: str) -> d
     }
 
 
-def _aggregate(shards: dict[str, ShardInfo]) -> tuple[Counter, Counter]:
-    by_status: Counter = Counter()
-    failures: Counter = Counter()
-    for info in shards.values():
-        by_status.update(info.stats.get("by_status", {}))
-        failures.update(info.stats.get("failures", {}))
-    return by_status, failures
-
-
 def run(cfg: Config) -> StageSummary:
     """Extract CLIP features for every successful pairs row not yet done; returns the summary."""
-    import ray
-
     t0 = time.time()
     ec = cfg.extract
     out = ec.output
@@ -402,12 +391,7 @@ def run(cfg: Config) -> StageSummary:
     pairs = TableReader(ec.input, PAIRS)
     device = "cuda" if ec.num_gpus > 0 else "cpu"
     precision = clip.resolve_precision(ec.precision, device)
-    try:
-        spec = clip.probe_model(ec.model, ec.pretrained, seed=ec.seed, config_dirs=ec.model_config_dirs)
-    except clip.ModelError as err:
-        raise UserError(str(err)) from None
-    if ec.patch_tokens and spec.token_shape is None:
-        raise UserError(f"extract.patch_tokens: {ec.model}'s visual tower returns no token features")
+    spec = _probe(ec)
     meta = table_metadata(ec, spec, precision)
     schema = features_schema(
         spec.embed_dim, ec.dtype, stored_patch_shape(ec, spec),
@@ -424,18 +408,45 @@ def run(cfg: Config) -> StageSummary:
     expected = _count_success(pairs, pending) if pending else {}
 
     progress = _Progress(sum(expected.values()))
-    restarts = 0
+    _extract(cfg, spec, precision, pairs, pending, writer, schema, expected, pairs_sha, progress, summary)
+    progress.close()
+    remove_temporaries(out)
+    if summary.ok:
+        writer.finalize(names, stats=_stats(writer.manifest.shards), metadata=meta)
+    _summarise(ec, spec, precision, meta, writer, progress, t0, summary)
+    return summary
+
+
+def _probe(ec: ExtractConfig) -> clip.ModelSpec:
+    """The model's shapes and preprocessing, checked before Ray starts."""
+    try:
+        spec = clip.probe_model(ec.model, ec.pretrained, seed=ec.seed, config_dirs=ec.model_config_dirs)
+    except clip.ModelError as err:
+        raise UserError(str(err)) from None
+    if ec.patch_tokens and spec.token_shape is None:
+        raise UserError(f"extract.patch_tokens: {ec.model}'s visual tower returns no token features")
+    return spec
+
+
+def _extract(cfg: Config, spec, precision, pairs, pending, writer, schema, expected, pairs_sha, progress,
+             summary: StageSummary) -> None:
+    """Every pending shard: empty ones recorded here, the rest through model-actor passes, a fresh
+    pool after a lost actor. A failure stops the run with ``summary.ok`` False (Ctrl-C raises)."""
+    import ray
+
+    ec = cfg.extract
     try:
         for name in pending:
             if expected[name] == 0:  # nothing to extract: an empty shard keeps the one-to-one layout
-                writer.record(assemble_shard(out, name, schema, [], row_group_rows=ec.row_group_rows, inputs=[name],
-                                             input_fingerprint=pairs_sha[name],
+                writer.record(assemble_shard(ec.output, name, schema, [], row_group_rows=ec.row_group_rows,
+                                             inputs=[name], input_fingerprint=pairs_sha[name],
                                              stats={"by_status": {}, "failures": {}, "nodes": {}}))
                 summary.shards_done += 1
         work = [n for n in pending if expected[n] > 0]
         if work:
             init_ray(cfg.ray)  # inputs and model checked first: a bad one fails before Ray starts
             summary.notes.append(_threads_note(ec))
+        restarts = 0
         while work:
             try:
                 summary.shards_done += _one_pass(ec, spec, precision, pairs, work, writer, schema, expected, pairs_sha, progress)
@@ -454,19 +465,20 @@ def run(cfg: Config) -> StageSummary:
     except (KeyboardInterrupt, ray.exceptions.RayError, RuntimeError, OSError, ValueError) as err:
         progress.close()
         if isinstance(err, KeyboardInterrupt):
-            remove_temporaries(out)  # the workers' parts of unfinished shards
+            remove_temporaries(ec.output)  # the workers' parts of unfinished shards
             raise
         traceback.print_exc(file=sys.stderr)
         summary.ok = False
         summary.notes.append(f"stopped: {_reason(err)}"[:400])
-    progress.close()
-    remove_temporaries(out)
-    if summary.ok:
-        writer.finalize(names, stats=_stats(writer.manifest.shards), metadata=meta)
-    by_status, failures = _aggregate(writer.manifest.shards)
+
+
+def _summarise(ec: ExtractConfig, spec, precision, meta, writer: TableWriter, progress, t0: float,
+               summary: StageSummary) -> None:
+    """Counts, failures, timing and the nodes that did the work, from the manifest."""
+    shards = writer.manifest.shards.values()
     summary.rows = writer.manifest.num_rows
-    summary.counts = dict(by_status)
-    summary.failures = dict(failures)
+    summary.counts = dict(sum_counts(info.stats.get("by_status", {}) for info in shards))
+    summary.failures = dict(sum_counts(info.stats.get("failures", {}) for info in shards))
     summary.seconds = time.time() - t0
     startup, steady = progress.timing(t0)
     summary.rate = steady
@@ -475,9 +487,7 @@ def run(cfg: Config) -> StageSummary:
             f"start-up {startup:.1f}s (Ray, decoding and model load, up to the first batch), then "
             + (f"{steady:.1f} images/s steady over {progress.steady_images} images" if steady else "no more batches")
         )
-    nodes: Counter = Counter()
-    for info in writer.manifest.shards.values():
-        nodes.update(info.stats.get("nodes", {}))
+    nodes = sum_counts(info.stats.get("nodes", {}) for info in shards)
     if nodes:
         summary.notes.append(node_note(nodes, "rows encoded"))
     summary.notes.insert(
@@ -485,7 +495,6 @@ def run(cfg: Config) -> StageSummary:
         + (f", patch tokens {meta['patch_tokens_shape']} {meta['patch_encoding']}" if ec.patch_tokens else "")
         + (f" (grid pooled to {ec.patch_pool}x{ec.patch_pool})" if ec.patch_tokens and ec.patch_pool else "")
     )
-    return summary
 
 
 def _one_pass(ec, spec, precision, pairs, work, writer, schema, expected, pairs_sha, progress) -> int:
@@ -627,8 +636,7 @@ def _threads_note(ec: ExtractConfig) -> str:
 
 
 def _stats(shards: dict[str, ShardInfo]) -> dict[str, Any]:
-    by_status, failures = _aggregate(shards)
-    return {"by_status": dict(by_status), "failures": dict(failures)}
+    return {key: dict(sum_counts(info.stats.get(key, {}) for info in shards.values())) for key in ("by_status", "failures")}
 
 
 def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pairs: TableReader, work: list[str],

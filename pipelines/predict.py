@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from lmeye.config import Config
 from lmeye.errors import UserError
-from lmeye.report import StageSummary
+from lmeye.report import StageSummary, sum_counts
 from lmeye.runtime import init_ray
 from lmeye.serve.loader import read_checkpoint_config
 from lmeye.shard_parts import ShardAssembler, write_parts
@@ -250,9 +250,7 @@ def run(cfg: Config) -> StageSummary:
         summary.ok = False
         summary.notes.append(f"stopped: {type(err).__name__}: {err}"[:400])
     remove_temporaries(out)
-    by_status: Counter = Counter()
-    for info in writer.manifest.shards.values():
-        by_status.update(info.stats.get("by_status", {}))
+    by_status = sum_counts(info.stats.get("by_status", {}) for info in writer.manifest.shards.values())
     if summary.ok:
         writer.finalize(names, stats={"by_status": dict(by_status)},
                         metadata={"checkpoint": p.checkpoint, "features_version": store.version})

@@ -37,14 +37,13 @@ import time
 from collections import Counter
 from typing import Any, Callable, Optional
 
-import fsspec
 import pyarrow.dataset as pads
 
 from lmeye.config import Config, dump_config
 from lmeye.config.train import TrainConfig, TrainStage
 from lmeye.errors import UserError
 from lmeye.report import StageSummary, node_note
-from lmeye.tables import Manifest, TableReader, fingerprint
+from lmeye.tables import Manifest, TableReader, fingerprint, is_local
 from lmeye.train.checkpoint import ATTEMPTS, MODEL_DIR
 from lmeye.train.ds_config import stage_value
 from lmeye.train import preflight as checks
@@ -68,9 +67,7 @@ def train_paths(cfg: Config) -> tuple[str, str, str]:
     output = tc.output or f"{cfg.data.root.rstrip('/')}/train"
 
     def absolute(path: str) -> str:  # Ray Train wants an absolute storage path; workers have their own cwd
-        fs, _ = fsspec.core.url_to_fs(path)
-        local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
-        return os.path.abspath(path) if local else path
+        return os.path.abspath(path) if is_local(path) else path
 
     return (absolute(tc.instructions or cfg.instruct.output), absolute(tc.features or cfg.extract.output), absolute(output))
 

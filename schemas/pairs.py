@@ -31,3 +31,28 @@ PAIRS = TableSchema(
         ]
     ),
 )
+
+# Columns of the URL list kept in pairs (``download.additional_columns``: LAION's NSFW or
+# punsafe, pwatermark, similarity, LICENSE, WIDTH, HEIGHT...) follow the columns above, in the
+# configured order. Their names may not be the pairs columns' nor img2dataset's own output
+# columns', which share its raw shards with them.
+IMG2DATASET_COLUMNS = ("key", "exif", "error_message", "status", "width", "height", "original_width",
+                       "original_height", "sha256", "jpg", "png", "webp")
+RESERVED_COLUMNS = frozenset(PAIRS.columns) | frozenset(IMG2DATASET_COLUMNS)
+
+
+def additional_type(t: pa.DataType) -> pa.DataType:
+    """The stored type of an additional column read as ``t``: whole numbers int64, other numbers
+    float64, booleans bool, anything else its text (one type whatever each input file says)."""
+    if pa.types.is_integer(t):
+        return pa.int64()
+    if pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return pa.float64()
+    if pa.types.is_boolean(t):
+        return pa.bool_()
+    return pa.string()
+
+
+def with_additional(extra: pa.Schema) -> pa.Schema:
+    """The pairs schema of a table that keeps the additional columns ``extra``."""
+    return PAIRS.with_metadata(pa.schema(list(PAIRS.schema) + list(extra)))

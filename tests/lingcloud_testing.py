@@ -38,18 +38,21 @@ def build_pairs_table(
     size: int = 32,
     corrupt: int = 1,
     failed: int = 1,
+    coco_names: bool = False,
 ) -> pa.Table:
     """Write a `pairs` table as the download stage would, without downloading.
 
     Rows: ``num_images`` good demo images, then ``corrupt`` rows marked success whose bytes
     are not an image (to exercise decode failures downstream), then ``failed`` rows that
-    failed to download. Returns the concatenated table.
+    failed to download. Returns the concatenated table. ``coco_names``: the good images' URLs
+    are COCO's (``.../train2017/000000000007.jpg`` for the 8th image), not the demo's names.
     """
     items = generate_items(num_images, seed=seed)
     rows = []
-    for item in items:
+    for i, item in enumerate(items):
         img = render(item, size=size)
-        url = f"http://127.0.0.1/images/{item.name}"
+        url = (f"http://images.cocodataset.org/train2017/{i:012d}.jpg" if coco_names
+               else f"http://127.0.0.1/images/{item.name}")
         rows.append(
             dict(uid=uid_for(url), url=url, caption=item.caption, status=SUCCESS, error_message=None,
                  width=size, height=size, original_width=size, original_height=size,

@@ -1,7 +1,7 @@
 """The demo pipeline end to end, and the learning check on what it trained.
 
-One run of ``run_demo`` on the learning check's corpus (configs/train_learning_check.yaml: 3,000
-synthetic 64 px images, one shape each): corpus -> loopback HTTP -> download -> extract ->
+One run of ``run_demo`` on ``make demo``'s own config (configs/demo.yaml: 3,000 synthetic 64 px
+images, one shape each): corpus -> loopback HTTP -> download -> extract ->
 instruct -> train (align, then instruct) -> the benchmark-layout evaluation and the report. Then
 the learning check (README, "The learning check") scores stage 1 alone and stage 1 + 2 on the
 held-out questions. One pipeline run serves both (about 3 minutes on 2 cores; a separate 16-image
@@ -27,10 +27,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 def test_demo_pipeline_end_to_end_then_stage_1_plus_2_answers_from_the_image(tmp_path, ray_local, capsys):
-    from lmeye.train.learning_check import render
+    from lmeye.demo.learning_check import render
 
     # One port for both runs: uids come from URLs, so a rerun must serve the same ones.
-    cfg = load_config(REPO / "configs" / "train_learning_check.yaml",
+    cfg = load_config(REPO / "configs" / "demo.yaml",
                       {"data.root": str(tmp_path / "demo"), "demo.port": free_port(), "ray.num_cpus": 2})
     summaries = run_demo(cfg)
     out = capsys.readouterr().out

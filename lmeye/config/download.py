@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lmeye.config.base import Section
+from schemas.pairs import RESERVED_COLUMNS
 
 InputFormat = Literal[
     "txt", "txt.gz", "csv", "csv.gz", "tsv", "tsv.gz", "json", "json.gz", "jsonl", "jsonl.gz", "parquet", "parquet.gz"
@@ -28,6 +29,9 @@ class DownloadConfig(Section):
         None, min_length=1,
         description="csv/tsv lists without a header line (CC3M's released TSV: [caption, url]): the columns' "
                     "names, in order; every line is then a row. null: the first line is the header")
+    additional_columns: list[str] = Field(
+        [], description="columns of the URL list kept in the pairs table after its own (LAION: NSFW or punsafe, "
+                        "pwatermark, similarity, LICENSE, WIDTH, HEIGHT); numbers, booleans, or text")
     # resizing, passed through to img2dataset unchanged
     image_size: int = Field(256, gt=0, description="side of the stored image after resizing")
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = Field(
@@ -56,3 +60,17 @@ class DownloadConfig(Section):
         ["noai", "noimageai", "noindex", "noimageindex"],
         description="X-Robots-Tag directives that make a URL a failed row (site opt-outs are honoured)")
     dedupe_urls: bool = Field(True, description="keep the first row of each uid; uids are unique in pairs")
+
+    @model_validator(mode="after")
+    def _check_additional_columns(self) -> "DownloadConfig":
+        seen: set[str] = set()
+        for name in self.additional_columns:
+            if name in seen:
+                raise ValueError(f"additional_columns: '{name}' is listed twice")
+            if name in RESERVED_COLUMNS or name in (self.url_col, self.caption_col):
+                raise ValueError(f"additional_columns: '{name}' is a column the pairs table or img2dataset "
+                                 "already writes (or the url/caption column); rename it in the URL list")
+            seen.add(name)
+        if self.additional_columns and self.input_format in ("txt", "txt.gz"):
+            raise ValueError("additional_columns: a txt list has no columns besides the URL")
+        return self

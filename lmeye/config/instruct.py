@@ -5,7 +5,9 @@ The stage reads a list of *sources*, each one of four kinds (the ``kind`` key pi
 * ``captions``: caption rows of a ``pairs`` table (or a json/jsonl file of ``{image, caption}``)
   turned into tasks by the templates file: short caption, detailed description, caption-grounded
   questions, each with several phrasings;
-* ``vqa``: question/answer sets in the common VQA layout ``[{image, question, answer}]``;
+* ``vqa``: question/answer sets in the common VQA layout ``[{image, question, answer}]``, or
+  VQAv2 as released: the questions file (``{"questions": [{image_id, question, question_id}]}``)
+  as ``path`` and its annotations file as ``answers`` (joined by ``question_id``);
 * ``llava``: LLaVA conversations ``[{id, image, conversations: [{from, value}, ...]}]``; a record
   without ``image`` is text-only (kept with a null uid and task ``text_only_task``, unless
   ``text_only: false``), and a question/answer pair with an empty side is left out alone;
@@ -22,9 +24,16 @@ Image references in files map to uids by the source's ``image_key`` rule:
   ``0618127453.jpg`` are not numbers);
 * ``path``: its last ``path_components`` path components equal those of a ``pairs`` URL;
 * ``coco_id``: the COCO image id (``COCO_train2014_000000123456.jpg``, ``000000123456.jpg`` or
-  the number itself) equals the id parsed from a ``pairs`` URL's file name;
+  the number itself) equals the id parsed from a ``pairs`` URL's file name. Only COCO's own
+  names are ids: any other reference (Flickr30k's ``1000092795.jpg``, GQA's ``n161313.jpg``,
+  TextCaps' ``0a0bc91825468c45.jpg``) is a malformed record naming it, so a mixed source must
+  use ``path`` or ``basename``;
 * ``url``: ``uid_for(url_prefix + reference)``; no pairs table needed;
 * ``uid``: the reference is the uid itself.
+
+A .json file is a list of records, or an object holding the list under ``annotations`` or
+``questions`` (COCO's ``captions_train2017.json``, VQAv2's files, as released). A source whose
+records are mostly malformed (more than ``max_malformed_fraction``) fails, naming the first one.
 
 Source paths may name ``{data.root}`` and ``{demo.corpus_dir}``; they are filled in from the
 rest of the config when the stage runs.
@@ -107,6 +116,9 @@ class VQASource(_QASource):
     image_field: str = "image"
     question_field: str = "question"
     answer_field: str = Field("answer", description="a string, or a list of answers (the most frequent is used)")
+    answers: Optional[str] = Field(
+        None, description="VQAv2 as released: the annotations file beside the questions file `path`; each question's "
+                          "answer is its annotation's multiple_choice_answer, joined by question_id")
 
 
 class LlavaSource(_FileSource):
@@ -150,6 +162,9 @@ class InstructConfig(Section):
     on_bad_record: Literal["error", "skip"] = Field(
         "error", description="a malformed JSON record or line: error naming file and record, or skip and count it"
     )
+    max_malformed_fraction: float = Field(
+        0.5, ge=0, le=1, description="on_bad_record: skip: a source with more malformed records than this fraction "
+                                     "fails (its fields or image_key do not fit the data) instead of yielding no rows")
     partition_mb: float = Field(64, gt=0, description="target size of a partition in MiB (the unit held in memory; more input, more partitions)")
     chunk_rows: int = Field(50_000, gt=0, description="rows built in Python before they are spilled")
     tmp_dir: Optional[str] = Field(None, description="local folder for spill files; default the system temp folder")

@@ -51,15 +51,16 @@ class Question:
     options: tuple[str, str, str, str]  # shuffled, the answer among them
 
 
-def heldout_items(num_images: int, seed: int, exclude: Iterable[DemoItem] = ()) -> list[DemoItem]:
-    """``num_images`` demo items from ``seed``, none drawing the same scene as an ``exclude``d (training) item.
+def heldout_items(num_images: int, seed: int, exclude: Iterable[DemoItem] = (), max_objects: int = MAX_OBJECTS) -> list[DemoItem]:
+    """``num_images`` demo items from ``seed``, none drawing the same scene as an ``exclude``d (training) item,
+    with 1 to ``max_objects`` shapes like the corpus (``demo.max_objects``).
 
     Named ``eval_<n>.jpg`` so they never collide with corpus file names.
     """
     seen = {(i.objects, i.background) for i in exclude}
     items, drawn = [], 0
     while len(items) < num_images:
-        batch = generate_items(drawn + 4 * num_images, seed)[drawn:]
+        batch = generate_items(drawn + 4 * num_images, seed, max_objects)[drawn:]
         drawn += len(batch)
         for item in batch:
             if (item.objects, item.background) not in seen and len(items) < num_images:

@@ -141,7 +141,7 @@ def evaluate_demo(cfg: Config, training_items: list, summaries: list[StageSummar
     from pipelines.train import _paths, stage_dir
 
     d, root = cfg.demo, Path(cfg.data.root)
-    items = heldout_items(d.eval_images, d.seed, exclude=training_items)
+    items = heldout_items(d.eval_images, d.seed, exclude=training_items, max_objects=d.max_objects)
     sets = write_benchsets(root / "benchsets", items, d.image_size, d.seed)
     output = _paths(cfg)[2]
     names = [s.name for s in cfg.train.stages]
@@ -167,7 +167,7 @@ def learning_check_accuracy(cfg: Config, names: list[str]) -> tuple[dict[str, di
     alone, stage 1 + 2, and the two controls of the final model (the most common training answer of
     the type; each question paired with another image's features). And its one-line summary. The
     scores are also written to ``{data.root}/eval/learning_check.json``."""
-    from lmeye.train.learning_check import score
+    from lmeye.demo.learning_check import score
 
     results = score(cfg)
     # kept for whoever checks the thresholds (tests/test_demo.py), so the scoring runs once

@@ -17,9 +17,10 @@ import pyarrow.compute as pc
 from lmeye.config.instruct import InstructConfig
 from lmeye.errors import UserError
 from lmeye.stages import version_of
+from lmeye.spill import Spill
 from lmeye.tables import Manifest, TableReader
 from pipelines.instruct.inputs import InputTables
-from pipelines.instruct.partition import FEAT_SCHEMA, Placement, Spill, uid_keys
+from pipelines.instruct.partition import FEAT_SCHEMA, Placement, uid_keys
 from schemas.curation import CURATION
 from schemas.pairs import UID
 

@@ -12,9 +12,10 @@ import pyarrow.compute as pc
 
 from lmeye.config import Config
 from lmeye.config.instruct import InstructConfig
+from lmeye.spill import Spill
 from lmeye.tables import Manifest, TableReader, open_table
 from pipelines.instruct.jsonio import list_files
-from pipelines.instruct.partition import FEAT_SCHEMA, Placement, Spill, uid_keys
+from pipelines.instruct.partition import FEAT_SCHEMA, Placement, uid_keys
 from schemas.features import FEATURES
 from schemas.pairs import PAIRS, STATUS, SUCCESS, UID
 
@@ -34,6 +35,8 @@ def resolved_sources(cfg: Config) -> list[Any]:
         updates: dict[str, Any] = {"name": spec.name or spec.kind, "path": fill_paths(spec.path, cfg)}
         if spec.kind == "captions":
             updates["table"] = fill_paths(spec.table, cfg) or cfg.instruct.pairs
+        if getattr(spec, "answers", None):
+            updates["answers"] = fill_paths(spec.answers, cfg)
         out.append(spec.model_copy(update=updates))
     return out
 

@@ -14,6 +14,8 @@ from typing import Any, Iterator, Optional
 
 import fsspec
 
+from lmeye.tables import is_local
+
 
 class Malformed(Exception):
     """A record that is not the expected shape; the message says what is wrong with it."""
@@ -23,7 +25,7 @@ def list_files(path: str) -> list[str]:
     """A file, a folder (its *.json / *.jsonl, .gz too), or a glob; sorted, with protocol."""
     fs, root = fsspec.core.url_to_fs(path)
     proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    prefix = "" if proto in ("file", "local") else f"{proto}://"
+    prefix = "" if is_local(fs) else f"{proto}://"
     if any(c in root for c in "*?["):
         found = sorted(fs.glob(root))
     elif fs.isdir(root):
@@ -51,11 +53,19 @@ def _is_jsonl(path: str) -> bool:
     return re.search(r"\.jsonl(\.gz)?$", path) is not None
 
 
-def iter_records(path: str, chunk_chars: int = 1 << 20) -> Iterator[tuple[str, Any]]:
-    """``(where, record_or_Malformed)`` for every record of a .json list or a .jsonl file.
+# The members of a top-level JSON object that hold the records, as COCO and VQAv2 release them:
+# captions_train2017.json and VQAv2's annotation files hold ``annotations`` (COCO's captions also
+# hold ``images``, skipped), VQAv2's question files hold ``questions``.
+RECORD_MEMBERS = ("annotations", "questions")
 
-    ``where`` names the record for messages: ``"line 7"`` (1-based) or ``"record 3"`` (0-based
-    index into the list). Blank lines of a .jsonl file are not records.
+
+def iter_records(path: str, chunk_chars: int = 1 << 20) -> Iterator[tuple[str, Any]]:
+    """``(where, record_or_Malformed)`` for every record of a .json list or a .jsonl file, or of
+    the list a .json object holds under one of ``RECORD_MEMBERS`` (COCO, VQAv2 as released).
+
+    ``where`` names the record for messages: ``"line 7"`` (1-based), ``"record 3"`` (0-based
+    index into the list) or ``"annotations record 3"``. Blank lines of a .jsonl file are not
+    records.
     """
     with fsspec.open(path, "rt", encoding="utf-8", compression="infer") as f:
         if _is_jsonl(path):
@@ -67,10 +77,17 @@ def iter_records(path: str, chunk_chars: int = 1 << 20) -> Iterator[tuple[str, A
                 except json.JSONDecodeError as err:
                     yield f"line {n}", Malformed(f"not valid JSON ({err.msg} at column {err.colno})")
         else:
-            yield from _iter_json_array(f, path, chunk_chars)
+            buf = f.read(chunk_chars)
+            start = len(buf) - len(buf.lstrip(_WS))
+            if buf[start:start + 1] == "{":
+                member, buf, start = _seek_member(f, path, chunk_chars, buf, start)
+                yield from _iter_json_array(f, path, chunk_chars, buf, start, f"{member} record ")
+            else:
+                yield from _iter_json_array(f, path, chunk_chars, buf, start)
 
 
 _TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"|"|[\[\]{},]')
+_MEMBER_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"|"|[\[\]{}:,]')
 _WS = " \t\r\n"
 
 
@@ -101,9 +118,56 @@ def _find_element_end(buf: str, pos: int) -> Optional[int]:
     return None
 
 
-def _iter_json_array(f, path: str, chunk_chars: int) -> Iterator[tuple[str, Any]]:
+def _seek_member(f, path: str, chunk_chars: int, buf: str, pos: int) -> tuple[str, str, int]:
+    """In a JSON object starting at ``buf[pos]``, find the first top-level member named in
+    ``RECORD_MEMBERS`` whose value is a list, reading on as needed and skipping every other
+    member's value (COCO's ``images``) without decoding it. Returns (member, buffer, position of
+    its '[')."""
+    depth, key, keys = 0, None, []
+    while True:
+        m = _MEMBER_TOKEN_RE.search(buf, pos)
+        if m is None or m.group() == '"':  # the buffer ends, possibly inside a string: read on
+            data = f.read(chunk_chars)
+            if not data:
+                break
+            cut = m.start() if m is not None else len(buf)
+            buf, pos = buf[cut:] + data, 0
+            continue
+        tok, pos = m.group(), m.end()
+        if tok[0] == '"':
+            key = tok if depth == 1 else None
+        elif tok == ":" and key is not None:
+            name = json.loads(key)
+            keys.append(name)
+            if name in RECORD_MEMBERS:
+                while not buf[pos:].strip(_WS):  # only blanks left: read on
+                    data = f.read(chunk_chars)
+                    if not data:
+                        break
+                    buf += data
+                start = len(buf) - len(buf[pos:].lstrip(_WS))
+                if buf[start:start + 1] == "[":
+                    return name, buf, start
+            key = None
+        elif tok in "[{":
+            depth += 1
+        elif tok in "]}":
+            depth -= 1
+            if depth == 0:
+                break
+        else:
+            key = None
+    raise _ArrayError(f"{path}: expected a JSON list of records, or an object holding one under "
+                      f"{' or '.join(repr(k) for k in RECORD_MEMBERS)} (COCO, VQAv2 as released); "
+                      f"found an object with {', '.join(repr(k) for k in keys) or 'no members'}")
+
+
+def _iter_json_array(f, path: str, chunk_chars: int, buf: str = "", pos: int = 0,
+                     label: str = "record ") -> Iterator[tuple[str, Any]]:
+    """The elements of the JSON list starting at ``buf[pos]`` (after leading blanks), the rest of
+    it read from ``f`` as needed, each decoded on its own."""
     decoder = json.JSONDecoder()
-    buf, pos, eof = "", 0, False
+    eof = False
 
     def more() -> bool:
         nonlocal buf, pos, eof
@@ -152,18 +216,18 @@ def _iter_json_array(f, path: str, chunk_chars: int) -> Iterator[tuple[str, Any]
                 obj, end = decoder.raw_decode(buf, pos)
                 if end == len(buf) and not eof and isinstance(obj, (int, float)):
                     raise json.JSONDecodeError("number may continue", buf, end)  # read on: 12|34
-                yield f"record {index}", obj
+                yield f"{label}{index}", obj
                 pos = end
                 break
             except json.JSONDecodeError as err:
                 end = _find_element_end(buf, pos)
                 if end is not None and (end < len(buf) or eof):
                     text = buf[pos:end].strip()
-                    yield f"record {index}", Malformed(f"not valid JSON ({err.msg}: {text[:60]!r})")
+                    yield f"{label}{index}", Malformed(f"not valid JSON ({err.msg}: {text[:60]!r})")
                     pos = end
                     break
                 if not more():
-                    yield f"record {index}", Malformed(f"not valid JSON ({err.msg}); the file ends inside it")
+                    yield f"{label}{index}", Malformed(f"not valid JSON ({err.msg}); the file ends inside it")
                     return
         index += 1
         expect_value = False

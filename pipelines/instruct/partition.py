@@ -2,7 +2,7 @@
 
 A uid's partition and its split (train or validation) both come from one salted mix of the uid
 (``Placement``), so everything about one image lands in one partition and no image is on both
-sides. ``Spill`` appends row chunks to P local Arrow IPC streams, one per partition.
+sides. The rows go to P local Arrow IPC streams, one per partition (``lmeye.spill.Spill``).
 A text-only row (null uid) is placed by its sample key instead: it has no image to keep on
 one side.
 
@@ -12,8 +12,6 @@ one side.
 from __future__ import annotations
 
 import hashlib
-import os
-import resource
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,55 +88,3 @@ class Placement:
 
     def is_validation(self, uid: str) -> bool:
         return bool(self.place(uid_keys([uid])[0])[1][0])
-
-
-# ---------------------------------------------------------------------------------------------
-# Spill files: P Arrow IPC streams, appended chunk by chunk
-
-
-class Spill:
-    def __init__(self, folder: str, prefix: str, partitions: int, schema: pa.Schema):
-        self.folder, self.prefix, self.partitions, self.schema = folder, prefix, partitions, schema
-        self.writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
-        self.rows = 0
-
-    def path(self, p: int) -> str:
-        return os.path.join(self.folder, f"{self.prefix}-{p:05d}.arrow")
-
-    def write(self, table: pa.Table, parts: np.ndarray) -> None:
-        if table.num_rows == 0:
-            return
-        order = np.argsort(parts, kind="stable")
-        table = table.take(pa.array(order))
-        sorted_parts = parts[order]
-        bounds = np.flatnonzero(np.diff(sorted_parts)) + 1
-        starts = np.concatenate([[0], bounds])
-        ends = np.concatenate([bounds, [len(sorted_parts)]])
-        for s, e in zip(starts.tolist(), ends.tolist()):
-            p = int(sorted_parts[s])
-            w = self.writers.get(p)
-            if w is None:
-                w = self.writers[p] = pa.ipc.new_stream(self.path(p), self.schema)
-            w.write_table(table.slice(s, e - s))
-        self.rows += table.num_rows
-
-    def close(self) -> None:
-        for w in self.writers.values():
-            w.close()
-        self.writers.clear()
-
-    def read(self, p: int) -> pa.Table:
-        if not os.path.exists(self.path(p)):
-            return self.schema.empty_table()
-        with pa.memory_map(self.path(p)) as src:
-            return pa.ipc.open_stream(src).read_all()
-
-
-def raise_open_files_limit(need: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < need + 64:
-        target = need + 64 if hard == resource.RLIM_INFINITY else min(hard, need + 64)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass

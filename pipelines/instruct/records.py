@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from pipelines.instruct.jsonio import Malformed
+from pipelines.instruct.jsonio import Malformed, read_json_source
 from schemas.instructions import ROLE_ASSISTANT, ROLE_USER
 
 # One or more <image> placeholders with the whitespace around them; replaced by one separator.
@@ -183,3 +183,39 @@ def parse_caption_record(rec: Any, image_field: str, caption_field: str) -> tupl
     if not caption or not caption.strip():
         return Reject("no_caption")
     return ref, caption
+
+
+# ---------------------------------------------------------------------------------------------
+# VQAv2 as released: questions in one file, their answers in another
+
+
+QUESTION_ID = "question_id"  # VQAv2's join key, in both files
+
+
+def load_vqa_answers(path: str) -> dict[Any, str]:
+    """question_id -> answer over a VQAv2 annotations file (``{"annotations": [...]}``): the
+    annotation's ``multiple_choice_answer`` (VQAv2's most frequent of its ten answers), else the
+    most frequent of its ``answers``. A bounded map: VQAv2 has about 1.1M questions in all."""
+    answers: dict[Any, str] = {}
+    for file, where, rec in read_json_source(path):
+        if isinstance(rec, Malformed):
+            raise Malformed(f"{file}: {where}: {rec}")
+        try:
+            qid = _field(rec, QUESTION_ID, (int, str), "the question it answers")
+            if "multiple_choice_answer" in rec:
+                answer = _answer(rec["multiple_choice_answer"], "multiple_choice_answer")
+            else:
+                answer = _answer(_field(rec, "answers", (list,), "the answers"), "answers")
+        except Malformed as err:
+            raise Malformed(f"{file}: {where}: {err}") from None
+        answers[qid] = answer
+    return answers
+
+
+def with_vqa_answer(rec: Any, answers: dict[Any, str], answer_field: str) -> Any:
+    """A VQAv2 question record with its answer under ``answer_field``, or a Reject when the
+    annotations have none for it."""
+    qid = _field(rec, QUESTION_ID, (int, str), "VQAv2's question id, to find its answer")
+    if qid not in answers:
+        return Reject("no_annotation")
+    return {**rec, answer_field: answers[qid]}

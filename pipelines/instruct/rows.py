@@ -21,13 +21,25 @@ import pyarrow as pa
 
 from lmeye.config.instruct import DEFAULT_TASK, InstructConfig
 from lmeye.errors import UserError
+from lmeye.spill import Spill
 from lmeye.tables import TableReader
 from pipelines.instruct.captions import CaptionTasks
 from pipelines.instruct.formats import NEEDS_POOL, AnswerPool, Formatter
-from pipelines.instruct.images import ImageIndex, resolve
+from pipelines.instruct.images import join_key, resolve
+from pipelines.instruct.inputs import file_bytes
+from pipelines.instruct.join import PairsIndex, Resolver, partition_count
 from pipelines.instruct.jsonio import Malformed, read_json_source
-from pipelines.instruct.partition import MASK64, SPILL_SCHEMA, Placement, Spill, seed64, uid_keys
-from pipelines.instruct.records import TEXT_ONLY, Parsed, Reject, parse_caption_record, parse_llava, parse_qa
+from pipelines.instruct.partition import MASK64, SPILL_SCHEMA, Placement, seed64, uid_keys
+from pipelines.instruct.records import (
+    TEXT_ONLY,
+    Parsed,
+    Reject,
+    load_vqa_answers,
+    parse_caption_record,
+    parse_llava,
+    parse_qa,
+    with_vqa_answer,
+)
 from schemas.instructions import CONVERSATION, TURN
 from schemas.pairs import CAPTION, STATUS, SUCCESS, UID as PAIRS_UID
 
@@ -165,21 +177,29 @@ class RowBuilder:
 
 @dataclass
 class SourceContext:
-    """What every source runner needs: the config, the pairs table (opened once, on first use)
-    and the templates (loaded on first use)."""
+    """What every source runner needs: the config, the pairs table (opened once, on first use),
+    the templates (loaded on first use), and a folder for the join's spill files."""
 
     cfg: InstructConfig
     pairs: Callable[[], TableReader]
     templates: Callable[[list[str]], dict]
-    indexes: dict[tuple[str, int], ImageIndex] = field(default_factory=dict)
+    spill_dir: str
+    indexes: dict[tuple[str, int, int], PairsIndex] = field(default_factory=dict)
+    resolvers: int = 0  # names each source's join files
 
-    def index(self, rule: str, components: int) -> Optional[ImageIndex]:
+    def resolver(self, spec: Any) -> Optional[Resolver]:
+        """The partitioned join of a source whose image_key needs the pairs table; None for url
+        and uid, which need none. The pairs side is spilled once per rule and partition count."""
+        rule = spec.image_key
         if rule in ("url", "uid"):
             return None
-        key = (rule, components if rule == "path" else 0)
+        pairs = self.pairs()
+        partitions = partition_count(pairs.num_rows, file_bytes(spec.path), self.cfg.partition_mb)
+        key = (rule, spec.path_components if rule == "path" else 0, partitions)
         if key not in self.indexes:
-            self.indexes[key] = ImageIndex(self.pairs(), rule, components)
-        return self.indexes[key]
+            self.indexes[key] = PairsIndex(pairs, rule, key[1], self.spill_dir, partitions, self.cfg.chunk_rows)
+        self.resolvers += 1
+        return Resolver(self.indexes[key], self.spill_dir, f"source{self.resolvers}", self.cfg.chunk_rows)
 
 
 def _bad(ctx: SourceContext, stats: SourceStats, file: str, where: str, err: Malformed) -> None:
@@ -221,8 +241,12 @@ def _position(spec: Any, file: str, where: str) -> str:
     return f"{rel}:{where}"
 
 
-def _parse(spec: Any, rec: Any) -> Parsed | Reject | tuple[Any, str]:
+def _parse(spec: Any, rec: Any, answers: Optional[dict] = None) -> Parsed | Reject | tuple[Any, str]:
     kind = spec.kind
+    if answers is not None:  # VQAv2 as released: the answer is in the annotations file
+        rec = with_vqa_answer(rec, answers, spec.answer_field)
+        if isinstance(rec, Reject):
+            return rec
     if kind in ("vqa", "lmeyemid"):
         return parse_qa(rec, spec.image_field, spec.question_field, spec.answer_field, spec.id_field)
     if kind == "llava":
@@ -230,7 +254,7 @@ def _parse(spec: Any, rec: Any) -> Parsed | Reject | tuple[Any, str]:
     return parse_caption_record(rec, spec.image_field, spec.caption_field)
 
 
-def _answer_pool(spec: Any) -> AnswerPool:
+def _answer_pool(spec: Any, answers: Optional[dict]) -> AnswerPool:
     """A first pass over a question/answer source: every well-formed record's (question, answer)."""
 
     def pairs():
@@ -238,7 +262,7 @@ def _answer_pool(spec: Any) -> AnswerPool:
             if isinstance(rec, Malformed):
                 continue
             try:
-                out = _parse(spec, rec)
+                out = _parse(spec, rec, answers)
             except Malformed:
                 continue
             if isinstance(out, Parsed):
@@ -247,55 +271,93 @@ def _answer_pool(spec: Any) -> AnswerPool:
     return AnswerPool(pairs(), spec.type_words)
 
 
-def formatter_of(spec: Any, seed: int) -> Optional[Formatter]:
+def formatter_of(spec: Any, seed: int, answers: Optional[dict] = None) -> Optional[Formatter]:
     """The source's answer formats (None: every record as it is)."""
     formats = getattr(spec, "formats", None)
     if not formats or set(f for f, w in formats.items() if w > 0) == {"plain"}:
         return None
-    pool = _answer_pool(spec) if any(formats.get(f, 0) > 0 for f in NEEDS_POOL) else None
+    pool = _answer_pool(spec, answers) if any(formats.get(f, 0) > 0 for f in NEEDS_POOL) else None
     return Formatter(formats, pool, seed, spec.name or spec.kind, spec.distractors)
 
 
+class _Emitter:
+    """Turns one resolved record of a file source into rows: caption tasks, answer formats or
+    the conversation as it is."""
+
+    def __init__(self, ctx: SourceContext, spec: Any, rows: RowBuilder, stats: SourceStats,
+                 formatter: Optional[Formatter]):
+        self.spec, self.rows, self.stats, self.formatter = spec, rows, stats, formatter
+        self.task = spec.task or DEFAULT_TASK.get(spec.kind)
+        self.text_task = getattr(spec, "text_only_task", None)
+        self.caption_tasks = None
+        if spec.kind == "captions":
+            self.caption_tasks = CaptionTasks(ctx.templates(list(spec.tasks)), spec.tasks, ctx.cfg.seed, spec.task)
+
+    def emit(self, uid: Optional[str], out: Any, file: str, where: str) -> None:
+        position = _position(self.spec, file, where)
+        if self.caption_tasks is not None:
+            made = self.caption_tasks.make(uid, out[1].strip())
+            if made is None:
+                self.stats.rejected["no_grounded_fact"] += 1
+            else:
+                self.rows.add(uid, made[0], made[1], position, position)
+        elif self.formatter is not None:  # one question, one answer: asked in one of the source's formats
+            made_task, turns = self.formatter.apply(out.turns[0][1], out.turns[1][1], self.task, position,
+                                                    (out.turns[0][0], out.turns[1][0]))
+            self.rows.add(uid, made_task, turns, out.source_id or position, position)
+        else:
+            self.stats.dropped_turns.update(out.dropped)
+            self.rows.add(uid, self.text_task if uid is None else self.task, out.turns, out.source_id or position, position)
+
+
 def run_file_source(ctx: SourceContext, spec: Any, rows: RowBuilder, stats: SourceStats, progress: Progress) -> None:
-    index = ctx.index(spec.image_key, spec.path_components)
-    task = spec.task or DEFAULT_TASK.get(spec.kind)
-    text_task = getattr(spec, "text_only_task", None)
-    caption_tasks = None
-    if spec.kind == "captions":
-        caption_tasks = CaptionTasks(ctx.templates(list(spec.tasks)), spec.tasks, ctx.cfg.seed, spec.task)
-    formatter = formatter_of(spec, ctx.cfg.seed)
+    """Read a file source record by record. A record whose image needs the pairs table waits in
+    the partitioned join (``join.Resolver``) and is built, in input order, once it is resolved."""
+    resolver = ctx.resolver(spec)
     try:
+        answers = load_vqa_answers(spec.answers) if getattr(spec, "answers", None) else None
+        emitter = _Emitter(ctx, spec, rows, stats, formatter_of(spec, ctx.cfg.seed, answers))
         for file, where, rec in read_json_source(spec.path):
             stats.input += 1
             try:
                 if isinstance(rec, Malformed):
                     raise rec
-                out = _parse(spec, rec)
+                out = _parse(spec, rec, answers)
+                if isinstance(out, Reject):
+                    stats.rejected[out.reason] += 1
+                    continue
+                ref = out.image if isinstance(out, Parsed) else out[0]
+                if resolver is not None:
+                    key = None if ref is TEXT_ONLY else join_key(ref, spec.image_key, spec.path_components)
+                else:
+                    key = None if ref is TEXT_ONLY else resolve(ref, spec.image_key, spec.url_prefix)
             except Malformed as err:
                 _bad(ctx, stats, file, where, err)
                 continue
-            if isinstance(out, Reject):
-                stats.rejected[out.reason] += 1
-                continue
-            ref = out.image if isinstance(out, Parsed) else out[0]
-            uid = None if ref is TEXT_ONLY else resolve(ref, spec.image_key, index, spec.path_components, spec.url_prefix)
-            if isinstance(uid, Reject):
-                stats.rejected[uid.reason] += 1
-                continue
-            position = _position(spec, file, where)
-            if caption_tasks is not None:
-                made = caption_tasks.make(uid, out[1].strip())
-                if made is None:
-                    stats.rejected["no_grounded_fact"] += 1
-                else:
-                    rows.add(uid, made[0], made[1], position, position)
-            elif formatter is not None:  # one question, one answer: asked in one of the source's formats
-                made_task, turns = formatter.apply(out.turns[0][1], out.turns[1][1], task, position, (out.turns[0][0], out.turns[1][0]))
-                rows.add(uid, made_task, turns, out.source_id or position, position)
+            if isinstance(key, Reject):
+                stats.rejected[key.reason] += 1
+            elif resolver is not None:
+                resolver.add(stats.input, key, file, where, rec)
             else:
-                stats.dropped_turns.update(out.dropped)
-                rows.add(uid, text_task if uid is None else task, out.turns, out.source_id or position, position)
+                emitter.emit(key, out, file, where)  # url and uid rules: the key is the uid
             if stats.input % 4096 == 0:
                 progress.tick(lambda: f"{spec.path}: {stats.input} records read")
+        if resolver is not None:
+            for _, r in resolver.resolved():
+                if r.reason is not None:
+                    stats.rejected[r.reason] += 1
+                else:  # parsed again from the record's text: the same result as the first time
+                    emitter.emit(r.uid, _parse(spec, r.rec, answers), r.file, r.where)
     except Malformed as err:  # the file as a whole is not a JSON list: never skippable
         raise UserError(str(err)) from None
+    _check_mostly_well_formed(ctx, spec, stats)
+
+
+def _check_mostly_well_formed(ctx: SourceContext, spec: Any, stats: SourceStats) -> None:
+    """A source whose records are mostly malformed does not fit its config (fields, image_key):
+    one error, not a table without its rows and a count in the summary."""
+    bad = stats.outcomes["malformed"]
+    if stats.input and bad > ctx.cfg.max_malformed_fraction * stats.input:
+        first = f"; the first: {stats.examples[0]}" if stats.examples else ""
+        raise UserError(f"instruct source '{spec.name}': {bad} of {stats.input} records are malformed "
+                        f"(more than instruct.max_malformed_fraction {ctx.cfg.max_malformed_fraction}){first}")

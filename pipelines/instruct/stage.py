@@ -49,11 +49,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import shutil
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import fsspec
@@ -65,6 +65,7 @@ from lmeye.config import Config
 from lmeye.config.instruct import InstructConfig
 from lmeye.errors import UserError
 from lmeye.report import StageSummary
+from lmeye.spill import Spill, raise_open_files_limit
 from lmeye.tables import Manifest, TableWriter, fingerprint, shard_file
 from lmeye.templates import CAPTIONS as DEFAULT_TEMPLATES
 from pipelines.instruct import curation
@@ -80,17 +81,7 @@ from pipelines.instruct.inputs import (
     uses_pairs_table,
 )
 from pipelines.instruct.jsonio import file_signature, list_files
-from pipelines.instruct.partition import (
-    FEAT_SCHEMA,
-    KEY,
-    MASK64,
-    SPILL_SCHEMA,
-    SRC,
-    VAL,
-    Placement,
-    Spill,
-    raise_open_files_limit,
-)
+from pipelines.instruct.partition import FEAT_SCHEMA, KEY, MASK64, SPILL_SCHEMA, SRC, VAL, Placement
 from pipelines.instruct.rows import OUTCOMES, Progress, RowBuilder, SourceContext, SourceStats, run_captions_table, run_file_source
 from schemas.instructions import (
     CONVERSATION_COL,
@@ -196,8 +187,11 @@ def write_partition(writer: TableWriter, p: int, partitions: int, fp: str, train
 
 
 def _config_for_fingerprint(ic: InstructConfig, sources: list[Any]) -> dict[str, Any]:
-    d = ic.model_dump(mode="json", exclude={"export_hf", "tmp_dir", "chunk_rows", "sources", "allow_incomplete", "debug_delay_s"})
-    d["sources"] = [s.model_dump(mode="json") for s in sources]
+    d = ic.model_dump(mode="json", exclude={"export_hf", "tmp_dir", "chunk_rows", "sources", "allow_incomplete",
+                                            "debug_delay_s", "max_malformed_fraction"})
+    # keys added later enter only when set, so tables built before them keep their fingerprint
+    d["sources"] = [{k: v for k, v in s.model_dump(mode="json").items() if not (k == "answers" and v is None)}
+                    for s in sources]
     return d
 
 
@@ -242,6 +236,8 @@ def _input_fingerprint(ic: InstructConfig, sources: list[Any], inputs: InputTabl
             listing.append({"table": s.table, "sig": inputs.pairs(s.table, f"instruct source '{s.name}'").signature()})
         else:
             listing.append([file_signature(f) for f in list_files(s.path)])
+            if getattr(s, "answers", None):
+                listing.append({"answers": file_signature(s.answers)})
     if any(s.image_key not in ("url", "uid") and not uses_pairs_table(s) for s in sources):
         pairs = inputs.pairs(ic.pairs, "instruct.pairs (needed to map image references to uids; or use image_key: url or uid)")
         listing.append({"pairs": pairs.signature()})
@@ -268,9 +264,72 @@ def _already_complete(ic: InstructConfig, config: dict[str, Any], input_fp: str)
     return old if intact else None
 
 
+@dataclass
+class _Job:
+    """What a run reads, resolved before anything is spilled."""
+
+    sources: list[Any]
+    inputs: InputTables
+    features: Any  # the features table's reader, or None (no feature check)
+    curated: Any  # the curation table's reader, or None
+    templates_path: Optional[str]
+    config: dict[str, Any]
+    input_fp: str
+    incomplete: list[str]  # the incomplete input tables read (allow_incomplete), described
+
+
+@dataclass
+class _Spills:
+    rows: Spill
+    feats: Spill
+    keep: Spill
+    features_info: Optional[tuple[int, int]] = None  # (uids with features, feature rows without)
+    kept_uids: Optional[int] = None
+
+
+@dataclass
+class _Totals:
+    """What the per-partition step adds up over the partitions."""
+
+    done: int = 0
+    skipped: int = 0
+    expected: list[str] = field(default_factory=list)
+    splits: Counter = field(default_factory=Counter)
+    tasks: Counter = field(default_factory=Counter)
+
+
 def run(cfg: Config) -> StageSummary:
     """Build the `instructions` table from the configured sources; see the module doc."""
     started = time.time()
+    ic = cfg.instruct
+    job = _resolve(cfg)
+    old = _already_complete(ic, job.config, job.input_fp)
+    if old is not None:
+        return _nothing_redone(ic, old, started)
+
+    partitions = _partition_count(ic, job)
+    placement = Placement(partitions, ic.split_seed, ic.val_fraction)
+    raise_open_files_limit(3 * partitions)
+    writer = TableWriter(ic.output, INSTRUCTIONS, config=job.config, input_fingerprint=job.input_fp)
+    stats = {s.name: SourceStats(kind=s.kind) for s in job.sources}
+    progress = Progress()
+    spill_dir = tempfile.mkdtemp(prefix="lingcloud-instruct-", dir=ic.tmp_dir)
+    try:
+        spills = _spill_inputs(cfg, job, placement, spill_dir, stats, progress)
+        totals = _write_partitions(ic, job, writer, spills, partitions, stats, progress)
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
+
+    out_stats = _output_stats(ic, job, stats, totals, spills, partitions)
+    writer.finalize(totals.expected, out_stats,
+                    metadata={"val_fraction": str(ic.val_fraction), "split_seed": str(ic.split_seed)})
+    summary = _summary_from_stats(ic, out_stats, time.time() - started, totals.done, totals.skipped)
+    _maybe_export(ic, summary)
+    return summary
+
+
+def _resolve(cfg: Config) -> _Job:
+    """The enabled sources, the input tables and templates they use, and the fingerprints."""
     ic = cfg.instruct
     sources = resolved_sources(cfg)
     if not sources:
@@ -284,113 +343,120 @@ def run(cfg: Config) -> StageSummary:
     config = _config_for_fingerprint(ic, sources)
     config["templates"] = templates_path
     incomplete = [r.describe_incomplete() for r in inputs.incomplete()]
+    return _Job(sources, inputs, features, curated, templates_path, config, input_fp, incomplete)
 
-    old = _already_complete(ic, config, input_fp)
-    if old is not None:
-        summary = _summary_from_stats(ic, old.stats, time.time() - started, 0, len(old.shards))
-        summary.rate = None
-        summary.notes.insert(0, "already complete for this config and these inputs; nothing redone")
-        _maybe_export(ic, summary)
-        return summary
 
-    # Size the partitions from the input size, so one partition stays bounded.
-    est = sum(inputs.pairs(s.table).num_rows * CAPTION_ROW_BYTES if uses_pairs_table(s) else file_bytes(s.path)
-              for s in sources)
-    partitions = max(1, math.ceil(est / (ic.partition_mb * 1024 * 1024)))
-    placement = Placement(partitions, ic.split_seed, ic.val_fraction)
-    raise_open_files_limit(3 * partitions)
+def _nothing_redone(ic: InstructConfig, old: Manifest, started: float) -> StageSummary:
+    summary = _summary_from_stats(ic, old.stats, time.time() - started, 0, len(old.shards))
+    summary.rate = None
+    summary.notes.insert(0, "already complete for this config and these inputs; nothing redone")
+    _maybe_export(ic, summary)
+    return summary
 
-    writer = TableWriter(ic.output, INSTRUCTIONS, config=config, input_fingerprint=input_fp)
-    shard_fp = fingerprint([input_fp, partitions])
-    names = [s.name for s in sources]
-    stats = {s.name: SourceStats(kind=s.kind) for s in sources}
+
+def _partition_count(ic: InstructConfig, job: _Job) -> int:
+    """Partitions sized from the input size, so one partition stays bounded."""
+    est = sum(job.inputs.pairs(s.table).num_rows * CAPTION_ROW_BYTES if uses_pairs_table(s) else file_bytes(s.path)
+              for s in job.sources)
+    return max(1, math.ceil(est / (ic.partition_mb * 1024 * 1024)))
+
+
+def _source_context(ic: InstructConfig, job: _Job, spill_dir: str) -> SourceContext:
     cache: dict[str, Any] = {}
 
     def templates(tasks: list[str]) -> dict:
         key = ",".join(tasks)
         if key not in cache:
             try:
-                cache[key] = load_templates(templates_path, tasks)
+                cache[key] = load_templates(job.templates_path, tasks)
             except ValueError as err:
                 raise UserError(str(err)) from None
         return cache[key]
 
-    ctx = SourceContext(cfg=ic, pairs=lambda: inputs.pairs(ic.pairs), templates=templates)
-    progress = Progress()
-    spill_dir = tempfile.mkdtemp(prefix="lingcloud-instruct-", dir=ic.tmp_dir)
-    done = skipped = 0
-    expected: list[str] = []
-    splits: Counter = Counter()
-    tasks: Counter = Counter()
+    return SourceContext(cfg=ic, pairs=lambda: job.inputs.pairs(ic.pairs), templates=templates, spill_dir=spill_dir)
+
+
+def _spill_inputs(cfg: Config, job: _Job, placement: Placement, spill_dir: str, stats: dict[str, SourceStats],
+                  progress: Progress) -> _Spills:
+    """Step 1: every source's rows, the feature uids and the kept uids, spilled by partition."""
+    ic = cfg.instruct
+    partitions = placement.partitions
+    spills = _Spills(Spill(spill_dir, "rows", partitions, SPILL_SCHEMA), Spill(spill_dir, "feat", partitions, FEAT_SCHEMA),
+                     Spill(spill_dir, "keep", partitions, FEAT_SCHEMA))
+    ctx = _source_context(ic, job, spill_dir)
     try:
-        row_spill = Spill(spill_dir, "rows", partitions, SPILL_SCHEMA)
-        feat_spill = Spill(spill_dir, "feat", partitions, FEAT_SCHEMA)
-        keep_spill = Spill(spill_dir, "keep", partitions, FEAT_SCHEMA)
-        try:
-            for i, spec in enumerate(sources):
-                rows = RowBuilder(row_spill, placement, i, spec.name, spec.weight, spec.cap, ic.seed,
-                                  stats[spec.name], ic.chunk_rows)
-                if uses_pairs_table(spec):
-                    run_captions_table(ctx, spec, inputs.pairs(spec.table), rows, stats[spec.name], progress)
-                else:
-                    run_file_source(ctx, spec, rows, stats[spec.name], progress)
-                rows.flush()
-            features_info = spill_features(features, feat_spill, placement) if features is not None else None
-            kept_uids = curation.spill_kept(curated, keep_spill, placement) if curated is not None else None
-        finally:
-            row_spill.close()
-            feat_spill.close()
-            keep_spill.close()
-
-        for p in range(partitions):
-            pstats = _finished_partition(writer, p, partitions, shard_fp)
-            if pstats is not None:
-                written = pstats[PARTITION_SHARDS]
-                skipped += len(written)
+        for i, spec in enumerate(job.sources):
+            rows = RowBuilder(spills.rows, placement, i, spec.name, spec.weight, spec.cap, ic.seed,
+                              stats[spec.name], ic.chunk_rows)
+            if uses_pairs_table(spec):
+                run_captions_table(ctx, spec, job.inputs.pairs(spec.table), rows, stats[spec.name], progress)
             else:
-                feats = feat_spill.read(p) if features is not None else None
-                kept = keep_spill.read(p) if curated is not None else None
-                train, valid, pstats = process_partition(row_spill.read(p), feats, names, ic.dedupe, ic.seed, p, kept)
-                written = write_partition(writer, p, partitions, shard_fp, train, valid, pstats)
-                del train, valid
-                pa.default_memory_pool().release_unused()  # give freed buffers back between partitions
-                done += len(written)
-                for tmp in (row_spill.path(p), feat_spill.path(p), keep_spill.path(p)):
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
-                if ic.debug_delay_s:
-                    time.sleep(ic.debug_delay_s)  # tests: a window to kill the stage mid-run
-            expected += written
-            for outcome in ("no_features", curation.OUTCOME, "duplicate", "kept"):
-                for name, n in pstats.get(outcome, {}).items():
-                    stats[name].outcomes[outcome] += n
-            splits[TRAIN] += pstats.get("train", 0)
-            splits[VALIDATION] += pstats.get("validation", 0)
-            tasks.update(pstats.get("tasks", {}))
-            progress.tick(lambda: f"partition {p + 1}/{partitions} written")
+                run_file_source(ctx, spec, rows, stats[spec.name], progress)
+            rows.flush()
+        if job.features is not None:
+            spills.features_info = spill_features(job.features, spills.feats, placement)
+        if job.curated is not None:
+            spills.kept_uids = curation.spill_kept(job.curated, spills.keep, placement)
     finally:
-        shutil.rmtree(spill_dir, ignore_errors=True)
+        for spill in (spills.rows, spills.feats, spills.keep):
+            spill.close()
+    return spills
 
+
+def _write_partitions(ic: InstructConfig, job: _Job, writer: TableWriter, spills: _Spills, partitions: int,
+                      stats: dict[str, SourceStats], progress: Progress) -> _Totals:
+    """Step 2: each partition not finished by an earlier run, processed and written in turn."""
+    shard_fp = fingerprint([job.input_fp, partitions])
+    names = [s.name for s in job.sources]
+    totals = _Totals()
+    for p in range(partitions):
+        pstats = _finished_partition(writer, p, partitions, shard_fp)
+        if pstats is not None:
+            written = pstats[PARTITION_SHARDS]
+            totals.skipped += len(written)
+        else:
+            feats = spills.feats.read(p) if job.features is not None else None
+            kept = spills.keep.read(p) if job.curated is not None else None
+            train, valid, pstats = process_partition(spills.rows.read(p), feats, names, ic.dedupe, ic.seed, p, kept)
+            written = write_partition(writer, p, partitions, shard_fp, train, valid, pstats)
+            del train, valid
+            pa.default_memory_pool().release_unused()  # give freed buffers back between partitions
+            totals.done += len(written)
+            for spill in (spills.rows, spills.feats, spills.keep):
+                spill.remove(p)
+            if ic.debug_delay_s:
+                time.sleep(ic.debug_delay_s)  # tests: a window to kill the stage mid-run
+        totals.expected += written
+        for outcome in ("no_features", curation.OUTCOME, "duplicate", "kept"):
+            for name, n in pstats.get(outcome, {}).items():
+                stats[name].outcomes[outcome] += n
+        totals.splits[TRAIN] += pstats.get("train", 0)
+        totals.splits[VALIDATION] += pstats.get("validation", 0)
+        totals.tasks.update(pstats.get("tasks", {}))
+        progress.tick(lambda: f"partition {p + 1}/{partitions} written")
+    return totals
+
+
+def _output_stats(ic: InstructConfig, job: _Job, stats: dict[str, SourceStats], totals: _Totals, spills: _Spills,
+                  partitions: int) -> dict[str, Any]:
+    """The manifest's stats, after checking that every source's records are accounted for."""
     for name, s in stats.items():
         if s.accounted() != s.input:  # a bug, never a data problem: say so loudly
             raise RuntimeError(f"instruct: source {name}: {s.input} records in, {s.accounted()} accounted for")
     out_stats: dict[str, Any] = {
         "sources": {n: s.to_dict() for n, s in stats.items()},
-        "splits": {TRAIN: splits[TRAIN], VALIDATION: splits[VALIDATION]},
-        "tasks": dict(sorted(tasks.items())),
+        "splits": {TRAIN: totals.splits[TRAIN], VALIDATION: totals.splits[VALIDATION]},
+        "tasks": dict(sorted(totals.tasks.items())),
         "partitions": partitions,
-        "features_checked": features is not None,
+        "features_checked": job.features is not None,
         "input_records": sum(s.input for s in stats.values()),
-        "incomplete_inputs": incomplete,
+        "incomplete_inputs": job.incomplete,
     }
-    if features is not None:
-        out_stats["feature_uids"], out_stats["feature_rows_without_features"] = features_info
-    if curated is not None:
-        out_stats["curation"] = {**curation.recorded(ic), "kept_uids": kept_uids}
-    writer.finalize(expected, out_stats, metadata={"val_fraction": str(ic.val_fraction), "split_seed": str(ic.split_seed)})
-    summary = _summary_from_stats(ic, out_stats, time.time() - started, done, skipped)
-    _maybe_export(ic, summary)
-    return summary
+    if job.features is not None:
+        out_stats["feature_uids"], out_stats["feature_rows_without_features"] = spills.features_info
+    if job.curated is not None:
+        out_stats["curation"] = {**curation.recorded(ic), "kept_uids": spills.kept_uids}
+    return out_stats
 
 
 def _maybe_export(ic: InstructConfig, summary: StageSummary) -> None:

@@ -567,3 +567,119 @@ def test_the_driver_never_reads_or_writes_a_fetched_shard(tmp_path, corpus, serv
     table = TableReader(str(tmp_path / "pairs"), PAIRS).read(columns=["uid", "status", "image"])
     assert table.num_rows == pa.csv.read_csv(urls).num_rows
     assert sum(len(b or b"") for b in table["image"].to_pylist()) > 0
+
+
+# ----------------------------------------------------------------------------- LAION metadata columns
+
+LAION_EXTRA = ["NSFW", "punsafe", "pwatermark", "similarity", "LICENSE", "WIDTH", "HEIGHT"]
+
+
+def _laion_parquet(path: Path, urls: list[str]) -> Path:
+    """LAION-400M's metadata layout (URL, TEXT and the columns users filter on, plus an embedding
+    column nobody asked for), with its types: float32 scores, float64 sizes, text flags."""
+    n = len(urls)
+    pq.write_table(pa.table({
+        "SAMPLE_ID": pa.array(range(n), pa.int64()), "URL": urls, "TEXT": [f"caption {i}" for i in range(n)],
+        "HEIGHT": pa.array([100.0 + i for i in range(n)], pa.float64()),
+        "WIDTH": pa.array([200.0 + i for i in range(n)], pa.float64()),
+        "LICENSE": ["?"] * n, "NSFW": ["UNLIKELY"] * (n - 1) + ["NSFW"],
+        "similarity": pa.array([0.3 + i / 100 for i in range(n)], pa.float64()),
+        "punsafe": pa.array([0.01 * i for i in range(n)], pa.float32()),
+        "pwatermark": pa.array([0.5] * n, pa.float32()),
+        "embedding": [[0.5] * 8] * n,
+    }), path)
+    return path
+
+
+def _laion_cfg(path, out, **more):
+    return _cfg(path, out, **{"download.url_col": "URL", "download.caption_col": "TEXT",
+                              "download.additional_columns": LAION_EXTRA, **more})
+
+
+def test_additional_columns_are_read_typed_and_alone(tmp_path, monkeypatch):
+    path = _laion_parquet(tmp_path / "part-00000.parquet", [f"http://h/{i}.jpg" for i in range(3)])
+    read = []
+    real = pq.ParquetFile.iter_batches
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches",
+                        lambda self, *a, **k: read.append(k.get("columns")) or real(self, *a, **k))
+    table = read_url_list(str(path), _laion_cfg(path, tmp_path / "pairs").download)
+    assert sorted(read[0]) == sorted(["URL", "TEXT"] + LAION_EXTRA)  # never SAMPLE_ID or the embedding
+    assert table.column_names == ["uid", "url", "caption"] + LAION_EXTRA
+    assert table.schema.field("punsafe").type == pa.float64() and table.schema.field("NSFW").type == pa.string()
+    assert table["similarity"].to_pylist() == [0.3, 0.31, 0.32]
+
+
+def test_additional_columns_reach_pairs_of_rows_never_fetched(tmp_path):
+    """Rows the stage writes itself (scheme not http): the metadata rides with them, no Ray needed."""
+    path = _laion_parquet(tmp_path / "laion.parquet", [f"ftp://example.invalid/{i}.jpg" for i in range(4)])
+    out = tmp_path / "pairs"
+    summary = run(_laion_cfg(path, out))
+    assert summary.ok, summary.render()
+    table = TableReader(str(out), PAIRS).read()
+    assert table.column_names == PAIRS.columns + LAION_EXTRA
+    rows = {r["url"]: r for r in table.to_pylist()}
+    assert rows["ftp://example.invalid/3.jpg"]["NSFW"] == "NSFW"
+    assert rows["ftp://example.invalid/2.jpg"]["HEIGHT"] == 102.0
+    assert rows["ftp://example.invalid/1.jpg"]["punsafe"] == pytest.approx(0.01)
+
+
+def test_additional_columns_reach_pairs_through_img2dataset(tmp_path, corpus, server, ray_local):
+    urls = [f"{server.base_url}/images/{item.name}" for item in corpus.items[:3]]
+    urls.append(f"{server.base_url}/missing.jpg")  # a failed row keeps its metadata too
+    path = _laion_parquet(tmp_path / "laion.parquet", urls)
+    out = tmp_path / "pairs"
+    summary = run(_laion_cfg(path, out))
+    assert summary.ok, summary.render()
+    table = TableReader(str(out), PAIRS).read()
+    assert table.column_names == PAIRS.columns + LAION_EXTRA
+    rows = {r["url"]: r for r in table.to_pylist()}
+    assert [rows[u]["similarity"] for u in urls] == pytest.approx([0.3, 0.31, 0.32, 0.33])
+    assert [rows[u]["WIDTH"] for u in urls] == [200.0, 201.0, 202.0, 203.0]
+    assert rows[urls[0]]["status"] == SUCCESS and rows[urls[3]]["status"] != SUCCESS
+    assert rows[urls[3]]["NSFW"] == "NSFW" and rows[urls[3]]["LICENSE"] == "?"
+
+
+def test_additional_columns_missing_or_mistyped_are_one_error_naming_file_and_column(tmp_path):
+    from pipelines.download import InputError, plan_inputs
+
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps({"url": "http://h/1.jpg", "caption": "x", "similarity": 0.3}) + "\n")
+    (folder / "b.jsonl").write_text(json.dumps({"url": "http://h/2.jpg", "caption": "y", "similarity": "n/a"}) + "\n")
+    cfg = _cfg(folder, tmp_path / "pairs", **{"download.additional_columns": ["similarity"]}).download
+    with pytest.raises(InputError, match=r"b.jsonl: additional column 'similarity' holds string values where earlier rows held double"):
+        plan_inputs(str(folder), str(tmp_path / "staging"), cfg)
+    cfg = _cfg(folder, tmp_path / "pairs", **{"download.additional_columns": ["pwatermark"]}).download
+    with pytest.raises(InputError, match=r"a.jsonl: no additional column 'pwatermark' .*download.additional_columns"):
+        plan_inputs(str(folder), str(tmp_path / "staging"), cfg)
+
+
+@pytest.mark.parametrize("columns,match", [
+    (["status"], "'status' is a column the pairs table or img2dataset already writes"),
+    (["key"], "'key' is a column"),
+    (["url"], "'url' is a column"),
+    (["NSFW", "NSFW"], "'NSFW' is listed twice"),
+])
+def test_additional_columns_may_not_shadow_pairs_or_img2dataset_columns(tmp_path, columns, match):
+    from lmeye.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        _cfg(tmp_path / "x.parquet", tmp_path / "pairs", **{"download.additional_columns": columns})
+
+
+def test_coco_annotation_file_as_released_is_a_url_list(tmp_path):
+    """captions_train2017.json itself: its ``images`` list holds the URLs (no derived list)."""
+    path = tmp_path / "captions_train2017.json"
+    path.write_text(json.dumps({
+        "info": {"year": 2017}, "licenses": [{"id": 1, "name": "x"}],
+        "images": [{"license": 1, "file_name": f"{i:012d}.jpg", "id": i,
+                    "coco_url": f"http://images.cocodataset.org/train2017/{i:012d}.jpg"} for i in (9, 25)],
+        "annotations": [{"image_id": 9, "id": 1, "caption": "a plate of food"}],
+    }))
+    cfg = _cfg(path, tmp_path / "pairs", **{"download.url_col": "coco_url", "download.caption_col": None}).download
+    table = read_url_list(str(path), cfg)
+    assert table["url"].to_pylist() == [f"http://images.cocodataset.org/train2017/{i:012d}.jpg" for i in (9, 25)]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"annotations": []}))
+    with pytest.raises(Exception, match=r"bad.json: cannot read as json \(expected a JSON list of rows, or COCO's object"):
+        read_url_list(str(bad), cfg)

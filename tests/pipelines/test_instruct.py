@@ -85,6 +85,15 @@ def write_jsonl(path: Path, lines: list) -> str:
 
 
 @pytest.fixture
+def coco_world(tmp_path, make_pairs):
+    """pairs of 12 good images under COCO's URLs (train2017/00000000000N.jpg), all with features."""
+    _, pairs = make_pairs(num_images=12, coco_names=True)
+    good = success_uids(pairs)
+    write_features(tmp_path / "features", good)
+    return {"pairs": pairs, "good": good}
+
+
+@pytest.fixture
 def world(tmp_path, make_pairs):
     """pairs (12 good demo images, 1 corrupt, 1 failed) + features for the first 10 good images."""
     pairs_path, pairs = make_pairs(num_images=12)
@@ -165,10 +174,6 @@ def test_image_key_rules(world, tmp_path):
         {"image": "missing_0.jpg", "question": "q failed download", "answer": "a"},
     ]
     src = [{"kind": "vqa", "name": "by_name", "path": write_json(tmp_path / "a.json", recs)},
-           {"kind": "vqa", "name": "by_coco", "image_key": "coco_id",
-            "path": write_json(tmp_path / "b.json", [{"image": "COCO_train2014_000000000003.jpg", "question": "q coco", "answer": "a"},
-                                                    {"image": 3, "question": "q coco int", "answer": "a"},
-                                                    {"image": "no_digits.jpg", "question": "q", "answer": "a"}])},
            {"kind": "vqa", "name": "by_path", "image_key": "path", "path_components": 2,
             "path": write_json(tmp_path / "c.json", [{"image": f"images/{n0}", "question": "q path", "answer": "a"},
                                                     {"image": f"other/{n0}", "question": "q wrong dir", "answer": "a"}])},
@@ -181,11 +186,10 @@ def test_image_key_rules(world, tmp_path):
     run(cfg)
     rows = read_rows(cfg)
     assert {r["conversation"][0]["content"] for r in rows} == {
-        "q basename", "q basename of a path", "q coco", "q coco int", "q path", "q url", "q uid"}
+        "q basename", "q basename of a path", "q path", "q url", "q uid"}
     assert {r["uid"] for r in rows} == {u0}
     st = source_stats(cfg)
     assert st["by_name"]["rejected"] == {"image_not_in_pairs": 1, "image_failed": 1}
-    assert st["by_coco"]["rejected"] == {"unparsable_image_ref": 1}
     assert st["by_path"]["rejected"] == {"image_not_in_pairs": 1}
     assert st["by_uid"]["rejected"] == {"bad_uid": 1}
     assert_adds_up(cfg)
@@ -193,9 +197,13 @@ def test_image_key_rules(world, tmp_path):
 
 def test_coco_id_keys():
     assert key_of("COCO_train2014_000000123456.jpg", "coco_id") == "123456"
+    assert key_of("COCO_val2014_000000000042.jpg", "coco_id") == "42"
     assert key_of("train2017/000000123456.jpg", "coco_id") == "123456"
     assert key_of("http://images.cocodataset.org/train2017/000000123456.jpg?x=1", "coco_id") == "123456"
     assert key_of(123456, "coco_id") == "123456"
+    # only COCO's own names: trailing digits of another corpus's file name are not an id
+    for other in ("0a0bc91825468c45.jpg", "n161313.jpg", "1000092795.jpg", "img_00003.jpg", "123456.jpg"):
+        assert key_of(other, "coco_id") is None, other
     assert key_of("a/b/c.jpg", "path", 2) == "b/c.jpg"
 
 
@@ -251,8 +259,8 @@ def test_llava_multi_turn_kept_whole(world, tmp_path):
     assert_adds_up(cfg)
 
 
-def test_lmeyemid_records_jsonl_gz(world, tmp_path):
-    uids = world["pairs"]["uid"].to_pylist()
+def test_lmeyemid_records_jsonl_gz(coco_world, tmp_path):
+    uids = coco_world["pairs"]["uid"].to_pylist()
     recs = [{"question": f"Q{i}? <image>", "answer": f"A{i}", "image_path": f"/data/coco/train2014/COCO_train2014_{i:012d}.jpg",
              "chunk_belong": i % 3} for i in range(1, 5)]
     recs.append({"question": "Q?", "answer": "", "image_path": "COCO_train2014_000000000001.jpg", "chunk_belong": 0})
@@ -262,7 +270,7 @@ def test_lmeyemid_records_jsonl_gz(world, tmp_path):
     run(cfg)
     rows = sorted(read_rows(cfg), key=lambda r: r["conversation"][0]["content"])
     assert [r["conversation"][0]["content"] for r in rows] == ["Q1?", "Q2?", "Q3?", "Q4?"]
-    assert [r["uid"] for r in rows] == uids[1:5]  # demo names img_0000N map by COCO-style id N
+    assert [r["uid"] for r in rows] == uids[1:5]  # COCO_train2014_00000000000N.jpg is train2017/00000000000N.jpg
     assert {r["task"] for r in rows} == {"instruction"}
     assert source_stats(cfg)["lmeyemid"]["rejected"] == {"empty_answer": 1}
     assert_adds_up(cfg)
@@ -378,7 +386,8 @@ def test_malformed_jsonl_line_errors_naming_file_and_line(world, tmp_path):
 def test_malformed_json_list_record(world, tmp_path):
     n = world["names"][0]
     good = json.dumps({"image": n, "question": "q", "answer": "a"})
-    text = "[" + good + ', {"image": "x", "question": nope}, ' + good.replace('"q"', '"q3"') + ', 17, {"image": "x"}]'
+    text = ("[" + good + ', {"image": "x", "question": nope}, ' + good.replace('"q"', '"q3"') + ', 17, {"image": "x"}, '
+            + good.replace('"q"', '"q4"') + ", " + good.replace('"q"', '"q5"') + "]")
     path = tmp_path / "v.json"
     path.write_text(text)
     cfg = make_cfg(tmp_path, [{"kind": "vqa", "path": str(path)}])
@@ -387,7 +396,7 @@ def test_malformed_json_list_record(world, tmp_path):
     cfg = make_cfg(tmp_path, [{"kind": "vqa", "path": str(path)}], on_bad_record="skip")
     run(cfg)
     st = source_stats(cfg)["vqa"]
-    assert st["input"] == 5 and st["malformed"] == 3 and st["kept"] == 2  # bad JSON, not an object, missing keys
+    assert st["input"] == 7 and st["malformed"] == 3 and st["kept"] == 4  # bad JSON, not an object, missing keys
     assert_adds_up(cfg)
 
 
@@ -403,9 +412,10 @@ def test_missing_field_names_record(world, tmp_path):
 
 
 def test_not_a_list_is_always_an_error(world, tmp_path):
-    path = write_json(tmp_path / "v.json", {"questions": []})
+    path = write_json(tmp_path / "v.json", {"rows": [], "info": {"questions": []}})
     cfg = make_cfg(tmp_path, [{"kind": "vqa", "path": path}], on_bad_record="skip")
-    with pytest.raises(UserError, match=r"v\.json: expected a JSON list"):
+    with pytest.raises(UserError, match=r"v\.json: expected a JSON list of records, or an object holding one under "
+                                        r"'annotations' or 'questions' .*found an object with 'rows', 'info'"):
         run(cfg)
 
 
@@ -778,3 +788,96 @@ def test_sigkilled_run_resumes_to_the_same_table(world, tmp_path):
     assert resumed.shards_skipped == len(m.shards) and resumed.shards_done > 0
     assert read_rows(killed) == read_rows(reference)
     assert Manifest.load(killed.instruct.output).stats == Manifest.load(reference.instruct.output).stats
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO and VQAv2 files as released
+
+
+def _coco_captions_file(path: Path, ids: list[int]) -> str:
+    """captions_train2017.json's layout: info, licenses, images, then the caption annotations."""
+    value = {
+        "info": {"description": "COCO 2017 Dataset", "url": "http://cocodataset.org", "version": "1.0", "year": 2017},
+        "licenses": [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1, "name": "Attribution"}],
+        "images": [{"license": 1, "file_name": f"{i:012d}.jpg", "coco_url": f"http://images.cocodataset.org/train2017/{i:012d}.jpg",
+                    "height": 32, "width": 32, "date_captured": "2013-11-14 11:18:45", "id": i} for i in ids],
+        "annotations": [{"image_id": i, "id": 1000 * i + k, "caption": f"Image {i}, caption {k}: a shape."}
+                        for i in ids for k in range(2)],
+    }
+    return write_json(path, value)
+
+
+def test_coco_captions_json_as_released(coco_world, tmp_path):
+    uids = coco_world["pairs"]["uid"].to_pylist()
+    path = _coco_captions_file(tmp_path / "captions_train2017.json", [1, 2, 3])
+    cfg = make_cfg(tmp_path, [{"kind": "captions", "name": "coco_captions", "path": path, "image_field": "image_id",
+                               "image_key": "coco_id", "tasks": {"short_caption": 1.0}}])
+    run(cfg)
+    rows = read_rows(cfg)
+    assert len(rows) == 6 and {r["uid"] for r in rows} == set(uids[1:4])
+    assert {r["source_id"] for r in rows} == {f"captions_train2017.json:annotations record {k}" for k in range(6)}
+    st = source_stats(cfg)["coco_captions"]
+    assert st["input"] == 6 and st["kept"] == 6  # the annotations only: the images list is skipped
+    assert_adds_up(cfg)
+
+
+def test_vqav2_questions_and_annotations_as_released(coco_world, tmp_path):
+    uids = coco_world["pairs"]["uid"].to_pylist()
+    questions = write_json(tmp_path / "v2_OpenEnded_mscoco_train2014_questions.json", {
+        "info": {"description": "VQA v2"}, "task_type": "Open-Ended", "data_type": "mscoco",
+        "license": {"url": "http://creativecommons.org/licenses/by/4.0/", "name": "CC BY 4.0"}, "data_subtype": "train2014",
+        "questions": [{"image_id": 4, "question": "What color is the shape?", "question_id": 4000},
+                      {"image_id": 5, "question": "How many shapes are there?", "question_id": 5000},
+                      {"image_id": 6, "question": "Is it unanswered?", "question_id": 6000}],
+    })
+    answers = write_json(tmp_path / "v2_mscoco_train2014_annotations.json", {
+        "info": {"description": "VQA v2"}, "license": {"name": "CC BY 4.0"}, "data_subtype": "train2014",
+        "annotations": [
+            {"question_type": "what color is the", "multiple_choice_answer": "red", "image_id": 4, "answer_type": "other",
+             "question_id": 4000, "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1}
+                                              for k, a in enumerate(["red"] * 7 + ["orange"] * 3)]},
+            {"question_type": "how many", "multiple_choice_answer": "2", "image_id": 5, "answer_type": "number",
+             "question_id": 5000, "answers": [{"answer": "2", "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)]},
+        ],
+    })
+    cfg = make_cfg(tmp_path, [{"kind": "vqa", "name": "vqav2", "path": questions, "answers": answers,
+                               "image_field": "image_id", "id_field": "question_id", "image_key": "coco_id"}])
+    run(cfg)
+    got = {(r["uid"], r["conversation"][0]["content"], r["conversation"][1]["content"], r["source_id"]) for r in read_rows(cfg)}
+    assert got == {(uids[4], "What color is the shape?", "red", "4000"), (uids[5], "How many shapes are there?", "2", "5000")}
+    st = source_stats(cfg)["vqav2"]
+    assert st["rejected"] == {"no_annotation": 1} and st["kept"] == 2
+    assert_adds_up(cfg)
+
+
+def test_coco_id_takes_only_cocos_own_names(coco_world, tmp_path):
+    """LMEyeMID mixes Flickr30k, GQA and TextCaps with COCO: their names are never COCO ids."""
+    uids = coco_world["pairs"]["uid"].to_pylist()
+    coco = [{"image": "COCO_train2014_000000000001.jpg", "question": "q1", "answer": "a"},
+            {"image": 2, "question": "q2", "answer": "a"},
+            {"image": "train2017/000000000003.jpg", "question": "q3", "answer": "a"}]
+    others = [{"image": "1000092795.jpg", "question": "flickr", "answer": "a"},
+              {"image": "n161313.jpg", "question": "gqa", "answer": "a"},
+              {"image": "0a0bc91825468c45.jpg", "question": "textcaps", "answer": "a"}]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", coco + others[:2])
+    cfg = make_cfg(tmp_path, [{"kind": "lmeyemid", "path": mixed, "image_key": "coco_id", "image_field": "image"}])
+    with pytest.raises(UserError, match=r"mixed\.jsonl: line 4: image reference '1000092795\.jpg' is not a COCO image"):
+        run(cfg)
+    cfg = make_cfg(tmp_path, [{"kind": "lmeyemid", "path": mixed, "image_key": "coco_id", "image_field": "image"}],
+                   on_bad_record="skip")
+    summary = run(cfg)
+    assert sorted(r["uid"] for r in read_rows(cfg)) == sorted(uids[1:4])
+    st = source_stats(cfg)["lmeyemid"]
+    assert st["kept"] == 3 and st["malformed"] == 2 and "n161313.jpg" in st["malformed_examples"][1]
+    assert summary.failures["lmeyemid: malformed"] == 2
+
+
+def test_a_source_of_mostly_malformed_records_fails_instead_of_yielding_no_rows(coco_world, tmp_path):
+    others = [{"image": name, "question": f"q{k}", "answer": "a"}
+              for k, name in enumerate(["1000092795.jpg", "n161313.jpg", "0a0bc91825468c45.jpg"])]
+    path = write_jsonl(tmp_path / "textcaps.jsonl", others + [{"image": 5, "question": "coco", "answer": "a"}])
+    cfg = make_cfg(tmp_path, [{"kind": "vqa", "name": "textcaps", "path": path, "image_key": "coco_id"}], on_bad_record="skip")
+    with pytest.raises(UserError, match=r"instruct source 'textcaps': 3 of 4 records are malformed .*max_malformed_fraction 0\.5\)"
+                                        r"; the first: .*textcaps\.jsonl: line 1: image reference '1000092795\.jpg'"):
+        run(cfg)
+    assert Manifest.load(cfg.instruct.output) is None or not Manifest.load(cfg.instruct.output).complete

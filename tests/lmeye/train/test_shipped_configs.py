@@ -32,7 +32,7 @@ def _fake():
 
 def test_the_real_configs_train():
     names = {p.name for p in TRAINING}
-    assert {"llava.yaml", "demo.yaml", "train_learning_check.yaml"} <= names
+    assert {"llava.yaml", "demo.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", TRAINING, ids=[p.stem for p in TRAINING])

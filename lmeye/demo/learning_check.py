@@ -142,14 +142,14 @@ def run(cfg: Any) -> dict[str, dict[str, Any]]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m lmeye.train.learning_check --config configs/train_learning_check.yaml [--set k=v]`"""
+    """`python -m lmeye.demo.learning_check --config configs/demo.yaml [--set k=v]`"""
     import argparse
     import json
 
     from lmeye.config import load_config
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--config", "-c", default="configs/train_learning_check.yaml")
+    ap.add_argument("--config", "-c", default="configs/demo.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     results = run(load_config(args.config, args.overrides))
