@@ -9,9 +9,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("lmeye", "pipelines", "schemas", "jobs", "benchmarks")
-# Owned by the lead, who moves lmeye/train/learning_check.py beside the demo in main; each goes then.
+# In lmeye/demo/, which the session that wrote this test was to leave alone: each goes once fixed there
+# (run.py: import pipelines.train.train_paths, then drop the alias _paths; corpus._where a public name;
+# run.learning_check_accuracy -> learning_check.score -> ... and learning_check.run -> run.run_demo).
 PENDING_PRIVATE = {("lmeye/demo/benchsets.py", "lmeye.demo.corpus._where"), ("lmeye/demo/run.py", "pipelines.train._paths")}
-PENDING_CYCLES = [{"lmeye.demo.run", "lmeye.train.learning_check"}]
+PENDING_CYCLES = [{"lmeye.demo.run", "lmeye.demo.learning_check"}]
 
 
 def _modules() -> dict[str, Path]:

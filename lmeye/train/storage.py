@@ -21,9 +21,8 @@ import time
 from typing import Any, Callable, Optional
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
-from lmeye.tables import version_mark
+from lmeye.tables import is_local, version_mark
 
 
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -105,7 +104,7 @@ def ray_storage(url: str) -> tuple[str, Any]:
     anything else through this fsspec filesystem (pyarrow's own S3 client would ignore fsspec's and
     botocore's settings, e.g. ``AWS_ENDPOINT_URL``), its path without the protocol, as Ray Train wants."""
     fs, path = _fs(url)
-    if isinstance(fs, LocalFileSystem):
+    if is_local(fs):
         return os.path.abspath(path), None
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
