@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lmeye.demo.benchsets import heldout_items, write_benchsets  # noqa: E402
 from lmeye.eval.ipn_answerer import IPNAnswerer  # noqa: E402
 from lmeye.eval.run import evaluate  # noqa: E402
-from lmeye.model import IPN  # noqa: E402
+from lmeye.model import IPN, build_ipn  # noqa: E402
 from lmeye.model.demo import build_tiny_llm  # noqa: E402
 from lmeye.model.testing import FEATURE_DIM, PATCH_SHAPE, tiny_clip_checkpoint, tiny_model_config, tiny_tokenizer  # noqa: E402
 
@@ -41,7 +41,7 @@ def build(root: str) -> IPN:
                                   "num_key_value_heads", "max_position_embeddings")}
     llm = build_tiny_llm(f"{root}/llm", "llama", tiny_tokenizer(), **sizes)
     cfg = tiny_model_config(llm, tiny_clip_checkpoint(f"{root}/clip.safetensors"), max_length=spec["max_position_embeddings"])
-    ipn = IPN.from_config(cfg, FEATURE_DIM, PATCH_SHAPE)
+    ipn = build_ipn(cfg, FEATURE_DIM, PATCH_SHAPE)
     ipn.eval()
     return ipn
 

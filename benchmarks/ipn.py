@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmeye.model import IPN  # noqa: E402
+from lmeye.model import IPN, build_ipn  # noqa: E402
 from lmeye.model.demo import build_tiny_llm  # noqa: E402
 from lmeye.model.testing import FEATURE_DIM, PATCH_SHAPE, features, tiny_clip_checkpoint, tiny_model_config, tiny_tokenizer  # noqa: E402
 
@@ -57,7 +57,7 @@ def build_t5(args, root: str) -> IPN:
     AutoModelForSeq2SeqLM.from_config(config).save_pretrained(f"{root}/llm")
     tok.save_pretrained(f"{root}/llm")
     cfg = tiny_model_config(f"{root}/llm", tiny_clip_checkpoint(f"{root}/clip.safetensors"), max_length=2048)
-    return IPN.from_config(cfg, FEATURE_DIM, PATCH_SHAPE).to(args.device)
+    return build_ipn(cfg, FEATURE_DIM, PATCH_SHAPE).to(args.device)
 
 
 def build(args, root: str) -> IPN:
@@ -70,7 +70,7 @@ def build(args, root: str) -> IPN:
         sizes[k] = args.hidden * per if k.startswith("intermediate") else max(1, args.hidden // per)
     llm = build_tiny_llm(f"{root}/llm", args.family, tok, **sizes)
     cfg = tiny_model_config(llm, tiny_clip_checkpoint(f"{root}/clip.safetensors"), max_length=2048)
-    ipn = IPN.from_config(cfg, FEATURE_DIM, PATCH_SHAPE).to(args.device)
+    ipn = build_ipn(cfg, FEATURE_DIM, PATCH_SHAPE).to(args.device)
     with torch.no_grad():
         torch.nn.init.normal_(ipn.transmit.weight, std=0.1)  # a trained-looking IPN: <img-d> depend on the request
     return ipn
@@ -147,7 +147,7 @@ def encoder_decoder(ipn, batch, prompt, args) -> None:
     fixed = {}
     with torch.no_grad():
         for name, b in (("batch", batch), ("prompt", prompt)):
-            p = ipn._prefix_embeds(b)
+            p = ipn.prefix_embeds(b)
             fixed[name] = ipn.llm.get_encoder()(inputs_embeds=p, attention_mask=b["prefix_mask"]).last_hidden_state[:, -1]
 
     def step(with_pass1: bool):

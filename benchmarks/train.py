@@ -47,17 +47,17 @@ def in_memory_loop(config: dict) -> None:
 
     from lmeye.train.loop import Worker
 
-    w = Worker(config)
+    w = Worker.start(config)
     shard = ray.train.get_dataset_shard("train")
-    preps = [w.maker.prepare(t) for t in shard.iter_batches(batch_size=w.micro, batch_format="pyarrow")]
+    preps = [w.maker.prepare(t) for t in shard.iter_batches(batch_size=w.engine.micro, batch_format="pyarrow")]
     mine = [0.0] * w.world
     mine[w.rank] = float(len(preps))
     steps = int(min(w.comm.sum(mine)))  # the ranks step together: as many micro-steps as the shortest shard
-    steps -= steps % w.accum
+    steps -= steps % w.engine.accum
     rows = 0
     t0 = time.time()
     for prep in preps[:steps]:
-        rows += w._micro_step(prep)[1]
+        rows += w.engine.micro_step(prep)[1]
     seconds = time.time() - t0
     total = w.comm.sum([float(rows)])[0]
     import tempfile
@@ -119,21 +119,11 @@ def main() -> int:
     table_seconds = sum(r["rows"] / r["samples_per_s"] for r in steps if r["rows"])
     table_rate = table_rows / table_seconds
 
-    # the in-memory run: the same config, data and workers, another loop
-    from ray.train import RunConfig, ScalingConfig
-
-    from lmeye.runtime import embedded
-
-    st, tc = cfg.train.stages[0], cfg.train
-    files = stage._split_files(str(tables["instructions"]))
-    store = stage._open_features(str(tables["features"]))
+    # the in-memory run: the same config, data and workers, another loop (the stage's own trainer)
+    cfg, files, store, _, plan = stage.preflight(cfg, factory or stage.IPNFactory())
+    st = plan[0][0]
     config, rows = stage.loop_config(cfg, st, factory or stage.IPNFactory(), files, store, None, str(work / "memory"))
-    result = stage._trainer_class(embedded())(  # the stage's own trainer class
-        in_memory_loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, resources_per_worker={"CPU": tc.cpus_per_worker}),
-        run_config=RunConfig(name="memory", storage_path=str(work / "out")),
-        datasets=stage._datasets(files, st, tc, rows), dataset_config=stage._data_config(tc.deterministic),
-    ).fit()
+    result = stage.fit(config, files, st, cfg.train, rows, str(work / "out"), name="memory", loop=in_memory_loop)
     captured = result.metrics
     memory_rate = captured["samples_per_s"]
     print(summary.render())

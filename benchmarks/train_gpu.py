@@ -120,12 +120,19 @@ def build_llm(size: dict, tokenizer, work: Path, device: str, dtype: torch.dtype
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
-def build_ipn(size: dict, work: Path, device: str, dtype: torch.dtype):
-    from lmeye.model.demo import build_tokenizer
+def build_tokenizer(size: dict):
+    """The byte-level BPE with the chat template, trained on ``corpus()`` (a second)."""
+    from lmeye.model.demo import build_tokenizer as train_bpe
+
+    return train_bpe(corpus(), vocab_size=min(size["llm"]["vocab_size"], 2000))
+
+
+def build_ipn(size: dict, work: Path, device: str, dtype: torch.dtype, tok=None):
+    """The IPN of ``size`` (``tok``: its tokenizer, default ``build_tokenizer(size)``)."""
     from lmeye.model.ipn import IPN
     from lmeye.model.rvii import ClipTextTower
 
-    tok = build_tokenizer(corpus(), vocab_size=min(size["llm"]["vocab_size"], 2000))
+    tok = tok or build_tokenizer(size)
     llm = build_llm(size, tok, work, device, dtype)
     torch.manual_seed(0)
     text = TextTransformer(**size["clip"])

@@ -225,7 +225,7 @@ def probe_model(
     checkpoint = resolve_checkpoint(model, pretrained)
     check_activation(model, pretrained)
     sha = file_sha256(checkpoint) if checkpoint and with_checksum else ""
-    with torch.device("meta"), _quiet_open_clip():
+    with torch.device("meta"), quiet_open_clip():
         m = open_clip.create_model(model, pretrained=None, device="meta", force_preprocess_cfg=tag_preprocess(model, pretrained))
     visual = m.visual
     size = tuple(visual.preprocess_cfg["size"]) if isinstance(visual.preprocess_cfg["size"], (tuple, list)) else (visual.preprocess_cfg["size"],) * 2
@@ -253,7 +253,7 @@ def probe_model(
     )
 
 
-class _quiet_open_clip:
+class quiet_open_clip:
     """open_clip logs a WARNING for every random init; that is intended here, so hide it."""
 
     def __enter__(self):
@@ -349,7 +349,7 @@ def load_towers(
     check_activation(model, pretrained)
     create_precision = PRECISIONS[precision][0]
     torch.manual_seed(seed)  # random init (pretrained: null) is the same on every worker
-    with _quiet_open_clip():
+    with quiet_open_clip():
         m, _, preprocess = open_clip.create_model_and_transforms(
             model, pretrained=pretrained or None, device=device, precision=create_precision, cache_dir=cache_dir
         )
@@ -391,7 +391,7 @@ def build_tiny_model(seed: int = DEMO_SEED):
 
     register_model_configs()
     torch.manual_seed(seed)
-    with _quiet_open_clip():
+    with quiet_open_clip():
         return open_clip.create_model(TINY_MODEL, pretrained=None)
 
 
@@ -434,7 +434,7 @@ def ensure_demo_model(extract_cfg) -> str:
         if open_clip.get_model_config(extract_cfg.model) is None:
             raise ModelError(f"extract.model {extract_cfg.model!r}: no such open_clip architecture")
         torch.manual_seed(extract_cfg.seed)
-        with _quiet_open_clip():
+        with quiet_open_clip():
             model = open_clip.create_model(extract_cfg.model, pretrained=None)
         save_checkpoint(model, path)
     if extract_cfg.pretrained != path:

@@ -8,9 +8,12 @@ class UserError(Exception):
     """Bad input named by file, row or key."""
 
 
+class OutputNotWritable(OSError):
+    """The output location cannot be written; raised before any work starts (``lmeye.tables``)."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     from lmeye.config import ConfigError
-    from lmeye.tables import OutputNotWritable
     from schemas import SchemaError
 
     return (ConfigError, SchemaError, OutputNotWritable, FileNotFoundError, UserError)

@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 import lmeye
-from lmeye.errors import UserError
+from lmeye.errors import OutputNotWritable, UserError
 from lmeye import journal, provenance
 from lmeye.journal import JOURNAL
 from schemas import SchemaError, TableSchema
@@ -72,10 +72,6 @@ def shard_file(name: str) -> str:
     """The file (inside the table directory) that holds shard ``name``: HF-split-prefixed."""
     return name if name.startswith(SPLIT_PREFIXES) else "train-" + name
 STAGING = "_staging"  # a stage's scratch folder inside its output table
-
-
-class OutputNotWritable(OSError):
-    """The output location cannot be written; raised before any work starts."""
 
 
 class NotATableFolder(UserError):

@@ -72,6 +72,25 @@ CAPTION_COL = "_caption"  # carried to the model actors only with extract.text_e
 # ----------------------------------------------------------------------------- CPU tasks
 
 
+def preprocess_key(spec: Any) -> str:
+    """The model's preprocessing settings as one hashable string (the key ``_pil_part`` caches on)."""
+    import json
+
+    return json.dumps({k: _norm(v) for k, v in spec.preprocess_cfg.items()}, sort_keys=True)
+
+
+def pil_part_of(spec: Any):
+    """The PIL half of ``spec``'s preprocessing: what decoding applies before the model actor (chat and
+    eval decode a new image with it, as extraction decoded the table's)."""
+    return _pil_part(preprocess_key(spec))
+
+
+def local_encoder(spec: Any, settings: dict[str, Any]) -> "_Encoder":
+    """The model actor's encoder, built in this process (no Ray): ``encode_pixels`` runs the tensor
+    half of the preprocessing and the visual tower exactly as extraction did (chat and eval)."""
+    return _Encoder(spec.to_dict(), settings)
+
+
 @lru_cache(maxsize=4)
 def _pil_part(preprocess_key: str):
     import json
@@ -211,7 +230,8 @@ class _Encoder:
                     return fn(*args)
             return fn(*args)
 
-    def _forward(self, pixels: np.ndarray):
+    def encode_pixels(self, pixels: np.ndarray):
+        """(pooled embeddings, patch tokens or None) of a batch of HxWx3 uint8 images, stored dtypes."""
         torch = self.torch
         x = clip.pixels_to_tensor(pixels, self.tensor_steps, self.device).to(self.input_dtype)
         out = self._run(self.visual, x)
@@ -242,7 +262,7 @@ class _Encoder:
         step = self.settings["batch_size"]
         for start in range(0, idx.size, step):
             part = idx[start:start + step]
-            e, tok = self._forward(pixels[part])
+            e, tok = self.encode_pixels(pixels[part])
             emb[part] = e
             if tokens is not None:
                 tokens[part] = tok.reshape(part.size, -1)
@@ -623,12 +643,10 @@ def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pair
                    parts: dict[str, Any]):
     """Decoding tasks, then the model actors, which write their output rows as shard parts
     (``parts``: ``write_parts``'s arguments) and pass on only the parts' metadata."""
-    import json
-
     import ray
 
     items = [{"shard": n, "path": pairs.file(n)} for n in work]
-    preprocess_key = json.dumps({k: _norm(v) for k, v in spec.preprocess_cfg.items()}, sort_keys=True)
+    key = preprocess_key(spec)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # Ray Data counts blocks against a guessed total; run() shows images
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -636,7 +654,7 @@ def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pair
         _decode_shard,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"preprocess_key": preprocess_key, "size": spec.image_size, "rows": ec.decode_batch_rows,
+        fn_kwargs={"preprocess_key": key, "size": spec.image_size, "rows": ec.decode_batch_rows,
                    "captions": ec.text_embeddings},
         num_cpus=ec.decode_num_cpus,
         # Reserving memory for the decode tasks also gives them remote args unlike the actors',

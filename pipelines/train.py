@@ -23,18 +23,19 @@ have ``align`` then ``instruct``, which starts from ``align``'s model). For each
    continues from its last checkpoint, ``max_failures`` restarts failed workers from it.
 4. *Output*: ``{train.output}/{stage}/model`` (the final IPN), ``metrics.jsonl``, ``loss.png``,
    ``summary.json``; the stage summary has rows trained and skipped, validation loss and accuracy.
+   ``train.output`` may be any fsspec path (``s3://...``): every file goes through fsspec
+   (``lmeye.train.storage``), Ray Train's checkpoints through the same filesystem, and a later
+   stage's ``init_from`` reads the model from there.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
-import shutil
 import time
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pyarrow.dataset as pads
 
@@ -46,6 +47,7 @@ from lmeye.tables import Manifest, TableReader, fingerprint, is_local
 from lmeye.train.checkpoint import ATTEMPTS, MODEL_DIR
 from lmeye.train.ds_config import stage_value
 from lmeye.train import preflight as checks
+from lmeye.train import storage
 from lmeye.train.model_factory import IPNFactory
 from pipelines.instruct.curation import check_built_with
 from schemas.instructions import INSTRUCTIONS, TRAIN, VALIDATION
@@ -58,7 +60,9 @@ COLUMNS = ["sample_id", "uid", "task", "conversation"]
 # Paths and checks (driver, before Ray)
 
 
-def _paths(cfg: Config) -> tuple[str, str, str]:
+def train_paths(cfg: Config) -> tuple[str, str, str]:
+    """(instructions, features, output) of the train stage: the ``train`` keys, else the other stages'
+    outputs under ``data.root``; local ones made absolute."""
     tc = cfg.train
     output = tc.output or f"{cfg.data.root.rstrip('/')}/train"
 
@@ -66,6 +70,9 @@ def _paths(cfg: Config) -> tuple[str, str, str]:
         return os.path.abspath(path) if is_local(path) else path
 
     return (absolute(tc.instructions or cfg.instruct.output), absolute(tc.features or cfg.extract.output), absolute(output))
+
+
+_paths = train_paths  # the old name, still imported by lmeye/demo/run.py; goes once that imports train_paths
 
 
 def stage_dir(output: str, stage: str) -> str:
@@ -113,7 +120,7 @@ def _init_dir(stage: TrainStage, output: str, earlier: list[str]) -> Optional[st
     if stage.init_from in earlier:
         return f"{stage_dir(output, stage.init_from)}/{MODEL_DIR}"
     path = stage.init_from
-    if not os.path.isdir(path):
+    if not storage.is_dir(path):
         raise FileNotFoundError(
             f"train stage {stage.name}: init_from {path!r} is neither an earlier stage's name nor a model directory"
         )
@@ -233,24 +240,30 @@ def _trainer_class(embedded: bool) -> type:
     return EmbeddedTorchTrainer
 
 
-def _fit(config: dict[str, Any], datasets: dict[str, Any], tc: TrainConfig, name: str, output: str) -> Any:
+def fit(config: dict[str, Any], files: dict[str, list[str]], stage: TrainStage, tc: TrainConfig, rows: int, output: str,
+        *, name: Optional[str] = None, loop: Optional[Callable[[dict[str, Any]], None]] = None) -> Any:
+    """Ray Train's run of one stage (``name``: the run's folder under ``output``, default the stage's):
+    ``loop`` (default ``lmeye.train.loop.train_loop``) on every worker with ``config`` (``loop_config``),
+    over the stage's train and validation rows (``rows``: its train rows). Returns Ray Train's result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     from lmeye.runtime import embedded
     from lmeye.train.loop import train_loop
 
+    # checkpoints go where the output is, through the same fsspec filesystem (lmeye.train.storage)
+    storage_path, storage_filesystem = storage.ray_storage(output)
     trainer = _trainer_class(embedded())(
-        train_loop,
+        loop or train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker},
                                      placement_strategy=tc.placement_strategy),
         run_config=RunConfig(
-            name=name, storage_path=output,
+            name=name or stage.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             failure_config=FailureConfig(max_failures=tc.max_failures),
         ),
-        datasets=datasets,
+        datasets=_datasets(files, stage, tc, rows),
         dataset_config=_data_config(tc.deterministic),
     )
     return trainer.fit()
@@ -262,7 +275,7 @@ def _fit(config: dict[str, Any], datasets: dict[str, Any], tc: TrainConfig, name
 
 # train keys that do not change what is trained: a rerun that changes only these resumes or is done
 NOT_FINGERPRINTED = ("only", "resume", "log_every", "max_failures", "output", "placement_strategy", "checkpoint_every",
-                     "keep_checkpoints", "val_max_rows", "cpus_per_worker")
+                     "keep_checkpoints", "val_max_rows", "cpus_per_worker", "activation_checkpointing")
 
 
 def _stage_fingerprint(cfg: Config, stage: TrainStage, files: dict[str, list[str]], store: Any, init_dir: Optional[str],
@@ -274,22 +287,16 @@ def _stage_fingerprint(cfg: Config, stage: TrainStage, files: dict[str, list[str
         tc.pop(k, None)
     tc.pop("stages")
     model = getattr(cfg, "model", None)
-    init = None
-    if init_dir is not None and os.path.isdir(init_dir):  # a retrained earlier stage makes this one stale
-        init = {n: (st.st_size, st.st_mtime_ns) for n in sorted(os.listdir(init_dir))
-                for st in [os.stat(os.path.join(init_dir, n))]}
+    # a retrained earlier stage makes this one stale: its files' sizes and version marks
+    init = storage.listing(init_dir) if init_dir is not None else None
     return fingerprint({"train": tc, "stage": stage.model_dump(mode="json"), "files": files, "features": store.version,
                         "model": model.model_dump(mode="json") if model is not None else None,
                         "init": [init_dir, init]})
 
 
 def _finished(directory: str, fp: str) -> Optional[dict[str, Any]]:
-    try:
-        with open(f"{directory}/summary.json") as f:
-            done = json.load(f)
-    except (FileNotFoundError, ValueError):
-        return None
-    if done.get("fingerprint") == fp and os.path.isdir(f"{directory}/{MODEL_DIR}"):
+    done = storage.read_json(f"{directory}/summary.json")
+    if done is not None and done.get("fingerprint") == fp and storage.is_dir(f"{directory}/{MODEL_DIR}"):
         return done
     return None
 
@@ -298,14 +305,12 @@ def _check_same_run(directory: str, fp: str, fp_any_workers: str, stage: TrainSt
     """Checkpoints of another config or other inputs are not resumed silently. Another number of
     workers alone: DeepSpeed's optimizer state is split per rank and is not resharded here, so the
     run stops with how to go on, and the stage folder stays as it is."""
-    try:
-        with open(f"{directory}/run.json") as f:
-            run = json.load(f)
-    except (FileNotFoundError, ValueError):
+    run = storage.read_json(f"{directory}/run.json")
+    if run is None:
         return
     old = run.get("fingerprint")
     if old != fp and run.get("fingerprint_any_workers") == fp_any_workers and run.get("num_workers") != workers:
-        saved = sorted(glob.glob(f"{directory}/checkpoint_*/{MODEL_DIR}")) or sorted(glob.glob(f"{directory}/{MODEL_DIR}"))
+        saved = storage.glob(f"{directory}/checkpoint_*/{MODEL_DIR}") or storage.glob(f"{directory}/{MODEL_DIR}")
         go_on = (f"or train a new stage with init_from: {saved[-1]} (the last saved model)" if saved
                  else "or set train.resume: never to start it over")
         raise UserError(
@@ -352,11 +357,7 @@ def _summary(stage: TrainStage, directory: str, metrics: dict[str, Any], seconds
 
 
 def _attempts(directory: str) -> list[dict[str, Any]]:
-    try:
-        with open(f"{directory}/{ATTEMPTS}") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        return []
+    return [json.loads(line) for line in (storage.read_text(f"{directory}/{ATTEMPTS}") or "").splitlines() if line.strip()]
 
 
 def loop_config(cfg: Config, stage: TrainStage, factory: Any, files: dict[str, list[str]], store: Any,
@@ -387,7 +388,7 @@ def _run_stage(cfg: Config, stage: TrainStage, factory: Any, files: dict[str, li
     directory = stage_dir(output, stage.name)
     fp = _stage_fingerprint(cfg, stage, files, store, init_dir)
     if tc.resume == "never":
-        shutil.rmtree(directory, ignore_errors=True)
+        storage.remove(directory)
     else:
         done = _finished(directory, fp)
         if done is not None:
@@ -400,30 +401,27 @@ def _run_stage(cfg: Config, stage: TrainStage, factory: Any, files: dict[str, li
     config, rows = loop_config(cfg, stage, factory, files, store, init_dir, directory)
     micro, accum, total = (stage_value(tc, stage, "micro_batch_size"), stage_value(tc, stage, "grad_accum"),
                            config["total_steps"])
-    os.makedirs(directory, exist_ok=True)
-    with open(f"{directory}/run.json", "w") as f:
-        json.dump({"fingerprint": fp, "num_workers": tc.num_workers,
-                   "fingerprint_any_workers": _stage_fingerprint(cfg, stage, files, store, init_dir, any_workers=True)}, f)
+    storage.write_json(f"{directory}/run.json", {
+        "fingerprint": fp, "num_workers": tc.num_workers,
+        "fingerprint_any_workers": _stage_fingerprint(cfg, stage, files, store, init_dir, any_workers=True)})
     print(f"[train {stage.name}] {rows} train rows, {tc.num_workers} workers x {micro} rows x {accum} accumulation, "
           f"about {total} steps; output {directory}", flush=True)
     init_ray(cfg.ray)
     error = None
     try:
-        result = _fit(config, _datasets(files, stage, tc, rows), tc, stage.name, output)
+        result = fit(config, files, stage, tc, rows, output)
         error = result.error
     except Exception as err:  # Ray Train's own failure type varies by version; the message is what matters
         result, error = None, err
     metrics = dict(result.metrics or {}) if result is not None else {}
     ok = error is None and bool(metrics.get("final"))
-    if ok:
+    if ok:  # the final checkpoint's model (downloaded when the storage is remote) becomes the stage's
         with result.checkpoint.as_directory() as d:
-            shutil.rmtree(f"{directory}/{MODEL_DIR}", ignore_errors=True)
-            shutil.copytree(os.path.join(d, MODEL_DIR), f"{directory}/{MODEL_DIR}")
+            storage.upload_dir(os.path.join(d, MODEL_DIR), f"{directory}/{MODEL_DIR}")
     plot_loss(f"{directory}/metrics.jsonl", f"{directory}/loss.png", title=f"stage {stage.name}")
     summary = _summary(stage, directory, metrics, time.time() - started, ok)
     if ok:
-        with open(f"{directory}/summary.json", "w") as f:
-            json.dump({"fingerprint": fp, "metrics": metrics, "summary": summary.to_dict()}, f, indent=1, default=str)
+        storage.write_json(f"{directory}/summary.json", {"fingerprint": fp, "metrics": metrics, "summary": summary.to_dict()})
     else:
         summary.notes.insert(0, f"training failed: {str(error).strip().splitlines()[-1] if error else 'no final checkpoint'}"
                                 f"; rerun with train.resume: latest to continue from the last checkpoint")
@@ -441,7 +439,7 @@ def preflight(cfg: Config, factory: Any) -> tuple[Config, dict[str, list[str]], 
     that Ray Train's ``FailureConfig`` would retry. Returns the config (RVII's CLIP resolved from
     the features table when ``model.clip_model`` is null), the shard files, the feature store, the
     output and each stage with the model directory it starts from."""
-    instructions, features, output = _paths(cfg)
+    instructions, features, output = train_paths(cfg)
     tc = cfg.train
     stages = [s for s in tc.stages if tc.only is None or s.name in tc.only]
     if not stages:
@@ -460,7 +458,7 @@ def preflight(cfg: Config, factory: Any) -> tuple[Config, dict[str, list[str]], 
         init_dir = _init_dir(stage, output, earlier)
         running_before = stage.init_from in [s.name for s in stages[: stages.index(stage)]]
         if init_dir is not None and not running_before:
-            if not os.path.isdir(init_dir):
+            if not storage.is_dir(init_dir):
                 raise FileNotFoundError(f"train stage {stage.name}: init_from {stage.init_from}: no model at {init_dir}; "
                                         f"train stage {stage.init_from} first")
             checks.check_init_features(stage.name, init_dir, factory.feature_shape(init_dir), store)
@@ -488,4 +486,4 @@ def run(cfg: Config, *, factory: Any = None) -> StageSummary:
     return summary
 
 
-__all__ = ["preflight", "run", "stage_dir"]
+__all__ = ["fit", "loop_config", "preflight", "run", "stage_dir", "train_paths"]

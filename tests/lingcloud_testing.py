@@ -7,7 +7,9 @@ conftest.py's fixtures wrap these; tests that need them outside a fixture import
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import secrets
 import shutil
@@ -110,6 +112,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str):
+    """moto's S3 server on 127.0.0.1 (a free port) holding an empty ``bucket``; the AWS variables
+    point s3fs at it in this process and in every process started meanwhile (their values also
+    reach Ray workers: ``LMEYE_FORWARD_CREDENTIALS``). ``HF_HUB_OFFLINE`` is unset (``datasets``
+    refuses s3:// under it). Yields an s3fs filesystem on the server."""
+    import pytest
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1",
+            "HF_UPDATE_DOWNLOAD_COUNTS": "0",
+            # an embedded Ray started before these keys were set: ship them (opt-in)
+            "LMEYE_FORWARD_CREDENTIALS": "1",
+        }.items():
+            mp.setenv(key, value)
+        mp.delenv("HF_HUB_OFFLINE", raising=False)
+        mp.delenv("AWS_PROFILE", raising=False)
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        fs.mkdir(bucket)
+        try:
+            yield fs
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            server.stop()
 
 
 def run_own_cluster(args: list[str], *, cwd: Path, env: dict[str, str] | None = None,

@@ -5,11 +5,9 @@ writing its final key), and a remote table's serving copy lives in a local cache
 
 from __future__ import annotations
 
-import logging
-
 import pyarrow.parquet as pq
 import pytest
-from lingcloud_testing import free_port
+from lingcloud_testing import moto_s3
 
 from lmeye import clip
 from lmeye.config import load_config
@@ -27,36 +25,11 @@ _SCHEMAS = {"pairs": PAIRS, "features": FEATURES, "instructions": INSTRUCTIONS}
 
 @pytest.fixture(scope="module")
 def s3():
-    """moto's S3 server on 127.0.0.1 with one bucket; the AWS variables point s3fs (here and in
-    every Ray worker: the stages forward them, the keys by explicit opt-in) at it. HF_HUB_OFFLINE=1 makes `datasets` refuse
-    s3:// paths, so it is unset here (nothing in this module reaches for the hub)."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {
-            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1",
-            "HF_UPDATE_DOWNLOAD_COUNTS": "0",
-            # the session's embedded Ray started before these keys were set: ship them (opt-in)
-            "LMEYE_FORWARD_CREDENTIALS": "1",
-        }.items():
-            mp.setenv(key, value)
-        mp.delenv("HF_HUB_OFFLINE", raising=False)
-        mp.delenv("AWS_PROFILE", raising=False)
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
-        try:
-            yield fs
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
+    """moto's S3 server on 127.0.0.1 with one bucket (``lingcloud_testing.moto_s3``): s3fs here and in
+    every Ray worker (the stages forward the AWS variables, the keys by explicit opt-in) reach it.
+    Nothing in this module reaches for the hub, so HF_HUB_OFFLINE is unset there."""
+    with moto_s3(BUCKET) as fs:
+        yield fs
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,9 @@ class TrainConfig(Section):
         None, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every rank (null: DeepSpeed's default, 1e5; 0: partition every one)"
     )
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="training precision (the frozen LLM runs in it too)")
+    activation_checkpointing: bool = Field(
+        False, description="recompute the frozen LLM's layer activations in the backward pass instead of keeping them (less memory; pass 2 then reruns the prefix)"
+    )
     micro_batch_size: int = Field(8, ge=1, description="rows per worker per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     grad_clip: float = Field(1.0, ge=0, description="gradient norm clipping (0: off)")

@@ -123,9 +123,9 @@ def render(name: str, result: dict[str, Any]) -> str:
 
 def score(cfg: Any) -> dict[str, dict[str, Any]]:
     """``check`` of every trained stage of ``cfg`` (stage 1 alone, stage 1 + 2) on the same questions."""
-    from pipelines.train import _paths, stage_dir
+    from pipelines.train import stage_dir, train_paths
 
-    instructions, features, output = _paths(cfg)
+    instructions, features, output = train_paths(cfg)
     return {st.name: check(f"{stage_dir(output, st.name)}/model", instructions, features) for st in cfg.train.stages}
 
 

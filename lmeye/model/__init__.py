@@ -2,7 +2,8 @@
 
 Read in this order: ``text`` (conversations -> token ids, slots, loss mask, truncation),
 ``rvii`` (request-based visual interaction), ``ipn`` (the module: mapping, request, RVII,
-transmission, the two passes), ``io`` (save/load), ``demo`` (the offline tiny LLM),
+transmission, the two passes), ``seq2seq`` (the encoder-decoder variant), ``io`` (the directory
+format), ``build`` (a fresh or saved IPN of the right class), ``demo`` (the offline tiny LLM),
 ``describe`` (parameter counts).
 """
 
@@ -12,7 +13,7 @@ from typing import Any
 # Resolved on first use, so that ``lmeye.model.ipn`` imports with torch and transformers alone (no
 # pydantic, open_clip or Ray: benchmarks/train_gpu.py runs it on a bare GPU machine).
 _EXPORTS = {"IPN": "lmeye.model.ipn", "IPNOutput": "lmeye.model.ipn", "ModelConfig": "lmeye.config.model",
-            "load_ipn": "lmeye.model.io"}
+            "build_ipn": "lmeye.model.build", "load_ipn": "lmeye.model.build"}
 
 
 def __getattr__(name: str) -> Any:
@@ -21,4 +22,4 @@ def __getattr__(name: str) -> Any:
     return getattr(import_module(_EXPORTS[name]), name)
 
 
-__all__ = ["IPN", "IPNOutput", "ModelConfig", "load_ipn"]
+__all__ = ["IPN", "IPNOutput", "ModelConfig", "build_ipn", "load_ipn"]

@@ -74,7 +74,7 @@ def render(ipn) -> str:
 
 
 def describe(cfg, stage: str = "instruct") -> str:
-    from lmeye.model.ipn import IPN
+    from lmeye.model.build import build_ipn
 
     if cfg.model.llm is None or "lingcloud-tiny-llm" in cfg.model.llm:
         from lmeye.model.demo import ensure_demo_llm
@@ -84,7 +84,7 @@ def describe(cfg, stage: str = "instruct") -> str:
     model = cfg.model
     if model.rvii == "clip_text" and model.clip_model is None:  # as training does: the CLIP that makes the features
         model = model.model_copy(update={"clip_model": cfg.extract.model, "clip_pretrained": cfg.extract.pretrained})
-    ipn = IPN.from_config(model, dim, patch)
+    ipn = build_ipn(model, dim, patch)
     ipn.set_trainable(stage)
     head = (f"IPN: llm {cfg.model.llm} ({type(ipn.llm).__name__}, hidden {ipn.hidden}); rvii {cfg.model.rvii}; "
             f"features {dim}-d, patch tokens {patch}; stage {stage}")

@@ -2,9 +2,9 @@
 
 The JSON names the frozen LLM and CLIP (they are referenced by path or name, not copied), the
 whole ``model:`` section, the feature shapes the IPN was built for, the `features` table it was
-trained on (when trained by the train stage), and every saved weight's shape. Loading rebuilds
-the IPN from that config and checks the weights' names and shapes against both the JSON and the
-freshly built model before copying them in.
+trained on (when trained by the train stage), and every saved weight's shape. Loading
+(``lmeye.model.build.load_ipn``) rebuilds the IPN from that config and checks the weights' names and
+shapes against both the JSON and the freshly built model before copying them in.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any
 
 import fsspec
 
-from lmeye.config.model import ModelConfig
 from lmeye.errors import UserError
 
 CONFIG_FILE = "ipn_config.json"
@@ -67,14 +66,10 @@ def read_config(directory: str) -> dict[str, Any]:
     return meta
 
 
-def load_ipn(directory: str, **overrides: Any):
-    """Rebuild an IPN from ``directory`` (``overrides`` replace ``model:`` keys, e.g. a moved ``llm`` path)."""
+def read_weights(directory: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The saved weights of ``directory``, checked against the names and shapes its config (``meta``) lists."""
     from safetensors.torch import load
 
-    from lmeye.model.ipn import IPN
-
-    meta = read_config(directory)
-    cfg = ModelConfig.model_validate({**meta["model"], **overrides})
     path = f"{directory.rstrip('/')}/{WEIGHTS_FILE}"
     try:
         with fsspec.open(path, "rb") as f:
@@ -86,7 +81,4 @@ def load_ipn(directory: str, **overrides: Any):
     if listed != stored:
         bad = sorted(set(listed) ^ set(stored)) or [n for n in listed if listed[n] != stored[n]]
         raise UserError(f"{path}: weights do not match {CONFIG_FILE} (e.g. {bad[:5]})")
-    ipn = IPN.from_config(cfg, meta["feature_dim"], meta["patch_shape"])
-    ipn.load_trainable_state_dict(state)
-    ipn.features_table = meta.get("features")
-    return ipn
+    return state

@@ -35,7 +35,9 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from lmeye.errors import UserError
-from lmeye.model.rvii import ClipTextRVII, TransformerRVII, load_clip_text_tower
+from lmeye.model.io import save_ipn
+from lmeye.model.recompute import recompute_layers
+from lmeye.model.rvii import ClipTextRVII, TransformerRVII
 from lmeye.model.text import IGNORE, IMG, IMG_D, IMG_Q, TextCodec
 
 if TYPE_CHECKING:  # annotations only: the model runs with torch and transformers alone (benchmarks/train_gpu.py)
@@ -145,6 +147,7 @@ class IPN(nn.Module):
         for p in self.llm.parameters():
             p.requires_grad_(False)
         self.tokenizer = tokenizer
+        self.recomputes = False  # activation checkpointing through the LLM (recompute_activations)
         hidden = int(llm.get_input_embeddings().weight.shape[1])
         self.hidden = hidden
         k = cfg.num_img_d
@@ -178,28 +181,8 @@ class IPN(nn.Module):
 
     # ---------------------------------------------------------------------------------------
     # construction, parameters, saving
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, feature_dim: int, patch_shape: Optional[Sequence[int]] = None) -> "IPN":
-        """A fresh IPN (weights from ``cfg.seed``) around the configured frozen LLM and CLIP text tower."""
-        llm, tok = load_llm(cfg)
-        tower = None
-        if cfg.rvii == "clip_text":
-            tower = load_clip_text_tower(cfg.clip_model, cfg.clip_pretrained, cfg.clip_model_config_dirs, DTYPES[cfg.dtype])
-        if llm.config.is_encoder_decoder:  # the encoder-decoder path lives in its own module
-            from lmeye.model.seq2seq import Seq2SeqIPN
-
-            cls = Seq2SeqIPN
-        return cls(cfg, feature_dim, tuple(patch_shape) if patch_shape else None, llm, tok, tower)
-
-    @classmethod
-    def from_pretrained(cls, directory: str) -> "IPN":
-        from lmeye.model.io import load_ipn
-
-        return load_ipn(directory)
-
     def save_pretrained(self, directory: str) -> str:
-        from lmeye.model.io import save_ipn
-
+        """The model directory (``lmeye.model.io``); ``lmeye.model.build.load_ipn`` reads it back."""
         return save_ipn(self, directory)
 
     def own_parameters(self) -> dict[str, nn.Parameter]:
@@ -230,6 +213,14 @@ class IPN(nn.Module):
                 raise UserError(f"IPN weight {n}: shape {tuple(sd[n].shape)} in the checkpoint, {tuple(p.shape)} in the model")
             with torch.no_grad():
                 p.copy_(sd[n].to(p.dtype))
+
+    def recompute_activations(self) -> None:
+        """Activation checkpointing through the frozen LLM (``train.activation_checkpointing``;
+        ``lmeye.model.recompute``): its layers' activations are recomputed in the backward pass. The
+        training forward then runs pass 2 over the whole sequence, without the prefix cache (a cached
+        layer cannot be replayed), so the prefix is computed twice; evaluation and generation keep the cache."""
+        recompute_layers(self.llm)
+        self.recomputes = True
 
     def train(self, mode: bool = True) -> "IPN":
         super().train(mode)
@@ -302,7 +293,9 @@ class IPN(nn.Module):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(ids.clamp(min=0))
 
-    def _prefix_embeds(self, batch: dict) -> torch.Tensor:
+    def prefix_embeds(self, batch: dict) -> torch.Tensor:
+        """Pass 1's input embeddings: the prefix's tokens with the <img> and <img-q> slots filled
+        (``benchmarks/ipn.py`` runs the encoder on them alone)."""
         ids = batch["prefix_ids"]
         emb = self._embed(ids)
         dtype = emb.dtype
@@ -336,7 +329,7 @@ class IPN(nn.Module):
         ids = batch["suffix_ids"]
         emb = self._embed(ids)
         d = ids == IMG_D
-        if "embeddings" in batch:  # as in _prefix_embeds
+        if "embeddings" in batch:  # as in prefix_embeds
             img_d = self._img_d(batch, request_state).to(emb.dtype)
             slot = (d.cumsum(1) - 1).clamp(min=0)
             emb = torch.where(d[..., None], img_d.gather(1, slot[..., None].expand(-1, -1, emb.shape[-1])), emb)
@@ -345,24 +338,26 @@ class IPN(nn.Module):
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def _prefix_pass(self, batch: dict):
-        """Pass 1 over the prefixes: (prefix embeddings, cache, request state at <img-q>)."""
+    def _prefix_pass(self, batch: dict, with_cache: bool = True):
+        """Pass 1 over the prefixes: (prefix embeddings, cache or None, request state at <img-q>)."""
         from transformers import DynamicCache
 
-        emb = self._prefix_embeds(batch)
+        emb = self.prefix_embeds(batch)
         mask = batch["prefix_mask"]
-        cache = DynamicCache(config=self.llm.config)
+        cache = DynamicCache(config=self.llm.config) if with_cache else None
         out = self.llm(
             inputs_embeds=emb, attention_mask=mask, position_ids=positions(mask),
-            cache=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1,
+            cache=cache, use_cache=with_cache, output_hidden_states=True, logits_to_keep=1,
         )
-        return emb, out.cache, out.hidden_states[-1][:, -1]  # left padding: <img-q> is the last position
+        return emb, out.cache if with_cache else None, out.hidden_states[-1][:, -1]  # left padding: <img-q> is the last position
 
     def forward(self, batch: dict, reuse_prefix: bool = True, return_logits: bool = False) -> IPNOutput:
         """Loss on the answer tokens. ``reuse_prefix=False`` recomputes the whole sequence in pass 2
-        (upstream's way; the reference for tests and the benchmark)."""
+        (upstream's way; the reference for tests and the benchmark), and so does a forward with gradients
+        once ``recompute_activations`` is on."""
         batch = self._to_device(batch)
-        prefix_emb, cache, request = self._prefix_pass(batch)
+        reuse_prefix = reuse_prefix and not (self.recomputes and torch.is_grad_enabled())
+        prefix_emb, cache, request = self._prefix_pass(batch, with_cache=reuse_prefix)
         suffix_emb = self._suffix_embeds(batch, request)
         mask = torch.cat([batch["prefix_mask"], batch["suffix_mask"]], dim=1)
         pos = positions(mask)

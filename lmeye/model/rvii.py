@@ -176,14 +176,14 @@ def load_clip_text_tower(model: str, pretrained: Optional[str], config_dirs: lis
     """The frozen text tower of an open_clip model (the visual tower is dropped right after loading)."""
     import open_clip
 
-    from lmeye.clip import DEMO_SEED, _quiet_open_clip
+    from lmeye.clip import DEMO_SEED, quiet_open_clip
 
     check_clip_text(model, pretrained, config_dirs)
     # Random weights (no pretrained) come from a fixed seed in a private RNG state: the frozen tower is
     # never saved, so every worker, and every later load of a trained IPN, must rebuild the very same
     # one (an unseeded tower differs per process and the trained projections around it mean nothing).
     # The seed is the demo extractor's, so the tower is the text half of the CLIP that made the features.
-    with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
+    with quiet_open_clip(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(DEMO_SEED)
         clip = open_clip.create_model(model, pretrained=pretrained or None)
     tok = open_clip.get_tokenizer(model)

@@ -83,7 +83,7 @@ class Seq2SeqCodec:
 
 
 class Seq2SeqIPN(IPN):
-    """IPN whose frozen LLM is an encoder-decoder; built by ``IPN.from_config`` when the LLM is one."""
+    """IPN whose frozen LLM is an encoder-decoder; built by ``lmeye.model.build.build_ipn`` when the LLM is one."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -102,7 +102,7 @@ class Seq2SeqIPN(IPN):
     def encoder_inputs(self, batch: dict, request: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pass 1 (the prefix, for the request) and the packed input of pass 2 (embeddings, mask).
         ``request`` given: pass 1 is skipped (benchmarks/ipn.py measures what pass 1 costs)."""
-        prefix_emb = self._prefix_embeds(batch)
+        prefix_emb = self.prefix_embeds(batch)
         if request is None and (batch["suffix_ids"] == IMG_D).any():
             states = self.llm.get_encoder()(inputs_embeds=prefix_emb, attention_mask=batch["prefix_mask"]).last_hidden_state
             request = states[:, -1]  # left padding: <img-q> is the last prefix position
@@ -118,7 +118,8 @@ class Seq2SeqIPN(IPN):
         emb, mask = self.encoder_inputs(batch)
         labels = batch["decoder_labels"]
         # labels -> the decoder's inputs (shifted right behind its start token), the model's own rule
-        logits = self.llm(inputs_embeds=emb, attention_mask=mask, labels=labels).logits
+        # no decoder cache: training needs none, and a layer called with one is not checkpointed (lmeye.model.recompute)
+        logits = self.llm(inputs_embeds=emb, attention_mask=mask, labels=labels, use_cache=False).logits
         nll = answer_nll(logits, labels)  # the causal IPN's chunked fp32 cross-entropy
         counted = (labels != IGNORE).sum(1)
         return IPNOutput(

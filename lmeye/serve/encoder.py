@@ -10,7 +10,6 @@ question's image gets the features that image has in the table, bit for bit.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Iterable, Optional, Sequence
@@ -67,13 +66,11 @@ class ImageEncoder:
         self.features_path = features_path
         self.spec = spec
         self.patch_tokens = ec.patch_tokens
-        self._pil_part = extract._pil_part(
-            json.dumps({k: extract._norm(v) for k, v in spec.preprocess_cfg.items()}, sort_keys=True)
-        )
+        self._pil_part = extract.pil_part_of(spec)
         # the table's own settings, on this process's CPU threads (no Ray here), no debug delay, images only
         settings = {**extract.encoder_settings(ec, ec.precision),
                     "torch_threads": os.cpu_count() or 1, "num_gpus": 0, "debug_delay_s": 0, "text_embeddings": False}
-        self._actor = extract._Encoder(spec.to_dict(), settings)
+        self._actor = extract.local_encoder(spec, settings)
         self._decode = extract.decode_image
 
     @property
@@ -100,7 +97,7 @@ class ImageEncoder:
     def encode(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """(N, D) embeddings and (N, T, D') patch tokens (None when the table has none), stored dtype."""
         pixels = np.stack([self.pixels(img) for img in images])
-        emb, tokens = self._actor._forward(pixels)
+        emb, tokens = self._actor.encode_pixels(pixels)
         if tokens is not None:
             # through the table's encoding, so a live image reaches the IPN as a stored one would
             tokens = self._actor.patch_codec.roundtrip(tokens.reshape(len(images), *self._actor.token_shape))

@@ -1,7 +1,10 @@
 """What a training checkpoint holds, and how a resumed worker reads it back.
 
 One checkpoint is one folder that every rank writes into (Ray Train merges the ranks' files,
-whose names never collide) and reports with ``ray.train.report``:
+whose names never collide) and reports with ``ray.train.report``. Each rank writes its part into a
+local temporary folder (DeepSpeed's ``save_checkpoint`` writes to a local disk), which Ray Train
+uploads to the run's storage (``train.output``, through fsspec: ``lmeye.train.storage.ray_storage``)
+and, on resume, downloads again (``Checkpoint.as_directory``):
 
 * ``model/``: the IPN model directory (``save_pretrained``: safetensors + JSON), rank 0;
 * ``deepspeed/``: ``engine.save_checkpoint``: each rank's optimizer partition, the LR scheduler
@@ -26,8 +29,10 @@ import glob
 import json
 import os
 import random
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -51,6 +56,72 @@ class TrainState:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+
+class Checkpointer:
+    """Writes this rank's part of each checkpoint (see module doc) and reads the latest back on resume.
+
+    ``engine``: a ``lmeye.train.engine.Engine``; ``ipn``: the model it trains (rank 0 writes its
+    model directory)."""
+
+    def __init__(self, engine: Any, ipn: Any, rank: int, world: int, zero_stage: int):
+        self.engine = engine
+        self.ipn = ipn
+        self.rank = rank
+        self.world = world
+        self.zero_stage = zero_stage
+
+    def save(self, state: TrainState, seen: np.ndarray, metrics: dict[str, Any]) -> None:
+        """One checkpoint of every rank, reported to Ray Train with ``metrics``."""
+        import ray.train
+        import torch.distributed as dist
+        from ray.train import Checkpoint
+
+        tmp = tempfile.mkdtemp(prefix="lingcloud-ckpt-")
+        try:
+            self.engine.ds.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True)
+            save_rank_files(tmp, self.rank, seen)
+            self.save_model(os.path.join(tmp, MODEL_DIR))
+            if self.rank == 0:
+                with open(os.path.join(tmp, STATE), "w") as f:
+                    f.write(state.to_json())
+            if self.world > 1:
+                dist.barrier()
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def save_model(self, directory: str) -> None:
+        """Rank 0 writes the model directory. Under ZeRO-3 every rank first gathers every weight the
+        directory holds: the IPN's own, frozen in this stage or not (not only the stage's trainable
+        ones, or the frozen ones would be written with shape [0] and the next stage could not load them)."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.ipn.own_parameters().values()), modifier_rank=None):
+                if self.rank == 0:
+                    self.ipn.save_pretrained(directory)
+        elif self.rank == 0:
+            self.ipn.save_pretrained(directory)
+
+    def restore(self) -> Optional[tuple[TrainState, np.ndarray]]:
+        """Ray Train's latest checkpoint, if there is one, loaded into the engine and this rank's RNGs:
+        its state and the ids every rank had pulled in its epoch."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            state = load_state(d)
+            self.engine.ds.load_checkpoint(
+                os.path.join(d, DS_DIR), tag=DS_TAG, load_module_strict=False,
+                load_optimizer_states=True, load_lr_scheduler_states=True,
+            )
+            seen = load_seen(d)
+            restore_rng(d, self.rank)
+        state.world_size = self.world
+        return state, seen
 
 
 def save_rank_files(directory: str, rank: int, seen: np.ndarray) -> None:

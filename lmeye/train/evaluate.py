@@ -3,8 +3,8 @@
 Loss: the model's per-sample loss (mean over answer tokens) averaged over rows. Exact match: the
 conversation up to its last assistant turn is the prompt (``ipn.encode(..., for_generation=True)``),
 the answer is generated greedily, and it counts when it equals the last assistant turn after
-``normalise`` (case, surrounding space and final punctuation). Counts come back per task, summed
-over ranks by the loop.
+``normalise`` (case, surrounding space and final punctuation). Counts are kept per task and summed
+over the ranks (``validate``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,39 @@ _SPACE = re.compile(r"\s+")
 
 def normalise(text: str) -> str:
     return _SPACE.sub(" ", text.strip().lower()).rstrip(".!? ")
+
+
+def validate(engine: Any, ipn: Any, maker: Any, batch_size: int, device: Any, tc: Any, comm: Any,
+             lockstep: bool) -> dict[str, Any]:
+    """The stage's validation metrics over every rank's ``validation`` shard ({} when the stage has
+    none). ``engine``: the DeepSpeed engine; ``comm``: the ranks' ``Collectives``."""
+    import ray.train
+
+    try:
+        shard = ray.train.get_dataset_shard("validation")
+    except KeyError:  # the stage has no validation rows (a small corpus's split can leave none)
+        return {}
+    local = evaluate(engine, ipn, maker, shard, batch_size, device, tc, comm if lockstep else None)
+    return merge_counts(comm.gather(local))
+
+
+def merge_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum every rank's validation counts (small dicts, gathered once) into the stage's metrics."""
+    total: dict[str, float] = Counter()
+    for p in parts:
+        for k, v in p.items():
+            total[k] += v
+    out: dict[str, Any] = {}
+    if total.get("val_loss_rows"):
+        out["val_loss"] = total["val_loss_sum"] / total["val_loss_rows"]
+    if total.get("val_rows"):
+        out["val_exact_match"] = total["val_correct"] / total["val_rows"]
+        out["val_rows"] = int(total["val_rows"])
+    for k in sorted(total):
+        if k.startswith("rows:"):
+            task = k[5:]
+            out[f"val_exact_match[{task}]"] = total[f"correct:{task}"] / total[k]
+    return out
 
 
 def evaluate(engine: Any, ipn: Any, maker: Any, shard: Any, batch_size: int, device: Any, tc: Any,

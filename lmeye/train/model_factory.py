@@ -15,7 +15,6 @@ with the loop's config. The factory:
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Optional
 
 from lmeye.errors import UserError
@@ -33,9 +32,9 @@ class IPNFactory:
         check_model(cfg.model, features)
 
     def build(self, cfg: Any, feature_dim: int, patch_shape: Optional[tuple[int, int]]) -> Any:
-        from lmeye.model import IPN
+        from lmeye.model import build_ipn
 
-        return IPN.from_config(cfg.model, feature_dim=feature_dim, patch_shape=patch_shape)
+        return build_ipn(cfg.model, feature_dim=feature_dim, patch_shape=patch_shape)
 
     def load(self, directory: str, dtype: Optional[str] = None) -> Any:
         """``dtype``: the frozen LLM's and CLIP's (``model.dtype``) instead of the one saved."""
@@ -44,7 +43,7 @@ class IPNFactory:
         return load_ipn(directory, **({"dtype": dtype} if dtype else {}))
 
     def feature_shape(self, directory: str) -> tuple[Optional[int], Optional[tuple[int, int]]]:
-        return feature_shape_from_json(os.path.join(directory, IPN_CONFIG))
+        return feature_shape_from_json(f"{directory.rstrip('/')}/{IPN_CONFIG}")
 
 
 TRAINING_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -65,12 +64,14 @@ def in_training_dtype(cfg: Any) -> Any:
 
 
 def feature_shape_from_json(path: str) -> tuple[Optional[int], Optional[tuple[int, int]]]:
-    """``feature_dim`` and ``patch_shape`` as an ``ipn_config.json`` records them (None when absent)."""
+    """``feature_dim`` and ``patch_shape`` as an ``ipn_config.json`` records them (None when absent; any fsspec path)."""
+    from lmeye.train.storage import read_text
+
+    text = read_text(path)
+    if text is None:
+        raise UserError(f"{path.rsplit('/', 1)[0]}: not a model directory (no {path.rsplit('/', 1)[-1]})")
     try:
-        with open(path) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{os.path.dirname(path)}: not a model directory (no {os.path.basename(path)})") from None
+        meta = json.loads(text)
     except ValueError as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None
     dim = meta.get("feature_dim")

@@ -1,16 +1,15 @@
-"""The loss curve of a stage, from its metrics.jsonl (matplotlib, no display needed)."""
+"""The loss curve of a stage, from its metrics.jsonl (matplotlib, no display needed; any fsspec path)."""
 
 from __future__ import annotations
 
+import io
 import json
-import os
+
+from lmeye.train.storage import read_text, write_bytes
 
 
 def read_metrics(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in (read_text(path) or "").splitlines() if line.strip()]
 
 
 def plot_loss(metrics_path: str, png_path: str, title: str = "") -> bool:
@@ -35,6 +34,8 @@ def plot_loss(metrics_path: str, png_path: str, title: str = "") -> bool:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    write_bytes(png_path, png.getvalue())
     return True

@@ -93,13 +93,13 @@ def test_predictions_one_row_per_sample_with_features_joined(tmp_path, ray_local
 def test_predictions_of_the_real_ipn_equal_its_chat_answers(tmp_path, ray_local):
     import torch
 
-    from lmeye.model import IPN
+    from lmeye.model import build_ipn
     from lmeye.model.demo import build_tiny_llm
     from lmeye.model.testing import FEATURE_DIM, PATCH_SHAPE, tiny_clip_checkpoint, tiny_model_config, tiny_tokenizer
 
     t = build_tables(tmp_path, images=3, shards=1, dim=FEATURE_DIM, patch=PATCH_SHAPE)
     llm = build_tiny_llm(str(tmp_path / "llm"), "llama", tiny_tokenizer())
-    ipn = IPN.from_config(tiny_model_config(llm, tiny_clip_checkpoint(str(tmp_path / "clip.safetensors"))), FEATURE_DIM, PATCH_SHAPE)
+    ipn = build_ipn(tiny_model_config(llm, tiny_clip_checkpoint(str(tmp_path / "clip.safetensors"))), FEATURE_DIM, PATCH_SHAPE)
     torch.manual_seed(1)
     with torch.no_grad():  # non-zero transmission: answers depend on the image
         for p in ipn.own_parameters().values():

@@ -150,6 +150,9 @@ def test_sigkill_mid_epoch_then_resume_latest_trains_the_rest_once_and_matches(r
     want, got = _weights(reference["out"] / "model"), _weights(out / "s1" / "model")
     assert want.keys() == got.keys()
     assert max(float(np.abs(want[k] - got[k]).max()) for k in want) <= 1e-4
+    # one metrics line a step: the resumed run dropped the killed run's lines past its checkpoint
+    steps = [json.loads(line)["step"] for line in (out / "s1" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, json.loads((out / "s1" / "summary.json").read_text())["metrics"]["step"] + 1))
 
 
 @pytest.mark.slow
@@ -212,3 +215,56 @@ def test_cli_reports_a_missing_table_in_one_line(tmp_path, monkeypatch, capsys):
     assert main(["train", "--set", f"data.root={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no instructions table" in err[0] and "lmeye instruct" in err[0]
+
+
+@pytest.mark.slow
+def test_both_stages_write_to_a_bucket_and_the_second_starts_from_the_firsts_weights(tmp_path, monkeypatch):
+    """``train.output`` on S3 (moto's server on 127.0.0.1): `align` then `instruct` with `init_from:
+    align`, 2 workers. Every file of both stages is an object in the bucket (metrics.jsonl and
+    attempts.jsonl written by rank 0 in its own worker process, checkpoints uploaded by Ray Train through
+    fsspec), nothing lands in a local folder named `s3:`, and stage 2 read stage 1's model from the bucket:
+    its visual mapping, frozen there, is stage 1's trained one, not a fresh one."""
+    from lingcloud_testing import moto_s3
+    from safetensors.numpy import load as load_weights
+
+    fake = _fake()
+    tables = fake.build_tables(tmp_path, n_train=24, n_val=4)
+    stages = [{"name": "align", "trainable": "align"},
+              {"name": "instruct", "trainable": "instruct", "init_from": "align", "train_visual_mapping": False}]
+    output = "s3://lingcloud-train/runs/out"
+    with moto_s3("lingcloud-train") as s3:
+        proc, log = _start(tmp_path, "s3", _overrides(tables, Path(output), **{
+            "train.output": output, "train.stages": stages, "train.shuffle_buffer": 0, "train.keep_checkpoints": 2}),
+            tmp_path / "log")
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+        s3.invalidate_cache()
+        keys = {k.removeprefix("lingcloud-train/runs/out/") for k in s3.find("lingcloud-train/runs/out")}
+
+        def blob(key: str) -> bytes:
+            return s3.cat_file(f"lingcloud-train/runs/out/{key}")
+
+        for stage in ("align", "instruct"):
+            for name in ("run.json", "summary.json", "metrics.jsonl", "attempts.jsonl", "loss.png",
+                         "model/ipn.safetensors", "model/ipn_config.json"):
+                assert f"{stage}/{name}" in keys, (stage, name, sorted(keys))
+            ckpts = {k.split("/")[1] for k in keys if k.startswith(f"{stage}/checkpoint_") and k.endswith("/state.json")}
+            assert 1 <= len(ckpts) <= 2  # Ray Train's checkpoints, keep_checkpoints of them
+            for ckpt in ckpts:  # every rank's part (DeepSpeed's state uploaded from each worker's local folder)
+                assert {f"{stage}/{ckpt}/seen/rank{r}.npy" for r in (0, 1)} <= keys
+                assert any(k.startswith(f"{stage}/{ckpt}/deepspeed/") for k in keys)
+            summary = json.loads(blob(f"{stage}/summary.json"))
+            steps = [json.loads(line)["step"] for line in blob(f"{stage}/metrics.jsonl").decode().splitlines()]
+            assert steps == list(range(1, summary["metrics"]["step"] + 1))  # rank 0's, every step once
+            starts = [json.loads(line) for line in blob(f"{stage}/attempts.jsonl").decode().splitlines()]
+            assert len(starts) == 1 and len(starts[0]["nodes"]) == 2 and starts[0]["resumed_step"] is None
+        first = load_weights(blob("align/model/ipn.safetensors"))
+        second = load_weights(blob("instruct/model/ipn.safetensors"))
+    import torch
+
+    torch.manual_seed(load_config(None, {}).train.seed)  # what FakeFactory.build starts from
+    fresh = fake.FakeIPN(8, (4, 6)).trainable_state_dict()
+    visual = [k for k in first if k.startswith("visual.")]
+    assert visual and all(np.array_equal(second[k], first[k]) for k in visual)  # loaded from the bucket
+    assert any(not np.allclose(first[k], fresh[k].numpy()) for k in visual)  # and trained in stage 1
+    assert any(not np.allclose(second[k], fresh[k].numpy()) for k in second if k.startswith("request."))  # stage 2 trained
+    assert not (REPO / "s3:").exists() and not (tmp_path / "s3:").exists()

@@ -35,10 +35,10 @@ def model_cfg(llm_dirs, clip_checkpoint):
 
 @pytest.fixture(scope="session")
 def ipn_factory(model_cfg):
-    from lmeye.model import IPN
+    from lmeye.model import build_ipn
 
     def make(family: str = "llama", patch_shape=PATCH_SHAPE, **kw):
-        return IPN.from_config(model_cfg(family, **kw), FEATURE_DIM, patch_shape)
+        return build_ipn(model_cfg(family, **kw), FEATURE_DIM, patch_shape)
 
     return make
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmeye.errors import UserError
-from lmeye.model import IPN
+from lmeye.model import IPN, build_ipn
 
 from lmeye.model.testing import FAMILIES, FEATURE_DIM, MORE_FAMILIES, QA, batch_of, features
 
@@ -183,13 +183,13 @@ def test_bad_llm_paths_are_one_clear_error(model_cfg, tmp_path):
     from transformers import ViTConfig
 
     with pytest.raises(UserError, match="no-such-llm"):
-        IPN.from_config(model_cfg(llm=str(tmp_path / "no-such-llm")), FEATURE_DIM, None)
+        build_ipn(model_cfg(llm=str(tmp_path / "no-such-llm")), FEATURE_DIM, None)
     # an image model is no LLM (an encoder-decoder such as T5 is one: tests/lmeye/model/test_seq2seq.py)
     ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16).save_pretrained(tmp_path / "vit")
     with pytest.raises(UserError, match="is not a causal LM nor an encoder-decoder LM"):
-        IPN.from_config(model_cfg(llm=str(tmp_path / "vit")), FEATURE_DIM, None)
+        build_ipn(model_cfg(llm=str(tmp_path / "vit")), FEATURE_DIM, None)
     with pytest.raises(UserError, match="no-such-clip"):
-        IPN.from_config(model_cfg(clip_model="no-such-clip"), FEATURE_DIM, None)
+        build_ipn(model_cfg(clip_model="no-such-clip"), FEATURE_DIM, None)
 
 
 def test_bfloat16_llm_with_float32_ipn_weights(ipn_factory):

@@ -100,7 +100,7 @@ def test_stop_list_joins_end_of_turn_eos_and_the_generation_config(released):
 
 
 def test_a_base_model_without_a_template_is_one_error_naming_the_key(released, clip_checkpoint):
-    from lmeye.model import IPN
+    from lmeye.model import build_ipn
     from lmeye.train.preflight import check_llm, check_tokenizer
 
     tok = _tokenizer(released["llama1"])
@@ -108,7 +108,7 @@ def test_a_base_model_without_a_template_is_one_error_naming_the_key(released, c
         TextCodec(tok, num_img=1, num_img_d=2, max_length=64)
     cfg = tiny_model_config(released["llama1"], clip_checkpoint)
     with pytest.raises(UserError, match=r"model\.chat_template"):
-        IPN.from_config(cfg, FEATURE_DIM, PATCH_SHAPE)
+        build_ipn(cfg, FEATURE_DIM, PATCH_SHAPE)
     with pytest.raises(UserError, match=r"model\.chat_template") as err:  # the driver's preflight, before Ray
         check_tokenizer(cfg, check_llm(cfg))
     assert len(str(err.value).splitlines()) == 1
@@ -135,11 +135,11 @@ def test_templates_by_name_file_and_their_errors(released, tmp_path):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_every_family_trains_saves_loads_and_answers(released, clip_checkpoint, tmp_path, name):
-    from lmeye.model import IPN, load_ipn
+    from lmeye.model import build_ipn, load_ipn
 
     cfg = tiny_model_config(released[name], clip_checkpoint, chat_template=FAMILIES[name].needs_template, num_img_d=3,
                              rvii="transformer", rvii_width=32, rvii_heads=2, rvii_layers=1)  # CLIP-free: the LLM is under test
-    ipn = IPN.from_config(cfg, FEATURE_DIM, PATCH_SHAPE)
+    ipn = build_ipn(cfg, FEATURE_DIM, PATCH_SHAPE)
     batch = batch_of(ipn)
     opt = torch.optim.Adam(ipn.trainable_parameters(), lr=1e-2)
     ipn.train()
@@ -166,9 +166,9 @@ def test_generation_stops_at_the_end_of_turn_token(released, clip_checkpoint):
     """Qwen2's turn ends with <|im_end|>, not its EOS: forced to emit it, generation must stop there."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    from lmeye.model import IPN
+    from lmeye.model import build_ipn
 
-    ipn = IPN.from_config(tiny_model_config(released["qwen2"], clip_checkpoint), FEATURE_DIM, PATCH_SHAPE)
+    ipn = build_ipn(tiny_model_config(released["qwen2"], clip_checkpoint), FEATURE_DIM, PATCH_SHAPE)
     end = ipn.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert end != ipn.tokenizer.eos_token_id
 

@@ -23,10 +23,10 @@ def t5_cfg(released, clip_checkpoint):
 
 @pytest.fixture(scope="module")
 def t5(t5_cfg):
-    from lmeye.model import IPN
+    from lmeye.model import build_ipn
 
     torch.manual_seed(1)
-    ipn = IPN.from_config(t5_cfg(), FEATURE_DIM, PATCH_SHAPE)
+    ipn = build_ipn(t5_cfg(), FEATURE_DIM, PATCH_SHAPE)
     with torch.no_grad():  # non-zero transmission: the <img-d> slots depend on the request and the image
         for p in ipn.own_parameters().values():
             p.normal_(0, 0.3)
@@ -79,14 +79,14 @@ def test_the_request_comes_from_the_encoder_state_at_img_q(t5):
     finally:
         del t5._img_d
     assert torch.equal(seen[0], seen[1]) and not torch.allclose(seen[0], seen[2])
-    state = t5.llm.get_encoder()(inputs_embeds=t5._prefix_embeds(t5._to_device(t5.collate([t5.encode(first, True, True)], emb[:1], patches[:1])))).last_hidden_state
+    state = t5.llm.get_encoder()(inputs_embeds=t5.prefix_embeds(t5._to_device(t5.collate([t5.encode(first, True, True)], emb[:1], patches[:1])))).last_hidden_state
     assert torch.allclose(seen[0], state[:, -1], atol=1e-6)
 
 
 def test_t5_trains_two_steps_saves_loads_chats_and_scores(t5_cfg, tmp_path):
-    from lmeye.model import IPN, load_ipn
+    from lmeye.model import build_ipn, load_ipn
 
-    ipn = IPN.from_config(t5_cfg(), FEATURE_DIM, PATCH_SHAPE)
+    ipn = build_ipn(t5_cfg(), FEATURE_DIM, PATCH_SHAPE)
     before = {n: p.detach().clone() for n, p in ipn.own_parameters().items()}
     opt = torch.optim.Adam(ipn.trainable_parameters(), lr=1e-2)
     batch = batch_of(ipn)

@@ -15,14 +15,14 @@ pytestmark = pytest.mark.slow
 def ipn_checkpoint(tmp_path_factory):
     import torch
 
-    from lmeye.model import IPN
+    from lmeye.model import build_ipn
     from lmeye.model.demo import build_tiny_llm
     from lmeye.model.testing import PATCH_SHAPE, FEATURE_DIM, tiny_clip_checkpoint, tiny_model_config, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("ipn")
     llm = build_tiny_llm(str(root / "llm"), "llama", tiny_tokenizer())
     cfg = tiny_model_config(llm, tiny_clip_checkpoint(str(root / "clip.safetensors")))
-    ipn = IPN.from_config(cfg, FEATURE_DIM, PATCH_SHAPE)
+    ipn = build_ipn(cfg, FEATURE_DIM, PATCH_SHAPE)
     torch.manual_seed(1)
     with torch.no_grad():  # non-zero transmission: the answer depends on the image
         for p in ipn.own_parameters().values():

@@ -182,19 +182,22 @@ class FakeFactory:
         return FakeIPN(feature_dim, patch_shape, log_dir=self.log_dir, delay_s=self.delay_s)
 
     def load(self, directory: str, dtype: Optional[str] = None) -> FakeIPN:
-        from safetensors.torch import load_file
+        """From a model directory at any fsspec path (a bucket's too), as ``lmeye.model.load_ipn``."""
+        import fsspec
+        from safetensors.torch import load
 
-        with open(os.path.join(directory, "ipn_config.json")) as f:
+        with fsspec.open(f"{directory}/ipn_config.json", "r") as f:
             meta = json.load(f)
         ipn = FakeIPN(meta["feature_dim"], tuple(meta["patch_shape"]) if meta["patch_shape"] else None,
                       log_dir=self.log_dir, delay_s=self.delay_s)
-        ipn.load_trainable_state_dict(load_file(os.path.join(directory, "ipn.safetensors")))
+        with fsspec.open(f"{directory}/ipn.safetensors", "rb") as f:
+            ipn.load_trainable_state_dict(load(f.read()))
         return ipn
 
     def feature_shape(self, directory: str) -> tuple[Optional[int], Optional[tuple[int, int]]]:
         from lmeye.train.model_factory import feature_shape_from_json
 
-        return feature_shape_from_json(os.path.join(directory, "ipn_config.json"))
+        return feature_shape_from_json(f"{directory}/ipn_config.json")
 
 
 def read_log(log_dir: str) -> dict[int, list[dict]]:

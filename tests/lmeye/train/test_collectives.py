@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from lmeye.config import load_config
-from lmeye.train.checkpoint import TrainState
 from lmeye.train.collectives import Collectives
-from lmeye.train.data import SeenSet
+from lmeye.train.engine import Engine
+from lmeye.train.feed import Feed
 from lmeye.train.loop import Worker
+from lmeye.train.metrics import Metrics
 
 ENGINE_DEVICE = "cpu"
 
@@ -51,7 +52,7 @@ def group(monkeypatch):
     return g
 
 
-class Engine:
+class FakeDeepSpeed:
     """One trainable weight; the loss of a batch is w * sum(x)."""
 
     def __init__(self, w):
@@ -88,15 +89,12 @@ def _worker(tmp_path, n_batches):
     cfg = load_config(None, {"train.log_every": 10**6, "train.checkpoint_every": 10**6, "train.precision": "fp32",
                              "train.shuffle_buffer": 0})
     w = torch.nn.Parameter(torch.ones((), device="cpu"))
-    worker = Worker.__new__(Worker)
-    worker.__dict__.update(
-        tc=cfg.train, stage=cfg.train.stages[0], rank=0, world=2, micro=2, accum=2, total_steps=0,
-        metrics_path=str(tmp_path / "metrics.jsonl"), maker=Maker(), engine=Engine(w), params=[w],
-        scheduler=SimpleNamespace(get_last_lr=lambda: [0.1]), device=ENGINE_DEVICE,
-        comm=Collectives(2, ENGINE_DEVICE), state=TrainState(stage="s", world_size=2),
-        seen_prev=SeenSet(), seen_new=[], lockstep=False,
-    )
-    return worker
+    maker = Maker()
+    engine = Engine(FakeDeepSpeed(w), SimpleNamespace(get_last_lr=lambda: [0.1]), [w], maker, device=ENGINE_DEVICE,
+                    precision="fp32", lockstep=False, accum=2, micro=2)
+    return Worker(tc=cfg.train, stage=cfg.train.stages[0], rank=0, world=2, ipn=None, maker=maker, engine=engine,
+                  comm=Collectives(2, ENGINE_DEVICE), feed=Feed(maker, use_gpu=False), checkpoints=None,
+                  metrics=Metrics("s", 0, str(tmp_path / "metrics.jsonl"), 0, 10**6, 10**6), lockstep=False)
 
 
 def test_the_worker_loop_runs_on_a_group_that_refuses_tensors_off_the_engines_device(tmp_path, group, monkeypatch):
@@ -107,7 +105,7 @@ def test_the_worker_loop_runs_on_a_group_that_refuses_tensors_off_the_engines_de
     with torch.device("meta"):  # where a tensor made without a device lands: not the engine's device
         worker.train()
     # 4 micro-batches, 2 per step: 2 steps, each summing 2 rows x 2 micro-batches x 2 ranks
-    assert worker.state.step == 2 and worker.state.rows == 16 and worker.engine.steps == 4
+    assert worker.state.step == 2 and worker.state.rows == 16 and worker.engine.ds.steps == 4
     assert group.calls == 2 * 2 + 1 + 2  # "alive" before each micro-step and the end check, a sum per step
 
 

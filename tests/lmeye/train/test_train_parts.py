@@ -151,13 +151,13 @@ def test_a_stage_without_validation_rows_skips_validation(monkeypatch):
     "validation" shard, and the stage must still finish (it once failed both workers)."""
     import ray.train
 
-    from lmeye.train.loop import Worker
+    from lmeye.train.evaluate import validate
 
     def no_shard(name):
         raise KeyError(f"Dataset shard for {name!r} not found")
 
     monkeypatch.setattr(ray.train, "get_dataset_shard", no_shard)
-    assert Worker.validate(object()) == {}
+    assert validate(None, None, None, 4, "cpu", None, None, lockstep=False) == {}
 
 
 @pytest.mark.parametrize("use_gpu", [False, True])
@@ -165,7 +165,7 @@ def test_batches_are_prepared_in_order_in_line_or_one_ahead_in_a_thread(use_gpu)
     import threading
     from types import SimpleNamespace
 
-    from lmeye.train.loop import Worker
+    from lmeye.train.feed import Feed
 
     threads = []
 
@@ -175,8 +175,7 @@ def test_batches_are_prepared_in_order_in_line_or_one_ahead_in_a_thread(use_gpu)
             return (table, seen)
 
     seen = np.array([7], np.uint64)
-    worker = SimpleNamespace(maker=Maker(), seen_prev=seen, tc=SimpleNamespace(use_gpu=use_gpu))
-    got = list(Worker._prepared(worker, iter(["a", "b", "c"])))
+    got = list(Feed(Maker(), use_gpu, seen_prev=seen).prepared(iter(["a", "b", "c"])))
     assert [t for t, _ in got] == ["a", "b", "c"] and all(s is seen for _, s in got)
     # CPU workers prepare on the step's own thread; GPU workers one batch ahead in another
     assert all(n.startswith("lingcloud-batches") for n in threads) == use_gpu
@@ -197,3 +196,34 @@ def test_on_the_embedded_ray_trainers_start_no_placement_group_cleaner():
     on_a_cluster, embedded = callbacks(TorchTrainer), callbacks(_trainer_class(embedded=True))
     assert "PlacementGroupCleanerCallback" in on_a_cluster  # Ray Train's, where a dashboard serves its state API
     assert embedded == [name for name in on_a_cluster if name != "PlacementGroupCleanerCallback"]
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_a_worker_recomputes_the_llms_activations_when_the_config_says_so(tmp_path, monkeypatch, on):
+    """``train.activation_checkpointing`` reaches the worker's IPN (``IPN.recompute_activations``)."""
+    import ray.train
+    from types import SimpleNamespace
+
+    from lmeye.config import dump_config
+    from lmeye.train import loop
+
+    fake = _fake()
+    tables = fake.build_tables(tmp_path, n_train=8, n_val=2)
+    calls = []
+
+    class Factory(fake.FakeFactory):
+        def build(self, cfg, feature_dim, patch_shape):
+            ipn = super().build(cfg, feature_dim, patch_shape)
+            ipn.recompute_activations = lambda: calls.append("recompute")
+            return ipn
+
+    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1))
+    monkeypatch.setattr(loop.Engine, "initialize", classmethod(lambda cls, *a, **k: SimpleNamespace(device="cpu")))
+    cfg = load_config(None, {"train.activation_checkpointing": on, "train.precision": "fp32"})
+    store = FeatureStore.open(str(tables["features"]))
+    worker = loop.Worker.start({
+        "cfg": dump_config(cfg), "stage": cfg.train.stages[1].model_dump(mode="json"), "factory": Factory(),
+        "features": store.path, "features_version": store.version, "init_dir": None, "total_steps": 4,
+        "metrics_path": str(tmp_path / "metrics.jsonl"),
+    })
+    assert calls == (["recompute"] if on else []) and worker.ipn is not None
