@@ -72,7 +72,6 @@ def train_paths(cfg: Config) -> tuple[str, str, str]:
     return (absolute(tc.instructions or cfg.instruct.output), absolute(tc.features or cfg.extract.output), absolute(output))
 
 
-_paths = train_paths  # the old name, still imported by lmeye/demo/run.py; goes once that imports train_paths
 
 
 def stage_dir(output: str, stage: str) -> str:

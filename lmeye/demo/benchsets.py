@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from lmeye.eval.seedbench import DIMENSIONS
-from lmeye.demo.corpus import COLOURS, MAX_OBJECTS, POSITIONS, SHAPES, DemoItem, _where, generate_items, render
+from lmeye.demo.corpus import COLOURS, MAX_OBJECTS, POSITIONS, SHAPES, DemoItem, where, generate_items, render
 
 QUESTION_TYPES = ("count", "background", "shape", "colour", "position")
 # MMBench l2-category and SEED-Bench dimension id of each type.
@@ -89,8 +89,8 @@ def multiple_choice(item: DemoItem, rng: random.Random) -> list[Question]:
     asked = [
         ("count", "How many shapes are in the image?", str(len(item.objects)), COUNTS),
         ("background", "What colour is the background?", item.background, COLOURS),
-        ("shape", f"What shape is {_where(position)}?", shape, SHAPES),
-        ("colour", f"What colour is the shape {_where(c_position)}?", c_colour, COLOURS),
+        ("shape", f"What shape is {where(position)}?", shape, SHAPES),
+        ("colour", f"What colour is the shape {where(c_position)}?", c_colour, COLOURS),
     ]
     if kinds.count((colour, shape)) == 1:
         asked.append(("position", f"Where is the {colour} {shape}?", position, POSITIONS))
@@ -108,15 +108,15 @@ def yes_no(item: DemoItem, rng: random.Random) -> dict[str, list[tuple[str, str]
     kinds = [(c, s) for s, c, _ in item.objects]
     unique = [(s, c, p) for s, c, p in item.objects if kinds.count((c, s)) == 1]
     asked = {
-        "existence": (f"What shape is {_where(position)}?", shape, SHAPES),
+        "existence": (f"What shape is {where(position)}?", shape, SHAPES),
         "count": ("How many shapes are in the image?", str(len(item.objects)), COUNTS[:-1]),
-        "color": (f"What colour is the shape {_where(c_position)}?", c_colour, COLOURS),
+        "color": (f"What colour is the shape {where(c_position)}?", c_colour, COLOURS),
     }
     if unique:
         u_shape, u_colour, u_position = unique[0]
         asked["position"] = (f"Where is the {u_colour} {u_shape}?", u_position, POSITIONS)
     else:  # every shape has a twin: no "where is" question has one answer; ask what is where instead
-        asked["position"] = (f"What shape is {_where(c_position)}?", c_shape, SHAPES)
+        asked["position"] = (f"What shape is {where(c_position)}?", c_shape, SHAPES)
     out = {}
     for name, (question, answer, vocabulary) in asked.items():
         other = rng.choice(sorted(set(vocabulary) - {answer}))

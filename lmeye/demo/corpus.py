@@ -96,7 +96,7 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _where(position: str) -> str:
+def where(position: str) -> str:
     """"at the top left", "in the centre": the preposition reads naturally in captions and questions."""
     return "in the centre" if position == "centre" else f"at the {position}"
 
@@ -106,7 +106,7 @@ def _join(phrases: list[str]) -> str:
 
 
 def _caption(objects: tuple[Object, ...], background: str, rng: random.Random) -> str:
-    described = _join([f"{_article(c)} {c} {s} {_where(p)}" for s, c, p in objects])
+    described = _join([f"{_article(c)} {c} {s} {where(p)}" for s, c, p in objects])
     bg = f"{_article(background)} {background} background"
     template = rng.choice(("{objs} on {bg}", "{bg} with {objs}", "{objs} against {bg}"))
     return template.format(objs=described, bg=bg)
@@ -201,14 +201,14 @@ def qa_pairs(item: DemoItem, with_facts: bool = False) -> list[dict[str, str]]:
         {"question": "What colour is the background?", "answer": item.background, "fact": bg},
     ]
     for shape, colour, position in item.objects:
-        fact = f"{_article(colour)} {colour} {shape} {_where(position)}"
+        fact = f"{_article(colour)} {colour} {shape} {where(position)}"
         if shapes.count(shape) == 1:
             pairs.append({"question": f"What colour is the {shape}?", "answer": colour, "fact": fact})
         if kinds.count((colour, shape)) == 1:
             pairs.append({"question": f"Where is the {colour} {shape}?", "answer": position, "fact": fact})
         # Positions are distinct within an image, so these two are always unambiguous.
-        pairs.append({"question": f"What shape is {_where(position)}?", "answer": shape, "fact": fact})
-        pairs.append({"question": f"What colour is the shape {_where(position)}?", "answer": colour, "fact": fact})
+        pairs.append({"question": f"What shape is {where(position)}?", "answer": shape, "fact": fact})
+        pairs.append({"question": f"What colour is the shape {where(position)}?", "answer": colour, "fact": fact})
     if not with_facts:
         for p in pairs:
             del p["fact"]

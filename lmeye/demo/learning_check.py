@@ -9,8 +9,10 @@ position, count, background):
 * ``swapped``: the same model, each question paired with another held-out image's features
   (the next one in the table, when it has a different answer, the image is what decides).
 
-``check(model_dir, cfg)`` returns these as fractions, overall and per type. The thresholds the
-issue asks for (exact match >= 0.8, majority <= 0.35, swapped <= majority + 0.10) are the test's.
+``check(model_dir, ...)`` returns these as fractions, overall and per type; ``score(cfg)`` checks every
+training stage of a config. ``lmeye demo`` (``make demo``) runs the pipeline, then scores the check for
+its report; tests/test_demo.py asserts the thresholds (exact match >= 0.8, majority <= 0.35, swapped
+<= majority + 0.10).
 """
 
 from __future__ import annotations
@@ -127,37 +129,3 @@ def score(cfg: Any) -> dict[str, dict[str, Any]]:
 
     instructions, features, output = train_paths(cfg)
     return {st.name: check(f"{stage_dir(output, st.name)}/model", instructions, features) for st in cfg.train.stages}
-
-
-def run(cfg: Any) -> dict[str, dict[str, Any]]:
-    """The whole check: the demo pipeline (download, extract, instruct, train: align then instruct)
-    on ``cfg``'s corpus, then ``score``. (tests/test_demo.py runs the pipeline with the demo's
-    benchmarks and report too, then ``score``.)"""
-    from lmeye.demo.run import run_demo
-
-    summaries = run_demo(cfg, benchmarks=False)  # the check scores the held-out questions itself
-    if not all(s.ok for s in summaries):
-        raise RuntimeError("the demo pipeline did not finish: " + ", ".join(s.stage for s in summaries if not s.ok))
-    return score(cfg)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m lmeye.demo.learning_check --config configs/demo.yaml [--set k=v]`"""
-    import argparse
-    import json
-
-    from lmeye.config import load_config
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--config", "-c", default="configs/demo.yaml")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    args = ap.parse_args(argv)
-    results = run(load_config(args.config, args.overrides))
-    for name, result in results.items():
-        print(render(f"stage {name}", result))
-    print(json.dumps({k: {m: v[m] for m in ("rows", "exact_match", "majority", "swapped")} for k, v in results.items()}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

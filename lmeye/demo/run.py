@@ -138,12 +138,12 @@ def evaluate_demo(cfg: Config, training_items: list, summaries: list[StageSummar
     from lmeye.demo.report import ReportInputs, final_summary, write_report
     from lmeye.eval.ipn_answerer import build_answerer
     from lmeye.eval.run import evaluate_all
-    from pipelines.train import _paths, stage_dir
+    from pipelines.train import stage_dir, train_paths
 
     d, root = cfg.demo, Path(cfg.data.root)
     items = heldout_items(d.eval_images, d.seed, exclude=training_items, max_objects=d.max_objects)
     sets = write_benchsets(root / "benchsets", items, d.image_size, d.seed)
-    output = _paths(cfg)[2]
+    output = train_paths(cfg)[2]
     names = [s.name for s in cfg.train.stages]
     final = build_answerer(f"{stage_dir(output, names[-1])}/model", max_new_tokens=d.eval_max_new_tokens)
     scores = evaluate_all(final, dataclasses.asdict(sets), root / "eval", batch_size=d.eval_batch_size)
