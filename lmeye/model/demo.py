@@ -27,7 +27,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from lmeye.clip import MODEL_CONFIG_DIR
 
@@ -45,17 +45,16 @@ CHAT_TEMPLATE = (
 )
 
 
-# The answer formats the demo trains and benchmarks ask (pipelines.instruct.formats): the LLM learns
-# each one as text, with the image's answer after the prompt, so that an IPN can answer a yes/no or a
+# The answer formats the demo LLM can learn (``demo.llm_formats``; pipelines.instruct.formats): each
+# one as text, with the image's answer after the prompt, so that an IPN can answer a yes/no or a
 # multiple-choice question by putting that information in the <img-d> slots. A frozen LLM that never
 # saw "Please answer yes or no." answered none of the demo's 192 MME questions with yes or no.
 FORMATS = ("plain", "yes_no", "multiple_choice")
 
 
-def demo_conversations(num_images: int = CORPUS_IMAGES, seed: int = SEED, formats: tuple[str, ...] = FORMATS) -> list[list[dict[str, str]]]:
+def demo_conversations(num_images: int = CORPUS_IMAGES, seed: int = SEED, formats: Sequence[str] = ("plain",)) -> list[list[dict[str, str]]]:
     """User/assistant pairs about the synthetic images: caption tasks and question/answer pairs, the
-    questions in each of ``formats`` (``("plain",)``: the text the released-style test tokenizers
-    of ``lmeye.model.released`` learn, whose expected token counts are written for it)."""
+    questions in each of ``formats`` (of FORMATS)."""
     import yaml
 
     from lmeye.demo.corpus import generate_items, qa_pairs
@@ -118,21 +117,23 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     )
 
 
-RECIPE_VERSION = 4  # bump when the text, tokenizer or training recipe changes in a way the constants don't show
+RECIPE_VERSION = 3  # bump when the text, tokenizer or training recipe changes in a way the constants don't show
 
 
-def _fingerprint(model_json: dict[str, Any]) -> str:
+def _fingerprint(model_json: dict[str, Any], formats: Sequence[str]) -> str:
     recipe = [RECIPE_VERSION, model_json, CORPUS_IMAGES, SEED, BATCH, LR, SPECIAL, CHAT_TEMPLATE]
+    if list(formats) != ["plain"]:  # plain alone is the recipe from before formats: its cached LLMs stay valid
+        recipe.append(list(formats))
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_demo_llm(directory: str, steps: int) -> str:
-    """Build the tokenizer and the briefly trained tiny LLaMA into ``directory`` (overwritten)."""
+def build_demo_llm(directory: str, steps: int, formats: Sequence[str] = ("plain",)) -> str:
+    """Build the tokenizer and the briefly trained tiny LLaMA, reading ``formats``, into ``directory`` (overwritten)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_json = json.loads(CONFIG_JSON.read_text())
-    convs = demo_conversations()
+    convs = demo_conversations(formats=formats)
     tok = build_tokenizer(tokenizer_texts(convs), model_json["vocab_size"])
     config = AutoConfig.for_model(**{**model_json, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
     torch.manual_seed(SEED)
@@ -152,7 +153,7 @@ def build_demo_llm(directory: str, steps: int) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / STAMP).write_text(json.dumps({"fingerprint": _fingerprint(model_json), "steps": steps, "seed": SEED, "conversations": len(convs)}, indent=2))
+    (tmp / STAMP).write_text(json.dumps({"fingerprint": _fingerprint(model_json, formats), "formats": list(formats), "steps": steps, "seed": SEED, "conversations": len(convs)}, indent=2))
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
     try:
@@ -205,10 +206,11 @@ def ensure_demo_llm(cfg, steps: Optional[int] = None) -> str:
     if "://" not in path:  # Ray workers do not share the driver's working directory
         path = os.path.abspath(path)
     stamp = Path(path) / STAMP
-    want = _fingerprint(json.loads(CONFIG_JSON.read_text()))
+    formats = cfg.demo.llm_formats
+    want = _fingerprint(json.loads(CONFIG_JSON.read_text()), formats)
     built = json.loads(stamp.read_text()) if stamp.is_file() else {}
     if (built.get("fingerprint"), built.get("steps")) != (want, steps):
-        build_demo_llm(path, steps)
+        build_demo_llm(path, steps, formats)
     if cfg.model.llm != path:
         cfg.model.llm = path
     if cfg.model.rvii == "clip_text" and cfg.model.clip_pretrained is None and cfg.model.clip_model == cfg.extract.model:

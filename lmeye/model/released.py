@@ -111,7 +111,7 @@ def _texts(num_images: int) -> list[str]:
     from lmeye.model.demo import demo_conversations
 
     words = "Human: Assistant: USER: ASSISTANT: INST SYS system user assistant helpful"
-    return [words] + ["\n".join(t["content"] for t in c) for c in demo_conversations(num_images=num_images, formats=("plain",))]
+    return [words] + ["\n".join(t["content"] for t in c) for c in demo_conversations(num_images=num_images)]
 
 
 def _specials(fam: Family) -> list[str]:

@@ -26,7 +26,7 @@ QA = [  # (conversation, has_image): three with an image, one text-only multi-tu
 def tiny_tokenizer(num_images: int = 24, vocab_size: int = 400):
     from lmeye.model.demo import build_tokenizer, demo_conversations
 
-    convs = demo_conversations(num_images=num_images, formats=("plain",))
+    convs = demo_conversations(num_images=num_images)
     return build_tokenizer([" ".join(t["content"] for t in c) for c in convs], vocab_size=vocab_size)
 
 

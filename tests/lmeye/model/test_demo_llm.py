@@ -53,3 +53,19 @@ def test_the_demo_tokenizer_has_the_bare_answer_words(tmp_path):
     tok = build_tokenizer(tokenizer_texts(demo_conversations(num_images=200)), 512)
     for word in [*SHAPES, *COLOURS, "top", "bottom", "centre"]:
         assert len(tok.tokenize(word)) == 1, (word, tok.tokenize(word))
+
+
+def test_the_demo_llm_can_learn_the_benchmark_forms_and_their_replies():
+    """demo.llm_formats: each question also asked as yes/no and multiple choice, followed by its reply
+    (what an IPN puts in its slots), the prompt carrying no loss; plain alone is the text as before."""
+    from lmeye.model.demo import FORMATS, demo_conversations
+
+    plain = demo_conversations(num_images=4)
+    convs = demo_conversations(num_images=4, formats=FORMATS)
+    assert all("loss" not in c[0] for c in plain) and [c for c in convs if "loss" not in c[0]] == plain
+    forms = [c for c in convs if c[0].get("loss") is False]
+    yes_no = [c for c in forms if "Please answer yes or no." in c[0]["content"]]
+    letters = [c for c in forms if "Answer with the option's letter" in c[0]["content"]]
+    assert yes_no and letters and len(yes_no) + len(letters) == len(forms)
+    assert {c[1]["content"] for c in yes_no} == {"Yes", "No"} and {c[1]["content"] for c in letters} <= set("ABCD")
+    assert all(any(c[0]["content"].endswith(" " + c[1]["content"]) for c in group) for group in (yes_no, letters))
