@@ -267,8 +267,13 @@ class _Encoder:
         return pixels, errors
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        pixels, errors = self.decode(batch.column(IMAGE_COL).to_pylist())
+        return self.encode_block(batch, pixels, errors)
+
+    def encode_block(self, batch: pa.Table, pixels: np.ndarray, error_list: list[Optional[str]]) -> pa.Table:
+        """One block's output rows (or, in the stage, the metadata of the parts they were written to)
+        from its decoded pixels; a row with an error is a failed_to_decode row."""
         n = batch.num_rows
-        pixels, error_list = self.decode(batch.column(IMAGE_COL).to_pylist())
         errors = pa.array(error_list, pa.string())
         ok = np.array([e is None for e in error_list], dtype=bool)
         emb = np.zeros((n, self.embed_dim), dtype=self.store)
