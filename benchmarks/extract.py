@@ -244,7 +244,7 @@ def transfer(args, ckpt, work: str) -> None:
         sizes[tag] = sum(b.nbytes for b in blocks) / sum(b.num_rows for b in blocks)
     h, w = spec.image_size
     print(f"model {args.model} ({'random weights' if not ckpt else ckpt}), {h}x{w} input, {args.image_size}px demo JPEGs, "
-          f"{args.images} images, batch {args.batch_size}, CPU")
+          f"{args.images} images, batch {args.batch_size}, {'GPU' if args.gpu else 'CPU'}")
     print(f"bytes a row into the object store: pixels (old) {sizes['old']:9,.0f}   encoded (new) {sizes['new']:9,.0f}"
           f"   new / old {sizes['new'] / sizes['old']:.3f} ({sizes['old'] / sizes['new']:.1f}x fewer)")
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,

@@ -5,8 +5,9 @@ no-op when Ray is up) once its inputs and model have been checked, and only if w
 
 1. ``from_items`` of the pending pairs shards (one item per shard);
 2. ``map_batches(_read_shard)``, CPU tasks: each reads its shard's ``success`` rows in slices
-   of ``decode_batch_rows`` and emits them with the image still encoded (a decoded 224x224
-   image is about 10x its JPEG through Ray's object store; ``benchmarks/extract.py`` measures it);
+   of ``decode_batch_rows`` and emits them with the image still encoded (decoded, a 224x224
+   image is 150,528 bytes through Ray's object store, many times its JPEG; measured by
+   ``benchmarks/extract.py --transfer``);
 3. ``map_batches(_Encoder, compute=ActorPoolStrategy(...), num_gpus=...)``, the model actors:
    decoding with PIL and the PIL half of the model's own preprocessing (resize, crop, RGB) on the
    actor's threads, right before the forward pass (an image that does not decode becomes a row
@@ -130,8 +131,8 @@ def _read_shard(batch: pa.Table, *, rows: int, captions: bool = False) -> Iterat
     """One pairs shard -> batches of (uid, _shard, _image[, _caption]) for its success rows.
 
     The image stays encoded: the model actor decodes it right before its forward pass, so what
-    crosses Ray's object store is the JPEG (a decoded 224x224 image is ~150 KB, about 10x a
-    typical JPEG of it). This task only reads and filters, which is cheap."""
+    crosses Ray's object store is the JPEG, not 150,528 bytes of 224x224 pixels. This task only
+    reads and filters, which is cheap."""
     for shard, path in zip(batch.column("shard").to_pylist(), batch.column("path").to_pylist()):
         with fsspec.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
