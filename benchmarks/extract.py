@@ -16,6 +16,15 @@ store's shared pages) while each run is going, and the same above the idle level
 the ratio 4N / N shows whether the stage streams (target <= 1.25). Throughput target: stage /
 forward >= 0.85 on the CPU. ``pretrained`` is null: random weights (no download).
 
+What crosses Ray's object store (``--transfer``): the read tasks ship the encoded images and the
+model actors decode them. On the same N images, each of ``--repeats`` rounds runs the stage both
+ways, alternating: "old", the tasks decode and ship HxWx3 uint8 pixels (this script swaps in the
+decoding task and a model actor that takes pixels, as the stage was before), and "new", the stage
+as it is. Bytes a row are measured directly on the blocks each task function emits (Arrow
+``nbytes``: the size Ray puts in the object store); images/s = N / wall time of ``run``. Prints the
+ratios new / old; the model's own image size sets the pixels (ViT-B-32: 224x224x3 = 150,528 B):
+    .venv/bin/python benchmarks/extract.py --transfer --images 128 --image-size 256 --repeats 2
+
 GPU (one prepared run; reports images/s per GPU; clip-retrieval's reference is 312 images/s
 per A100 for ViT-L/14):
     python benchmarks/extract.py --model ViT-L-14 --gpu --precision bf16 --batch-size 256 --images 4096 --image-size 256 --no-memory
@@ -128,15 +137,19 @@ def forward_only(args, ckpt, pairs) -> float:
     return len(images) / (time.perf_counter() - t)
 
 
-def stage_run(args, ckpt, work: str, n: int, tag: str):
+def stage_run(args, ckpt, work: str, n: int, tag: str, pairs_root: str | None = None):
     from conftest import build_pairs_table
 
     import pipelines.extract as extract
     from lmeye.config import load_config
 
     root = os.path.join(work, tag)
-    build_pairs_table(os.path.join(root, "pairs"), n, shards=max(1, n // args.shard_rows), corrupt=0, failed=0,
-                      size=args.image_size)
+    if pairs_root is None:
+        build_pairs_table(os.path.join(root, "pairs"), n, shards=max(1, n // args.shard_rows), corrupt=0, failed=0,
+                          size=args.image_size)
+    else:
+        os.makedirs(root, exist_ok=True)
+        os.symlink(os.path.join(pairs_root, "pairs"), os.path.join(root, "pairs"))
     sets = [
         f"data.root={root}", f"extract.model={args.model}", f"extract.pretrained={ckpt or 'null'}",
         f"extract.batch_size={args.batch_size}",
@@ -159,6 +172,100 @@ def stage_run(args, ckpt, work: str, n: int, tag: str):
     return n / wall, peak.peak, peak.peak - idle
 
 
+def _old_read_task(spec):
+    """The stage's CPU task as it was: read, then decode and ship pixels (``_pixels``) and errors."""
+    import numpy as np
+    import pyarrow as pa
+
+    import pipelines.extract as extract
+
+    new_read = extract._read_shard  # the function itself, captured before it is swapped out
+    h, w = spec.image_size
+    pixel_type = pa.list_(pa.uint8(), h * w * 3)
+
+    def read_and_decode(batch, *, rows, captions=False):
+        pil_part = extract.pil_part_of(spec)
+        for part in new_read(batch, rows=rows, captions=captions):
+            pixels = np.zeros((part.num_rows, h, w, 3), dtype=np.uint8)
+            errors = []
+            for i, data in enumerate(part.column(extract.IMAGE_COL).to_pylist()):
+                try:
+                    pixels[i] = extract.decode_image(data, pil_part, (h, w))
+                    errors.append(None)
+                except Exception as err:  # noqa: BLE001 - a failed row, as the stage did
+                    errors.append(str(err))
+            part = part.drop_columns([extract.IMAGE_COL])
+            part = part.append_column("_error", pa.array(errors, pa.string()))
+            yield part.append_column("_pixels", pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), type=pixel_type))
+
+    return read_and_decode
+
+
+def _old_encoder_class():
+    import pipelines.extract as extract
+
+    base = extract._Encoder
+
+    class PixelEncoder(base):
+        """The model actor as it was: it receives decoded pixels."""
+
+        def __call__(self, batch):
+            h, w = self.size
+            flat = batch.column("_pixels").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            return self.encode_block(batch.drop_columns(["_pixels", "_error"]), flat.reshape(batch.num_rows, h, w, 3),
+                                     batch.column("_error").to_pylist())
+
+    return PixelEncoder
+
+
+def transfer(args, ckpt, work: str) -> None:
+    """Bytes a row through the object store and images/s, pixels shipped (old) vs encoded (new)."""
+    from unittest import mock
+
+    import pyarrow as pa
+    import ray
+    from conftest import build_pairs_table
+
+    import pipelines.extract as extract
+    from lmeye import clip
+    from lmeye.tables import TableReader
+    from schemas.pairs import PAIRS
+
+    root = os.path.join(work, "transfer")
+    build_pairs_table(os.path.join(root, "pairs"), args.images, shards=max(1, args.images // args.shard_rows),
+                      corrupt=0, failed=0, size=args.image_size)
+    spec = clip.probe_model(args.model, ckpt, seed=0)
+    reader = TableReader(os.path.join(root, "pairs"), PAIRS)
+    items = pa.table({"shard": reader.shard_names, "path": [reader.file(n) for n in reader.shard_names]})
+    old_read = _old_read_task(spec)
+    sizes = {}
+    for tag, fn in (("old", old_read), ("new", extract._read_shard)):
+        blocks = list(fn(items, rows=args.batch_size))
+        sizes[tag] = sum(b.nbytes for b in blocks) / sum(b.num_rows for b in blocks)
+    h, w = spec.image_size
+    print(f"model {args.model} ({'random weights' if not ckpt else ckpt}), {h}x{w} input, {args.image_size}px demo JPEGs, "
+          f"{args.images} images, batch {args.batch_size}, {'GPU' if args.gpu else 'CPU'}")
+    print(f"bytes a row into the object store: pixels (old) {sizes['old']:9,.0f}   encoded (new) {sizes['new']:9,.0f}"
+          f"   new / old {sizes['new'] / sizes['old']:.3f} ({sizes['old'] / sizes['new']:.1f}x fewer)")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rates = {"old": [], "new": []}
+    for r in range(args.repeats):
+        for tag in ("old", "new") if r % 2 == 0 else ("new", "old"):
+            if tag == "old":
+                with mock.patch.object(extract, "_read_shard", old_read), \
+                        mock.patch.object(extract, "_Encoder", _old_encoder_class()):
+                    rate, _, _ = stage_run(args, ckpt, work, args.images, f"{tag}{r}", pairs_root=root)
+            else:
+                rate, _, _ = stage_run(args, ckpt, work, args.images, f"{tag}{r}", pairs_root=root)
+            rates[tag].append(rate)
+            print(f"  round {r}: {tag} {rate:7.1f} images/s")
+    old, new = max(rates["old"]), max(rates["new"])
+    print(f"images/s, best of {args.repeats}: pixels (old) {old:.1f}   encoded (new) {new:.1f}   new / old {new / old:.2f}")
+    ray.shutdown()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="ViT-B-32")
@@ -173,6 +280,9 @@ def main() -> int:
     ap.add_argument("--actor-cpus", type=float, default=1)
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--no-memory", action="store_true", help="skip the 4N run")
+    ap.add_argument("--transfer", action="store_true",
+                    help="only compare shipping pixels (old) vs encoded images (new): bytes a row, images/s")
+    ap.add_argument("--repeats", type=int, default=2, help="--transfer: rounds of old and new runs")
     args = ap.parse_args()
     args.threads_given = args.threads is not None
     if not args.threads_given:
@@ -186,6 +296,12 @@ def main() -> int:
 
     work = tempfile.mkdtemp(prefix="lingcloud-bench-extract-")
     ckpt = args.pretrained
+    if args.transfer:
+        transfer(args, ckpt, work)
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     pairs = build_pairs_table(os.path.join(work, "baseline_pairs"), args.images, shards=1, corrupt=0, failed=0,
                               size=args.image_size)
     fwd = forward_only(args, ckpt, pairs)

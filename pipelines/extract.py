@@ -4,12 +4,14 @@ One entry function, ``run(cfg) -> StageSummary``; it connects to Ray itself (``i
 no-op when Ray is up) once its inputs and model have been checked, and only if work is left. The flow, one Ray Data pipeline for every unfinished shard:
 
 1. ``from_items`` of the pending pairs shards (one item per shard);
-2. ``map_batches(_decode_shard)``, CPU tasks: each reads its shard's ``success`` rows in slices
-   of ``decode_batch_rows``, decodes the image bytes with PIL and runs the PIL half of the
-   model's own preprocessing (resize, crop, RGB), and emits ``uint8`` pixels as a plain Arrow
-   ``fixed_size_list`` column. An image that does not decode becomes a row with its error;
+2. ``map_batches(_read_shard)``, CPU tasks: each reads its shard's ``success`` rows in slices
+   of ``decode_batch_rows`` and emits them with the image still encoded (decoded, a 224x224
+   image is 150,528 bytes through Ray's object store, many times its JPEG; measured by
+   ``benchmarks/extract.py --transfer``);
 3. ``map_batches(_Encoder, compute=ActorPoolStrategy(...), num_gpus=...)``, the model actors:
-   the tensor half of the preprocessing (scale, normalise), the visual tower under the
+   decoding with PIL and the PIL half of the model's own preprocessing (resize, crop, RGB) on the
+   actor's threads, right before the forward pass (an image that does not decode becomes a row
+   with its error), the tensor half (scale, normalise), the visual tower under the
    configured precision (bf16 autocast on GPU by default), L2-normalised pooled embeddings
    and, when asked, the visual tower's token features, as Arrow ``fixed_size_list`` columns.
    Each actor obtains the weights itself (a tag through open_clip into its node's cache; a file
@@ -64,8 +66,7 @@ log = logging.getLogger(__name__)
 
 SHARD_COL = "_shard"
 NODE_COL = "_node"  # the Ray node of the model actor that encoded a row (per-shard stats, never written)
-PIXELS_COL = "_pixels"
-ERROR_COL = "_error"
+IMAGE_COL = "_image"  # the encoded image bytes, decoded by the model actor
 CAPTION_COL = "_caption"  # carried to the model actors only with extract.text_embeddings
 
 
@@ -74,9 +75,13 @@ CAPTION_COL = "_caption"  # carried to the model actors only with extract.text_e
 
 def preprocess_key(spec: Any) -> str:
     """The model's preprocessing settings as one hashable string (the key ``_pil_part`` caches on)."""
+    return _key_of(spec.preprocess_cfg)
+
+
+def _key_of(preprocess_cfg: dict[str, Any]) -> str:
     import json
 
-    return json.dumps({k: _norm(v) for k, v in spec.preprocess_cfg.items()}, sort_keys=True)
+    return json.dumps({k: _norm(v) for k, v in preprocess_cfg.items()}, sort_keys=True)
 
 
 def pil_part_of(spec: Any):
@@ -122,12 +127,12 @@ def decode_image(data: bytes, pil_part, size: tuple[int, int]) -> np.ndarray:
         return clip.to_pixels(pil_part, img, size)
 
 
-def _decode_shard(batch: pa.Table, *, preprocess_key: str, size: tuple[int, int], rows: int,
-                  captions: bool = False) -> Iterator[pa.Table]:
-    """One pairs shard -> batches of (uid, _shard, _error, _pixels) for its success rows."""
-    pil_part = _pil_part(preprocess_key)
-    h, w = size
-    pixel_type = pa.list_(pa.uint8(), h * w * 3)
+def _read_shard(batch: pa.Table, *, rows: int, captions: bool = False) -> Iterator[pa.Table]:
+    """One pairs shard -> batches of (uid, _shard, _image[, _caption]) for its success rows.
+
+    The image stays encoded: the model actor decodes it right before its forward pass, so what
+    crosses Ray's object store is the JPEG, not 150,528 bytes of 224x224 pixels. This task only
+    reads and filters, which is cheap."""
     for shard, path in zip(batch.column("shard").to_pylist(), batch.column("path").to_pylist()):
         with fsspec.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
@@ -138,18 +143,10 @@ def _decode_shard(batch: pa.Table, *, preprocess_key: str, size: tuple[int, int]
                 n = part.num_rows
                 if n == 0:
                     continue
-                pixels = np.zeros((n, h, w, 3), dtype=np.uint8)
-                errors: list[Optional[str]] = [None] * n
-                for i, data in enumerate(part.column("image").to_pylist()):
-                    try:
-                        pixels[i] = decode_image(data, pil_part, size)
-                    except Exception as err:  # noqa: BLE001 - any decode failure is a failed row
-                        errors[i] = _reason(err)
                 out = {
                     "uid": part["uid"],
                     SHARD_COL: pa.array([shard] * n, pa.string()),
-                    ERROR_COL: pa.array(errors, pa.string()),
-                    PIXELS_COL: pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), type=pixel_type),
+                    IMAGE_COL: part["image"],
                 }
                 if captions:
                     out[CAPTION_COL] = part["caption"]
@@ -209,6 +206,11 @@ class _Encoder:
         if {k: _norm(v) for k, v in got.items()} != {k: _norm(v) for k, v in want.items()}:
             raise RuntimeError(f"model preprocessing on the worker {got} differs from the driver's {want}")
         _, self.tensor_steps = clip.split_transform(preprocess)
+        self.pil_part = _pil_part(_key_of(want))
+        # Decoding runs here, before the forward pass, on the actor's CPUs: PIL releases the GIL
+        # while it decodes and resizes, so threads scale (a GPU actor would otherwise wait on one core).
+        self.decode_threads = threads or torch.get_num_threads()
+        self._decode_pool: Optional[ThreadPoolExecutor] = None
         _, autocast, input_dtype = clip.PRECISIONS[self.precision]
         self.autocast = getattr(torch, autocast) if autocast else None
         self.input_dtype = getattr(torch, input_dtype)
@@ -244,13 +246,37 @@ class _Encoder:
             tokens = tokens.to(torch.float16 if self.patch_codec.dtype == "float16" else torch.float32).cpu().numpy()
         return emb, tokens
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        errors = batch.column(ERROR_COL)
-        ok = pc.is_null(errors).to_numpy(zero_copy_only=False)
+    def decode(self, images: list[Optional[bytes]]) -> tuple[np.ndarray, list[Optional[str]]]:
+        """Encoded images -> (NxHxWx3 uint8 through the PIL half of the preprocessing, per-row error or
+        None). An image that does not decode is a row with its reason (zeros for its pixels), never a raise."""
         h, w = self.size
-        flat = batch.column(PIXELS_COL).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        pixels = flat.reshape(n, h, w, 3)
+        pixels = np.zeros((len(images), h, w, 3), dtype=np.uint8)
+
+        def one(i: int) -> Optional[str]:
+            try:
+                pixels[i] = decode_image(images[i], self.pil_part, self.size)
+            except Exception as err:  # noqa: BLE001 - any decode failure is a failed row
+                return _reason(err)
+            return None
+
+        if self.decode_threads > 1 and len(images) > 1:
+            if self._decode_pool is None:
+                self._decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+            errors = list(self._decode_pool.map(one, range(len(images))))
+        else:
+            errors = [one(i) for i in range(len(images))]
+        return pixels, errors
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        pixels, errors = self.decode(batch.column(IMAGE_COL).to_pylist())
+        return self.encode_block(batch, pixels, errors)
+
+    def encode_block(self, batch: pa.Table, pixels: np.ndarray, error_list: list[Optional[str]]) -> pa.Table:
+        """One block's output rows (or, in the stage, the metadata of the parts they were written to)
+        from its decoded pixels; a row with an error is a failed_to_decode row."""
+        n = batch.num_rows
+        errors = pa.array(error_list, pa.string())
+        ok = np.array([e is None for e in error_list], dtype=bool)
         emb = np.zeros((n, self.embed_dim), dtype=self.store)
         tokens = None
         if self.settings["patch_tokens"]:
@@ -574,9 +600,10 @@ class _Progress:
 
 def auto_torch_threads(node_cpus: float, actor_num_cpus: float, pool_max: int) -> int:
     """Threads of one CPU model actor when ``extract.torch_threads`` is unset: the node's CPUs shared
-    by the model actors that fit on it. The decoding tasks' CPUs are counted in, on purpose: a decode
-    is far cheaper than a forward pass, so those cores sit idle most of the time and the model uses them
-    (measured on 2 cores, ViT-B-32: 1.46x the throughput of one thread, bit-identical)."""
+    by the model actors that fit on it. The read tasks' CPUs are counted in, on purpose: reading a
+    shard is far cheaper than a forward pass, so those cores sit idle most of the time and the model
+    (and its decoding, on the same threads) uses them (measured on 2 cores, ViT-B-32, when the tasks
+    still decoded: 1.46x the throughput of one thread, bit-identical)."""
     actors = max(1, min(pool_max, int(node_cpus // max(actor_num_cpus, 1e-9))))
     return max(1, int(node_cpus // actors))
 
@@ -631,7 +658,7 @@ def _threads_note(ec: ExtractConfig) -> str:
     cpus = sorted({float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")})
     pool = ec.pool_max_size or ec.pool_size
     per = sorted({auto_torch_threads(c, ec.actor_num_cpus, pool) for c in cpus}) or [1]
-    rule = "the CPUs of its node / the model actors that fit there (decoding is cheap and leaves them to the model)"
+    rule = "the CPUs of its node / the model actors that fit there (the read tasks are light and leave them to the model)"
     return f"torch threads per model actor: {'-'.join(map(str, (per[0], per[-1]) if len(per) > 1 else per))} ({rule}; set extract.torch_threads to override)"
 
 
@@ -641,25 +668,23 @@ def _stats(shards: dict[str, ShardInfo]) -> dict[str, Any]:
 
 def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pairs: TableReader, work: list[str],
                    parts: dict[str, Any]):
-    """Decoding tasks, then the model actors, which write their output rows as shard parts
+    """Read tasks, then the model actors (decode, forward), which write their output rows as shard parts
     (``parts``: ``write_parts``'s arguments) and pass on only the parts' metadata."""
     import ray
 
     items = [{"shard": n, "path": pairs.file(n)} for n in work]
-    key = preprocess_key(spec)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # Ray Data counts blocks against a guessed total; run() shows images
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
-        _decode_shard,
+        _read_shard,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"preprocess_key": key, "size": spec.image_size, "rows": ec.decode_batch_rows,
-                   "captions": ec.text_embeddings},
+        fn_kwargs={"rows": ec.decode_batch_rows, "captions": ec.text_embeddings},
         num_cpus=ec.decode_num_cpus,
-        # Reserving memory for the decode tasks also gives them remote args unlike the actors',
-        # which keeps Ray Data from fusing decoding into the model actors: decoding must stay in
-        # CPU tasks that run beside the model, not inside its actor.
+        # Reserving memory for the read tasks also gives them remote args unlike the actors',
+        # which keeps Ray Data from fusing reading into the model actors: reading (storage I/O)
+        # stays in CPU tasks that run beside the model, not inside its actor.
         memory=ec.decode_memory_mb * 1024 * 1024,
         runtime_env=storage_runtime_env(),  # both read from the table's storage
     )

@@ -61,9 +61,9 @@ class ExtractConfig(Section):
     actor_restarts: int = Field(
         3, ge=0, description="times a fresh actor pool redoes the unfinished shards after a model actor dies"
     )
-    # decoding / preprocessing tasks
-    decode_num_cpus: float = Field(1, gt=0, description="CPUs per decode+preprocess task (one task per pairs shard)")
-    decode_memory_mb: int = Field(1024, gt=0, description="memory reserved per decode task (a worker with torch, plus a row group of image bytes)")
-    decode_batch_rows: int = Field(256, gt=0, description="rows a decode task reads and emits at a time")
+    # read tasks (the config keys keep their decode_ names: existing configs set them)
+    decode_num_cpus: float = Field(1, gt=0, description="CPUs per read task (one task per pairs shard; the images stay encoded, the model actors decode them)")
+    decode_memory_mb: int = Field(1024, gt=0, description="memory reserved per read task (a worker with torch, plus a row group of image bytes)")
+    decode_batch_rows: int = Field(256, gt=0, description="rows a read task reads and emits at a time (the model actors' blocks)")
     row_group_rows: int = Field(1024, gt=0, description="rows per Parquet row group of the features shards")
     debug_delay_s: float = Field(0, ge=0, description="sleep after each model batch (kill/resume tests only; keep 0)")
