@@ -179,7 +179,7 @@ def _old_read_task(spec):
 
     import pipelines.extract as extract
 
-    new_read = extract._read_shard  # the function itself, captured before it is swapped out
+    new_read = extract.read_shard  # the function itself, captured before it is swapped out
     h, w = spec.image_size
     pixel_type = pa.list_(pa.uint8(), h * w * 3)
 
@@ -204,7 +204,7 @@ def _old_read_task(spec):
 def _old_encoder_class():
     import pipelines.extract as extract
 
-    base = extract._Encoder
+    base = extract.Encoder
 
     class PixelEncoder(base):
         """The model actor as it was: it receives decoded pixels."""
@@ -239,7 +239,7 @@ def transfer(args, ckpt, work: str) -> None:
     items = pa.table({"shard": reader.shard_names, "path": [reader.file(n) for n in reader.shard_names]})
     old_read = _old_read_task(spec)
     sizes = {}
-    for tag, fn in (("old", old_read), ("new", extract._read_shard)):
+    for tag, fn in (("old", old_read), ("new", extract.read_shard)):
         blocks = list(fn(items, rows=args.batch_size))
         sizes[tag] = sum(b.nbytes for b in blocks) / sum(b.num_rows for b in blocks)
     h, w = spec.image_size
@@ -254,8 +254,8 @@ def transfer(args, ckpt, work: str) -> None:
     for r in range(args.repeats):
         for tag in ("old", "new") if r % 2 == 0 else ("new", "old"):
             if tag == "old":
-                with mock.patch.object(extract, "_read_shard", old_read), \
-                        mock.patch.object(extract, "_Encoder", _old_encoder_class()):
+                with mock.patch.object(extract, "read_shard", old_read), \
+                        mock.patch.object(extract, "Encoder", _old_encoder_class()):
                     rate, _, _ = stage_run(args, ckpt, work, args.images, f"{tag}{r}", pairs_root=root)
             else:
                 rate, _, _ = stage_run(args, ckpt, work, args.images, f"{tag}{r}", pairs_root=root)

@@ -4,11 +4,11 @@ One entry function, ``run(cfg) -> StageSummary``; it connects to Ray itself (``i
 no-op when Ray is up) once its inputs and model have been checked, and only if work is left. The flow, one Ray Data pipeline for every unfinished shard:
 
 1. ``from_items`` of the pending pairs shards (one item per shard);
-2. ``map_batches(_read_shard)``, CPU tasks: each reads its shard's ``success`` rows in slices
+2. ``map_batches(read_shard)``, CPU tasks: each reads its shard's ``success`` rows in slices
    of ``decode_batch_rows`` and emits them with the image still encoded (decoded, a 224x224
    image is 150,528 bytes through Ray's object store, many times its JPEG; measured by
    ``benchmarks/extract.py --transfer``);
-3. ``map_batches(_Encoder, compute=ActorPoolStrategy(...), num_gpus=...)``, the model actors:
+3. ``map_batches(Encoder, compute=ActorPoolStrategy(...), num_gpus=...)``, the model actors:
    decoding with PIL and the PIL half of the model's own preprocessing (resize, crop, RGB) on the
    actor's threads, right before the forward pass (an image that does not decode becomes a row
    with its error), the tensor half (scale, normalise), the visual tower under the
@@ -90,10 +90,10 @@ def pil_part_of(spec: Any):
     return _pil_part(preprocess_key(spec))
 
 
-def local_encoder(spec: Any, settings: dict[str, Any]) -> "_Encoder":
+def local_encoder(spec: Any, settings: dict[str, Any]) -> "Encoder":
     """The model actor's encoder, built in this process (no Ray): ``encode_pixels`` runs the tensor
     half of the preprocessing and the visual tower exactly as extraction did (chat and eval)."""
-    return _Encoder(spec.to_dict(), settings)
+    return Encoder(spec.to_dict(), settings)
 
 
 @lru_cache(maxsize=4)
@@ -127,7 +127,7 @@ def decode_image(data: bytes, pil_part, size: tuple[int, int]) -> np.ndarray:
         return clip.to_pixels(pil_part, img, size)
 
 
-def _read_shard(batch: pa.Table, *, rows: int, captions: bool = False) -> Iterator[pa.Table]:
+def read_shard(batch: pa.Table, *, rows: int, captions: bool = False) -> Iterator[pa.Table]:
     """One pairs shard -> batches of (uid, _shard, _image[, _caption]) for its success rows.
 
     The image stays encoded: the model actor decodes it right before its forward pass, so what
@@ -163,7 +163,7 @@ def _vectors(values: np.ndarray, mask: Optional[np.ndarray]) -> pa.Array:
     )
 
 
-class _Encoder:
+class Encoder:
     """One model actor: the tensor half of the preprocessing and the visual tower."""
 
     def __init__(self, spec: dict[str, Any], settings: dict[str, Any]):
@@ -609,7 +609,7 @@ def auto_torch_threads(node_cpus: float, actor_num_cpus: float, pool_max: int) -
 
 
 def encoder_settings(ec: ExtractConfig, precision: str) -> dict[str, Any]:
-    """What a model actor (``_Encoder``) is built with; chat and eval build the same one."""
+    """What a model actor (``Encoder``) is built with; chat and eval build the same one."""
     return {
         "torch_threads": ec.torch_threads or (max(1, int(ec.actor_num_cpus)) if ec.num_gpus > 0 else None),
         "actor_num_cpus": ec.actor_num_cpus,
@@ -677,7 +677,7 @@ def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pair
     ctx.enable_progress_bars = False  # Ray Data counts blocks against a guessed total; run() shows images
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
-        _read_shard,
+        read_shard,
         batch_size=1,
         batch_format="pyarrow",
         fn_kwargs={"rows": ec.decode_batch_rows, "captions": ec.text_embeddings},
@@ -700,7 +700,7 @@ def _build_dataset(ec: ExtractConfig, spec: clip.ModelSpec, precision: str, pair
     with warnings.catch_warnings():  # max_restarts has no named parameter in Ray 2.60: it goes through the deprecated **ray_remote_args
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(
-            _Encoder,
+            Encoder,
             fn_constructor_kwargs={"spec": spec.to_dict(), "settings": settings},
             batch_size=None,  # whole blocks; the actor runs them in chunks of batch_size
             batch_format="pyarrow",

@@ -67,7 +67,7 @@ def register_tag() -> None:
 def _encoder_actors() -> list[dict]:
     import ray._private.state as state
 
-    return [a for a in state.actors().values() if "_Encoder" in a.get("ActorClassName", "")]
+    return [a for a in state.actors().values() if "Encoder" in a.get("ActorClassName", "")]
 
 
 def _ray_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:

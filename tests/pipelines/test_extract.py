@@ -240,7 +240,7 @@ def test_every_tag_preprocessing_variant_reaches_the_model_actor(tmp_path, monke
     from open_clip.transform import PreprocessCfg, image_transform_v2
     from PIL import Image
 
-    from pipelines.extract import _Encoder, _norm, _pil_part, decode_image
+    from pipelines.extract import Encoder, _norm, _pil_part, decode_image
 
     cfg = load_config(None, [f"data.root={tmp_path}", f"extract.model={clip.TINY_MODEL}", "extract.pretrained=null"])
     ckpt = clip.ensure_demo_model(cfg.extract)
@@ -258,7 +258,7 @@ def test_every_tag_preprocessing_variant_reaches_the_model_actor(tmp_path, monke
         entry = {k: v for k, v in zip(keys, variant) if v is not None}
         monkeypatch.setitem(_PRETRAINED.setdefault(clip.TINY_MODEL, {}), tag, {"file": ckpt, **entry})
         spec = clip.probe_model(clip.TINY_MODEL, tag)
-        encoder = _Encoder(spec.to_dict(), settings)  # raised "differs from the driver's" before the fix
+        encoder = Encoder(spec.to_dict(), settings)  # raised "differs from the driver's" before the fix
         for k, v in entry.items():
             assert _norm(encoder.visual.preprocess_cfg[k]) == _norm(v), (tag, k)
         want = image_transform_v2(PreprocessCfg(**{**entry, "size": 32}), is_train=False)(Image.open(io.BytesIO(buf.getvalue())))
@@ -342,7 +342,7 @@ def test_a_killed_model_actor_is_replaced_and_the_run_completes(tmp_path, ray_lo
         pids = set()
         for p in psutil.Process().children(recursive=True):
             try:
-                if "_Encoder" in " ".join(p.cmdline()):
+                if "Encoder" in " ".join(p.cmdline()):
                     pids.add(p.pid)
             except psutil.Error:
                 pass
@@ -361,7 +361,7 @@ def test_a_killed_model_actor_is_replaced_and_the_run_completes(tmp_path, ray_lo
         # two batches, so waiting for its first staged part or commit left no window (2 of 3 suite runs)
         for p in psutil.Process().children(recursive=True):
             try:
-                if p.pid not in before and "_Encoder" in " ".join(p.cmdline()):
+                if p.pid not in before and "Encoder" in " ".join(p.cmdline()):
                     victim = p
             except psutil.Error:
                 pass

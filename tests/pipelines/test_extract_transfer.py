@@ -1,6 +1,6 @@
 """What the extraction stage puts through Ray's object store between its read tasks and its model
 actors: the encoded images, not decoded pixels. Both halves run here in-process (no Ray), on the
-functions the stage maps (``_read_shard``, then ``_Encoder``)."""
+functions the stage maps (``read_shard``, then ``Encoder``)."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ from schemas.pairs import SUCCESS as PAIRS_SUCCESS
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     """224-px JPEGs (12 good, 1 corrupt, 1 failed download) in one shard, and the read task's batches."""
-    from pipelines.extract import _read_shard
+    from pipelines.extract import read_shard
 
     root = tmp_path_factory.mktemp("transfer")
     table = build_pairs_table(root / "pairs", 12, shards=1, corrupt=1, failed=1, size=224)
     reader = TableReader(str(root / "pairs"), PAIRS)
     name = reader.shard_names[0]
     items = pa.table({"shard": [name], "path": [reader.file(name)]})
-    batches = list(_read_shard(items, rows=5))
+    batches = list(read_shard(items, rows=5))
     return {"root": root, "table": table, "batches": batches, "shard": name}
 
 
@@ -53,13 +53,13 @@ def test_the_read_task_ships_the_encoded_image_bytes_not_pixels(pairs):
 def test_the_model_actor_decodes_and_a_corrupt_image_is_a_failed_row(pairs):
     """The actor turns the shipped bytes into features exactly as decoding first and then encoding
     the pixels would; the corrupt image is a failed_to_decode row with its reason, the job goes on."""
-    from pipelines.extract import _Encoder, decode_image, encoder_settings, pil_part_of
+    from pipelines.extract import Encoder, decode_image, encoder_settings, pil_part_of
 
     cfg = load_config(None, [f"data.root={pairs['root']}", f"extract.model={clip.TINY_MODEL}", "extract.pretrained=null",
                              "extract.batch_size=4", "extract.dtype=float32", "extract.torch_threads=2"])
     ckpt = clip.ensure_demo_model(cfg.extract)
     spec = clip.probe_model(clip.TINY_MODEL, ckpt)
-    encoder = _Encoder(spec.to_dict(), encoder_settings(cfg.extract, "fp32"))
+    encoder = Encoder(spec.to_dict(), encoder_settings(cfg.extract, "fp32"))
     assert encoder.decode_threads == 2
 
     out = pa.concat_tables(encoder(b) for b in pairs["batches"])
