@@ -59,6 +59,8 @@ class DemoConfig(Section):
         ["plain"], min_length=1,
         description="answer formats the demo LLM learns to read from its context (instruct formats: yes_no, multiple_choice)",
     )
+    llm_family: Literal["llama", "t5"] = Field(
+        "llama", description="the demo LLM: llama (causal, configs/models/lingcloud-tiny-llm.json) or t5 (encoder-decoder, lingcloud-tiny-t5.json)")
     eval_images: int = Field(12, gt=0, description="held-out images in the demo's MME/MMBench/SEED-Bench-layout sets")
     eval_max_new_tokens: int = Field(8, gt=0, description="answer length of the demo's evaluation (answers are a word or two)")
     eval_batch_size: int = Field(16, gt=0, description="questions per model call in the demo's evaluation")

@@ -17,6 +17,11 @@ Steps, all deterministic (fixed seeds, one fixed corpus):
    stayed at 0.33 held-out exact match with such a model; see the README).
 The result is cached in ``{data.root}/models/lingcloud-tiny-llm/`` with a stamp of everything it was
 built from; a matching stamp means it is reused as is.
+
+``demo.llm_family: t5`` builds an encoder-decoder instead (``configs/models/lingcloud-tiny-t5.json``,
+a ``T5Config``, cached in ``{data.root}/models/lingcloud-tiny-t5/``): the same text and tokenizer,
+trained as T5 is, on each conversation's user turn rendered by the chat template (the encoder input,
+as ``lmeye.model.seq2seq`` feeds it) -> the reply and EOS (the decoder target, where the loss is).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from lmeye.clip import MODEL_CONFIG_DIR
 
 NAME = "lingcloud-tiny-llm"
 CONFIG_JSON = MODEL_CONFIG_DIR / f"{NAME}.json"
+NAMES = {"llama": NAME, "t5": "lingcloud-tiny-t5"}  # demo.llm_family -> its model name (configs/models/{name}.json)
 STAMP = "lingcloud_demo.json"
 CORPUS_IMAGES = 512  # more than the demo renders: the LM sees more sentences than the pipeline has images
 SEED = 0
@@ -127,28 +133,42 @@ def _fingerprint(model_json: dict[str, Any], formats: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_demo_llm(directory: str, steps: int, formats: Sequence[str] = ("plain",)) -> str:
-    """Build the tokenizer and the briefly trained tiny LLaMA, reading ``formats``, into ``directory`` (overwritten)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def config_json(family: str = "llama") -> Path:
+    """The demo LLM's model config of ``family`` (demo.llm_family)."""
+    return MODEL_CONFIG_DIR / f"{NAMES[family]}.json"
 
-    model_json = json.loads(CONFIG_JSON.read_text())
+
+def build_demo_llm(directory: str, steps: int, formats: Sequence[str] = ("plain",), family: str = "llama") -> str:
+    """Build the tokenizer and the briefly trained tiny LLM of ``family`` (llama: causal, t5:
+    encoder-decoder), reading ``formats``, into ``directory`` (overwritten)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    model_json = json.loads(config_json(family).read_text())
     convs = demo_conversations(formats=formats)
     tok = build_tokenizer(tokenizer_texts(convs), model_json["vocab_size"])
-    config = AutoConfig.for_model(**{**model_json, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    if family == "t5":
+        ids["decoder_start_token_id"] = tok.pad_token_id  # T5 starts decoding from <pad>
+    config = AutoConfig.for_model(**{**model_json, **ids})
     torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(config)
-    rendered = [tok.apply_chat_template(c, tokenize=False) for c in convs]
-    ids = [tok(r, add_special_tokens=False)["input_ids"] for r in rendered]
-    # the loss of a yes/no or multiple-choice conversation is on its reply only: next-token loss on
-    # a 40-token prompt of options in random order left 1,000 steps too few to learn the replies.
-    # Plain ones keep it on every token: with the reply alone, the LLM copied shapes and positions
-    # from its context only 19% and 34% of the time (colours 100%)
-    starts = [0 if c[0].get("loss", True) else
-              len(tok(tok.apply_chat_template(c[:1], tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
-              for c in convs]
-    if steps:
-        _pretrain(model, ids, starts, tok.pad_token_id, steps)
+    if config.is_encoder_decoder:
+        model = AutoModelForSeq2SeqLM.from_config(config)
+        if steps:
+            _pretrain(model, steps, _seq2seq_batches(*seq2seq_examples(tok, convs), tok.pad_token_id))
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+        rendered = [tok.apply_chat_template(c, tokenize=False) for c in convs]
+        token_ids = [tok(r, add_special_tokens=False)["input_ids"] for r in rendered]
+        # the loss of a yes/no or multiple-choice conversation is on its reply only: next-token loss on
+        # a 40-token prompt of options in random order left 1,000 steps too few to learn the replies.
+        # Plain ones keep it on every token: with the reply alone, the LLM copied shapes and positions
+        # from its context only 19% and 34% of the time (colours 100%)
+        starts = [0 if c[0].get("loss", True) else
+                  len(tok(tok.apply_chat_template(c[:1], tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+                  for c in convs]
+        if steps:
+            _pretrain(model, steps, _causal_batches(token_ids, starts, tok.pad_token_id))
     tmp = Path(f"{directory}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -165,26 +185,63 @@ def build_demo_llm(directory: str, steps: int, formats: Sequence[str] = ("plain"
     return directory
 
 
-def _pretrain(model, ids: list[list[int]], starts: list[int], pad: int, steps: int) -> None:
-    """AdamW steps of next-token prediction on the rendered conversations, from ``starts`` (the reply) on."""
+def seq2seq_examples(tok, convs: list[list[dict[str, str]]]) -> tuple[list[list[int]], list[list[int]]]:
+    """(encoder ids, decoder target ids) of each conversation, as ``lmeye.model.seq2seq`` lays a
+    sample out: the user turn rendered for generation, tokenised in one call; the reply and EOS."""
+    enc = [tok(tok.apply_chat_template(c[:1], tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+           for c in convs]
+    tgt = [tok(c[1]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in convs]
+    return enc, tgt
+
+
+def _causal_batches(ids: list[list[int]], starts: list[int], pad: int):
+    """Next-token prediction on the rendered conversations, from ``starts`` (the reply) on."""
     import torch
 
+    def batch(pick: list[int]) -> dict[str, Any]:
+        width = max(len(ids[i]) for i in pick)
+        x = torch.full((len(pick), width), pad)
+        m = torch.zeros(len(pick), width, dtype=torch.long)
+        y = torch.full((len(pick), width), -100)
+        for r, i in enumerate(pick):
+            x[r, : len(ids[i])] = torch.tensor(ids[i])
+            m[r, : len(ids[i])] = 1
+            y[r, starts[i] : len(ids[i])] = x[r, starts[i] : len(ids[i])]
+        return {"input_ids": x, "attention_mask": m, "labels": y}
+
+    return len(ids), batch
+
+
+def _seq2seq_batches(enc: list[list[int]], tgt: list[list[int]], pad: int):
+    """Encoder input -> decoder target; right-padded as ``Seq2SeqIPN`` pads its targets."""
+    import torch
+
+    def batch(pick: list[int]) -> dict[str, Any]:
+        x = torch.full((len(pick), max(len(enc[i]) for i in pick)), pad)
+        m = torch.zeros_like(x)
+        y = torch.full((len(pick), max(len(tgt[i]) for i in pick)), -100)
+        for r, i in enumerate(pick):
+            x[r, : len(enc[i])] = torch.tensor(enc[i])
+            m[r, : len(enc[i])] = 1
+            y[r, : len(tgt[i])] = torch.tensor(tgt[i])
+        return {"input_ids": x, "attention_mask": m, "labels": y}
+
+    return len(enc), batch
+
+
+def _pretrain(model, steps: int, batches) -> None:
+    """AdamW steps on random batches of BATCH examples; ``batches``: (how many examples, picks -> model inputs)."""
+    import torch
+
+    count, batch = batches
     gen = torch.Generator().manual_seed(SEED)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same sums in the same order on every machine, and no contention (2 threads beside a busy Ray took 10x as long)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     model.train()
     for _ in range(steps):
-        pick = torch.randint(len(ids), (BATCH,), generator=gen).tolist()
-        width = max(len(ids[i]) for i in pick)
-        x = torch.full((BATCH, width), pad)
-        m = torch.zeros(BATCH, width, dtype=torch.long)
-        y = torch.full((BATCH, width), -100)
-        for r, i in enumerate(pick):
-            x[r, : len(ids[i])] = torch.tensor(ids[i])
-            m[r, : len(ids[i])] = 1
-            y[r, starts[i] : len(ids[i])] = x[r, starts[i] : len(ids[i])]
-        loss = model(input_ids=x, attention_mask=m, labels=y).loss
+        pick = torch.randint(count, (BATCH,), generator=gen).tolist()
+        loss = model(**batch(pick)).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -202,15 +259,16 @@ def ensure_demo_llm(cfg, steps: Optional[int] = None) -> str:
     that made the features.
     """
     steps = cfg.demo.llm_steps if steps is None else steps
-    path = cfg.model.llm or f"{cfg.data.root.rstrip('/')}/models/{NAME}"
+    family = cfg.demo.llm_family
+    path = cfg.model.llm or f"{cfg.data.root.rstrip('/')}/models/{NAMES[family]}"
     if "://" not in path:  # Ray workers do not share the driver's working directory
         path = os.path.abspath(path)
     stamp = Path(path) / STAMP
     formats = cfg.demo.llm_formats
-    want = _fingerprint(json.loads(CONFIG_JSON.read_text()), formats)
+    want = _fingerprint(json.loads(config_json(family).read_text()), formats)  # the model config names the family
     built = json.loads(stamp.read_text()) if stamp.is_file() else {}
     if (built.get("fingerprint"), built.get("steps")) != (want, steps):
-        build_demo_llm(path, steps, formats)
+        build_demo_llm(path, steps, formats, family)
     if cfg.model.llm != path:
         cfg.model.llm = path
     if cfg.model.rvii == "clip_text" and cfg.model.clip_pretrained is None and cfg.model.clip_model == cfg.extract.model:

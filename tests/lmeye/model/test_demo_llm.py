@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from lmeye.config import load_config
@@ -69,3 +70,51 @@ def test_the_demo_llm_can_learn_the_benchmark_forms_and_their_replies():
     assert yes_no and letters and len(yes_no) + len(letters) == len(forms)
     assert {c[1]["content"] for c in yes_no} == {"Yes", "No"} and {c[1]["content"] for c in letters} <= set("ABCD")
     assert all(any(c[0]["content"].endswith(" " + c[1]["content"]) for c in group) for group in (yes_no, letters))
+
+
+def test_the_demo_t5_shares_the_text_and_tokenizer_is_cached_and_loads_as_an_encoder_decoder(tmp_path):
+    """demo.llm_family: t5 builds lingcloud-tiny-t5 beside (not over) the LLaMA, with the same tokenizer."""
+    from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
+
+    from lmeye.model.demo import NAMES
+
+    t5 = load_config("configs/demo.yaml", {"data.root": str(tmp_path), "model.llm": None, "demo.llm_family": "t5"})
+    path = ensure_demo_llm(t5, steps=2)
+    assert path == f"{tmp_path}/models/{NAMES['t5']}" and t5.model.llm == path
+    model = AutoModelForSeq2SeqLM.from_pretrained(path)
+    assert isinstance(model, T5ForConditionalGeneration) and model.config.decoder_start_token_id == model.config.pad_token_id
+    mtime = os.path.getmtime(f"{path}/model.safetensors")
+    assert ensure_demo_llm(t5, steps=2) == path and os.path.getmtime(f"{path}/model.safetensors") == mtime  # cached
+
+    llama = load_config("configs/demo.yaml", {"data.root": str(tmp_path), "model.llm": None})
+    other = ensure_demo_llm(llama, steps=2)
+    assert other == f"{tmp_path}/models/{NAME}" != path
+    assert open(f"{path}/tokenizer.json", "rb").read() == open(f"{other}/tokenizer.json", "rb").read()
+    stamps = [json.loads(open(f"{p}/lingcloud_demo.json").read())["fingerprint"] for p in (path, other)]
+    assert stamps[0] != stamps[1]  # its own fingerprint: neither cache is taken for the other
+    assert os.path.getmtime(f"{path}/model.safetensors") == mtime  # and building the LLaMA left the T5 alone
+
+
+def test_the_demo_t5_is_pretrained_on_the_very_ids_the_seq2seq_ipn_feeds_it(tmp_path):
+    """Its pretraining pairs (user turn -> reply) are, id for id, the Seq2SeqIPN's encoder input (with
+    the slots taken out) and decoder target for the same conversation: what it learns to read and
+    answer is what the IPN gives it."""
+    from transformers import AutoTokenizer
+
+    from lmeye.model import build_ipn
+    from lmeye.model.demo import build_demo_llm, demo_conversations, seq2seq_examples
+    from lmeye.model.testing import FEATURE_DIM, PATCH_SHAPE, tiny_clip_checkpoint, tiny_model_config
+    from lmeye.model.text import IMG, IMG_D, IMG_Q
+
+    path = build_demo_llm(str(tmp_path / "t5"), 0, family="t5")
+    clip = tiny_clip_checkpoint(str(tmp_path / "clip.safetensors"))
+    ipn = build_ipn(tiny_model_config(path, clip, num_img_d=2, rvii="transformer", rvii_width=32, rvii_heads=2,
+                                      rvii_layers=1), FEATURE_DIM, PATCH_SHAPE)
+    convs = demo_conversations(num_images=3)
+    enc, tgt = seq2seq_examples(AutoTokenizer.from_pretrained(path), convs)
+    plain = [i for i, c in enumerate(convs) if "? " in c[0]["content"]][:3] + [0]  # questions with context, a caption
+    for i in plain:
+        got = ipn.encode(convs[i], has_image=True)
+        ids = [t for t in got["prefix_ids"] + got["suffix_ids"] if t not in (IMG, IMG_Q, IMG_D)]
+        assert ids == enc[i] and got["target_ids"] == tgt[i], convs[i]
+        assert IMG_D in got["suffix_ids"] and tgt[i][-1] == ipn.tokenizer.eos_token_id
