@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmeye.errors import UserError
+from lmeye.patch_codec import pool_grid
 
 
 def pool_tokens(tokens: torch.Tensor, most: int) -> torch.Tensor:
@@ -33,13 +34,12 @@ def pool_tokens(tokens: torch.Tensor, most: int) -> torch.Tensor:
     average the end of one row with the start of the next, the image's two opposite edges, and
     the question "what is at the top left" would have no token to look at. Other T: 1-D pooling.
     """
-    b, t, d = tokens.shape
+    t = tokens.shape[1]
     if t <= most:
         return tokens
     side, g = math.isqrt(t), math.isqrt(most)
-    if side * side == t and g > 0:
-        grid = tokens.transpose(1, 2).reshape(b, d, side, side)
-        return F.adaptive_avg_pool2d(grid, g).reshape(b, d, g * g).transpose(1, 2)
+    if side * side == t and g > 0:  # the same regions as the extract stage's extract.patch_pool
+        return pool_grid(tokens, g).to(tokens.dtype)
     return F.adaptive_avg_pool1d(tokens.transpose(1, 2), most).transpose(1, 2)
 
 
