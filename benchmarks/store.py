@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/store.py [--rows 200000] [--dim 512] [--lookups 1000] [--repeats 5]
     .venv/bin/python benchmarks/store.py --rows 10000000 --dim 768 --dir /tmp/x --free-parquet   # ~35 GB of disk at peak
 
-Measures, in one run on one synthetic `features` table (float16 embeddings, random uids):
+Measures, in one run on one synthetic `features` table (float16 embeddings, random uids, written
+as extraction writes its shards: zstd, dictionary encoding):
   * the serving copy's full build on first open, in a fresh child process: seconds and peak RSS
     (target <= 2 GB while building);
   * adding ``--add-rows`` rows (default: a tenth) as new shards and reopening: the rebuild makes
@@ -11,9 +12,12 @@ Measures, in one run on one synthetic `features` table (float16 embeddings, rand
   * random ``FeatureStore.get`` of ``--lookups`` uids against, on the same rows and uid samples,
     a pyarrow filter over the Parquet table (``uid in [...]``, up to 1M rows: it reads the whole
     column; target get >= 20x faster) and Lance ``take`` by position (pylance, the ``bench`` extra;
-    target get <= 1x Lance). Medians over ``--repeats`` fresh samples, first call reported too.
+    target get <= 1x Lance), cold (both copies' files evicted from the page cache before each
+    call) and warm (after an untimed call on the same uids), medians over ``--repeats`` samples.
 ``--free-parquet`` deletes the Parquet shards once the store is built and before the Lance copy is
 written (from the store's segments), so the run holds two copies of the vectors at a time, not three.
+With ``--dir``, a finished base table of the same size found there is reused (``--generate-only``
+writes it and stops); ``--reads-only`` reruns the read comparison on what a run left in ``--dir``.
 """
 
 from __future__ import annotations

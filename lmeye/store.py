@@ -13,9 +13,9 @@ from it on first open and keeps in step with the manifest. It has two parts:
 * an **index** per version, ``_serving/<version>/``: ``uid_index.npy``, every successful row as
   a record (uid hi, uid lo, its row in the segments laid end to end; 24 bytes) sorted by
   (hi, lo), memory-mapped; ``uid_fence.npy``, every ``FENCE_ROWS``-th record's hi, read into
-  memory at open (1/170 of the index: 10M rows, 470 KB), which narrows a uid to one block of
-  ``FENCE_ROWS`` records, a page or two: a cold lookup reads that block and the row's vector,
-  where a binary search over the whole index would fault in ~log2(N) pages one after another.
+  memory at open (10M rows: 470 KB), which narrows a uid to one block of ``FENCE_ROWS`` records,
+  a page or two: a cold lookup reads that block and the row's vector, where a binary search
+  over the whole index would fault in ~log2(N) pages one after another.
   Ties on hi (~3 in 10^10 rows) are resolved on lo. ``meta.json`` has the segments in order,
   column shapes and encodings, the model metadata. No Python object per row: 100M rows are a
   2.4 GB index of which a lookup touches a page or two. Rebuilding it reads the segments' uids only.
@@ -146,9 +146,9 @@ class _Mapped:
         width = self.array.strides[0]
         lo = (self.offset + np.asarray(first, np.int64) * width) // mmap.PAGESIZE
         hi = (self.offset + (np.asarray(first, np.int64) + count) * width - 1) // mmap.PAGESIZE
-        end = len(self.mm) // mmap.PAGESIZE * mmap.PAGESIZE  # the last page may be partial
         for a, b in zip(lo.tolist(), hi.tolist()):
-            self.mm.madvise(mmap.MADV_WILLNEED, a * mmap.PAGESIZE, min((b + 1) * mmap.PAGESIZE, len(self.mm)) - a * mmap.PAGESIZE)
+            start = a * mmap.PAGESIZE  # the file's last page may be partial
+            self.mm.madvise(mmap.MADV_WILLNEED, start, min((b + 1) * mmap.PAGESIZE, len(self.mm)) - start)
 
 
 def _load(path: str) -> _Mapped:
