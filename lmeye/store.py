@@ -13,9 +13,9 @@ from it on first open and keeps in step with the manifest. It has two parts:
 * an **index** per version, ``_serving/<version>/``: ``uid_index.npy``, every successful row as
   a record (uid hi, uid lo, its row in the segments laid end to end; 24 bytes) sorted by
   (hi, lo), memory-mapped; ``uid_fence.npy``, every ``FENCE_ROWS``-th record's hi, read into
-  memory at open (10M rows: 470 KB), which narrows a uid to one block of ``FENCE_ROWS`` records,
-  a page or two: a cold lookup reads that block and the row's vector, where a binary search
-  over the whole index would fault in ~log2(N) pages one after another.
+  memory at open (10M rows: 1.25 MB), which narrows a uid to one block of ``FENCE_ROWS`` records
+  (1.5 KB, 1.4 pages on average): a cold lookup reads that block and the row's vector, where a
+  binary search over the whole index would fault in ~log2(N) pages one after another.
   Ties on hi (~3 in 10^10 rows) are resolved on lo. ``meta.json`` has the segments in order,
   column shapes and encodings, the model metadata. No Python object per row: 100M rows are a
   2.4 GB index of which a lookup touches a page or two. Rebuilding it reads the segments' uids only.
@@ -75,7 +75,9 @@ FORMAT = 3  # serving-copy layout version (2: 128-bit uids as uid_hi/uid_lo; 3: 
 # fence): a copy with another one gets a new index on open, from its segments (no Parquet read)
 INDEX_FORMAT = 2
 INDEX_RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("row", "<i8")])
-FENCE_ROWS = 170  # records per fence entry: 170 x 24 B is a 4 KiB page
+# records per fence entry (recorded in meta.json): a smaller block is fewer pages read per cold
+# lookup (64: 1.4 on average, 170: 2), a larger one a smaller fence in each process's memory
+FENCE_ROWS = 64
 SEGMENT_GRACE_S = 3600  # an unreferenced segment younger than this may be another builder's: not pruned yet
 VERSION_LEN = 16
 _VERSION_RE = re.compile(rf"[0-9a-f]{{{VERSION_LEN}}}")
@@ -189,6 +191,7 @@ class FeatureStore:
         self._index_map = _load(os.path.join(serving_dir, "uid_index.npy"))
         self._index = self._index_map.array
         self._fence = np.load(os.path.join(serving_dir, "uid_fence.npy"))
+        self._fence_rows = int(meta["fence_rows"])
         seg_root = os.path.join(os.path.dirname(serving_dir), SEGMENTS)
         segs = meta["segments"]
         stored = [c for c in STORED_COLUMNS if c in meta["stored"]]
@@ -307,9 +310,9 @@ class FeatureStore:
         """(row in the segments, found) per uid: each uid's block of the index is read ahead, all
         at once, then searched (cold: about one disk read's wait for all of them)."""
         keys, valid = uid_keys(uids)
-        base = _blocks(self._fence, keys)
-        self._index_map.prefetch(base, FENCE_ROWS + 1)
-        rows, found = _find(self._index, base, keys)
+        base = _blocks(self._fence, self._fence_rows, keys)
+        self._index_map.prefetch(base, self._fence_rows)
+        rows, found = _find(self._index, base, self._fence_rows, keys)
         return rows, found & valid
 
     def contains(self, uids: Sequence[str]) -> np.ndarray:
@@ -375,14 +378,15 @@ class FeatureStore:
         return out
 
 
-def _blocks(fence: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Per ``UID_KEY``, the first record of the ``FENCE_ROWS + 1`` that hold the first record
-    whose hi is >= the key's (``fence`` is ``index["hi"][::FENCE_ROWS]``, in memory): with ``j``
-    the first fence entry >= the key's hi, that record lies in ``((j - 1) * FENCE_ROWS, j * FENCE_ROWS]``."""
-    return np.maximum(np.searchsorted(fence, keys["hi"], side="left") - 1, 0) * FENCE_ROWS
+def _blocks(fence: np.ndarray, every: int, keys: np.ndarray) -> np.ndarray:
+    """Per ``UID_KEY``, the first record of its block: ``fence`` is ``index["hi"][::every]`` (in
+    memory); with ``j`` the first fence entry >= the key's hi, the first record whose hi is >= it
+    lies in ``((j - 1) * every, j * every]``, and the last of those is ``fence[j]`` itself: only
+    the ``every`` records from the returned one are read from disk."""
+    return np.maximum(np.searchsorted(fence, keys["hi"], side="left") - 1, 0) * every
 
 
-def _find(index: np.ndarray, base: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _find(index: np.ndarray, base: np.ndarray, every: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(row, found) of each ``UID_KEY`` in ``index`` (``INDEX_RECORD``s sorted by (hi, lo)), each
     searched for in its block from ``_blocks``: a vectorised bisection, ~8 steps, within a page or two."""
     n = index.shape[0]
@@ -390,7 +394,7 @@ def _find(index: np.ndarray, base: np.ndarray, keys: np.ndarray) -> tuple[np.nda
         return np.zeros(keys.size, np.int64), np.zeros(keys.size, bool)
     hi, lo = keys["hi"], keys["lo"]
     his = index["hi"]
-    a, b = base.copy(), np.minimum(base + FENCE_ROWS, n)  # the first hi >= the key's is at a position in [a, b]
+    a, b = base.copy(), np.minimum(base + every, n)  # the first hi >= the key's is at a position in [a, b]
     while True:
         open_ = a < b
         if not open_.any():
@@ -585,7 +589,7 @@ def _write_index(reader: TableReader, seg_root: str, sids: list[str], folder: st
         if dup.size:
             raise SchemaError(f"{reader.path}: uid {key_to_uid(hi[dup[0]], lo[dup[0]])} appears in more than one successful row")
     np.save(os.path.join(folder, "uid_index.npy"), index)
-    np.save(os.path.join(folder, "uid_fence.npy"), np.ascontiguousarray(hi[::FENCE_ROWS]))
+    np.save(os.path.join(folder, "uid_fence.npy"), np.ascontiguousarray(hi[::FENCE_ROWS]))  # FENCE_ROWS goes in meta.json
     return int(hi.size)
 
 
@@ -622,6 +626,7 @@ def _build(reader: TableReader, version: str, root: str) -> None:
         meta = {
             "format": FORMAT,
             "index_format": INDEX_FORMAT,
+            "fence_rows": FENCE_ROWS,
             "version": version,
             "table": reader.path,
             "rows": total,

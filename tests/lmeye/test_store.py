@@ -309,6 +309,8 @@ def test_every_uid_is_found_through_the_fence_at_block_edges(tmp_path, monkeypat
     res = store.get(absent[:3] + uids[:2], on_missing="mask")
     assert res.found.tolist() == [False] * 3 + [True] * 2
     np.testing.assert_array_equal(res["embedding"][3:], vecs[:2])
+    monkeypatch.setattr(store_mod, "FENCE_ROWS", 64)  # a copy is read with the fence it was built with
+    np.testing.assert_array_equal(FeatureStore.open(tmp_path / "f").get(uids[::-1])["embedding"], vecs[::-1])
 
 
 def test_a_copy_with_an_older_index_gets_a_new_index_from_its_segments(tmp_path):
