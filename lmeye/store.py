@@ -130,6 +130,9 @@ class FeatureBatch(Mapping):
         return [u for u, ok in zip(self.uids, self.found) if not ok]
 
 
+READ_GAP_PAGES = 2  # pages between two rows' that a read-ahead request reads through
+
+
 @dataclass
 class _Mapped:
     """A read-only memory map of an ``.npy`` array (``array``), advised for random access: a gather
@@ -146,8 +149,12 @@ class _Mapped:
         if self.mm is None or not hasattr(mmap, "MADV_WILLNEED") or first.size == 0:
             return
         width = self.array.strides[0]
-        lo = (self.offset + np.asarray(first, np.int64) * width) // mmap.PAGESIZE
-        hi = (self.offset + (np.asarray(first, np.int64) + count) * width - 1) // mmap.PAGESIZE
+        first = np.sort(np.asarray(first, np.int64))
+        lo = (self.offset + first * width) // mmap.PAGESIZE
+        hi = np.maximum.accumulate((self.offset + (first + count) * width - 1) // mmap.PAGESIZE)
+        # one request per run of pages at most READ_GAP_PAGES apart: a few pages more, far fewer calls
+        new = np.concatenate([[True], lo[1:] > hi[:-1] + 1 + READ_GAP_PAGES])
+        lo, hi = lo[new], hi[np.concatenate([np.flatnonzero(new)[1:] - 1, [hi.size - 1]])]
         for a, b in zip(lo.tolist(), hi.tolist()):
             start = a * mmap.PAGESIZE  # the file's last page may be partial
             self.mm.madvise(mmap.MADV_WILLNEED, start, min((b + 1) * mmap.PAGESIZE, len(self.mm)) - start)

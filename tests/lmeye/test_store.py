@@ -366,3 +366,35 @@ def test_two_workers_on_one_node_build_one_serving_copy(tmp_path, monkeypatch):
         t.join()
     assert not errors and len(builds) == 1
     assert opened[0].serving_dir == opened[1].serving_dir and opened[0].num_rows == opened[1].num_rows == 28
+
+
+def test_read_ahead_asks_for_each_rows_pages_once_merging_near_ones(tmp_path):
+    """A cold get queues every page it will read before reading any (MADV_WILLNEED): one request
+    per run of nearby pages, the file's partial last page included, nothing past its end."""
+    import mmap
+
+    import lmeye.store as store_mod
+
+    np.save(tmp_path / "v.npy", np.zeros((1000, 1000), np.uint8))  # ~4 rows a page
+    mapped = store_mod._load(str(tmp_path / "v.npy"))
+    asked = []
+
+    class Recorder:
+        def __init__(self, mm):
+            self.mm = mm
+
+        def __len__(self):
+            return len(self.mm)
+
+        def madvise(self, option, start, length):
+            asked.append((option, start, length))
+
+    mapped.mm = Recorder(mapped.mm)
+    mapped.prefetch(np.array([999, 0, 1, 500, 2]))
+    page, size = mmap.PAGESIZE, os.path.getsize(tmp_path / "v.npy")
+    assert all(opt == mmap.MADV_WILLNEED and start % page == 0 for opt, start, _ in asked)
+    covered = [(start, start + length) for _, start, length in asked]
+    assert len(covered) == 3 and covered[-1][1] == size  # rows 0-2 together, 500, 999 up to the end of the file
+    for row in (0, 1, 2, 500, 999):
+        a, b = mapped.offset + row * 1000, mapped.offset + (row + 1) * 1000
+        assert any(lo <= a and b <= hi for lo, hi in covered)
