@@ -212,7 +212,8 @@ def run(args, work: str) -> int:
         t = time.perf_counter()
         FeatureStore.open(path)
         print(f"reopen (copy in step with the manifest): {(time.perf_counter() - t) * 1e3:.1f} ms")
-        print(f"disk: Parquet table {du(path, skip='_serving') / GB:.2f} GB, serving copy {du(os.path.join(path, '_serving')) / GB:.2f} GB")
+        print(f"disk: Parquet table {du(path, skip='_serving') / GB:.2f} GB, "
+              f"serving copy {du(os.path.join(path, '_serving')) / GB:.2f} GB")
     store = FeatureStore.open(path)
     served = store.num_rows
 

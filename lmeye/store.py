@@ -72,7 +72,7 @@ VECTOR_COLUMNS = ("embedding", "patch_tokens")  # what get() serves
 STORED_COLUMNS = ("embedding", "patch_tokens", "patch_scales")  # what a segment holds
 FORMAT = 3  # serving-copy layout version (2: 128-bit uids as uid_hi/uid_lo; 3: per-shard segments, compact patch tokens)
 # the per-version index's layout (1: uid_hi/uid_lo/row.npy, binary-searched whole; 2: records and a
-# fence): a copy with another one gets a new index on open, from its segments (no Parquet read)
+# fence): a copy with another one gets a new index on open, from its segments (no Parquet row read)
 INDEX_FORMAT = 2
 INDEX_RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("row", "<i8")])
 # records per fence entry (recorded in meta.json): a smaller block is fewer pages read per cold
@@ -138,7 +138,7 @@ class _Mapped:
     """A read-only memory map of an ``.npy`` array (``array``), advised for random access: a gather
     touches a few rows a page apart, and the kernel's default read-around would fetch ~100 KB per
     fault. ``prefetch`` asks the kernel to start reading rows' pages all at once (MADV_WILLNEED
-    queues the reads without waiting), so a cold gather waits about one disk read, not one per row."""
+    queues the reads without waiting), so a cold gather waits for its reads together, not in turn."""
 
     array: np.ndarray
     mm: Optional[mmap.mmap] = None
@@ -375,8 +375,9 @@ class FeatureStore:
         spec = self._meta["stored"]
         out = {c: np.empty((rows.size, spec[c]["width"]), dtype=spec[c]["dtype"]) for c in columns}
         local = srt - self._offsets[seg]
-        by_seg = list(zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [srt.size]]).tolist())) if srt.size else []
-        for a, b in by_seg:  # every read queued first: the gathers then wait about one disk read in all
+        starts, ends = np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [srt.size]]).tolist()
+        by_seg = list(zip(starts, ends)) if srt.size else []
+        for a, b in by_seg:  # every read queued first, then gathered: the reads overlap
             for c in columns:
                 self._segs[int(seg[a])][c].prefetch(local[a:b])
         for a, b in by_seg:
@@ -389,7 +390,7 @@ def _blocks(fence: np.ndarray, every: int, keys: np.ndarray) -> np.ndarray:
     """Per ``UID_KEY``, the first record of its block: ``fence`` is ``index["hi"][::every]`` (in
     memory); with ``j`` the first fence entry >= the key's hi, the first record whose hi is >= it
     lies in ``((j - 1) * every, j * every]``, and the last of those is ``fence[j]`` itself: only
-    the ``every`` records from the returned one are read from disk."""
+    the ``every`` records from the returned one need reading ahead."""
     return np.maximum(np.searchsorted(fence, keys["hi"], side="left") - 1, 0) * every
 
 
