@@ -270,8 +270,9 @@ def _partition_count(ic: InstructConfig, job: _Job) -> int:
 
 def _options(node: Optional[str]) -> dict[str, Any]:
     """Every task reads or writes tables (object storage settings); partition work runs where the
-    spill files are."""
-    options: dict[str, Any] = {"num_cpus": 1, "runtime_env": storage_runtime_env(), "max_retries": 0}
+    spill files are. Ray's retries after a worker crash stay on: a partition task writes the same
+    shards again, and a spill task spills again into a new folder."""
+    options: dict[str, Any] = {"num_cpus": 1, "runtime_env": storage_runtime_env()}
     if node is not None:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
     return options
