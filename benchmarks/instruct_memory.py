@@ -12,7 +12,9 @@ The stage's driver holds metadata only; the join runs in its spill task, a Ray w
 child's embedded Ray (``pipelines/instruct/work.py``). So each run's figure is the peak RSS of
 the busiest process of the child's tree: the largest ``VmHWM`` (a process's lifetime peak) of
 the driver, its Ray workers and Ray's own processes, read while they are still up; the driver's
-own peak is printed beside it. The ratio is the largest size's against the smallest's (target
+own peak (its ``VmHWM`` too: ``ru_maxrss`` survives exec, so a child started by this parent
+right after it built a large pairs table would report at least the parent's peak) is printed
+beside it. The ratio is the largest size's against the smallest's (target
 <= 1.25: the lookup is a partitioned join, ``pipelines/instruct/join.py``, not a dict with one
 entry per pairs row). ``--old-index`` also measures, at the smallest size only, a
 child that builds that dict (what ``ImageIndex`` did), for scale.
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -120,7 +121,9 @@ def child(root: str, mode: str) -> None:
         out = {"entries": len(index)}
     else:  # baseline: the imports only
         import pipelines.instruct  # noqa: F401
-    out["driver_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child started by a parent that had just
+    # built a large pairs table would report at least the parent's peak
+    out["driver_mib"] = peak_rss_mib(os.getpid())
     out["maxrss_mib"] = max(out["driver_mib"], out.get("busiest_mib", 0.0))
     print("RESULT " + json.dumps(out), flush=True)
 
