@@ -225,7 +225,7 @@ def run(cfg: Config) -> StageSummary:
     try:
         totals = _write_partitions(ic, job, writer, spilled, partitions)
     finally:
-        _remote(remove_spill, spilled.folder, node=spilled.node)
+        _remove_spill(spilled)
 
     out_stats = _output_stats(ic, job, spilled, totals, partitions)
     writer.finalize(totals.expected, out_stats,
@@ -292,6 +292,13 @@ def _remote(fn: Any, *args: Any, node: Optional[str] = None) -> Any:
     return _result(ray.remote(fn).options(**_options(node)).remote(*args))
 
 
+def _remove_spill(spilled: Spilled) -> None:
+    try:
+        _remote(remove_spill, spilled.folder, node=spilled.node)
+    except ray.exceptions.RayError:  # its node is gone, and its files with it: nothing to remove
+        pass
+
+
 def _write_partitions(ic: InstructConfig, job: _Job, writer: TableWriter, spilled: Spilled, partitions: int) -> _Totals:
     """Step 2: each partition not finished by an earlier run, processed and written by a task on
     the spill's node; the driver records each shard as its task returns (metadata only)."""
@@ -334,7 +341,6 @@ def _add(totals: _Totals, pstats: dict[str, Any], written: list[str], stats: dic
     totals.splits[TRAIN] += pstats.get("train", 0)
     totals.splits[VALIDATION] += pstats.get("validation", 0)
     totals.tasks.update(pstats.get("tasks", {}))
-
 
 
 def _output_stats(ic: InstructConfig, job: _Job, spilled: Spilled, totals: _Totals, partitions: int) -> dict[str, Any]:
