@@ -336,7 +336,7 @@ def run(tmp_path_factory):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print("two-node scenario, seconds from the cluster's start:", result["seconds"])
     # the extract job's driver, measured like instruct's but not asserted: its table is 20 tiny rows,
-    # so its fixed per-run bytes (lazy imports of Ray Data, manifests) are most of what it moves
+    # so fixed per-run bytes (lazy imports, manifests, logs; not broken down) hide any per-row cost
     print("extract job driver read()/write() bytes:", result["extract_io"], "features table bytes:",
           sum(s["bytes"] for s in _manifest(root / "features")["shards"].values()))
     return root, result
