@@ -142,21 +142,42 @@ def config_json(family: str = "llama") -> Path:
 def build_demo_llm(directory: str, steps: int, formats: Sequence[str] = ("plain",), family: str = "llama") -> str:
     """Build the tokenizer and the briefly trained tiny LLM of ``family`` (llama: causal, t5:
     encoder-decoder), reading ``formats``, into ``directory`` (overwritten)."""
+    model_json = json.loads(config_json(family).read_text())
+    model, tok = train_demo_llm(model_json, steps, formats)
+    tmp = Path(f"{directory}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / STAMP).write_text(json.dumps({"fingerprint": _fingerprint(model_json, formats), "formats": list(formats), "steps": steps, "seed": SEED}, indent=2))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+    try:
+        tmp.rename(directory)
+    except OSError:  # another process finished the same build first: keep its copy
+        if not (Path(directory) / STAMP).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def train_demo_llm(model_json: dict[str, Any], steps: int, formats: Sequence[str] = ("plain",), lr: float = LR):
+    """The demo LLM's recipe on the model config ``model_json`` (a ``transformers`` config as a
+    dict): (model, tokenizer), trained ``steps`` steps. ``build_demo_llm`` saves it;
+    ``benchmarks/demo_llm_formats.py`` tries other sizes."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    model_json = json.loads(config_json(family).read_text())
     convs = demo_conversations(formats=formats)
     tok = build_tokenizer(tokenizer_texts(convs), model_json["vocab_size"])
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    if family == "t5":
+    if model_json["model_type"] == "t5":
         ids["decoder_start_token_id"] = tok.pad_token_id  # T5 starts decoding from <pad>
     config = AutoConfig.for_model(**{**model_json, **ids})
     torch.manual_seed(SEED)
     if config.is_encoder_decoder:
         model = AutoModelForSeq2SeqLM.from_config(config)
         if steps:
-            _pretrain(model, steps, _seq2seq_batches(*seq2seq_examples(tok, convs), tok.pad_token_id))
+            _pretrain(model, steps, _seq2seq_batches(*seq2seq_examples(tok, convs), tok.pad_token_id), lr)
     else:
         model = AutoModelForCausalLM.from_config(config)
         rendered = [tok.apply_chat_template(c, tokenize=False) for c in convs]
@@ -169,21 +190,8 @@ def build_demo_llm(directory: str, steps: int, formats: Sequence[str] = ("plain"
                   len(tok(tok.apply_chat_template(c[:1], tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
                   for c in convs]
         if steps:
-            _pretrain(model, steps, _causal_batches(token_ids, starts, tok.pad_token_id))
-    tmp = Path(f"{directory}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / STAMP).write_text(json.dumps({"fingerprint": _fingerprint(model_json, formats), "formats": list(formats), "steps": steps, "seed": SEED, "conversations": len(convs)}, indent=2))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
-    try:
-        tmp.rename(directory)
-    except OSError:  # another process finished the same build first: keep its copy
-        if not (Path(directory) / STAMP).is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+            _pretrain(model, steps, _causal_batches(token_ids, starts, tok.pad_token_id), lr)
+    return model, tok
 
 
 def seq2seq_examples(tok, convs: list[list[dict[str, str]]]) -> tuple[list[list[int]], list[list[int]]]:
@@ -230,7 +238,7 @@ def _seq2seq_batches(enc: list[list[int]], tgt: list[list[int]], pad: int):
     return len(enc), batch
 
 
-def _pretrain(model, steps: int, batches) -> None:
+def _pretrain(model, steps: int, batches, lr: float = LR) -> None:
     """AdamW steps on random batches of BATCH examples; ``batches``: (how many examples, picks -> model inputs)."""
     import torch
 
@@ -238,7 +246,7 @@ def _pretrain(model, steps: int, batches) -> None:
     gen = torch.Generator().manual_seed(SEED)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same sums in the same order on every machine, and no contention (2 threads beside a busy Ray took 10x as long)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     for _ in range(steps):
         pick = torch.randint(count, (BATCH,), generator=gen).tolist()
