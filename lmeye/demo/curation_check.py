@@ -32,7 +32,7 @@ class FilterScore:
     removed: int
     planted: int  # the cases planted for it (pairs, for duplicates)
     found: int
-    precision: Optional[float]  # None: it removed nothing
+    precision: Optional[float]  # None: it removed nothing, or nothing is planted for it
     recall: Optional[float]  # None: nothing planted for it
     by_how: dict[str, tuple[int, int]]  # how the case was made -> (found, planted)
 
@@ -74,7 +74,7 @@ def score_curation(curation, pairs, planted: list[Planted]) -> list[FilterScore]
         found_how = Counter(p.how if p.kind != MISMATCHED else p.kind for p in found)
         out.append(FilterScore(
             filter=reason, removed=len(dropped), planted=len(cases), found=len(found),
-            precision=_ratio(right, len(dropped)), recall=_ratio(len(found), len(cases)),
+            precision=_ratio(right, len(dropped)) if reason in TRUTH else None, recall=_ratio(len(found), len(cases)),
             by_how={h: (found_how[h], n) for h, n in sorted(planted_how.items())},
         ))
     return out

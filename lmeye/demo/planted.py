@@ -96,7 +96,7 @@ def plant(corpus: DemoCorpus, heldout: list[DemoItem], counts, image_size: int, 
     for p, data in out:
         write_file(corpus.root / "images" / p.name, data)
     planted = [p for p, _ in out]
-    write_file(corpus.root / PLANTED_FILE, (json.dumps({p.name: asdict(p) for p in planted}, indent=1, sort_keys=True) + "\n").encode())
+    write_file(corpus.root / PLANTED_FILE, (json.dumps({p.name: asdict(p) for p in planted}, indent=1) + "\n").encode())
     return planted
 
 
