@@ -37,6 +37,7 @@ from schemas.curation import CLIP_SCORE
 
 LOG_FILE = "logs/demo.log"  # under data.root: the run's folder
 LEARNING_CHECK_FILE = "eval/learning_check.json"  # under data.root: the learning check's scores of both stages
+CURATION_CHECK_FILE = "eval/curation_check.json"  # under data.root: each curate filter against the planted truth
 URL_FILE = {"csv": "urls.csv", "tsv": "urls.tsv", "jsonl": "urls.jsonl", "parquet": "urls.parquet"}
 
 
@@ -195,11 +196,16 @@ CURATION_NOTE = ("clip_score is off in the demo: the demo CLIP has random weight
 
 
 def curation_scores(cfg: Config) -> list:
-    """The curate stage's filters scored against ``{demo.corpus_dir}/planted.json`` (``lmeye.demo.curation_check``)."""
+    """The curate stage's filters scored against ``{demo.corpus_dir}/planted.json`` (``lmeye.demo.curation_check``),
+    also written to ``{data.root}/eval/curation_check.json``."""
     from lmeye.demo.curation_check import read_and_score
     from lmeye.demo.planted import load_planted
 
-    return read_and_score(cfg.curate.output, cfg.curate.pairs, load_planted(cfg.demo.corpus_dir))
+    scores = read_and_score(cfg.curate.output, cfg.curate.pairs, load_planted(cfg.demo.corpus_dir))
+    path = Path(cfg.data.root) / CURATION_CHECK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({s.filter: dataclasses.asdict(s) for s in scores}, indent=1) + "\n")
+    return scores
 
 
 def learning_check_accuracy(cfg: Config, names: list[str]) -> tuple[dict[str, dict[str, float]], str]:
