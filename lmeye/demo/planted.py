@@ -32,7 +32,7 @@ PLANTED_FILE = "planted.json"
 EXACT, NEAR, MISMATCHED, BENCHMARK = "exact_duplicate", "near_duplicate", "mismatched_caption", "benchmark_copy"
 KINDS = (EXACT, NEAR, MISMATCHED, BENCHMARK)
 # How a near duplicate (and every other benchmark copy) is made, in turn. At 64 px a resize or a
-# re-encode moves the perceptual hash 0-4 bits and a one-pixel crop up to ~8 (README, the demo).
+# re-encode moves the perceptual hash 0-4 bits and a one-pixel crop up to ~8 (README, "Curation in the demo").
 LOW_QUALITY = 40
 VARIANTS = (f"jpeg quality {LOW_QUALITY}", "resized up 1.5x", "resized down 0.75x", "cropped 1 px")
 
