@@ -1,4 +1,4 @@
-"""Instruct's driver memory against the size of the pairs table it joins with (issue 21, item 4).
+"""Instruct's memory against the size of the pairs table it joins with (issue 21, item 4).
 
     .venv/bin/python benchmarks/instruct_memory.py                          # 1M and 10M pairs rows
     .venv/bin/python benchmarks/instruct_memory.py --pairs 100000 1000000   # quicker
@@ -6,10 +6,17 @@
 For every size it writes a synthetic ``pairs`` table (uid, url, status; no image bytes) and runs
 the instruct stage in a fresh child process over one VQA file of ``--records`` records that name
 their images by file name (``image_key: basename``, the default): every record must be looked up
-in the pairs table. The records are the same for every size, so only the pairs table grows. It
-prints each run's peak RSS (``ru_maxrss`` of the child) and the ratio of the largest size to the
-smallest (target <= 1.25: the lookup is a partitioned join, ``pipelines/instruct/join.py``, not a
-dict with one entry per pairs row). ``--old-index`` also measures, at the smallest size only, a
+in the pairs table. The records are the same for every size, so only the pairs table grows.
+
+The stage's driver holds metadata only; the join runs in its spill task, a Ray worker of the
+child's embedded Ray (``pipelines/instruct/work.py``). So each run's figure is the peak RSS of
+the busiest process of the child's tree: the largest ``VmHWM`` (a process's lifetime peak) of
+the driver, its Ray workers and Ray's own processes, read while they are still up; the driver's
+own peak (its ``VmHWM`` too: ``ru_maxrss`` survives exec, so a child started by this parent
+right after it built a large pairs table would report at least the parent's peak) is printed
+beside it. The ratio is the largest size's against the smallest's (target
+<= 1.25: the lookup is a partitioned join, ``pipelines/instruct/join.py``, not a dict with one
+entry per pairs row). ``--old-index`` also measures, at the smallest size only, a
 child that builds that dict (what ``ImageIndex`` did), for scale.
 """
 
@@ -18,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -71,18 +77,37 @@ def make_records(path: str, records: int, among: int) -> None:
         f.write("]")
 
 
+def peak_rss_mib(pid: int) -> float:
+    """A live process's lifetime peak RSS (``VmHWM``), MiB; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def busiest_process_mib() -> tuple[float, str]:
+    """The largest peak RSS in this process's tree (the driver, Ray's processes and workers)."""
+    import psutil
+
+    procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
+    peaks = [(peak_rss_mib(p.pid), " ".join(p.cmdline()[:1]) or p.name()) for p in procs if p.is_running()]
+    return max(peaks)
+
+
 def child(root: str, mode: str) -> None:
     out: dict = {}
     if mode == "stage":
         from lmeye.config import load_config
         from pipelines.instruct import run
 
-        cfg = load_config(None, {"data.root": root, "instruct.require_features": False,
+        cfg = load_config(None, {"data.root": root, "instruct.require_features": False, "ray.num_cpus": 2,
                                  "instruct.sources": [{"kind": "vqa", "path": f"{root}/records.json"}]})
         t0 = time.perf_counter()
         summary = run(cfg)
         out = {"seconds": time.perf_counter() - t0, "rows_out": summary.rows,
                "not_in_pairs": summary.failures.get("vqa: rejected: image_not_in_pairs", 0)}
+        out["busiest_mib"], out["busiest"] = busiest_process_mib()
     elif mode == "old-index":  # ImageIndex's dict: join key -> uid, one entry per pairs row
         from lmeye.tables import TableReader
         from pipelines.instruct.images import key_of
@@ -96,7 +121,10 @@ def child(root: str, mode: str) -> None:
         out = {"entries": len(index)}
     else:  # baseline: the imports only
         import pipelines.instruct  # noqa: F401
-    out["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child started by a parent that had just
+    # built a large pairs table would report at least the parent's peak
+    out["driver_mib"] = peak_rss_mib(os.getpid())
+    out["maxrss_mib"] = max(out["driver_mib"], out.get("busiest_mib", 0.0))
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -136,7 +164,8 @@ def main() -> None:
             gen = time.perf_counter() - t0
             r = run_child(root, "stage")
             results.append((rows, r))
-            print(f"pairs {rows:>11,}: peak RSS {r['maxrss_mib']:7.0f} MiB, {r['seconds']:6.1f} s, "
+            print(f"pairs {rows:>11,}: peak RSS {r['maxrss_mib']:7.0f} MiB ({r['busiest']}; driver {r['driver_mib']:.0f} MiB), "
+                  f"{r['seconds']:6.1f} s, "
                   f"{r['rows_out']:,} rows out ({r['not_in_pairs']:,} records not in pairs); inputs made in {gen:.0f} s",
                   flush=True)
             if args.old_index and rows == sizes[0]:

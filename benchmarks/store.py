@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/store.py [--rows 200000] [--dim 512] [--lookups 1000] [--repeats 5]
     .venv/bin/python benchmarks/store.py --rows 10000000 --dim 768 --dir /tmp/x --free-parquet   # ~35 GB of disk at peak
 
-Measures, in one run on one synthetic `features` table (float16 embeddings, random uids):
+Measures, in one run on one synthetic `features` table (float16 embeddings, random uids, written
+as extraction writes its shards: zstd, dictionary encoding):
   * the serving copy's full build on first open, in a fresh child process: seconds and peak RSS
     (target <= 2 GB while building);
   * adding ``--add-rows`` rows (default: a tenth) as new shards and reopening: the rebuild makes
@@ -11,14 +12,19 @@ Measures, in one run on one synthetic `features` table (float16 embeddings, rand
   * random ``FeatureStore.get`` of ``--lookups`` uids against, on the same rows and uid samples,
     a pyarrow filter over the Parquet table (``uid in [...]``, up to 1M rows: it reads the whole
     column; target get >= 20x faster) and Lance ``take`` by position (pylance, the ``bench`` extra;
-    target get <= 1x Lance). Medians over ``--repeats`` fresh samples, first call reported too.
+    target get <= 1x Lance), cold (both copies' files evicted from the page cache before each
+    call) and warm (after an untimed call on the same uids), medians over ``--repeats`` samples.
 ``--free-parquet`` deletes the Parquet shards once the store is built and before the Lance copy is
 written (from the store's segments), so the run holds two copies of the vectors at a time, not three.
+With ``--dir``, a finished base table of the same size found there is reused (``--generate-only``
+writes it and stops); ``--reads-only`` reruns the read comparison on what a run left in ``--dir``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import multiprocessing as mp
 import os
 import resource
@@ -37,7 +43,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmeye.store import FeatureStore  # noqa: E402
-from lmeye.tables import TableWriter, shard_file  # noqa: E402
+from lmeye.tables import Manifest, TableWriter, shard_file  # noqa: E402
 from schemas.features import FEATURES, SUCCESS, features_schema  # noqa: E402
 
 GB = 1 << 30
@@ -51,16 +57,16 @@ def random_uids(rng: np.random.Generator, n: int) -> pa.Array:
 
 
 def write_shards(writer: TableWriter, schema: pa.Schema, first: int, rows: int, per: int, dim: int,
-                 rng: np.random.Generator, block: np.ndarray, want: np.ndarray) -> tuple[list[str], dict[int, str]]:
-    """Shards of ``per`` rows from global row ``first``; returns their names and the uids of rows in ``want``."""
-    names, picked = [], {}
+                 rng: np.random.Generator, block: np.ndarray) -> list[str]:
+    """Shards of ``per`` rows from global row ``first``, written as extraction writes them
+    (``TableWriter`` defaults: zstd, dictionary encoding); returns their names."""
+    names = []
     for start in range(first, first + rows, per):
         n = min(per, first + rows - start)
-        uids = random_uids(rng, n)
         vecs = np.roll(block[:n], start // per, axis=1)  # one random block, shifted per shard: distinct rows, fast
         table = pa.table(
             {
-                "uid": uids,
+                "uid": random_uids(rng, n),
                 "status": pa.array(np.full(n, SUCCESS, dtype=object), pa.string()),
                 "error_message": pa.nulls(n, pa.string()),
                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim),
@@ -70,9 +76,7 @@ def write_shards(writer: TableWriter, schema: pa.Schema, first: int, rows: int, 
         name = f"{start // per:05d}.parquet"
         writer.write(name, table)
         names.append(name)
-        hit = want[(want >= start) & (want < start + n)]
-        picked.update({int(i): uids[int(i - start)].as_py() for i in hit})
-    return names, picked
+    return names
 
 
 def peak_rss() -> int:
@@ -101,13 +105,38 @@ def open_in_child(path: str) -> tuple[float, int, int]:
     return out
 
 
-def timed(fn, repeats: int, samples: list) -> tuple[float, float, object]:
-    times, out = [], None
-    for i in range(repeats):
-        t = time.perf_counter()
-        out = fn(samples[i])
-        times.append(time.perf_counter() - t)
-    return times[0], statistics.median(times), out
+def drop_cache(files: list[str]) -> None:
+    """Evict ``files`` from the page cache (pages not mapped by any process): a cold read. Written
+    back first: the kernel keeps dirty pages, such as those of a copy just built."""
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def store_files(store: FeatureStore) -> list[str]:
+    """What a ``get`` of embeddings reads: the version's uid index and the segments' vectors."""
+    index = [os.path.join(store.serving_dir, f) for f in os.listdir(store.serving_dir) if f.endswith(".npy")]
+    return index + [f for f, _ in store.segment_files("embedding")]
+
+
+def lance_files(lpath: str) -> list[str]:
+    return [os.path.join(d, f) for d, _, fs in os.walk(lpath) for f in fs]
+
+
+def uids_at(store: FeatureStore, positions: np.ndarray) -> list[str]:
+    """The uids of the store's global rows ``positions`` (the segments laid end to end), from its segments."""
+    words = {c: np.concatenate([np.load(f, mmap_mode="r") for f, _ in store.segment_files(c)]) for c in ("uid_hi", "uid_lo")}
+    return [f"{int(h):016x}{int(lo):016x}" for h, lo in zip(words["uid_hi"][positions], words["uid_lo"][positions])]
+
+
+def table_is(path: str, names: list[str], rows: int) -> bool:
+    """Whether ``path`` already holds the finished base table of this run (``--dir`` reused)."""
+    m = Manifest.load(path)
+    return m is not None and m.complete and sorted(m.shards) == names and m.num_rows == rows
 
 
 def main() -> int:
@@ -118,11 +147,18 @@ def main() -> int:
     ap.add_argument("--shard-rows", type=int, default=100_000, help="rows per shard")
     ap.add_argument("--add-rows", type=int, default=None, help="rows added as new shards (default: rows / 10)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=3, help="of the uid samples (another one for a rerun: fresh rows)")
     ap.add_argument("--filter-baseline", action=argparse.BooleanOptionalAction, default=None,
                     help="time the pyarrow filter too (default: up to 1M rows)")
     ap.add_argument("--free-parquet", action="store_true", help="delete the Parquet shards before writing the Lance copy")
-    ap.add_argument("--dir", help="work directory (default: a temporary one, deleted at the end)")
+    ap.add_argument("--dir", help="work directory (default: a temporary one, deleted at the end); a finished "
+                    "base table of the same size found there is reused")
+    ap.add_argument("--generate-only", action="store_true", help="write the base table into --dir and stop")
+    ap.add_argument("--reads-only", action="store_true",
+                    help="only the read comparison, on the store and Lance copy a previous run left in --dir")
     args = ap.parse_args()
+    if (args.generate_only or args.reads_only) and not args.dir:
+        ap.error("--generate-only and --reads-only need --dir")
     work = args.dir or tempfile.mkdtemp(prefix="lingcloud-bench-store-")
     os.makedirs(work, exist_ok=True)
     try:
@@ -137,51 +173,76 @@ def run(args, work: str) -> int:
     rows, dim, per = args.rows, args.dim, min(args.shard_rows, args.rows)
     add = args.rows // 10 if args.add_rows is None else args.add_rows
     rng = np.random.default_rng(0)
-    block = rng.standard_normal((per, dim)).astype(np.float16)
-    want = rng.choice(rows, args.lookups * args.repeats, replace=False)
     schema = features_schema(dim, "float16", None, {"model": "bench", "dtype": "float16", "embed_dim": str(dim)})
     config = {"bench": 0, "rows": rows, "dim": dim, "per": per}
+    names = [f"{i:05d}.parquet" for i in range((rows + per - 1) // per)]
 
-    t = time.perf_counter()
-    writer = TableWriter(path, FEATURES, config=config, overwrite=True)
-    names, picked = write_shards(writer, schema, 0, rows, per, dim, rng, block, want)
-    writer.finalize(names, stats={}, metadata={"model": "bench"})
-    print(f"table: {rows:,} rows x {dim} float16 in {len(names)} shards ({time.perf_counter() - t:.1f}s) at {path}")
-    samples = [[picked[int(i)] for i in want[k * args.lookups:(k + 1) * args.lookups]] for k in range(args.repeats)]
-    positions = [want[k * args.lookups:(k + 1) * args.lookups].tolist() for k in range(args.repeats)]
+    if not args.reads_only:
+        if table_is(path, names, rows):
+            print(f"table: {rows:,} rows x {dim} float16 in {len(names)} shards, reused from {path}")
+        else:
+            block = rng.standard_normal((per, dim)).astype(np.float16)
+            t = time.perf_counter()
+            writer = TableWriter(path, FEATURES, config=config, overwrite=True)
+            names = write_shards(writer, schema, 0, rows, per, dim, rng, block)
+            writer.finalize(names, stats={}, metadata={"model": "bench"})
+            print(f"table: {rows:,} rows x {dim} float16 in {len(names)} shards ({time.perf_counter() - t:.1f}s) at {path}",
+                  flush=True)
+        if args.generate_only:
+            return 0
+        shutil.rmtree(os.path.join(path, "_serving"), ignore_errors=True)  # a reused table's copy: built afresh
 
-    full_s, full_rss, served = open_in_child(path)
-    print(f"serving copy, full build on first open: {full_s:.1f}s, peak RSS {full_rss / GB:.2f} GB (target <= 2 GB), {served:,} rows")
+        full_s, full_rss, served = open_in_child(path)
+        print(f"serving copy, full build on first open: {full_s:.1f}s, peak RSS {full_rss / GB:.2f} GB (target <= 2 GB), "
+              f"{served:,} rows", flush=True)
 
-    t = time.perf_counter()
-    writer = TableWriter(path, FEATURES, config=config)  # same config: the finished shards are kept
-    added, _ = write_shards(writer, schema, rows, add, per, dim, rng, block, np.zeros(0, np.int64))
-    writer.finalize(names + added, stats={}, metadata={"model": "bench"})
-    print(f"added {add:,} rows as {len(added)} new shards ({time.perf_counter() - t:.1f}s)")
-    inc_s, inc_rss, served = open_in_child(path)
+        t = time.perf_counter()
+        writer = TableWriter(path, FEATURES, config=config)  # same config: the finished shards are kept
+        block = np.random.default_rng(1).standard_normal((per, dim)).astype(np.float16)
+        added = write_shards(writer, schema, rows, add, per, dim, np.random.default_rng(2), block)
+        writer.finalize(names + added, stats={}, metadata={"model": "bench"})
+        print(f"added {add:,} rows as {len(added)} new shards ({time.perf_counter() - t:.1f}s)")
+        inc_s, inc_rss, served = open_in_child(path)
+        store = FeatureStore.open(path)
+        built = store.info()["segments_built"]
+        print(f"serving copy after the addition: {inc_s:.1f}s, peak RSS {inc_rss / GB:.2f} GB, {served:,} rows, "
+              f"{built} segment(s) built: {inc_s / full_s:.3f}x the full build (target <= 0.2)", flush=True)
+        assert built == len(added) and served == rows + add
+
+        t = time.perf_counter()
+        FeatureStore.open(path)
+        print(f"reopen (copy in step with the manifest): {(time.perf_counter() - t) * 1e3:.1f} ms")
+        print(f"disk: Parquet table {du(path, skip='_serving') / GB:.2f} GB, "
+              f"serving copy {du(os.path.join(path, '_serving')) / GB:.2f} GB")
     store = FeatureStore.open(path)
-    built = store.info()["segments_built"]
-    print(f"serving copy after the addition: {inc_s:.1f}s, peak RSS {inc_rss / GB:.2f} GB, {served:,} rows, "
-          f"{built} segment(s) built: {inc_s / full_s:.3f}x the full build (target <= 0.2)")
-    assert built == len(added) and served == rows + add
+    served = store.num_rows
 
-    t = time.perf_counter()
-    FeatureStore.open(path)
-    print(f"reopen (copy in step with the manifest): {(time.perf_counter() - t) * 1e3:.1f} ms")
+    states = ("cold", "cold vectors", "warm")
+    n_samples = args.repeats * len(states)  # every state its own rows: none read before (the disk may cache too)
+    want = np.random.default_rng(args.seed).choice(served, args.lookups * n_samples, replace=False)
+    positions = [want[k * args.lookups:(k + 1) * args.lookups] for k in range(n_samples)]
+    samples = [uids_at(store, p) for p in positions]
 
     def ours(sample):
         return store.get(sample)["embedding"]
 
-    if args.filter_baseline if args.filter_baseline is not None else rows <= 1_000_000:
+    if not args.reads_only and (args.filter_baseline if args.filter_baseline is not None else rows <= 1_000_000):
         def baseline(sample):
             return pq.read_table(path, columns=["uid", "embedding"], filters=pc.field("uid").isin(sample))
 
-        b_first, b_med, b_out = timed(baseline, args.repeats, samples)
-        o_first, o_med, o_out = timed(ours, args.repeats, samples)
+        b_t, o_t = [], []
+        for sample in samples:
+            t = time.perf_counter()
+            b_out = baseline(sample)
+            b_t.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            o_out = ours(sample)
+            o_t.append(time.perf_counter() - t)
         got = dict(zip(b_out["uid"].to_pylist(), b_out["embedding"].to_pylist()))
         assert all(np.array_equal(np.asarray(got[u], np.float16), o_out[i]) for i, u in enumerate(samples[-1]))
-        print(f"pyarrow filter over the Parquet table:    median {b_med * 1e3:8.1f} ms (first {b_first * 1e3:.1f} ms)")
-        print(f"FeatureStore.get of {args.lookups} uids:           median {o_med * 1e3:8.2f} ms (first {o_first * 1e3:.2f} ms)")
+        b_med, o_med = statistics.median(b_t), statistics.median(o_t)
+        print(f"pyarrow filter over the Parquet table:    median {b_med * 1e3:8.1f} ms")
+        print(f"FeatureStore.get of {args.lookups} uids:           median {o_med * 1e3:8.2f} ms")
         print(f"  get speed-up vs filter: {b_med / o_med:.0f}x (target >= 20x)")
 
     try:
@@ -189,38 +250,71 @@ def run(args, work: str) -> int:
     except ImportError:
         print("Lance: pylance not installed; skipped (pip install -e '.[bench]')")
         return report_rss()
-    if args.free_parquet:
-        for name in names + added:
-            os.remove(os.path.join(path, shard_file(name)))
-        print("Parquet shards deleted (--free-parquet); Lance is written from the store's segments")
     lpath = os.path.join(work, "features.lance")
-    t = time.perf_counter()
-    lance.write_dataset(segment_batches(store, dim), lpath, schema=pa.schema([pa.field("embedding", pa.list_(pa.float16(), dim))]),
-                        mode="overwrite")
-    ds = lance.dataset(lpath)
-    print(f"Lance copy of the same {ds.count_rows():,} rows, in the store's row order ({time.perf_counter() - t:.1f}s)")
+    if args.reads_only and os.path.isdir(lpath) and lance.dataset(lpath).count_rows() == served:
+        ds = lance.dataset(lpath)
+        print(f"Lance copy of the same {served:,} rows reused from {lpath}")
+    else:
+        if args.free_parquet:
+            for name in Manifest.load(path).shards:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(path, shard_file(name)))
+            print("Parquet shards deleted (--free-parquet); Lance is written from the store's segments")
+        t = time.perf_counter()
+        lance.write_dataset(segment_batches(store, dim), lpath, mode="overwrite",
+                            schema=pa.schema([pa.field("embedding", pa.list_(pa.float16(), dim))]))
+        ds = lance.dataset(lpath)
+        print(f"Lance copy of the same {ds.count_rows():,} rows, in the store's row order ({time.perf_counter() - t:.1f}s), "
+              f"{du(lpath) / GB:.2f} GB", flush=True)
 
     def lance_take(pos):
-        return ds.take(pos, columns=["embedding"])
+        return ds.take(pos.tolist(), columns=["embedding"])
 
-    # alternated, each on a fresh sample: neither side reads pages the other's call brought in
-    ours_t, lance_t = [], []
-    for k in range(args.repeats):
-        t = time.perf_counter()
-        o_out = ours(samples[k])
-        ours_t.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        l_out = lance_take(positions[k])
-        lance_t.append(time.perf_counter() - t)
-        # the same vectors either way (base rows keep their generation order as the store's row numbers)
+    def same(o_out, l_out) -> None:  # the same vectors either way: Lance rows are the store's row numbers
         taken = l_out.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
         assert np.array_equal(taken, o_out)
-    o_med, l_med = statistics.median(ours_t), statistics.median(lance_t)
-    print(f"FeatureStore.get of {args.lookups} uids:           median {o_med * 1e3:8.2f} ms (first {ours_t[0] * 1e3:.2f} ms)")
-    print(f"Lance take of {args.lookups} rows (positions given): median {l_med * 1e3:8.2f} ms (first {lance_t[0] * 1e3:.2f} ms)")
-    print(f"  get / Lance take: {o_med / l_med:.2f}x (target <= 1x), per repeat: "
-          + ", ".join(f"{a / b:.2f}" for a, b in zip(ours_t, lance_t)))
+
+    index = [f for f in store_files(store) if f.startswith(store.serving_dir)]
+    for s_i, state in enumerate(states):
+        # cold: both copies' files evicted from the page cache before each call (the store reopened
+        # first, untimed, so that none of its pages stay mapped); cold vectors: the same, but the
+        # store's uid index (24 bytes a row, 1.6% of a 768-d float16 copy; Lance's take is given
+        # positions and looks nothing up) is read into the cache first, as on a node that serves;
+        # warm: each call after an untimed one on the same sample. Lance keeps its open dataset
+        ours_t, lance_t = [], []
+        for k in range(s_i * args.repeats, (s_i + 1) * args.repeats):
+            if state != "warm":
+                store = None
+                gc.collect()
+                store = FeatureStore.open(path)
+                drop_cache(store_files(store) + lance_files(lpath))
+                if state == "cold vectors":
+                    for f in index:
+                        with open(f, "rb") as fh:
+                            while fh.read(1 << 24):
+                                pass
+            else:
+                ours(samples[k]), lance_take(positions[k])
+            for side in ((0, 1) if k % 2 == 0 else (1, 0)):  # who goes first alternates: a shared disk's queue
+                t = time.perf_counter()
+                if side == 0:
+                    o_out = ours(samples[k])
+                    ours_t.append(time.perf_counter() - t)
+                else:
+                    l_out = lance_take(positions[k])
+                    lance_t.append(time.perf_counter() - t)
+            same(o_out, l_out)
+        o_med, l_med = statistics.median(ours_t), statistics.median(lance_t)
+        print(f"{state}: FeatureStore.get of {args.lookups} uids median {o_med * 1e3:.2f} ms, Lance take of the same rows "
+              f"(positions given) median {l_med * 1e3:.2f} ms: get / take {o_med / l_med:.2f}x (target <= 1x); per repeat "
+              + ", ".join(f"{a * 1e3:.1f}/{b * 1e3:.1f}" for a, b in zip(ours_t, lance_t)) + " ms", flush=True)
     return report_rss()
+
+
+def du(folder: str, skip: str = "") -> int:
+    """Bytes of the files under ``folder`` (not under its subfolder ``skip``)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, sub, fs in os.walk(folder)
+               for f in fs if not (skip and os.path.relpath(d, folder).split(os.sep)[0] == skip))
 
 
 def segment_batches(store: FeatureStore, dim: int, chunk: int = 65536):

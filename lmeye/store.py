@@ -10,12 +10,15 @@ from it on first open and keeps in step with the manifest. It has two parts:
   in the table's own encoding: int8 stays int8 on disk and is dequantised per ``get``). A
   segment never changes, so every version whose manifest lists that shard shares it: a table
   that gained shards builds only theirs.
-* an **index** per version, ``_serving/<version>/``: every successful row's uid sorted by
-  (hi, lo) in ``uid_hi.npy`` / ``uid_lo.npy`` (16 bytes a row, memory-mapped, searched with
-  ``np.searchsorted`` on ``hi``; ties, ~3 in 10^10 rows, resolved on ``lo``), ``row.npy`` (its
-  row in the segments laid end to end, 8 bytes) and ``meta.json`` (the segments in order, column
-  shapes and encodings, the model metadata). No Python object per row: 100M rows are a 2.4 GB
-  index of which a lookup touches a few pages. Rebuilding it reads the segments' uids only.
+* an **index** per version, ``_serving/<version>/``: ``uid_index.npy``, every successful row as
+  a record (uid hi, uid lo, its row in the segments laid end to end; 24 bytes) sorted by
+  (hi, lo), memory-mapped; ``uid_fence.npy``, every ``FENCE_ROWS``-th record's hi, read into
+  memory at open (10M rows: 1.25 MB), which narrows a uid to one block of ``FENCE_ROWS`` records
+  (1.5 KB, 1.4 pages on average): a cold lookup reads that block and the row's vector, where a
+  binary search over the whole index would fault in ~log2(N) pages one after another.
+  Ties on hi (~3 in 10^10 rows) are resolved on lo. ``meta.json`` has the segments in order,
+  column shapes and encodings, the model metadata. No Python object per row: 100M rows are a
+  2.4 GB index of which a lookup touches a page or two. Rebuilding it reads the segments' uids only.
 
 Building streams one shard at a time (memory grows with the shard, not the table) and sorts
 only the uid keys (24 bytes a row in memory at peak, about 3x that briefly while sorting).
@@ -47,7 +50,6 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Optional, Sequence
 
@@ -60,7 +62,7 @@ import pyarrow.parquet as pq
 from lmeye.patch_codec import PatchCodec, codec
 from lmeye.report import sum_counts
 from lmeye.tables import Manifest, TableReader, is_local
-from lmeye.uid import UID_KEY, UID_LEN, key_order, key_to_uid, locate, uid_keys
+from lmeye.uid import UID_KEY, UID_LEN, key_order, key_to_uid, uid_keys
 from schemas import SchemaError
 from schemas.features import FEATURES, SUCCESS, VALUE_TYPES, patch_encoding_of, patch_pool_of, patch_shape_of
 
@@ -69,6 +71,13 @@ SEGMENTS = ".segments"  # a dot: not a version, and skipped by whoever lists ver
 VECTOR_COLUMNS = ("embedding", "patch_tokens")  # what get() serves
 STORED_COLUMNS = ("embedding", "patch_tokens", "patch_scales")  # what a segment holds
 FORMAT = 3  # serving-copy layout version (2: 128-bit uids as uid_hi/uid_lo; 3: per-shard segments, compact patch tokens)
+# the per-version index's layout (1: uid_hi/uid_lo/row.npy, binary-searched whole; 2: records and a
+# fence): a copy with another one gets a new index on open, from its segments (no Parquet row read)
+INDEX_FORMAT = 2
+INDEX_RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("row", "<i8")])
+# records per fence entry (recorded in meta.json): a smaller block is fewer pages read per cold
+# lookup (64: 1.4 on average, 170: 2), a larger one a smaller fence in each process's memory
+FENCE_ROWS = 64
 SEGMENT_GRACE_S = 3600  # an unreferenced segment younger than this may be another builder's: not pruned yet
 VERSION_LEN = 16
 _VERSION_RE = re.compile(rf"[0-9a-f]{{{VERSION_LEN}}}")
@@ -121,22 +130,37 @@ class FeatureBatch(Mapping):
         return [u for u, ok in zip(self.uids, self.found) if not ok]
 
 
-READ_CHUNK = 64  # rows a reader thread gathers at a time
-READ_THREADS = 16
-_POOL: Optional[ThreadPoolExecutor] = None
+READ_GAP_PAGES = 2  # pages between two rows' that a read-ahead request reads through
 
 
-def _read_pool() -> ThreadPoolExecutor:
-    """One pool of reader threads per process (threads wait on page faults, not on the CPU)."""
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lingcloud-store-read")
-    return _POOL
+@dataclass
+class _Mapped:
+    """A read-only memory map of an ``.npy`` array (``array``), advised for random access: a gather
+    touches a few rows a page apart, and the kernel's default read-around would fetch ~100 KB per
+    fault. ``prefetch`` asks the kernel to start reading rows' pages all at once (MADV_WILLNEED
+    queues the reads without waiting), so a cold gather waits for its reads together, not in turn."""
+
+    array: np.ndarray
+    mm: Optional[mmap.mmap] = None
+    offset: int = 0  # of the array's first byte in the file
+
+    def prefetch(self, first: np.ndarray, count: int = 1) -> None:
+        """Start reading the pages of rows ``first[i] .. first[i] + count - 1``, for each i."""
+        if self.mm is None or not hasattr(mmap, "MADV_WILLNEED") or first.size == 0:
+            return
+        width = self.array.strides[0]
+        first = np.sort(np.asarray(first, np.int64))
+        lo = (self.offset + first * width) // mmap.PAGESIZE
+        hi = np.maximum.accumulate((self.offset + (first + count) * width - 1) // mmap.PAGESIZE)
+        # one request per run of pages at most READ_GAP_PAGES apart: a few pages more, far fewer calls
+        new = np.concatenate([[True], lo[1:] > hi[:-1] + 1 + READ_GAP_PAGES])
+        lo, hi = lo[new], hi[np.concatenate([np.flatnonzero(new)[1:] - 1, [hi.size - 1]])]
+        for a, b in zip(lo.tolist(), hi.tolist()):
+            start = a * mmap.PAGESIZE  # the file's last page may be partial
+            self.mm.madvise(mmap.MADV_WILLNEED, start, min((b + 1) * mmap.PAGESIZE, len(self.mm)) - start)
 
 
-def _load(path: str) -> np.ndarray:
-    """A read-only memory map of an ``.npy`` file, advised for random access: a gather touches a
-    few rows a page apart, and the kernel's default read-around would fetch ~100 KB per fault."""
+def _load(path: str) -> _Mapped:
     with open(path, "rb") as f:
         major, _ = np.lib.format.read_magic(f)
         read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
@@ -145,11 +169,11 @@ def _load(path: str) -> np.ndarray:
         if fortran or dtype.hasobject:
             raise SchemaError(f"{path}: not a serving-copy array")
         if int(np.prod(shape)) == 0:  # an empty array cannot be memory-mapped
-            return np.zeros(shape, dtype)
+            return _Mapped(np.zeros(shape, dtype))
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
         mm.madvise(mmap.MADV_RANDOM)
-    return np.ndarray(shape, dtype, buffer=mm, offset=offset)
+    return _Mapped(np.ndarray(shape, dtype, buffer=mm, offset=offset), mm, offset)
 
 
 def _default_serving_root(path: str, cache_dir: Optional[str]) -> str:
@@ -171,9 +195,10 @@ class FeatureStore:
         self._meta = meta
         self.version: str = meta["version"]
         self.current = current  # False: a pinned older version served from its kept copy
-        self._hi = _load(os.path.join(serving_dir, "uid_hi.npy"))
-        self._lo = _load(os.path.join(serving_dir, "uid_lo.npy"))
-        self._row = _load(os.path.join(serving_dir, "row.npy"))
+        self._index_map = _load(os.path.join(serving_dir, "uid_index.npy"))
+        self._index = self._index_map.array
+        self._fence = np.load(os.path.join(serving_dir, "uid_fence.npy"))
+        self._fence_rows = int(meta["fence_rows"])
         seg_root = os.path.join(os.path.dirname(serving_dir), SEGMENTS)
         segs = meta["segments"]
         stored = [c for c in STORED_COLUMNS if c in meta["stored"]]
@@ -262,7 +287,7 @@ class FeatureStore:
     @property
     def num_rows(self) -> int:
         """Rows served (successful rows)."""
-        return int(self._hi.shape[0])
+        return int(self._index.shape[0])
 
     def __len__(self) -> int:
         return self.num_rows
@@ -289,9 +314,13 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ reads
     def _locate(self, uids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(row in the segments, found) per uid: each uid's block of the index is read ahead, all
+        at once, then searched (cold: about one disk read's wait for all of them)."""
         keys, valid = uid_keys(uids)
-        pos, found = locate(self._hi, self._lo, keys)
-        return pos, found & valid
+        base = _blocks(self._fence, self._fence_rows, keys)
+        self._index_map.prefetch(base, self._fence_rows)
+        rows, found = _find(self._index, base, self._fence_rows, keys)
+        return rows, found & valid
 
     def contains(self, uids: Sequence[str]) -> np.ndarray:
         """Boolean mask: which uids are served."""
@@ -319,10 +348,10 @@ class FeatureStore:
                 raise KeyError(f"column {c!r} is not in {self.path} (has: {', '.join(self._meta['columns'])})")
         if on_missing not in ("raise", "mask"):
             raise ValueError(f"on_missing must be 'raise' or 'mask', not {on_missing!r}")
-        pos, found = self._locate(uids)
+        rows, found = self._locate(uids)
         if on_missing == "raise" and not found.all():
             raise MissingUidError([u for u, ok in zip(uids, found) if not ok], f"{self.path} (version {self.version})")
-        rows = np.asarray(self._row[pos[found]])
+        rows = rows[found]
         stored = set(columns) | ({"patch_scales"} if "patch_tokens" in columns and self._codec and self._codec.scaled else set())
         taken = self._gather(rows, [c for c in STORED_COLUMNS if c in stored])
         out: dict[str, np.ndarray] = {}
@@ -345,23 +374,52 @@ class FeatureStore:
         cuts = np.flatnonzero(np.diff(seg)) + 1
         spec = self._meta["stored"]
         out = {c: np.empty((rows.size, spec[c]["width"]), dtype=spec[c]["dtype"]) for c in columns}
-        # runs of rows in one segment, cut to READ_CHUNK rows: read concurrently, since a cold row is
-        # a page fault (a disk read) and numpy copies without the GIL, so threads overlap the reads
-        runs = [(a, min(a + READ_CHUNK, b)) for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [srt.size]]))
-                for a in range(int(a), int(b), READ_CHUNK)]
-
-        def read(run: tuple[int, int]) -> None:
-            a, b = run
-            k = int(seg[a])
-            local, dest = srt[a:b] - self._offsets[k], order[a:b]
+        local = srt - self._offsets[seg]
+        starts, ends = np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [srt.size]]).tolist()
+        by_seg = list(zip(starts, ends)) if srt.size else []
+        for a, b in by_seg:  # every read queued first, then gathered: the reads overlap
             for c in columns:
-                out[c][dest] = self._segs[k][c][local]
-
-        if len(runs) > 1:
-            list(_read_pool().map(read, runs))
-        elif runs:
-            read(runs[0])
+                self._segs[int(seg[a])][c].prefetch(local[a:b])
+        for a, b in by_seg:
+            for c in columns:
+                out[c][order[a:b]] = self._segs[int(seg[a])][c].array[local[a:b]]
         return out
+
+
+def _blocks(fence: np.ndarray, every: int, keys: np.ndarray) -> np.ndarray:
+    """Per ``UID_KEY``, the first record of its block: ``fence`` is ``index["hi"][::every]`` (in
+    memory); with ``j`` the first fence entry >= the key's hi, the first record whose hi is >= it
+    lies in ``((j - 1) * every, j * every]``, and the last of those is ``fence[j]`` itself: only
+    the ``every`` records from the returned one need reading ahead."""
+    return np.maximum(np.searchsorted(fence, keys["hi"], side="left") - 1, 0) * every
+
+
+def _find(index: np.ndarray, base: np.ndarray, every: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, found) of each ``UID_KEY`` in ``index`` (``INDEX_RECORD``s sorted by (hi, lo)), each
+    searched for in its block from ``_blocks``: a vectorised bisection, ~8 steps, within a page or two."""
+    n = index.shape[0]
+    if n == 0 or keys.size == 0:
+        return np.zeros(keys.size, np.int64), np.zeros(keys.size, bool)
+    hi, lo = keys["hi"], keys["lo"]
+    his = index["hi"]
+    a, b = base.copy(), np.minimum(base + every, n)  # the first hi >= the key's is at a position in [a, b]
+    while True:
+        open_ = a < b
+        if not open_.any():
+            break
+        mid = (a + b) // 2
+        less = open_ & (his[np.minimum(mid, n - 1)] < hi)
+        a = np.where(less, mid + 1, a)
+        b = np.where(open_ & ~less, mid, b)
+    pos = a
+    tie = (pos + 1 < n) & (his[np.minimum(pos + 1, n - 1)] == hi)
+    for i in np.flatnonzero(tie):  # records sharing the top 64 bits: rare, resolve on lo
+        end = int(pos[i]) + 1
+        while end < n and his[end] == hi[i]:
+            end += 1
+        pos[i] += np.searchsorted(np.asarray(index["lo"][pos[i]:end]), lo[i])
+    rec = index[np.minimum(pos, n - 1)]
+    return rec["row"], (pos < n) & (rec["hi"] == hi) & (rec["lo"] == lo)
 
 
 # ---------------------------------------------------------------------- serving copies
@@ -374,7 +432,7 @@ def _read_meta(directory: str) -> Optional[dict[str, Any]]:
             meta = json.load(f)
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") != FORMAT or meta.get("index_format") != INDEX_FORMAT:
         return None
     seg_root = os.path.join(os.path.dirname(directory), SEGMENTS)
     if not all(os.path.isdir(os.path.join(seg_root, sid)) for sid, _ in meta["segments"]):
@@ -530,15 +588,16 @@ def _write_index(reader: TableReader, seg_root: str, sids: list[str], folder: st
     keys["hi"], keys["lo"] = hi, lo
     del hi, lo
     row = key_order(keys)
-    hi, lo = keys["hi"][row], keys["lo"][row]
-    del keys
+    index = np.empty(row.size, INDEX_RECORD)
+    index["hi"], index["lo"], index["row"] = keys["hi"][row], keys["lo"][row], row
+    del keys, row
+    hi, lo = index["hi"], index["lo"]
     if hi.size > 1:
         dup = np.flatnonzero((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1]))
         if dup.size:
             raise SchemaError(f"{reader.path}: uid {key_to_uid(hi[dup[0]], lo[dup[0]])} appears in more than one successful row")
-    np.save(os.path.join(folder, "uid_hi.npy"), hi)
-    np.save(os.path.join(folder, "uid_lo.npy"), lo)
-    np.save(os.path.join(folder, "row.npy"), row.astype(np.int64, copy=False))
+    np.save(os.path.join(folder, "uid_index.npy"), index)
+    np.save(os.path.join(folder, "uid_fence.npy"), np.ascontiguousarray(hi[::FENCE_ROWS]))  # FENCE_ROWS goes in meta.json
     return int(hi.size)
 
 
@@ -574,6 +633,8 @@ def _build(reader: TableReader, version: str, root: str) -> None:
             }
         meta = {
             "format": FORMAT,
+            "index_format": INDEX_FORMAT,
+            "fence_rows": FENCE_ROWS,
             "version": version,
             "table": reader.path,
             "rows": total,
@@ -589,8 +650,13 @@ def _build(reader: TableReader, version: str, root: str) -> None:
         }
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
+        final = os.path.join(root, version)
+        if os.path.isdir(final) and _read_meta(final) is None:  # an older index layout, or it lost a segment
+            stale = os.path.join(root, f".tmp-stale-{version}-{uuid.uuid4().hex[:8]}")
+            os.rename(final, stale)  # a reader still mapping its files keeps them until it closes
+            shutil.rmtree(stale, ignore_errors=True)
         try:
-            os.rename(tmp, os.path.join(root, version))
+            os.rename(tmp, final)
         except OSError:  # another process finished the same copy first: keep theirs
             if _read_meta(os.path.join(root, version)) is None:
                 raise

@@ -11,7 +11,7 @@ silently drops a different image as a duplicate); 128 bits gives ~1.5e-19.
 In memory a uid is a key of two ``uint64`` (``UID_KEY``: ``hi`` = the first 16 hex characters,
 ``lo`` = the last 16), so the lexicographic order of the hex strings is the order of
 ``(hi, lo)``. numpy's own sort of a structured array is slow (a generic comparison per element),
-so ``key_order`` and ``locate`` work on the ``hi`` words and only resolve the rare ties on ``lo``
+so ``key_order`` (and the feature store's lookup, ``lmeye.store``) work on the ``hi`` words and only resolve the rare ties on ``lo``
 (two different uids share their top 64 bits about 3 times in 10^10 rows).
 """
 
@@ -95,22 +95,3 @@ def key_order(keys: np.ndarray) -> np.ndarray:
     if s.size > 1 and (s[1:] == s[:-1]).any():  # duplicates or a shared top half: exact order
         order = np.lexsort((keys["lo"], hi))
     return order
-
-
-def locate(sorted_hi: np.ndarray, sorted_lo: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of ``keys`` in a table sorted by (hi, lo) given as two arrays, and which are present.
-
-    ``sorted_hi`` / ``sorted_lo`` may be memory maps: only ~log2(N) pages are touched per key.
-    """
-    n = sorted_hi.shape[0]
-    if n == 0:
-        return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
-    hi, lo = keys["hi"], keys["lo"]
-    left = np.searchsorted(sorted_hi, hi, side="left")
-    right = np.searchsorted(sorted_hi, hi, side="right")
-    pos = left.astype(np.int64)
-    for i in np.flatnonzero(right - left > 1):  # rows sharing the top 64 bits: rare, resolve on lo
-        pos[i] = left[i] + np.searchsorted(np.asarray(sorted_lo[left[i] : right[i]]), lo[i])
-    pos = np.minimum(pos, n - 1)
-    found = (np.asarray(sorted_hi[pos]) == hi) & (np.asarray(sorted_lo[pos]) == lo)
-    return pos, found

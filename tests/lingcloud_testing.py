@@ -246,3 +246,39 @@ def committed_manifest(table: str | os.PathLike) -> dict:
     except SchemaError:  # a journal line being written
         return {}
     return json.loads(manifest.to_json()) if manifest is not None else {}
+
+
+def process_io() -> dict[str, int]:
+    """This process's I/O counters (``/proc/self/io``), to measure what passes through a driver.
+
+    ``rchar``/``wchar`` count the bytes of every read()/write() call: files (table shards, spill
+    files, manifests, configs, and the ``.py`` files of a lazy import), pipes and sockets read or
+    written with read()/write(). They do not count mmap (Arrow's memory-mapped files, Ray's object
+    store) or sendmsg/recvmsg (gRPC, which carries Ray's task calls and small results).
+    ``read_bytes``/``write_bytes`` count only what reached the disk, so a read served from the
+    page cache counts 0: of the two pairs, rchar/wchar is the honest upper bound of the bytes a
+    process moved through files."""
+    counters = {}
+    with open("/proc/self/io") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            counters[key] = int(value)
+    return counters
+
+
+def io_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in ("rchar", "wchar")}
+
+
+def write_vqa_file(path: str | Path, images: list[str], records: int, seed: int = 0) -> str:
+    """A VQA JSON list of ``records`` distinct question/answer records over ``images`` (names),
+    with random hex in both (about 100 bytes a record that compression cannot shrink), so an
+    instructions table built from it is big in bytes for its rows."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    recs = [{"image": images[i % len(images)], "question": f"What does code {rng.getrandbits(128):032x} say?",
+             "answer": f"{rng.getrandbits(192):048x}"} for i in range(records)]
+    Path(path).write_text(json.dumps(recs))
+    return str(path)

@@ -167,7 +167,7 @@ class InstructConfig(Section):
                                      "fails (its fields or image_key do not fit the data) instead of yielding no rows")
     partition_mb: float = Field(64, gt=0, description="target size of a partition in MiB (the unit held in memory; more input, more partitions)")
     chunk_rows: int = Field(50_000, gt=0, description="rows built in Python before they are spilled")
-    tmp_dir: Optional[str] = Field(None, description="local folder for spill files; default the system temp folder")
+    tmp_dir: Optional[str] = Field(None, description="local folder for spill files, on the node that runs the spill task; default its system temp folder")
     export_hf: Optional[str] = Field(None, description="also write a HF DatasetDict (save_to_disk) here")
     allow_incomplete: bool = Field(
         False, description="read the finished shards of an unfinished pairs/features table (said in the summary and manifest)"

@@ -65,13 +65,14 @@ def demo_conversations(num_images: int = CORPUS_IMAGES, seed: int = SEED, format
 
     from lmeye.demo.corpus import generate_items, qa_pairs
     from lmeye.templates import CAPTIONS
-    from pipelines.instruct.formats import AnswerPool, Formatter
+    from pipelines.instruct.formats import NEEDS_POOL, AnswerPool, Formatter
 
     # the plain caption tasks (grounded QA is nested per fact kind; the corpus's own QA covers it)
     tasks = {k: v for k, v in yaml.safe_load(CAPTIONS.read_text()).items() if "responses" in v}
     rng = random.Random(seed)
     items = generate_items(num_images, seed)
-    pool = AnswerPool(((qa["question"], qa["answer"]) for item in items for qa in qa_pairs(item)), words=3)
+    pool = (AnswerPool(((qa["question"], qa["answer"]) for item in items for qa in qa_pairs(item)), words=3)
+            if set(formats) & set(NEEDS_POOL) else None)  # plain needs no other answers
     formatters = [Formatter({f: 1.0}, pool, seed, f"demo-llm-{f}") for f in formats]
     convs = []
     for i, item in enumerate(items):

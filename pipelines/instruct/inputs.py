@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from lmeye.config import Config
 from lmeye.config.instruct import InstructConfig
 from lmeye.spill import Spill
-from lmeye.tables import Manifest, TableReader, open_table
+from lmeye.tables import MANIFEST, TableReader, open_table
 from pipelines.instruct.jsonio import list_files
 from pipelines.instruct.partition import FEAT_SCHEMA, Placement, uid_keys
 from schemas.features import FEATURES
@@ -58,7 +58,8 @@ class InputTables:
         key = (path, table.name)
         if key not in self.opened:
             fs, root = fsspec.core.url_to_fs(path)
-            if not fs.isfile(root) and Manifest.load(path) is None:
+            # a stat, not a read: open_table reads the manifest (once; at scale it is MBs)
+            if not fs.isfile(root) and not fs.exists(root.rstrip("/") + "/" + MANIFEST):
                 raise FileNotFoundError(f"{what}: no {table.name} table at {path}; {hint}")
             self.opened[key] = open_table(path, table, allow_incomplete=self.allow_incomplete)
         return self.opened[key]

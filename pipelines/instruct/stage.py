@@ -4,21 +4,23 @@
 templates, VQA question/answer sets, LLaVA conversations, LMEyeMID records), maps every image
 reference to a uid, and writes the `instructions` table (``schemas.instructions``).
 
-How it streams (memory does not grow with the input):
+How it streams (memory does not grow with the input), and where (``work``: the driver handles
+metadata only; Ray tasks read the sources and write the shards):
 
-1. *Spill.* Sources are read one record at a time (JSON is decoded element by element) and
+1. *Spill* (one Ray task, ``work.spill_inputs``). Sources are read one record at a time (JSON is decoded element by element) and
    turned into rows in chunks of ``chunk_rows``. Each chunk is hash-partitioned by uid into P
    local Arrow IPC files. P grows with the input (``partition_mb`` per partition), so one
    partition's rows are bounded. The uids of the features table are spilled to the same P
-   partitions.
-2. *Per partition* (everything about one image is in one partition): drop rows whose image has
+   partitions. The files are local to the task's node.
+2. *Per partition* (one Ray task per partition on that node, ``work.build_partition``; everything about one image is in one partition): drop rows whose image has
    no features (a text-only row has no image and needs none), with ``instruct.curation`` rows
    whose image the curation table does not keep (``curation``), drop exact duplicates (same uid
    and same conversation; the earlier source in the config, then the earlier record, wins),
    shuffle with the seed, and write a ``train-`` and a ``validation-`` shard with
-   ``TableWriter`` (atomic shards, manifest). A side without rows gets no shard; the last shard
-   a partition writes records the partition's names and stats, which is how a rerun knows the
-   partition is finished.
+   ``write_shard`` (atomic shards). The task returns their ``ShardInfo`` and the driver records
+   them in the manifest (``TableWriter.record``) as each task returns. A side without rows gets
+   no shard; the last shard a partition writes records the partition's names and stats, which
+   is how a rerun knows the partition is finished.
 
 The split is by uid: validation iff ``mix(uid, split_seed) mod 10000 < val_fraction * 10000``,
 so no image is on both sides. Shuffling: the partition of a row is a hash of its uid (a random
@@ -36,10 +38,15 @@ and in the manifest's ``stats.incomplete_inputs``.
 Resume: a rerun whose config and inputs match a complete table does nothing; after a killed
 run, partitions whose shards are finished are not rewritten.
 
-Runs on the driver alone (no Ray needed): the work is parsing and hashing, and the
-per-partition step is bounded, so one process meets the benchmark on two cores.
+The driver reads manifests, file sizes and the templates file (for the fingerprints), the
+spill task's accounting and the partition tasks' shard records; it never reads a source file or
+a spilled row, and never writes a shard (``tests/test_multinode.py`` measures it). The spill is
+one task because a source's cap, first-duplicate-wins and the join's accounting follow the
+input order; a lost spill node fails the run, and the rerun skips the partitions already
+recorded.
 
-This module keeps the stage's story; the mechanics live beside it in the package: ``partition``
+This module keeps the stage's story; the mechanics live beside it in the package: ``work``
+(the Ray tasks), ``partition``
 (uid keys, placement, spill files), ``rows`` (accounting, row building, source runners),
 ``inputs`` (paths, input tables), ``jsonio`` and ``records`` (JSON readers and parsers),
 ``images`` (image reference -> uid), ``captions`` (caption tasks) and ``export`` (HF).
@@ -49,114 +56,39 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import fsspec
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lmeye.config import Config
 from lmeye.config.instruct import InstructConfig
-from lmeye.errors import UserError
+from lmeye.errors import UserError, user_errors
 from lmeye.report import StageSummary
-from lmeye.spill import Spill, raise_open_files_limit
+from lmeye.runtime import init_ray, storage_runtime_env
 from lmeye.tables import Manifest, TableWriter, fingerprint, shard_file
 from lmeye.templates import CAPTIONS as DEFAULT_TEMPLATES
 from pipelines.instruct import curation
-from pipelines.instruct.captions import load_templates
 from pipelines.instruct.export import export_hf
-from pipelines.instruct.inputs import (
-    InputTables,
-    features_table,
-    file_bytes,
-    fill_paths,
-    resolved_sources,
-    spill_features,
-    uses_pairs_table,
-)
+from pipelines.instruct.inputs import InputTables, features_table, file_bytes, fill_paths, resolved_sources, uses_pairs_table
 from pipelines.instruct.jsonio import file_signature, list_files
-from pipelines.instruct.partition import FEAT_SCHEMA, KEY, MASK64, SPILL_SCHEMA, SRC, VAL, Placement
-from pipelines.instruct.rows import OUTCOMES, Progress, RowBuilder, SourceContext, SourceStats, run_captions_table, run_file_source
-from schemas.instructions import (
-    CONVERSATION_COL,
-    INSTRUCTIONS,
-    SAMPLE_ID,
-    SOURCE,
-    SOURCE_ID,
-    SPLIT,
-    TASK,
-    TRAIN,
-    UID,
-    VALIDATION,
-    shard_name,
-)
+from pipelines.instruct.partition import Placement
+from pipelines.instruct.rows import OUTCOMES, Progress, SourceStats
+from pipelines.instruct.work import PARTITION_SHARDS, PartitionJob, Spilled, build_partition, remove_spill, spill_inputs
+from schemas.instructions import INSTRUCTIONS, TRAIN, VALIDATION, shard_name
 
 STAGE = "instruct"
 # Rough in-memory bytes of one spilled row, to size partitions before reading: a caption row
 # (uid, ids, a short prompt and a caption); file sources are sized by their file size.
 CAPTION_ROW_BYTES = 256
-PARTITION_SHARDS = "partition_shards"  # stats key of a partition's last shard: all its shards
 
 
 # ---------------------------------------------------------------------------------------------
-# Per partition
-
-
-def process_partition(rows: pa.Table, feats: Optional[pa.Table], names: list[str], dedupe: bool,
-                      seed: int, p: int, kept: Optional[pa.Table] = None) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
-    """Feature check, dedup, shuffle and split of one partition, with a single copy of the rows:
-    the decisions are made on numpy index arrays, then one ``take`` builds the output (train
-    rows first, then validation rows, so both sides are zero-copy slices)."""
-    stats: dict[str, Any] = {"no_features": {}, curation.OUTCOME: {}, "duplicate": {}, "kept": {}, "tasks": {}}
-    n0 = rows.num_rows
-    src = rows[SRC].to_numpy() if n0 else np.zeros(0, dtype=np.int16)
-    sel = np.arange(n0, dtype=np.int64)
-    if feats is not None and n0:
-        has = pc.is_in(rows[UID], value_set=feats[UID].combine_chunks()).to_numpy(zero_copy_only=False)
-        has |= pc.is_null(rows[UID]).to_numpy(zero_copy_only=False)  # text-only: no image, no features needed
-        stats["no_features"] = _count_by_src(src[~has], names)
-        sel = sel[has]
-    if kept is not None and len(sel):  # the curation keep-list (instruct.curation)
-        ok = curation.kept_mask(rows[UID], kept)[sel]
-        stats[curation.OUTCOME] = _count_by_src(src[sel[~ok]], names)
-        sel = sel[ok]
-    if dedupe and len(sel):
-        _, first = np.unique(rows[KEY].to_numpy()[sel], return_index=True)  # first occurrence of each key
-        if len(first) < len(sel):
-            first.sort()
-            dropped = np.ones(len(sel), dtype=bool)
-            dropped[first] = False
-            stats["duplicate"] = _count_by_src(src[sel[dropped]], names)
-            sel = sel[first]
-    stats["kept"] = _count_by_src(src[sel], names)
-    sel = sel[np.random.default_rng([seed & MASK64, p]).permutation(len(sel))]
-    val = rows[VAL].to_numpy(zero_copy_only=False)[sel] if len(sel) else np.zeros(0, dtype=bool)
-    sel = np.concatenate([sel[~val], sel[val]])
-    n_train = int((~val).sum())
-    kept = rows.take(pa.array(sel))
-    del rows
-    source = pa.array(names, pa.string()).take(pa.array(src[sel].astype(np.int32)))
-    split = pa.array(np.where(np.arange(len(sel)) < n_train, TRAIN, VALIDATION).tolist() if len(sel) else [], pa.string())
-    columns = {SAMPLE_ID: kept[SAMPLE_ID], UID: kept[UID], SOURCE: source, TASK: kept[TASK], SPLIT: split,
-               CONVERSATION_COL: kept[CONVERSATION_COL], SOURCE_ID: kept[SOURCE_ID]}
-    out = pa.Table.from_arrays([columns[c] for c in INSTRUCTIONS.columns], schema=INSTRUCTIONS.with_metadata(INSTRUCTIONS.schema))
-    if len(sel):
-        stats["tasks"] = {t["values"]: t["counts"] for t in pc.value_counts(out[TASK]).to_pylist()}
-    stats["train"], stats["validation"] = n_train, len(sel) - n_train
-    return out.slice(0, n_train), out.slice(n_train), stats
-
-
-def _count_by_src(src: np.ndarray, names: list[str]) -> dict[str, int]:
-    if len(src) == 0:
-        return {}
-    counts = np.bincount(src.astype(np.int64), minlength=len(names))
-    return {names[i]: int(c) for i, c in enumerate(counts) if c}
+# Resume
 
 
 def _finished_partition(writer: TableWriter, p: int, partitions: int, fp: str) -> Optional[dict[str, Any]]:
@@ -167,19 +99,6 @@ def _finished_partition(writer: TableWriter, p: int, partitions: int, fp: str) -
             if all(writer.is_done(n, fp) for n in info.stats[PARTITION_SHARDS]):
                 return info.stats
     return None
-
-
-def write_partition(writer: TableWriter, p: int, partitions: int, fp: str, train: pa.Table, valid: pa.Table,
-                    stats: dict[str, Any]) -> list[str]:
-    """Write the non-empty sides of partition p (never a 0-row shard); the last one carries the
-    partition's stats and shard list. Returns the names written."""
-    parts = [(shard_name(s, p, partitions), t) for s, t in ((TRAIN, train), (VALIDATION, valid)) if t.num_rows]
-    names = [n for n, _ in parts]
-    for k, (name, table) in enumerate(parts):
-        last = k == len(parts) - 1
-        writer.write(name, table, input_fingerprint=fp,
-                     stats={**stats, PARTITION_SHARDS: names} if last else {"rows": table.num_rows})
-    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,15 +198,6 @@ class _Job:
 
 
 @dataclass
-class _Spills:
-    rows: Spill
-    feats: Spill
-    keep: Spill
-    features_info: Optional[tuple[int, int]] = None  # (uids with features, feature rows without)
-    kept_uids: Optional[int] = None
-
-
-@dataclass
 class _Totals:
     """What the per-partition step adds up over the partitions."""
 
@@ -309,18 +219,15 @@ def run(cfg: Config) -> StageSummary:
 
     partitions = _partition_count(ic, job)
     placement = Placement(partitions, ic.split_seed, ic.val_fraction)
-    raise_open_files_limit(3 * partitions)
     writer = TableWriter(ic.output, INSTRUCTIONS, config=job.config, input_fingerprint=job.input_fp)
-    stats = {s.name: SourceStats(kind=s.kind) for s in job.sources}
-    progress = Progress()
-    spill_dir = tempfile.mkdtemp(prefix="lingcloud-instruct-", dir=ic.tmp_dir)
+    init_ray(cfg.ray)
+    spilled = _remote(spill_inputs, cfg, job, placement)
     try:
-        spills = _spill_inputs(cfg, job, placement, spill_dir, stats, progress)
-        totals = _write_partitions(ic, job, writer, spills, partitions, stats, progress)
+        totals = _write_partitions(ic, job, writer, spilled, partitions)
     finally:
-        shutil.rmtree(spill_dir, ignore_errors=True)
+        _remove_spill(spilled)
 
-    out_stats = _output_stats(ic, job, stats, totals, spills, partitions)
+    out_stats = _output_stats(ic, job, spilled, totals, partitions)
     writer.finalize(totals.expected, out_stats,
                     metadata={"val_fraction": str(ic.val_fraction), "split_seed": str(ic.split_seed)})
     summary = _summary_from_stats(ic, out_stats, time.time() - started, totals.done, totals.skipped)
@@ -361,85 +268,84 @@ def _partition_count(ic: InstructConfig, job: _Job) -> int:
     return max(1, math.ceil(est / (ic.partition_mb * 1024 * 1024)))
 
 
-def _source_context(ic: InstructConfig, job: _Job, spill_dir: str) -> SourceContext:
-    cache: dict[str, Any] = {}
-
-    def templates(tasks: list[str]) -> dict:
-        key = ",".join(tasks)
-        if key not in cache:
-            try:
-                cache[key] = load_templates(job.templates_path, tasks)
-            except ValueError as err:
-                raise UserError(str(err)) from None
-        return cache[key]
-
-    return SourceContext(cfg=ic, pairs=lambda: job.inputs.pairs(ic.pairs), templates=templates, spill_dir=spill_dir)
+def _options(node: Optional[str]) -> dict[str, Any]:
+    """Every task reads or writes tables (object storage settings); partition work runs where the
+    spill files are. Ray's retries after a worker crash stay on: a partition task writes the same
+    shards again, and a spill task spills again into a new folder."""
+    options: dict[str, Any] = {"num_cpus": 1, "runtime_env": storage_runtime_env()}
+    if node is not None:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+    return options
 
 
-def _spill_inputs(cfg: Config, job: _Job, placement: Placement, spill_dir: str, stats: dict[str, SourceStats],
-                  progress: Progress) -> _Spills:
-    """Step 1: every source's rows, the feature uids and the kept uids, spilled by partition."""
-    ic = cfg.instruct
-    partitions = placement.partitions
-    spills = _Spills(Spill(spill_dir, "rows", partitions, SPILL_SCHEMA), Spill(spill_dir, "feat", partitions, FEAT_SCHEMA),
-                     Spill(spill_dir, "keep", partitions, FEAT_SCHEMA))
-    ctx = _source_context(ic, job, spill_dir)
+def _result(ref: Any) -> Any:
+    """A task's result; a user error raised in the task is raised here as itself (one line)."""
     try:
-        for i, spec in enumerate(job.sources):
-            rows = RowBuilder(spills.rows, placement, i, spec.name, spec.weight, spec.cap, ic.seed,
-                              stats[spec.name], ic.chunk_rows)
-            if uses_pairs_table(spec):
-                run_captions_table(ctx, spec, job.inputs.pairs(spec.table), rows, stats[spec.name], progress)
-            else:
-                run_file_source(ctx, spec, rows, stats[spec.name], progress)
-            rows.flush()
-        if job.features is not None:
-            spills.features_info = spill_features(job.features, spills.feats, placement)
-        if job.curated is not None:
-            spills.kept_uids = curation.spill_kept(job.curated, spills.keep, placement)
-    finally:
-        for spill in (spills.rows, spills.feats, spills.keep):
-            spill.close()
-    return spills
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, user_errors()):
+            raise err.cause from None
+        raise
 
 
-def _write_partitions(ic: InstructConfig, job: _Job, writer: TableWriter, spills: _Spills, partitions: int,
-                      stats: dict[str, SourceStats], progress: Progress) -> _Totals:
-    """Step 2: each partition not finished by an earlier run, processed and written in turn."""
+def _remote(fn: Any, *args: Any, node: Optional[str] = None) -> Any:
+    return _result(ray.remote(fn).options(**_options(node)).remote(*args))
+
+
+def _remove_spill(spilled: Spilled) -> None:
+    try:
+        _remote(remove_spill, spilled.folder, node=spilled.node)
+    except ray.exceptions.RayError:  # its node is gone, and its files with it: nothing to remove
+        pass
+
+
+def _write_partitions(ic: InstructConfig, job: _Job, writer: TableWriter, spilled: Spilled, partitions: int) -> _Totals:
+    """Step 2: each partition not finished by an earlier run, processed and written by a task on
+    the spill's node; the driver records each shard as its task returns (metadata only)."""
     shard_fp = fingerprint([job.input_fp, partitions])
     names = [s.name for s in job.sources]
     totals = _Totals()
+    task = ray.remote(build_partition).options(**_options(spilled.node))
+    pending = {}
     for p in range(partitions):
         pstats = _finished_partition(writer, p, partitions, shard_fp)
-        if pstats is not None:
-            written = pstats[PARTITION_SHARDS]
-            totals.skipped += len(written)
+        if pstats is None:
+            pending[task.remote(PartitionJob(ic.output, spilled.folder, p, partitions, shard_fp, names, ic.dedupe, ic.seed,
+                                             job.features is not None, job.curated is not None, ic.debug_delay_s))] = p
         else:
-            feats = spills.feats.read(p) if job.features is not None else None
-            kept = spills.keep.read(p) if job.curated is not None else None
-            train, valid, pstats = process_partition(spills.rows.read(p), feats, names, ic.dedupe, ic.seed, p, kept)
-            written = write_partition(writer, p, partitions, shard_fp, train, valid, pstats)
-            del train, valid
-            pa.default_memory_pool().release_unused()  # give freed buffers back between partitions
-            totals.done += len(written)
-            for spill in (spills.rows, spills.feats, spills.keep):
-                spill.remove(p)
-            if ic.debug_delay_s:
-                time.sleep(ic.debug_delay_s)  # tests: a window to kill the stage mid-run
-        totals.expected += written
-        for outcome in ("no_features", curation.OUTCOME, "duplicate", "kept"):
-            for name, n in pstats.get(outcome, {}).items():
-                stats[name].outcomes[outcome] += n
-        totals.splits[TRAIN] += pstats.get("train", 0)
-        totals.splits[VALIDATION] += pstats.get("validation", 0)
-        totals.tasks.update(pstats.get("tasks", {}))
-        progress.tick(lambda: f"partition {p + 1}/{partitions} written")
+            totals.skipped += len(pstats[PARTITION_SHARDS])
+            _add(totals, pstats, pstats[PARTITION_SHARDS], spilled.stats)
+    progress = Progress()
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            p = pending.pop(ready[0])
+            infos, pstats = _result(ready[0])
+            for info in infos:  # in order: the last one marks the partition finished
+                writer.record(info)
+            totals.done += len(infos)
+            _add(totals, pstats, [i.name for i in infos], spilled.stats)
+            progress.tick(lambda: f"partition {p + 1}/{partitions} written, {len(pending)} to go")
+    finally:
+        for ref in pending:  # a failure or Ctrl-C: no task goes on writing after the stage
+            ray.cancel(ref, force=True)
     return totals
 
 
-def _output_stats(ic: InstructConfig, job: _Job, stats: dict[str, SourceStats], totals: _Totals, spills: _Spills,
-                  partitions: int) -> dict[str, Any]:
+def _add(totals: _Totals, pstats: dict[str, Any], written: list[str], stats: dict[str, SourceStats]) -> None:
+    """A partition's shards and stats, into the run's totals and the per-source accounting."""
+    totals.expected += written
+    for outcome in ("no_features", curation.OUTCOME, "duplicate", "kept"):
+        for name, n in pstats.get(outcome, {}).items():
+            stats[name].outcomes[outcome] += n
+    totals.splits[TRAIN] += pstats.get("train", 0)
+    totals.splits[VALIDATION] += pstats.get("validation", 0)
+    totals.tasks.update(pstats.get("tasks", {}))
+
+
+def _output_stats(ic: InstructConfig, job: _Job, spilled: Spilled, totals: _Totals, partitions: int) -> dict[str, Any]:
     """The manifest's stats, after checking that every source's records are accounted for."""
+    stats = spilled.stats
     for name, s in stats.items():
         if s.accounted() != s.input:  # a bug, never a data problem: say so loudly
             raise RuntimeError(f"instruct: source {name}: {s.input} records in, {s.accounted()} accounted for")
@@ -453,9 +359,9 @@ def _output_stats(ic: InstructConfig, job: _Job, stats: dict[str, SourceStats], 
         "incomplete_inputs": job.incomplete,
     }
     if job.features is not None:
-        out_stats["feature_uids"], out_stats["feature_rows_without_features"] = spills.features_info
+        out_stats["feature_uids"], out_stats["feature_rows_without_features"] = spilled.features_info
     if job.curated is not None:
-        out_stats["curation"] = {**curation.recorded(ic), "kept_uids": spills.kept_uids}
+        out_stats["curation"] = {**curation.recorded(ic), "kept_uids": spilled.kept_uids}
     return out_stats
 
 

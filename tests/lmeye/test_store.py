@@ -278,14 +278,59 @@ def test_segments_no_kept_version_uses_are_pruned(tmp_path, monkeypatch):
     assert sorted(os.listdir(path / "_serving" / ".segments")) == sorted(sid for sid, _ in kept._meta["segments"])
 
 
-def test_a_large_get_read_in_concurrent_chunks_keeps_request_order(tmp_path):
+def test_a_large_get_over_several_segments_keeps_request_order(tmp_path):
+    uids, vecs, _, ok = write_features(tmp_path / "f", n=700, shards=3, failed=())
+    store = FeatureStore.open(tmp_path / "f")
+    want = np.random.default_rng(3).permutation(700)[:500]  # rows of three segments, read ahead then gathered
+    np.testing.assert_array_equal(store.get([uids[i] for i in want])["embedding"], vecs[want])
+
+
+def test_every_uid_is_found_through_the_fence_at_block_edges(tmp_path, monkeypatch):
+    """The index is searched in the block its in-memory fence points to: with blocks of 4 records,
+    runs of uids sharing their top 64 bits straddle block edges, and the smallest and largest
+    uids sit in the first and last blocks (at 10M rows a block is 170 records, a page)."""
     import lmeye.store as store_mod
 
-    uids, vecs, _, ok = write_features(tmp_path / "f", n=700, shards=2, failed=())
+    monkeypatch.setattr(store_mod, "FENCE_ROWS", 4)
+    rng = np.random.default_rng(1)
+    uids = [uid_for(f"http://x/{i}") for i in range(200)] + ["0" * 32, "f" * 32]
+    for run in range(5):  # runs of 1 to 9 uids with one hi: some inside a block, some across an edge
+        top = rng.bytes(8).hex()
+        uids += [top + rng.bytes(8).hex() for _ in range(1 + 2 * run)]
+    _, vecs, _, _ = write_features(tmp_path / "f", uids=uids, failed=(), shards=4)
     store = FeatureStore.open(tmp_path / "f")
-    want = np.random.default_rng(3).permutation(700)[:500]  # runs of 64 rows over two segments: several threads
-    assert want.size > 2 * store_mod.READ_CHUNK
-    np.testing.assert_array_equal(store.get([uids[i] for i in want])["embedding"], vecs[want])
+    assert store._fence.size == -(-len(uids) // 4)
+    order = rng.permutation(len(uids))
+    np.testing.assert_array_equal(store.get([uids[i] for i in order])["embedding"], vecs[order])
+    ranked = sorted(uids)
+    between = [f"{int(u, 16) + 1:032x}" for u in ranked[:-1] if int(u, 16) + 1 < int(ranked[ranked.index(u) + 1], 16)]
+    absent = between + ["f" * 31 + "e" if "f" * 31 + "e" not in uids else "0" * 31 + "1"]
+    assert store.contains(uids).all() and not store.contains(absent).any()
+    res = store.get(absent[:3] + uids[:2], on_missing="mask")
+    assert res.found.tolist() == [False] * 3 + [True] * 2
+    np.testing.assert_array_equal(res["embedding"][3:], vecs[:2])
+    monkeypatch.setattr(store_mod, "FENCE_ROWS", 64)  # a copy is read with the fence it was built with
+    np.testing.assert_array_equal(FeatureStore.open(tmp_path / "f").get(uids[::-1])["embedding"], vecs[::-1])
+
+
+def test_a_copy_with_an_older_index_gets_a_new_index_from_its_segments(tmp_path):
+    """A serving copy whose index has another layout (before the fence: uid_hi/uid_lo/row.npy) is
+    reindexed on open from its segments; no segment is rebuilt and no Parquet row is read."""
+    path = tmp_path / "f"
+    uids, vecs, _, ok = write_features(path)
+    first = FeatureStore.open(path)
+    meta_file = os.path.join(first.serving_dir, "meta.json")
+    meta = json.loads(open(meta_file).read())
+    meta.pop("index_format")
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    os.remove(os.path.join(first.serving_dir, "uid_index.npy"))
+    for name in sorted(Manifest.load(str(path)).shards)[1:]:  # their rows come from the segments
+        os.remove(path / shard_file(name))  # (the first shard's schema is still read)
+    again = FeatureStore.open(path)
+    assert again.serving_dir == first.serving_dir and again.info()["segments_built"] == 0
+    served = [u for u, o in zip(uids, ok) if o]
+    np.testing.assert_array_equal(again.get(served)["embedding"], vecs[ok])
 
 
 def test_two_workers_on_one_node_build_one_serving_copy(tmp_path, monkeypatch):
@@ -321,3 +366,35 @@ def test_two_workers_on_one_node_build_one_serving_copy(tmp_path, monkeypatch):
         t.join()
     assert not errors and len(builds) == 1
     assert opened[0].serving_dir == opened[1].serving_dir and opened[0].num_rows == opened[1].num_rows == 28
+
+
+def test_read_ahead_asks_for_each_rows_pages_once_merging_near_ones(tmp_path):
+    """A cold get queues every page it will read before reading any (MADV_WILLNEED): one request
+    per run of nearby pages, the file's partial last page included, nothing past its end."""
+    import mmap
+
+    import lmeye.store as store_mod
+
+    np.save(tmp_path / "v.npy", np.zeros((1000, 1000), np.uint8))  # ~4 rows a page
+    mapped = store_mod._load(str(tmp_path / "v.npy"))
+    asked = []
+
+    class Recorder:
+        def __init__(self, mm):
+            self.mm = mm
+
+        def __len__(self):
+            return len(self.mm)
+
+        def madvise(self, option, start, length):
+            asked.append((option, start, length))
+
+    mapped.mm = Recorder(mapped.mm)
+    mapped.prefetch(np.array([999, 0, 1, 500, 2]))
+    page, size = mmap.PAGESIZE, os.path.getsize(tmp_path / "v.npy")
+    assert all(opt == mmap.MADV_WILLNEED and start % page == 0 for opt, start, _ in asked)
+    covered = [(start, start + length) for _, start, length in asked]
+    assert len(covered) == 3 and covered[-1][1] == size  # rows 0-2 together, 500, 999 up to the end of the file
+    for row in (0, 1, 2, 500, 999):
+        a, b = mapped.offset + row * 1000, mapped.offset + (row + 1) * 1000
+        assert any(lo <= a and b <= hi for lo, hi in covered)

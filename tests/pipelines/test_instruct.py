@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from lingcloud_testing import build_features_table
+from lingcloud_testing import build_features_table, io_delta, process_io, write_vqa_file
 
 from lmeye.cli import main
 from lmeye.config import ConfigError, load_config
@@ -487,6 +487,22 @@ def test_rerun_skips_and_killed_run_resumes(world, tmp_path):
     with overwriting():
         redo = run(cfg)
     assert redo.rows == first.rows - 1
+
+
+def test_the_driver_moves_under_1_percent_of_the_tables_bytes(world, tmp_path):
+    """Workers read the sources and write the shards; the driver reads metadata (manifests,
+    file sizes, templates) and records shards. Measured as this process's read()/write() bytes
+    (``lingcloud_testing.process_io``) around the run, against the bytes of the table it made."""
+    run(make_cfg(tmp_path, [{"kind": "captions"}], output=str(tmp_path / "warm")))  # Ray and lazy imports: not the run's
+    src = write_vqa_file(tmp_path / "big.json", world["names"][:10], 60_000)
+    cfg = make_cfg(tmp_path, [{"kind": "captions"}, {"kind": "vqa", "path": src}], val_fraction=0.1)
+    before = process_io()
+    summary = run(cfg)
+    moved = io_delta(before, process_io())
+    table_bytes = sum(s.bytes for s in Manifest.load(cfg.instruct.output).shards.values())
+    assert summary.rows == 60_010 and table_bytes > 3_000_000  # rows, not fixed metadata, make its bytes
+    print(f"driver bytes {moved} against {table_bytes} table bytes: {(moved['rchar'] + moved['wchar']) / table_bytes:.4%}")
+    assert moved["rchar"] + moved["wchar"] < 0.01 * table_bytes, (moved, table_bytes)
 
 
 def test_hf_load_dataset_and_export(world, tmp_path):

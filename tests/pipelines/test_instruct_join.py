@@ -12,7 +12,7 @@ from lmeye.config import load_config
 from lmeye.tables import Manifest, TableReader, TableWriter
 from lmeye.uid import uid_for
 from pipelines.instruct import run
-from pipelines.instruct.join import PairsIndex, Resolver, key_partitions
+from pipelines.instruct.join import PairsIndex, Resolver, key_partitions, partition_count
 from schemas.instructions import INSTRUCTIONS
 from schemas.pairs import PAIRS
 
@@ -49,20 +49,17 @@ def test_records_resolve_in_input_order_across_partitions(tmp_path):
     assert not list(tmp_path.glob("pending-*")) and not list(tmp_path.glob("ranges-*"))  # consumed
 
 
-def test_the_stage_gives_the_same_table_with_one_partition_or_many(tmp_path, make_pairs, monkeypatch):
+def test_the_stage_gives_the_same_table_with_one_partition_or_many(tmp_path, make_pairs):
     """The join's partition count (from partition_mb) changes nothing in the output: rows, ids,
     order-sensitive choices (cap, first duplicate wins) and the accounting."""
-    import pipelines.instruct.rows as rows_module
-
     _, pairs = make_pairs(num_images=12)
     names = [u.rsplit("/", 1)[-1] for u in pairs["url"].to_pylist()]
     recs = [{"image": names[i % len(names)], "question": f"q{i % 9}", "answer": "a", "id": i} for i in range(60)]
     recs.append({"image": "nowhere.jpg", "question": "q", "answer": "a"})
     src = tmp_path / "vqa.json"
     src.write_text(json.dumps(recs))
-    used = []
-    real = rows_module.PairsIndex
-    monkeypatch.setattr(rows_module, "PairsIndex", lambda *a, **k: used.append(a[4]) or real(*a, **k))
+    # the join's partitions for these sizes, as the stage's spill task computes them (rows.SourceContext)
+    used = [partition_count(pairs.num_rows, src.stat().st_size, mb) for mb in (64, 0.0005)]
 
     def build(out: str, partition_mb: float) -> tuple[list, dict]:
         cfg = load_config(None, {"data.root": str(tmp_path), "instruct.output": str(tmp_path / out),
