@@ -19,9 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from lmeye.demo.corpus import generate_items, render
+from schemas.features import FEATURES, TEXT_EMBEDDING, features_schema
 from lmeye.tables import TableWriter
 from lmeye.uid import uid_for
 from schemas.pairs import FAILED_TO_DOWNLOAD, PAIRS, SUCCESS
@@ -105,6 +107,47 @@ def build_features_table(path: str | Path, uids: list[str], failed: list[str] = 
         writer.write(names[-1], table.slice(start, per))
     writer.finalize(names, stats={}, metadata={"embed_dim": str(dim), "dtype": "float32"})
     return Path(path)
+
+
+def curate_pairs_row(name: str, image: bytes | None, caption: str = "a red circle on a blue background", *, size=(64, 64), **extra):
+    url = f"http://example.test/{name}"
+    w, h = size
+    return dict(uid=uid_for(url), url=url, caption=caption, status=SUCCESS if image else FAILED_TO_DOWNLOAD,
+                error_message=None if image else "404", width=w, height=h, original_width=w, original_height=h,
+                sha256=None, image=image, **extra)
+
+
+def write_curate_tables(root: Path, rows: list[dict], emb: np.ndarray, text: np.ndarray | None = None, shards: int = 2,
+                 extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """A pairs table (with LAION-style ``extra`` columns) and its features table (``emb`` rows, and caption
+    embeddings ``text``), same shard names, for the curate stage."""
+    dim = emb.shape[1]
+    schema = PAIRS.schema
+    for col in extra:
+        schema = schema.append(pa.field(col, pa.float32()))
+    pairs = pa.Table.from_pylist(rows, schema=PAIRS.with_metadata(schema))
+    ok = [r["image"] is not None for r in rows]
+    fschema = features_schema(dim, "float32")
+    if text is not None:
+        fschema = fschema.append(pa.field(TEXT_EMBEDDING, pa.list_(pa.float32(), dim)))
+    pw = TableWriter(str(root / "pairs"), PAIRS, config={"test": 1})
+    fw = TableWriter(str(root / "features"), FEATURES, config={"test": 1})
+    per = -(-len(rows) // shards)
+    names = []
+    for k in range(shards):
+        name = f"{k:05d}.parquet"
+        names.append(name)
+        idx = [i for i in range(k * per, min(len(rows), (k + 1) * per))]
+        pw.write(name, pairs.take(idx))
+        fidx = [i for i in idx if ok[i]]
+        cols = {"uid": [rows[i]["uid"] for i in fidx], "status": [SUCCESS] * len(fidx), "error_message": [None] * len(fidx),
+                "embedding": [emb[i].tolist() for i in fidx]}
+        if text is not None:
+            cols[TEXT_EMBEDDING] = [text[i].tolist() for i in fidx]
+        fw.write(name, pa.table(cols, schema=fschema))
+    pw.finalize(names, stats={})
+    fw.finalize(names, stats={})
+    return root / "pairs", root / "features"
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ import pytest
 from lingcloud_testing import free_port
 
 from lmeye.config import load_config
-from lmeye.demo.run import LEARNING_CHECK_FILE, run_demo
+from lmeye.demo.run import CURATION_CHECK_FILE, LEARNING_CHECK_FILE, run_demo
 from lmeye.tables import Manifest, TableReader
 from schemas.pairs import PAIRS, SUCCESS
 
@@ -35,9 +35,9 @@ def test_demo_pipeline_end_to_end_then_stage_1_plus_2_answers_from_the_image(tmp
     summaries = run_demo(cfg)
     out = capsys.readouterr().out
     got = [(s.stage, s.ok, s.notes) for s in summaries]
-    assert [s.stage for s in summaries] == ["download", "extract", "instruct", "train align", "train instruct"], got
+    assert [s.stage for s in summaries] == ["download", "extract", "curate", "instruct", "train align", "train instruct"], got
     assert all(s.ok for s in summaries), got
-    for stage in ("download", "extract", "instruct", "train align", "train instruct"):
+    for stage in ("download", "extract", "curate", "instruct", "train align", "train instruct"):
         assert f"== {stage} finished" in out
     assert "[demo] ok" in out
     # a quiet console: progress lines and summaries only; Ray's and the stages' own output in the log
@@ -60,9 +60,22 @@ def test_demo_pipeline_end_to_end_then_stage_1_plus_2_answers_from_the_image(tmp
     assert "| train align |" in report and "control: another image's features" in report
 
     pairs = TableReader(cfg.download.output, PAIRS).read(columns=["uid", "url", "status"])
-    assert pairs.num_rows == cfg.demo.num_images + 4  # every good image and every broken entry, once
+    planted = sum(cfg.demo.planted.model_dump().values())
+    assert planted > 0
+    assert pairs.num_rows == cfg.demo.num_images + planted + 4  # every good image, planted case and broken entry, once
     good = set(pairs.filter(pc.equal(pairs["status"], SUCCESS))["uid"].to_pylist())
-    assert len(good) == cfg.demo.num_images
+    assert len(good) == cfg.demo.num_images + planted
+
+    # curate ran between extract and instruct, and found what was planted (the CLIP-score filter is off:
+    # the demo CLIP has random weights)
+    curation = json.loads((root / CURATION_CHECK_FILE).read_text())
+    # (at 64 px a one-pixel crop or a quality-40 re-encode can move a phash past the demo's 3 bits: seed 0
+    # finds 75 of 80 duplicate pairs and 20 of 24 benchmark copies, README "Curation in the demo")
+    assert curation["duplicate"]["precision"] == 1.0 and curation["duplicate"]["recall"] >= 0.9, curation["duplicate"]
+    assert curation["contaminated"]["precision"] == 1.0 and curation["contaminated"]["recall"] >= 0.75, curation["contaminated"]
+    assert curation["clip_score"]["removed"] == 0
+    assert "curation vs planted: clip_score off" in out and "## Curation against the planted cases" in report
+    assert Manifest.load(cfg.instruct.output).stats["curation"]["table"] == cfg.curate.output
     features = Manifest.load(cfg.extract.output)
     assert features is not None and features.complete and features.table == "features"
     instructions = Manifest.load(cfg.instruct.output)
@@ -82,5 +95,5 @@ def test_demo_pipeline_end_to_end_then_stage_1_plus_2_answers_from_the_image(tmp
 
     # Rerunning the demo redoes nothing.
     again = run_demo(cfg, benchmarks=False)
-    assert all(s.ok for s in again) and all(s.shards_done == 0 for s in again[:3]), [(s.stage, s.notes) for s in again]
+    assert all(s.ok for s in again) and all(s.shards_done == 0 for s in again[:4]), [(s.stage, s.notes) for s in again]
     assert "nothing redone" in again[-1].notes[0]

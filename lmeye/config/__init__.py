@@ -40,6 +40,16 @@ class DataConfig(Section):
     root: str = Field("./lingcloud_data", description="where tables live unless a stage names its own path")
 
 
+class PlantedConfig(Section):
+    """Cases planted in the demo corpus for the curate stage to find (lmeye.demo.planted); the truth is
+    written to {demo.corpus_dir}/planted.json and the demo's report scores each filter against it."""
+
+    exact_duplicates: int = Field(0, ge=0, description="byte-identical copies of corpus images")
+    near_duplicates: int = Field(0, ge=0, description="copies re-encoded at a low JPEG quality, resized, or cropped by a pixel")
+    mismatched_captions: int = Field(0, ge=0, description="new renders of corpus scenes paired with another image's caption")
+    benchmark_copies: int = Field(0, ge=0, description="copies of the held-out benchmark images (at most demo.eval_images)")
+
+
 class DemoConfig(Section):
     num_images: int = Field(64, gt=0, description="good images in the synthetic corpus (4 broken entries are added)")
     seed: int = Field(0, description="seed of the corpus generator")
@@ -64,6 +74,17 @@ class DemoConfig(Section):
     eval_images: int = Field(12, gt=0, description="held-out images in the demo's MME/MMBench/SEED-Bench-layout sets")
     eval_max_new_tokens: int = Field(8, gt=0, description="answer length of the demo's evaluation (answers are a word or two)")
     eval_batch_size: int = Field(16, gt=0, description="questions per model call in the demo's evaluation")
+    planted: PlantedConfig = PlantedConfig()
+
+    @model_validator(mode="after")
+    def _planted_fits(self) -> "DemoConfig":
+        p = self.planted
+        if p.benchmark_copies > self.eval_images:
+            raise ValueError(f"planted.benchmark_copies ({p.benchmark_copies}) is above eval_images ({self.eval_images})")
+        copied = p.exact_duplicates + p.near_duplicates  # each copies a different corpus image
+        if copied > self.num_images:
+            raise ValueError(f"planted.exact_duplicates + near_duplicates ({copied}) is above num_images ({self.num_images})")
+        return self
 
 
 class Config(Section):

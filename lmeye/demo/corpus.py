@@ -4,6 +4,15 @@ Every image is a few coloured shapes at named positions on a coloured background
 and its question/answer annotations are exactly true, and the whole corpus is regenerated
 byte-for-byte from a seed: no network, no downloaded data set.
 
+Each generated item also carries a ``jitter`` seed: its render lays a faint smooth random luminance
+texture over the background, so that two items of the same scene (there are only ~1,400 one-shape
+scenes) are distinct images, as natural photos are, and the curate stage's duplicate filters drop
+only the planted copies (``lmeye.demo.planted``). A perceptual hash is colour-blind: without the
+texture every red and every blue circle at the top left on white would hash alike. The shapes are
+drawn where they always were: with the shapes also moved by up to 4% of the side and resized by up
+to 10%, and a +-30 texture, the learning check's held-out exact match was 0.807 against 0.884 (shape
+0.41 against 0.83); with a +-25 texture alone 0.820; with this one 0.902 (README, "Curation in the demo").
+
 The corpus also carries *broken* entries so that the download stage meets every kind of failure it
 must record as data: a file that is not an image, a truncated JPEG, a URL the server answers 404
 and one it answers 500 (the last two have no file; `lmeye.demo.server` simulates them).
@@ -12,6 +21,7 @@ and one it answers 500 (the last two have no file; `lmeye.demo.server` simulates
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -48,6 +58,14 @@ POSITIONS: dict[str, tuple[float, float]] = {
 
 MAX_OBJECTS = 3
 JPEG_QUALITY = 90
+
+# The per-item texture (``DemoItem.jitter``): TEXTURE_GRID x TEXTURE_GRID random levels in
+# +-TEXTURE_AMPLITUDE, upsampled smoothly, added to the background; its mean over the background stays
+# the background colour, so every annotation stays true. On the 3,000-image demo corpus as downloaded,
+# the closest two distinct images are 4 phash bits apart with these (as with +-25 or +-30), while with
+# a 4x4 grid several hundred fell within 4 bits, and without a texture half the corpus collided.
+TEXTURE_GRID = 8
+TEXTURE_AMPLITUDE = 12
 TRUNCATE_FRACTION = 0.4
 
 # Broken entry name -> (expected failure kind, caption). Captions look ordinary on purpose: the
@@ -70,6 +88,8 @@ class DemoItem:
     caption: str
     objects: tuple[Object, ...]
     background: str
+    jitter: int | None = None  # seed of the render's background texture; None: a flat background
+
 
 
 @dataclass
@@ -134,7 +154,10 @@ def generate_items(num_images: int, seed: int = 0, max_objects: int = MAX_OBJECT
     if not 1 <= max_objects <= len(POSITIONS):
         raise ValueError(f"max_objects {max_objects}: between 1 and {len(POSITIONS)} (one shape per position)")
     rng = random.Random(seed)
-    return [_random_item(i, rng, max_objects) for i in range(num_images)]
+    # The jitter seeds come from a second generator, so the scenes are the ones the seed always drew.
+    jitter = random.Random(f"jitter:{seed}")
+    return [dataclasses.replace(_random_item(i, rng, max_objects), jitter=jitter.getrandbits(32))
+            for i in range(num_images)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,9 +191,18 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
+def _background(colour: str, size: int, rng: random.Random | None) -> Image.Image:
+    """The background colour, with a smooth random luminance texture when ``rng`` is given."""
+    if rng is None:
+        return Image.new("RGB", (size, size), COLOURS[colour])
+    levels = bytes(128 + rng.randint(-TEXTURE_AMPLITUDE, TEXTURE_AMPLITUDE) for _ in range(TEXTURE_GRID ** 2))
+    texture = Image.frombytes("L", (TEXTURE_GRID, TEXTURE_GRID), levels).resize((size, size), Image.BICUBIC)
+    return Image.merge("RGB", [texture.point(lambda v, c=c: min(255, max(0, c + v - 128))) for c in COLOURS[colour]])
+
+
 def render(item: DemoItem, size: int = 64) -> bytes:
     """The item as a `size`x`size` RGB JPEG; the same bytes for the same item and size."""
-    image = Image.new("RGB", (size, size), COLOURS[item.background])
+    image = _background(item.background, size, None if item.jitter is None else random.Random(item.jitter))
     draw = ImageDraw.Draw(image)
     radius = size * 0.14  # neighbouring positions are >= 0.35 * size apart, so no overlap
     for shape, colour, position in item.objects:
@@ -219,7 +251,7 @@ def qa_pairs(item: DemoItem, with_facts: bool = False) -> list[dict[str, str]]:
 # Writing and loading
 
 
-def _write_if_changed(path: Path, data: bytes) -> None:
+def write_file(path: Path, data: bytes) -> None:
     """Write only when the content differs, so a rerun leaves files (and their mtimes) alone."""
     if path.exists() and path.read_bytes() == data:
         return
@@ -261,16 +293,16 @@ def write_corpus(
     root = Path(root)
     items = generate_items(num_images, seed, max_objects)
     for item in items:
-        _write_if_changed(root / "images" / item.name, render(item, image_size))
+        write_file(root / "images" / item.name, render(item, image_size))
     for name, data in _broken_files(image_size).items():
-        _write_if_changed(root / "images" / name, data)
+        write_file(root / "images" / name, data)
 
-    _write_if_changed(
+    write_file(
         root / "captions.jsonl",
         _jsonl_bytes({"image": item.name, "caption": item.caption} for item in items),
     )
     annotations = [{"image": item.name, **qa} for item in items for qa in qa_pairs(item)]
-    _write_if_changed(root / "annotations.json", _json_bytes(annotations))
+    write_file(root / "annotations.json", _json_bytes(annotations))
 
     broken = {name: kind for name, (kind, _) in BROKEN_ENTRIES.items()}
     manifest = {
@@ -278,12 +310,12 @@ def write_corpus(
         "seed": seed,
         "image_size": image_size,
         "items": [
-            {"name": i.name, "caption": i.caption, "objects": i.objects, "background": i.background}
+            {"name": i.name, "caption": i.caption, "objects": i.objects, "background": i.background, "jitter": i.jitter}
             for i in items
         ],
         "broken": broken,
     }
-    _write_if_changed(root / "corpus.json", _json_bytes(manifest))
+    write_file(root / "corpus.json", _json_bytes(manifest))
     return DemoCorpus(root=root, items=items, broken=broken)
 
 
@@ -297,6 +329,7 @@ def load_corpus(root: str | Path) -> DemoCorpus:
             caption=entry["caption"],
             objects=tuple(tuple(obj) for obj in entry["objects"]),
             background=entry["background"],
+            jitter=entry.get("jitter"),
         )
         for entry in manifest["items"]
     ]
@@ -331,15 +364,18 @@ def write_url_list(
     fmt: str = "csv",
     url_col: str = "url",
     caption_col: str = "caption",
+    extra: Iterable[tuple[str, str]] = (),
 ) -> Path:
     """Write the URL list (good items with the broken entries spread among them) and return its path.
 
-    `fmt` is one of csv, tsv, jsonl, parquet: the input formats img2dataset reads.
+    `fmt` is one of csv, tsv, jsonl, parquet: the input formats img2dataset reads. `extra`: more
+    (file name, caption) rows after the good items (the planted cases, ``lmeye.demo.planted``).
     """
     if fmt not in URL_LIST_FORMATS:
         raise ValueError(f"unknown URL list format {fmt!r}; expected one of {URL_LIST_FORMATS}")
     base_url = base_url.rstrip("/")
     good = [{url_col: _url(base_url, i.name, None), caption_col: i.caption} for i in corpus.items]
+    good += [{url_col: _url(base_url, name, None), caption_col: caption} for name, caption in extra]
     broken = [
         {url_col: _url(base_url, name, kind), caption_col: BROKEN_ENTRIES[name][1]}
         for name, kind in corpus.broken.items()

@@ -46,6 +46,8 @@ class ReportInputs:
     gallery: list[GalleryEntry] = field(default_factory=list)
     baseline: dict[str, dict[str, Any]] = field(default_factory=dict)  # benchmark -> result of stage 1 alone
     baseline_name: str = "stage 1 alone"
+    curation: list = field(default_factory=list)  # lmeye.demo.curation_check.FilterScore per filter
+    curation_note: str = ""  # what the demo leaves off, and why
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,6 +214,19 @@ def _scores_table(scores: dict[str, dict[str, Any]]) -> str:
     return markdown_table(("benchmark", "score", "value", "note"), rows)
 
 
+def _curation_section(inputs: ReportInputs) -> list[str]:
+    if not inputs.curation:
+        return ["Not curated."]
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+    rows = [(c.filter, c.removed, c.planted, c.found, f(c.precision), f(c.recall),
+             ", ".join(f"{how} {found}/{n}" for how, (found, n) in c.by_how.items())) for c in inputs.curation]
+    out = ["Each filter's removals, scored against the truth planted in the corpus (planted.json beside it); "
+           "duplicates count planted pairs (original, copy), found when either was dropped as the other's duplicate.", "",
+           markdown_table(("filter", "removed", "planted", "found", "precision", "recall", "found by how it was made"), rows)]
+    return out + (["", inputs.curation_note] if inputs.curation_note else [])
+
+
 def render_markdown(inputs: ReportInputs, curves: dict[str, list[dict[str, Any]]], plots: dict[str, str]) -> str:
     out = ["# LingCloud demo report", ""]
     if inputs.wall_seconds is not None:
@@ -229,6 +244,7 @@ def render_markdown(inputs: ReportInputs, curves: dict[str, list[dict[str, Any]]
         out.append("No stage summaries.")
     if ROWS_PNG in plots:
         out += ["", f"![rows per stage]({ROWS_PNG})"]
+    out += ["", "## Curation against the planted cases", ""] + _curation_section(inputs)
     out += ["", "## Training", ""]
     out += [f"- {stage}: {loss_summary(steps)}" for stage, steps in curves.items()] or ["No training metrics."]
     out += [f"- {name}: {text}" for name, text in inputs.checks.items()]

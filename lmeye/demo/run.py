@@ -1,9 +1,14 @@
 """`make demo` / `lmeye demo`: the whole pipeline, end to end, offline.
 
-download -> extract -> instruct -> train (align, then instruct) -> evaluate: small MME-,
+download -> extract -> curate -> instruct -> train (align, then instruct) -> evaluate: small MME-,
 MMBench- and SEED-Bench-layout sets written from held-out demo images are scored with the
 trained IPN (and SEED-Bench with stage 1 alone, for the static-versus-interactive comparison),
 then a report folder (Markdown + PNG plots) and a one-screen summary are written.
+
+The corpus carries planted cases (``demo.planted``: duplicates, mismatched captions, copies of the
+held-out benchmark images; ``lmeye.demo.planted``). The curate stage runs against the benchmark sets,
+which are therefore written first; instruct and train use the rows it keeps, and the report scores
+each filter against the planted truth.
 
 The synthetic corpus is written to ``demo.corpus_dir`` and served on 127.0.0.1 so the real
 download path (img2dataset over HTTP) is exercised; later stages then run on the tables it
@@ -28,16 +33,18 @@ from lmeye.demo.server import DemoServer
 from lmeye.report import StageSummary
 from lmeye.runtime import init_ray
 from lmeye.stages import run_recorded
+from schemas.curation import CLIP_SCORE
 
 LOG_FILE = "logs/demo.log"  # under data.root: the run's folder
 LEARNING_CHECK_FILE = "eval/learning_check.json"  # under data.root: the learning check's scores of both stages
+CURATION_CHECK_FILE = "eval/curation_check.json"  # under data.root: each curate filter against the planted truth
 URL_FILE = {"csv": "urls.csv", "tsv": "urls.tsv", "jsonl": "urls.jsonl", "parquet": "urls.parquet"}
 
 
 def _optional_stages() -> list[tuple[str, Callable[[Config], StageSummary]]]:
     """Stages after download, in order; each joins the demo once its module exists."""
     stages = []
-    for name in ("extract", "instruct", "train"):
+    for name in ("extract", "curate", "instruct", "train"):
         try:
             module = importlib.import_module(f"pipelines.{name}")
         except ModuleNotFoundError as err:
@@ -69,16 +76,24 @@ def run_demo(cfg: Config, benchmarks: bool = True, verbose: bool = False, stop_r
 
 
 def _run(cfg: Config, benchmarks: bool, console: Console) -> list[StageSummary]:
+    from lmeye.demo.benchsets import heldout_items, write_benchsets
+    from lmeye.demo.planted import plant
     from pipelines.download import run as download
 
     d = cfg.demo
     corpus = write_corpus(d.corpus_dir, num_images=d.num_images, seed=d.seed, image_size=d.image_size, max_objects=d.max_objects)
-    console.say(f"[demo] corpus: {len(corpus.items)} images + {len(corpus.broken)} broken entries in {d.corpus_dir}")
+    heldout = heldout_items(d.eval_images, d.seed, exclude=corpus.items, max_objects=d.max_objects)
+    sets = write_benchsets(Path(cfg.data.root) / "benchsets", heldout, d.image_size, d.seed)
+    planted = plant(corpus, heldout, d.planted, d.image_size, d.seed)
+    console.say(f"[demo] corpus: {len(corpus.items)} images + {len(planted)} planted + {len(corpus.broken)} broken entries "
+                f"in {d.corpus_dir}")
+    _curate_with_benchsets(cfg, sets)
     init_ray(cfg.ray)
     summaries: list[StageSummary] = []
     started = time.time()
     with DemoServer(d.corpus_dir, port=d.port) as server:
-        url_list = write_url_list(corpus, server.base_url, f"{d.corpus_dir}/{URL_FILE[d.url_format]}", fmt=d.url_format)
+        url_list = write_url_list(corpus, server.base_url, f"{d.corpus_dir}/{URL_FILE[d.url_format]}", fmt=d.url_format,
+                                  extra=[(p.name, p.caption) for p in planted])
         print(f"[demo] serving on {server.base_url}; URL list {url_list}")
         cfg.download.input = str(url_list)
         cfg.download.input_format = d.url_format
@@ -100,12 +115,20 @@ def _run(cfg: Config, benchmarks: bool, console: Console) -> list[StageSummary]:
         console.say(summaries[-1].render())
     if benchmarks and summaries[-1].ok and summaries[-1].stage.startswith("train"):
         with console.stage("evaluate"):
-            summary = evaluate_demo(cfg, corpus.items, summaries, started)
+            summary = evaluate_demo(cfg, heldout, sets, summaries, started)
         console.say(summary)
     status = "ok" if all(s.ok for s in summaries) else "INCOMPLETE"
     console.say(f"[demo] {status}: {', '.join(s.stage for s in summaries)} in {time.time() - started:.1f}s; "
                 f"tables under {cfg.data.root}")
     return summaries
+
+
+def _curate_with_benchsets(cfg: Config, sets) -> None:
+    """Decontaminate against the demo's own benchmark sets, and let instruct and train use the rows kept."""
+    if not cfg.curate.benchmarks:
+        cfg.curate.benchmarks = [str(sets.mme), str(sets.mmbench), str(sets.seedbench)]
+    cfg.instruct.curation = cfg.instruct.curation or cfg.curate.output
+    cfg.train.curation = cfg.train.curation or cfg.curate.output
 
 
 def _train_each(cfg: Config, stage: Callable[[Config], StageSummary], console: Console) -> list[StageSummary]:
@@ -131,18 +154,16 @@ def _train_each(cfg: Config, stage: Callable[[Config], StageSummary], console: C
     return out
 
 
-def evaluate_demo(cfg: Config, training_items: list, summaries: list[StageSummary], started: float) -> str:
-    """Score the trained IPN on benchmark-layout sets of held-out images; write the report; return the
-    one-screen summary."""
-    from lmeye.demo.benchsets import accuracy_by_type, heldout_items, write_benchsets
+def evaluate_demo(cfg: Config, items: list, sets, summaries: list[StageSummary], started: float) -> str:
+    """Score the trained IPN on the benchmark-layout ``sets`` of the held-out ``items``; score the curate
+    stage against the planted truth; write the report; return the one-screen summary."""
+    from lmeye.demo.benchsets import accuracy_by_type
     from lmeye.demo.report import ReportInputs, final_summary, write_report
     from lmeye.eval.ipn_answerer import build_answerer
     from lmeye.eval.run import evaluate_all
     from pipelines.train import stage_dir, train_paths
 
     d, root = cfg.demo, Path(cfg.data.root)
-    items = heldout_items(d.eval_images, d.seed, exclude=training_items, max_objects=d.max_objects)
-    sets = write_benchsets(root / "benchsets", items, d.image_size, d.seed)
     output = train_paths(cfg)[2]
     names = [s.name for s in cfg.train.stages]
     final = build_answerer(f"{stage_dir(output, names[-1])}/model", max_new_tokens=d.eval_max_new_tokens)
@@ -153,13 +174,38 @@ def evaluate_demo(cfg: Config, training_items: list, summaries: list[StageSummar
         baseline = evaluate_all(first, dataclasses.asdict(sets), root / "eval" / names[0], batch_size=d.eval_batch_size)
         accuracy, line = learning_check_accuracy(cfg, names)
         checks["learning check"] = line
+    curation = curation_scores(cfg) if any(s.stage == "curate" for s in summaries) else []
+    clip_off = cfg.curate.min_clip_score is None and cfg.curate.clip_score_top_fraction is None
+    if curation:
+        from lmeye.demo.curation_check import summary_line
+
+        checks["curation vs planted"] = summary_line(curation, off=(CLIP_SCORE,) if clip_off else ())
     inputs = ReportInputs(
         metrics={n: f"{stage_dir(output, n)}/metrics.jsonl" for n in names}, summaries=summaries,
         accuracy=accuracy, scores=scores, checks=checks, wall_seconds=time.time() - started,
         gallery=gallery(final, items, d.image_size), baseline=baseline, baseline_name=f"stage {names[0]} alone",
+        curation=curation, curation_note=CURATION_NOTE if clip_off else "",
     )
     report = write_report(root / "report", inputs)
     return final_summary(inputs, report)
+
+
+# Why the demo leaves the CLIP-score filter off (its mismatched captions are planted all the same).
+CURATION_NOTE = ("clip_score is off in the demo: the demo CLIP has random weights, so the cosine of an image and its "
+                 "caption says nothing about whether they agree, and the planted mismatched captions stay in")
+
+
+def curation_scores(cfg: Config) -> list:
+    """The curate stage's filters scored against ``{demo.corpus_dir}/planted.json`` (``lmeye.demo.curation_check``),
+    also written to ``{data.root}/eval/curation_check.json``."""
+    from lmeye.demo.curation_check import read_and_score
+    from lmeye.demo.planted import load_planted
+
+    scores = read_and_score(cfg.curate.output, cfg.curate.pairs, load_planted(cfg.demo.corpus_dir))
+    path = Path(cfg.data.root) / CURATION_CHECK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({s.filter: dataclasses.asdict(s) for s in scores}, indent=1) + "\n")
+    return scores
 
 
 def learning_check_accuracy(cfg: Config, names: list[str]) -> tuple[dict[str, dict[str, float]], str]:

@@ -39,7 +39,7 @@ def _seedbench(path: Path) -> Iterator[tuple[str, bytes]]:
     from lmeye.eval.seedbench import read_seedbench
 
     seen = set()
-    for q in read_seedbench(path)[0]:
+    for q in read_seedbench(path).questions:
         if q.image_path not in seen:
             seen.add(q.image_path)
             yield f"seedbench:{q.image_path.name}", q.image_path.read_bytes()

@@ -14,16 +14,16 @@ from lmeye.config import ConfigError, load_config
 from lmeye.demo.corpus import generate_items, render
 from lmeye.errors import UserError
 from lmeye.eval.common import LayoutError
+from lingcloud_testing import curate_pairs_row as _row, write_curate_tables as write_tables
 from lmeye.tables import TableReader, TableWriter
-from lmeye.uid import uid_for
 from pipelines.curate import run
 from pipelines.curate import scores, semdedup
 from schemas.curation import (
     ASPECT_RATIO, CAPTION_LENGTH, CLIP_SCORE, CONTAMINATED, CURATION, DUPLICATE, NOT_DOWNLOADED, TOO_SMALL, UNSAFE,
     WATERMARK,
 )
-from schemas.features import FEATURES, TEXT_EMBEDDING, features_schema
-from schemas.pairs import FAILED_TO_DOWNLOAD, PAIRS, SUCCESS
+from schemas.features import FEATURES, TEXT_EMBEDDING
+from schemas.pairs import SUCCESS
 
 DIM = 16
 
@@ -37,45 +37,6 @@ def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
 def _unit(rng: np.random.Generator, n: int = 1) -> np.ndarray:
     v = rng.normal(size=(n, DIM))
     return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-def _row(name: str, image: bytes | None, caption: str = "a red circle on a blue background", *, size=(64, 64), **extra):
-    url = f"http://example.test/{name}"
-    w, h = size
-    return dict(uid=uid_for(url), url=url, caption=caption, status=SUCCESS if image else FAILED_TO_DOWNLOAD,
-                error_message=None if image else "404", width=w, height=h, original_width=w, original_height=h,
-                sha256=None, image=image, **extra)
-
-
-def write_tables(root: Path, rows: list[dict], emb: np.ndarray, text: np.ndarray | None = None, shards: int = 2,
-                 extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
-    """A pairs table (with LAION-style ``extra`` columns) and its features table, same shard names."""
-    schema = PAIRS.schema
-    for col in extra:
-        schema = schema.append(pa.field(col, pa.float32()))
-    pairs = pa.Table.from_pylist(rows, schema=PAIRS.with_metadata(schema))
-    ok = [r["image"] is not None for r in rows]
-    fschema = features_schema(DIM, "float32")
-    if text is not None:
-        fschema = fschema.append(pa.field(TEXT_EMBEDDING, pa.list_(pa.float32(), DIM)))
-    pw = TableWriter(str(root / "pairs"), PAIRS, config={"test": 1})
-    fw = TableWriter(str(root / "features"), FEATURES, config={"test": 1})
-    per = -(-len(rows) // shards)
-    names = []
-    for k in range(shards):
-        name = f"{k:05d}.parquet"
-        names.append(name)
-        idx = [i for i in range(k * per, min(len(rows), (k + 1) * per))]
-        pw.write(name, pairs.take(idx))
-        fidx = [i for i in idx if ok[i]]
-        cols = {"uid": [rows[i]["uid"] for i in fidx], "status": [SUCCESS] * len(fidx), "error_message": [None] * len(fidx),
-                "embedding": [emb[i].tolist() for i in fidx]}
-        if text is not None:
-            cols[TEXT_EMBEDDING] = [text[i].tolist() for i in fidx]
-        fw.write(name, pa.table(cols, schema=fschema))
-    pw.finalize(names, stats={})
-    fw.finalize(names, stats={})
-    return root / "pairs", root / "features"
 
 
 def curate(tmp_path: Path, pairs: Path, features: Path, **settings):

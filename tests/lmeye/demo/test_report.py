@@ -7,6 +7,7 @@ import json
 import pytest
 
 from lmeye.demo.corpus import generate_items, render
+from lmeye.demo.curation_check import FilterScore
 from lmeye.demo.report import (
     ACCURACY_PNG,
     GALLERY_PNG,
@@ -16,6 +17,7 @@ from lmeye.demo.report import (
     GalleryEntry,
     ReportInputs,
     final_summary,
+    render_markdown,
     write_report,
 )
 from lmeye.errors import UserError
@@ -95,3 +97,19 @@ def test_bad_metrics_file_names_path_and_line(tmp_path):
         write_report(tmp_path / "r", ReportInputs(metrics={"stage 1": bad}))
     with pytest.raises(UserError, match="metrics file not found"):
         write_report(tmp_path / "r", ReportInputs(metrics={"stage 1": tmp_path / "none.jsonl"}))
+
+
+def test_report_scores_each_curate_filter_against_the_planted_truth(tmp_path):
+    inputs = _inputs(tmp_path)
+    inputs.curation = [
+        FilterScore("duplicate", removed=79, planted=80, found=79, precision=1.0, recall=79 / 80,
+                    by_how={"exact": (40, 40), "cropped 1 px": (9, 10)}),
+        FilterScore("clip_score", removed=0, planted=40, found=0, precision=None, recall=0.0, by_how={"mismatched_caption": (0, 40)}),
+    ]
+    inputs.curation_note = "clip_score is off in the demo"
+    md = write_report(tmp_path / "report", inputs).read_text()
+    assert "## Curation against the planted cases" in md
+    assert "| duplicate | 79 | 80 | 79 | 1.000 | 0.988 | exact 40/40, cropped 1 px 9/10 |" in md
+    assert "| clip_score | 0 | 40 | 0 | - | 0.000 | mismatched_caption 0/40 |" in md
+    assert "clip_score is off in the demo" in md
+    assert "Not curated." in render_markdown(ReportInputs(), {}, {})
