@@ -63,9 +63,9 @@ def score_curation(curation, pairs, planted: list[Planted]) -> list[FilterScore]
         cases = [p for kind in TRUTH.get(reason, ()) for p in by_kind.get(kind, [])]
         if reason == DUPLICATE:
             pairs_planted = {frozenset((p.name, p.original)): p for p in cases}
-            hits = {frozenset((name_of.get(r["uid"]), name_of.get(r["duplicate_of"]))) for r in dropped} & set(pairs_planted)
-            right = sum(frozenset((name_of.get(r["uid"]), name_of.get(r["duplicate_of"]))) in hits for r in dropped)
-            found = [pairs_planted[h] for h in hits]
+            dropped_pairs = [frozenset((name_of.get(r["uid"]), name_of.get(r["duplicate_of"]))) for r in dropped]
+            right = sum(pair in pairs_planted for pair in dropped_pairs)
+            found = [pairs_planted[pair] for pair in set(dropped_pairs) if pair in pairs_planted]
         else:
             names = {p.name: p for p in cases}
             found = [names[n] for n in {name_of.get(r["uid"]) for r in dropped} if n in names]

@@ -160,6 +160,8 @@ def build_partition(job: PartitionJob) -> tuple[list[ShardInfo], dict[str, Any]]
     train, valid, stats = process_partition(Spill(folder, ROWS, parts, SPILL_SCHEMA).read(job.p), feats, job.names,
                                             job.dedupe, job.seed, job.p, kept)
     infos = write_partition(job.output, job.p, parts, job.shard_fp, train, valid, stats)
+    del train, valid
+    pa.default_memory_pool().release_unused()  # a worker runs partition after partition: give freed buffers back
     for prefix, schema in ((ROWS, SPILL_SCHEMA), (FEATS, FEAT_SCHEMA), (KEEP, FEAT_SCHEMA)):
         Spill(folder, prefix, parts, schema).remove(job.p)
     if job.debug_delay_s:
