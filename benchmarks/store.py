@@ -12,8 +12,15 @@ as extraction writes its shards: zstd, dictionary encoding):
   * random ``FeatureStore.get`` of ``--lookups`` uids against, on the same rows and uid samples,
     a pyarrow filter over the Parquet table (``uid in [...]``, up to 1M rows: it reads the whole
     column; target get >= 20x faster) and Lance ``take`` by position (pylance, the ``bench`` extra;
-    target get <= 1x Lance), cold (both copies' files evicted from the page cache before each
-    call) and warm (after an untimed call on the same uids), medians over ``--repeats`` samples.
+    target get <= 1x Lance), medians over ``--repeats`` samples, each state on rows of its own:
+      - cold: both copies' files evicted from the page cache before each call, the store freshly
+        opened (on a serving node, a process that opened the table). Its uid index is read into
+        the process at open when under ``--index-memory`` (default: the store's, 1 GiB): the open's
+        time from a cold cache and the bytes it holds are printed;
+      - cold, index mapped: the same with ``index_memory=0``, the path of a table over the budget:
+        each lookup reads its index block through the page cache;
+      - cold, index mapped, index cached: that path with the index file read into the page cache;
+      - warm: after an untimed call on the same uids.
 ``--free-parquet`` deletes the Parquet shards once the store is built and before the Lance copy is
 written (from the store's segments), so the run holds two copies of the vectors at a time, not three.
 With ``--dir``, a finished base table of the same size found there is reused (``--generate-only``
@@ -42,7 +49,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmeye.store import FeatureStore  # noqa: E402
+from lmeye.store import INDEX_MEMORY, FeatureStore  # noqa: E402
 from lmeye.tables import Manifest, TableWriter, shard_file  # noqa: E402
 from schemas.features import FEATURES, SUCCESS, features_schema  # noqa: E402
 
@@ -147,6 +154,8 @@ def main() -> int:
     ap.add_argument("--shard-rows", type=int, default=100_000, help="rows per shard")
     ap.add_argument("--add-rows", type=int, default=None, help="rows added as new shards (default: rows / 10)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--index-memory", type=int, default=INDEX_MEMORY,
+                    help="FeatureStore.open(index_memory=) of the 'cold' and 'warm' states (bytes; default 1 GiB)")
     ap.add_argument("--seed", type=int, default=3, help="of the uid samples (another one for a rerun: fresh rows)")
     ap.add_argument("--filter-baseline", action=argparse.BooleanOptionalAction, default=None,
                     help="time the pyarrow filter too (default: up to 1M rows)")
@@ -217,7 +226,7 @@ def run(args, work: str) -> int:
     store = FeatureStore.open(path)
     served = store.num_rows
 
-    states = ("cold", "cold vectors", "warm")
+    states = ("cold", "cold, index mapped", "cold, index mapped, index cached", "warm")
     n_samples = args.repeats * len(states)  # every state its own rows: none read before (the disk may cache too)
     want = np.random.default_rng(args.seed).choice(served, args.lookups * n_samples, replace=False)
     positions = [want[k * args.lookups:(k + 1) * args.lookups] for k in range(n_samples)]
@@ -274,27 +283,36 @@ def run(args, work: str) -> int:
         taken = l_out.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
         assert np.array_equal(taken, o_out)
 
-    index = [f for f in store_files(store) if f.startswith(store.serving_dir)]
+    files = store_files(store) + lance_files(lpath)  # one version all along: the same files whatever the store's budget
+    index = [f for f in files if f.startswith(store.serving_dir)]
+    opens = []
     for s_i, state in enumerate(states):
-        # cold: both copies' files evicted from the page cache before each call (the store reopened
-        # first, untimed, so that none of its pages stay mapped); cold vectors: the same, but the
-        # store's uid index (24 bytes a row, 1.6% of a 768-d float16 copy; Lance's take is given
-        # positions and looks nothing up) is read into the cache first, as on a node that serves;
-        # warm: each call after an untimed one on the same sample. Lance keeps its open dataset
+        # cold states: both copies' files evicted from the page cache before each call, the store
+        # reopened (a store's mapped pages stay cached while mapped) with the files evicted before
+        # the open and again after it (a resident index is then in the process only, as on a node
+        # whose process opened the table earlier); "index cached": the mapped index file read into
+        # the page cache after the eviction. Lance keeps its open dataset
+        budget = 0 if "mapped" in state else args.index_memory
         ours_t, lance_t = [], []
         for k in range(s_i * args.repeats, (s_i + 1) * args.repeats):
-            if state != "warm":
+            if state == "warm":
+                if k == s_i * args.repeats:
+                    store = FeatureStore.open(path, index_memory=budget)
+                ours(samples[k]), lance_take(positions[k])
+            else:
                 store = None
                 gc.collect()
-                store = FeatureStore.open(path)
-                drop_cache(store_files(store) + lance_files(lpath))
-                if state == "cold vectors":
+                drop_cache(files)
+                t = time.perf_counter()
+                store = FeatureStore.open(path, index_memory=budget)
+                if state == "cold":
+                    opens.append(time.perf_counter() - t)
+                drop_cache(files)
+                if state.endswith("index cached"):
                     for f in index:
                         with open(f, "rb") as fh:
                             while fh.read(1 << 24):
                                 pass
-            else:
-                ours(samples[k]), lance_take(positions[k])
             for side in ((0, 1) if k % 2 == 0 else (1, 0)):  # who goes first alternates: a shared disk's queue
                 t = time.perf_counter()
                 if side == 0:
@@ -304,6 +322,10 @@ def run(args, work: str) -> int:
                     l_out = lance_take(positions[k])
                     lance_t.append(time.perf_counter() - t)
             same(o_out, l_out)
+        if state == "cold":
+            print(f"cold open (files evicted), index {'in memory' if store.index_resident else 'memory-mapped'}: median "
+                  f"{statistics.median(opens) * 1e3:.0f} ms, holding {store.memory_bytes / 2**20:.1f} MiB "
+                  f"(--index-memory {args.index_memory:,} bytes)", flush=True)
         o_med, l_med = statistics.median(ours_t), statistics.median(lance_t)
         print(f"{state}: FeatureStore.get of {args.lookups} uids median {o_med * 1e3:.2f} ms, Lance take of the same rows "
               f"(positions given) median {l_med * 1e3:.2f} ms: get / take {o_med / l_med:.2f}x (target <= 1x); per repeat "

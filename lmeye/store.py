@@ -78,6 +78,10 @@ INDEX_RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("row", "<i8")])
 # records per fence entry (recorded in meta.json): a smaller block is fewer pages read per cold
 # lookup (64: 1.4 on average, 170: 2), a larger one a smaller fence in each process's memory
 FENCE_ROWS = 64
+# the most bytes of uid index a store holds in its own memory (``FeatureStore.open(index_memory=)``):
+# 1 GiB is ~44M rows at 24 bytes. Held, a cold lookup reads nothing but its row (as a take by position
+# does); a larger index is read through the page cache, a block of FENCE_ROWS records per lookup
+INDEX_MEMORY = 1 << 30
 SEGMENT_GRACE_S = 3600  # an unreferenced segment younger than this may be another builder's: not pruned yet
 VERSION_LEN = 16
 _VERSION_RE = re.compile(rf"[0-9a-f]{{{VERSION_LEN}}}")
@@ -160,20 +164,43 @@ class _Mapped:
             self.mm.madvise(mmap.MADV_WILLNEED, start, min((b + 1) * mmap.PAGESIZE, len(self.mm)) - start)
 
 
+def _npy_header(f, path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset of the data) of the ``.npy`` file open as ``f``."""
+    major, _ = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if fortran or dtype.hasobject:
+        raise SchemaError(f"{path}: not a serving-copy array")
+    return shape, dtype, f.tell()
+
+
 def _load(path: str) -> _Mapped:
     with open(path, "rb") as f:
-        major, _ = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-        offset = f.tell()
-        if fortran or dtype.hasobject:
-            raise SchemaError(f"{path}: not a serving-copy array")
+        shape, dtype, offset = _npy_header(f, path)
         if int(np.prod(shape)) == 0:  # an empty array cannot be memory-mapped
             return _Mapped(np.zeros(shape, dtype))
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
         mm.madvise(mmap.MADV_RANDOM)
     return _Mapped(np.ndarray(shape, dtype, buffer=mm, offset=offset), mm, offset)
+
+
+def _load_resident(path: str) -> _Mapped:
+    """The array read into this process's memory (plain sequential reads, no mapping): lookups
+    in it read nothing from disk, and a ``prefetch`` on it does nothing."""
+    with open(path, "rb") as f:
+        shape, dtype, _ = _npy_header(f, path)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        array = np.empty(shape, dtype)
+        view = memoryview(array.reshape(-1).view(np.uint8))
+        got = 0
+        while got < view.nbytes:  # readinto: no second copy of the array at any point
+            n = f.readinto(view[got:got + (64 << 20)])
+            if not n:
+                raise SchemaError(f"{path}: ends {view.nbytes - got} bytes short of its header's shape {shape}")
+            got += n
+    return _Mapped(array)
 
 
 def _default_serving_root(path: str, cache_dir: Optional[str]) -> str:
@@ -189,13 +216,15 @@ def _default_serving_root(path: str, cache_dir: Optional[str]) -> str:
 class FeatureStore:
     """Random reads of a finished `features` table by uid. Open with ``FeatureStore.open``."""
 
-    def __init__(self, path: str, serving_dir: str, meta: dict[str, Any], current: bool):
+    def __init__(self, path: str, serving_dir: str, meta: dict[str, Any], current: bool, index_memory: int = INDEX_MEMORY):
         self.path = path
         self.serving_dir = serving_dir
         self._meta = meta
         self.version: str = meta["version"]
         self.current = current  # False: a pinned older version served from its kept copy
-        self._index_map = _load(os.path.join(serving_dir, "uid_index.npy"))
+        index_file = os.path.join(serving_dir, "uid_index.npy")
+        self.index_resident = os.path.getsize(index_file) <= index_memory  # see INDEX_MEMORY
+        self._index_map = (_load_resident if self.index_resident else _load)(index_file)
         self._index = self._index_map.array
         self._fence = np.load(os.path.join(serving_dir, "uid_fence.npy"))
         self._fence_rows = int(meta["fence_rows"])
@@ -217,13 +246,18 @@ class FeatureStore:
         *,
         cache_dir: Optional[str] = None,
         keep_versions: int = 2,
+        index_memory: int = INDEX_MEMORY,
     ) -> "FeatureStore":
         """Open the table at ``path``, building its serving copy if it has none for this version.
 
         ``version`` pins a version (see ``FeatureStore.version``); ``cache_dir`` puts serving
         copies elsewhere (default: ``<table>/_serving`` for local tables, ~/.cache otherwise).
+        ``index_memory``: the uid index is read into this process's memory when its file is at
+        most this many bytes (24 a row; default ``INDEX_MEMORY``, 1 GiB), else memory-mapped; 0: always mapped.
         """
         path = str(path)
+        if isinstance(index_memory, bool) or not isinstance(index_memory, int) or index_memory < 0:
+            raise ValueError(f"index_memory must be a number of bytes >= 0, not {index_memory!r}")
         if version is not None and not (isinstance(version, str) and _VERSION_RE.fullmatch(version)):
             raise VersionError(
                 f"{path}: {version!r} is not a features table version (expected {VERSION_LEN} lowercase hex "
@@ -235,7 +269,7 @@ class FeatureStore:
         if version is not None and version != current:
             meta = _read_meta(os.path.join(root, version))
             if meta is not None:
-                return cls(path, os.path.join(root, version), meta, current=False)
+                return cls(path, os.path.join(root, version), meta, current=False, index_memory=index_memory)
             kept = sorted(_kept_versions(root))
             raise VersionError(
                 f"{path}: features table is at version {current or '(none)'}, not the pinned {version}"
@@ -254,7 +288,7 @@ class FeatureStore:
                     meta = _read_meta(target)
             if meta is None:
                 raise RuntimeError(f"{target}: serving copy vanished after it was built")
-        return cls(path, target, meta, current=True)
+        return cls(path, target, meta, current=True, index_memory=index_memory)
 
     def is_current(self) -> bool:
         """Whether the table on disk still has this version (a rerun of extraction changes it)."""
@@ -310,12 +344,20 @@ class FeatureStore:
             "serving_copy": self.serving_dir,
             "segments": len(self._meta["segments"]),
             "segments_built": self._meta["segments_built"],  # by the open that built this version's index
+            "index_resident": self.index_resident,
+            "memory_bytes": self.memory_bytes,
         }
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes this store holds in its own memory: the fence, and the uid index when resident."""
+        return int(self._fence.nbytes + (self._index.nbytes if self.index_resident else 0))
 
     # ------------------------------------------------------------------ reads
     def _locate(self, uids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(row in the segments, found) per uid: each uid's block of the index is read ahead, all
-        at once, then searched (cold: about one disk read's wait for all of them)."""
+        at once (cold: about one disk read's wait for all of them; nothing when the index is resident),
+        then searched."""
         keys, valid = uid_keys(uids)
         base = _blocks(self._fence, self._fence_rows, keys)
         self._index_map.prefetch(base, self._fence_rows)
