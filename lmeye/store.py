@@ -12,16 +12,19 @@ from it on first open and keeps in step with the manifest. It has two parts:
   that gained shards builds only theirs.
 * an **index** per version, ``_serving/<version>/``: ``uid_index.npy``, every successful row as
   a record (uid hi, uid lo, its row in the segments laid end to end; 24 bytes) sorted by
-  (hi, lo), memory-mapped; ``uid_fence.npy``, every ``FENCE_ROWS``-th record's hi, read into
+  (hi, lo), read into the process at open when it is at most ``index_memory`` bytes (default
+  ``INDEX_MEMORY``, 1 GiB: ~44M rows), so that a cold lookup reads its row and nothing else, as a
+  take by position does; memory-mapped otherwise; ``uid_fence.npy``, every ``FENCE_ROWS``-th record's hi, read into
   memory at open (10M rows: 1.25 MB), which narrows a uid to one block of ``FENCE_ROWS`` records
-  (1.5 KB, 1.4 pages on average): a cold lookup reads that block and the row's vector, where a
+  (1.5 KB, 1.4 pages on average): a cold lookup in a mapped index reads that block and the row's vector, where a
   binary search over the whole index would fault in ~log2(N) pages one after another.
   Ties on hi (~3 in 10^10 rows) are resolved on lo. ``meta.json`` has the segments in order,
   column shapes and encodings, the model metadata. No Python object per row: 100M rows are a
   2.4 GB index of which a lookup touches a page or two. Rebuilding it reads the segments' uids only.
 
 Building streams one shard at a time (memory grows with the shard, not the table) and sorts
-only the uid keys (24 bytes a row in memory at peak, about 3x that briefly while sorting).
+only the uid keys, ``INDEX_SORT_ROWS`` rows at a time: a larger table's sorted runs are spilled
+and merged, so the build's memory is bounded whatever the row count.
 
 **Versions.** A table's version is a digest of its schema version and every shard's sha256 in
 the manifest, so any rewrite of any shard gives a new version. The serving copy lives in
@@ -78,6 +81,10 @@ INDEX_RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("row", "<i8")])
 # records per fence entry (recorded in meta.json): a smaller block is fewer pages read per cold
 # lookup (64: 1.4 on average, 170: 2), a larger one a smaller fence in each process's memory
 FENCE_ROWS = 64
+# an index build sorts this many rows' uids in memory at a time (~50 bytes a row at peak: 0.2 GB);
+# a larger table's sorted runs are spilled beside the index and merged MERGE_ROWS records a run at a time
+INDEX_SORT_ROWS = 1 << 22
+MERGE_ROWS = 1 << 16
 # the most bytes of uid index a store holds in its own memory (``FeatureStore.open(index_memory=)``):
 # 1 GiB is ~44M rows at 24 bytes. Held, a cold lookup reads nothing but its row (as a take by position
 # does); a larger index is read through the page cache, a block of FENCE_ROWS records per lookup
@@ -623,24 +630,76 @@ def _segment_info(seg_root: str, sid: str) -> dict[str, Any]:
 def _write_index(reader: TableReader, seg_root: str, sids: list[str], folder: str) -> int:
     """The serving copy's index in ``folder``: every segment's uids, sorted, and for each its row
     (its position in the segments laid end to end). Returns the row count; a uid in two
-    successful rows is an error naming it."""
-    hi = np.concatenate([np.load(os.path.join(seg_root, sid, "uid_hi.npy")) for sid in sids]) if sids else np.zeros(0, np.uint64)
-    lo = np.concatenate([np.load(os.path.join(seg_root, sid, "uid_lo.npy")) for sid in sids]) if sids else np.zeros(0, np.uint64)
-    keys = np.empty(hi.size, dtype=UID_KEY)
-    keys["hi"], keys["lo"] = hi, lo
-    del hi, lo
-    row = key_order(keys)
-    index = np.empty(row.size, INDEX_RECORD)
-    index["hi"], index["lo"], index["row"] = keys["hi"][row], keys["lo"][row], row
-    del keys, row
-    hi, lo = index["hi"], index["lo"]
-    if hi.size > 1:
-        dup = np.flatnonzero((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1]))
-        if dup.size:
-            raise SchemaError(f"{reader.path}: uid {key_to_uid(hi[dup[0]], lo[dup[0]])} appears in more than one successful row")
-    np.save(os.path.join(folder, "uid_index.npy"), index)
-    np.save(os.path.join(folder, "uid_fence.npy"), np.ascontiguousarray(hi[::FENCE_ROWS]))  # FENCE_ROWS goes in meta.json
-    return int(hi.size)
+    successful rows is an error naming it.
+
+    Memory is bounded whatever the row count: ``INDEX_SORT_ROWS`` rows are sorted at a time
+    (about 50 bytes a row at peak); a larger table's sorted runs go to files in ``folder`` and
+    are merged ``MERGE_ROWS`` records a run at a time into the index."""
+    words = {w: [np.load(os.path.join(seg_root, sid, f"uid_{w}.npy"), mmap_mode="r") for sid in sids] for w in ("hi", "lo")}
+    offsets = np.cumsum([0] + [a.shape[0] for a in words["hi"]], dtype=np.int64)
+    total = int(offsets[-1])
+    runs: list[np.ndarray] = []
+    for k, start in enumerate(range(0, total, INDEX_SORT_ROWS)):
+        run = _sorted_run(words, offsets, start, min(total, start + INDEX_SORT_ROWS))
+        if total > INDEX_SORT_ROWS:  # one of several: spilled, read back memory-mapped by the merge
+            np.save(os.path.join(folder, f".run-{k:05d}.npy"), run)
+            run = np.load(os.path.join(folder, f".run-{k:05d}.npy"), mmap_mode="r")
+        runs.append(run)
+    fence, written, last = [], 0, None
+    with open(os.path.join(folder, "uid_index.npy"), "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {
+            "descr": np.lib.format.dtype_to_descr(INDEX_RECORD), "fortran_order": False, "shape": (total,)})
+        for block in _merge(runs):
+            both = block if last is None else np.concatenate([last, block])
+            hi, lo = both["hi"], both["lo"]
+            dup = np.flatnonzero((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1]))
+            if dup.size:
+                raise SchemaError(f"{reader.path}: uid {key_to_uid(hi[dup[0]], lo[dup[0]])} appears in more than one successful row")
+            fence.append(block["hi"][(-written) % FENCE_ROWS::FENCE_ROWS])  # every FENCE_ROWS-th record of the index
+            f.write(block.tobytes())
+            written += block.size
+            last = block[-1:].copy()
+    del runs
+    for name in os.listdir(folder):
+        if name.startswith(".run-"):
+            os.remove(os.path.join(folder, name))
+    np.save(os.path.join(folder, "uid_fence.npy"), np.concatenate(fence) if fence else np.zeros(0, np.uint64))
+    return total  # FENCE_ROWS goes in meta.json
+
+
+def _sorted_run(words: dict[str, list[np.ndarray]], offsets: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """``INDEX_RECORD``s of the global rows ``start .. stop - 1``, sorted by (hi, lo)."""
+    first = int(np.searchsorted(offsets, start, side="right")) - 1
+    last = int(np.searchsorted(offsets, stop, side="left"))
+    keys = np.empty(stop - start, dtype=UID_KEY)
+    for w in ("hi", "lo"):
+        keys[w] = np.concatenate([words[w][i][max(0, start - offsets[i]):stop - offsets[i]] for i in range(first, last)])
+    order = key_order(keys)
+    run = np.empty(order.size, INDEX_RECORD)
+    run["hi"], run["lo"], run["row"] = keys["hi"][order], keys["lo"][order], order + start
+    return run
+
+
+def _merge(runs: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """The records of sorted ``runs``, in order, in blocks: each step reads up to ``MERGE_ROWS``
+    records from each run and passes on those up to the smallest of the blocks' last keys (no
+    record still unread can sort before them), so memory is ``MERGE_ROWS`` records a run."""
+    pos = [0] * len(runs)
+    while True:
+        blocks = {i: np.asarray(r[pos[i]:pos[i] + MERGE_ROWS]) for i, r in enumerate(runs) if pos[i] < r.shape[0]}
+        if not blocks:
+            return
+        top = min((int(b["hi"][-1]), int(b["lo"][-1])) for b in blocks.values())
+        parts = []
+        for i, b in blocks.items():
+            his = b["hi"]
+            n = int(np.searchsorted(his, np.uint64(top[0]), side="left"))
+            tie = int(np.searchsorted(his, np.uint64(top[0]), side="right"))
+            n += int(np.searchsorted(b["lo"][n:tie], np.uint64(top[1]), side="right"))
+            parts.append(b[:n])
+            pos[i] += n
+        out = np.concatenate(parts)
+        yield out if len(parts) == 1 else out[key_order(out)]
 
 
 def _build(reader: TableReader, version: str, root: str) -> None:

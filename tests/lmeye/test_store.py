@@ -452,3 +452,52 @@ def test_a_reopen_after_adding_shards_holds_the_new_index(tmp_path):
     np.testing.assert_array_equal(second.get(uids[::-1])["embedding"], vecs[::-1])
     assert not first.contains(uids[60:]).any() and not first.is_current()
     np.testing.assert_array_equal(first.get(uids[:60])["embedding"], vecs[:60])
+
+
+@pytest.mark.parametrize("sort_rows, merge_rows", [(7, 3), (50, 1), (1000, 2)])
+def test_an_index_sorted_in_spilled_runs_is_the_one_sorted_whole(tmp_path, monkeypatch, sort_rows, merge_rows):
+    """Above ``INDEX_SORT_ROWS`` rows the index is sorted in runs spilled beside it and merged a
+    few records a run at a time (at 10M rows: 3 runs of 4M): the same index and fence, byte for
+    byte, as one sort in memory, with runs of uids sharing their top 64 bits across runs and blocks."""
+    import lmeye.store as store_mod
+
+    rng = np.random.default_rng(5)
+    uids = [uid_for(f"http://x/{i}") for i in range(150)] + ["0" * 32, "f" * 32]
+    for run in range(6):
+        top = rng.bytes(8).hex()
+        uids += [top + rng.bytes(8).hex() for _ in range(1 + 2 * run)]
+    rng.shuffle(uids)
+    monkeypatch.setattr(store_mod, "FENCE_ROWS", 4)
+    _, vecs, _, ok = write_features(tmp_path / "whole", uids=uids, shards=5)
+    whole = FeatureStore.open(tmp_path / "whole", index_memory=0)
+    monkeypatch.setattr(store_mod, "INDEX_SORT_ROWS", sort_rows)
+    monkeypatch.setattr(store_mod, "MERGE_ROWS", merge_rows)
+    write_features(tmp_path / "runs", uids=uids, shards=5)
+    runs = FeatureStore.open(tmp_path / "runs", index_memory=0)
+    for name in ("uid_index.npy", "uid_fence.npy"):
+        assert open(os.path.join(runs.serving_dir, name), "rb").read() == open(os.path.join(whole.serving_dir, name), "rb").read()
+    assert sorted(os.listdir(runs.serving_dir)) == ["meta.json", "uid_fence.npy", "uid_index.npy"]  # no run left
+    index = np.asarray(runs._index)
+    assert index.size == ok.sum() and (np.diff(index["hi"].astype(float)) >= 0).all()
+    np.testing.assert_array_equal(runs._fence, index["hi"][::4])
+    served = [u for u, o in zip(uids, ok) if o]
+    np.testing.assert_array_equal(runs.get(served)["embedding"], vecs[ok])
+
+
+def test_a_uid_twice_in_different_sorted_runs_is_an_error_naming_it(tmp_path, monkeypatch):
+    import lmeye.store as store_mod
+
+    monkeypatch.setattr(store_mod, "INDEX_SORT_ROWS", 5)
+    monkeypatch.setattr(store_mod, "MERGE_ROWS", 2)
+    uids = [uid_for(f"http://x/{i}") for i in range(30)]
+    uids[27] = uids[2]  # rows 2 and 27: runs 0 and 5
+    write_features(tmp_path / "f", uids=uids, failed=())
+    with pytest.raises(SchemaError, match=f"uid {uids[2]} appears in more than one successful row"):
+        FeatureStore.open(tmp_path / "f")
+
+
+def test_a_table_with_no_row_served_has_an_empty_index(tmp_path):
+    uids, _, _, _ = write_features(tmp_path / "f", n=6, shards=2, failed=range(6))
+    for budget in (0, 1 << 30):
+        store = FeatureStore.open(tmp_path / "f", index_memory=budget)
+        assert store.num_rows == 0 and not store.contains(uids).any()
