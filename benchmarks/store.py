@@ -12,7 +12,8 @@ as extraction writes its shards: zstd, dictionary encoding):
   * random ``FeatureStore.get`` of ``--lookups`` uids against, on the same rows and uid samples,
     a pyarrow filter over the Parquet table (``uid in [...]``, up to 1M rows: it reads the whole
     column; target get >= 20x faster) and Lance ``take`` by position (pylance, the ``bench`` extra;
-    target get <= 1x Lance), medians over ``--repeats`` samples, each state on rows of its own:
+    target get <= 1x Lance; Lance's own lookup by uid, with a BTREE index on a uid column,
+    is printed beside them for context), medians over ``--repeats`` samples, each state on rows of its own:
       - cold: both copies' files evicted from the page cache before each call, the store freshly
         opened (on a serving node, a process that opened the table). Its uid index is read into
         the process at open when under ``--index-memory`` (default: the store's, 1 GiB): the open's
@@ -228,8 +229,12 @@ def run(args, work: str) -> int:
 
     states = ("cold", "cold, index mapped", "cold, index mapped, index cached", "warm")
     n_samples = args.repeats * len(states)  # every state its own rows: none read before (the disk may cache too)
-    want = np.random.default_rng(args.seed).choice(served, args.lookups * n_samples, replace=False)
-    positions = [want[k * args.lookups:(k + 1) * args.lookups] for k in range(n_samples)]
+    # and Lance's lookup by uid rows of its own too: it reads the same Lance files as its take
+    if served < args.lookups * n_samples * 2:
+        raise SystemExit(f"{served:,} rows served: too few for {n_samples * 2} samples of {args.lookups} distinct rows "
+                         "(fewer --repeats or --lookups)")
+    want = np.random.default_rng(args.seed).choice(served, args.lookups * n_samples * 2, replace=False)
+    positions = [want[k * args.lookups:(k + 1) * args.lookups] for k in range(n_samples * 2)]
     samples = [uids_at(store, p) for p in positions]
 
     def ours(sample):
@@ -260,7 +265,8 @@ def run(args, work: str) -> int:
         print("Lance: pylance not installed; skipped (pip install -e '.[bench]')")
         return report_rss()
     lpath = os.path.join(work, "features.lance")
-    if args.reads_only and os.path.isdir(lpath) and lance.dataset(lpath).count_rows() == served:
+    if (args.reads_only and os.path.isdir(lpath) and lance.dataset(lpath).count_rows() == served
+            and "uid" in lance.dataset(lpath).schema.names):
         ds = lance.dataset(lpath)
         print(f"Lance copy of the same {served:,} rows reused from {lpath}")
     else:
@@ -271,13 +277,20 @@ def run(args, work: str) -> int:
             print("Parquet shards deleted (--free-parquet); Lance is written from the store's segments")
         t = time.perf_counter()
         lance.write_dataset(segment_batches(store, dim), lpath, mode="overwrite",
-                            schema=pa.schema([pa.field("embedding", pa.list_(pa.float16(), dim))]))
+                            schema=pa.schema([pa.field("uid", pa.string()), pa.field("embedding", pa.list_(pa.float16(), dim))]))
+        written = time.perf_counter() - t
+        t = time.perf_counter()
+        lance.dataset(lpath).create_scalar_index("uid", "BTREE")
         ds = lance.dataset(lpath)
-        print(f"Lance copy of the same {ds.count_rows():,} rows, in the store's row order ({time.perf_counter() - t:.1f}s), "
-              f"{du(lpath) / GB:.2f} GB", flush=True)
+        print(f"Lance copy of the same {ds.count_rows():,} rows, in the store's row order ({written:.1f}s), and a BTREE index "
+              f"on its uid column ({time.perf_counter() - t:.1f}s): {du(lpath) / GB:.2f} GB", flush=True)
 
     def lance_take(pos):
         return ds.take(pos.tolist(), columns=["embedding"])
+
+    def lance_by_uid(sample):  # context: Lance's own lookup by key (result in its order, not the request's)
+        out = ds.to_table(columns=["embedding"], filter=pc.field("uid").isin(sample))
+        assert out.num_rows == len(sample)
 
     def same(o_out, l_out) -> None:  # the same vectors either way: Lance rows are the store's row numbers
         taken = l_out.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
@@ -293,7 +306,7 @@ def run(args, work: str) -> int:
         # whose process opened the table earlier); "index cached": the mapped index file read into
         # the page cache after the eviction. Lance keeps its open dataset
         budget = 0 if "mapped" in state else args.index_memory
-        ours_t, lance_t = [], []
+        ours_t, lance_t, by_uid_t = [], [], []
         for k in range(s_i * args.repeats, (s_i + 1) * args.repeats):
             if state == "warm":
                 if k == s_i * args.repeats:
@@ -322,6 +335,9 @@ def run(args, work: str) -> int:
                     l_out = lance_take(positions[k])
                     lance_t.append(time.perf_counter() - t)
             same(o_out, l_out)
+            t = time.perf_counter()
+            lance_by_uid(samples[n_samples + k])  # last, on rows of its own: after the two compared
+            by_uid_t.append(time.perf_counter() - t)
         if state == "cold":
             print(f"cold open (files evicted), index {'in memory' if store.index_resident else 'memory-mapped'}: median "
                   f"{statistics.median(opens) * 1e3:.0f} ms, holding {store.memory_bytes / 2**20:.1f} MiB "
@@ -329,7 +345,8 @@ def run(args, work: str) -> int:
         o_med, l_med = statistics.median(ours_t), statistics.median(lance_t)
         print(f"{state}: FeatureStore.get of {args.lookups} uids median {o_med * 1e3:.2f} ms, Lance take of the same rows "
               f"(positions given) median {l_med * 1e3:.2f} ms: get / take {o_med / l_med:.2f}x (target <= 1x); per repeat "
-              + ", ".join(f"{a * 1e3:.1f}/{b * 1e3:.1f}" for a, b in zip(ours_t, lance_t)) + " ms", flush=True)
+              + ", ".join(f"{a * 1e3:.1f}/{b * 1e3:.1f}" for a, b in zip(ours_t, lance_t)) + " ms; for context, Lance by uid "
+              f"(BTREE index, filter uid in [...], rows of its own) median {statistics.median(by_uid_t) * 1e3:.2f} ms", flush=True)
     return report_rss()
 
 
@@ -340,15 +357,19 @@ def du(folder: str, skip: str = "") -> int:
 
 
 def segment_batches(store: FeatureStore, dim: int, chunk: int = 65536):
-    """The store's embedding rows in order, read with plain reads (no mapping: the RSS stays flat)."""
-    for file, n in store.segment_files("embedding"):
+    """The store's rows in order, uid and embedding, read with plain reads (no mapping: the RSS stays flat)."""
+    for (file, n), (hi_file, _), (lo_file, _) in zip(*(store.segment_files(c) for c in ("embedding", "uid_hi", "uid_lo"))):
+        words = np.stack([np.load(hi_file), np.load(lo_file)], axis=1).astype(">u8")  # big-endian: hex digits in order
         with open(file, "rb") as f:
             np.lib.format.read_magic(f)
             np.lib.format.read_array_header_1_0(f)
             for start in range(0, n, chunk):
-                vals = np.fromfile(f, dtype=np.float16, count=min(chunk, n - start) * dim)
+                m = min(chunk, n - start)
+                vals = np.fromfile(f, dtype=np.float16, count=m * dim)
+                text = words[start:start + m].tobytes().hex().encode()
+                uid = pa.StringArray.from_buffers(m, pa.py_buffer(np.arange(0, 32 * m + 1, 32, dtype=np.int32)), pa.py_buffer(text))
                 arr = pa.FixedSizeListArray.from_arrays(pa.array(vals), dim)
-                yield pa.RecordBatch.from_arrays([arr], names=["embedding"])
+                yield pa.RecordBatch.from_arrays([uid, arr], names=["uid", "embedding"])
 
 
 def report_rss() -> int:
