@@ -6,7 +6,8 @@
 Measures, in one run on one synthetic `features` table (float16 embeddings, random uids, written
 as extraction writes its shards: zstd, dictionary encoding):
   * the serving copy's full build on first open, in a fresh child process: seconds and peak RSS
-    (target <= 2 GB while building);
+    (target <= 2 GB while building), and the uid index alone rebuilt from the segments, sorted
+    whole in memory against sorted in runs of ``INDEX_SORT_ROWS`` and merged (the store's way);
   * adding ``--add-rows`` rows (default: a tenth) as new shards and reopening: the rebuild makes
     only the new shards' segments and a new uid index; its time against the full build (target <= 0.2);
   * random ``FeatureStore.get`` of ``--lookups`` uids against, on the same rows and uid samples,
@@ -50,7 +51,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmeye.store import INDEX_MEMORY, FeatureStore  # noqa: E402
+from lmeye.store import INDEX_MEMORY, INDEX_SORT_ROWS, FeatureStore  # noqa: E402
 from lmeye.tables import Manifest, TableWriter, shard_file  # noqa: E402
 from schemas.features import FEATURES, SUCCESS, features_schema  # noqa: E402
 
@@ -96,17 +97,21 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _open_and_report(path: str, queue) -> None:
+def _open_and_report(path: str, sort_rows: int, queue) -> None:
+    import lmeye.store
+
+    lmeye.store.INDEX_SORT_ROWS = sort_rows
     t = time.perf_counter()
-    store = FeatureStore.open(path)
+    store = FeatureStore.open(path, index_memory=0)  # the build's memory, not the index's once built
     queue.put((time.perf_counter() - t, peak_rss(), store.info()["rows_served"]))
 
 
-def open_in_child(path: str) -> tuple[float, int, int]:
-    """(seconds, peak RSS bytes, rows) of ``FeatureStore.open`` in a fresh process: the build's own memory."""
+def open_in_child(path: str, sort_rows: int = INDEX_SORT_ROWS) -> tuple[float, int, int]:
+    """(seconds, peak RSS bytes, rows) of ``FeatureStore.open`` in a fresh process: the build's own
+    memory; ``sort_rows``: ``lmeye.store.INDEX_SORT_ROWS`` there (rows the index build sorts at a time)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_open_and_report, args=(path, queue))
+    proc = ctx.Process(target=_open_and_report, args=(path, sort_rows, queue))
     proc.start()
     out = queue.get()
     proc.join()
@@ -222,6 +227,17 @@ def run(args, work: str) -> int:
         t = time.perf_counter()
         FeatureStore.open(path)
         print(f"reopen (copy in step with the manifest): {(time.perf_counter() - t) * 1e3:.1f} ms")
+        # the index alone, rebuilt from the segments (kept) twice: sorted whole in memory (as before
+        # INDEX_SORT_ROWS), then in runs of INDEX_SORT_ROWS spilled and merged (the store's way)
+        index_dir = store.serving_dir
+        got = {}
+        for label, sort_rows in (("sorted whole", rows + add), ("in runs", INDEX_SORT_ROWS)):
+            shutil.rmtree(index_dir)
+            got[label] = open_in_child(path, sort_rows)
+        (w_s, w_rss, _), (r_s, r_rss, _) = got["sorted whole"], got["in runs"]
+        print(f"index rebuilt alone ({rows + add:,} rows, segments kept): sorted whole {w_s:.1f}s, peak RSS "
+              f"{w_rss / GB:.2f} GB; in runs of {INDEX_SORT_ROWS:,} {r_s:.1f}s, peak RSS {r_rss / GB:.2f} GB: "
+              f"{r_rss / w_rss:.2f}x the memory, {r_s / w_s:.2f}x the time", flush=True)
         print(f"disk: Parquet table {du(path, skip='_serving') / GB:.2f} GB, "
               f"serving copy {du(os.path.join(path, '_serving')) / GB:.2f} GB")
     store = FeatureStore.open(path)
