@@ -634,17 +634,28 @@ def _write_index(reader: TableReader, seg_root: str, sids: list[str], folder: st
 
     Memory is bounded whatever the row count: ``INDEX_SORT_ROWS`` rows are sorted at a time
     (about 50 bytes a row at peak); a larger table's sorted runs go to files in ``folder`` and
-    are merged ``MERGE_ROWS`` records a run at a time into the index."""
-    words = {w: [np.load(os.path.join(seg_root, sid, f"uid_{w}.npy"), mmap_mode="r") for sid in sids] for w in ("hi", "lo")}
-    offsets = np.cumsum([0] + [a.shape[0] for a in words["hi"]], dtype=np.int64)
+    are merged ``MERGE_ROWS`` records a run at a time into the index. Everything is read and
+    written with plain reads and writes: mapped file pages would count in the build's resident
+    memory as they are touched."""
+    words = [[os.path.join(seg_root, sid, f"uid_{w}.npy") for w in ("hi", "lo")] for sid in sids]
+    sizes = []
+    for hi_file, _ in words:
+        with open(hi_file, "rb") as f:
+            sizes.append(_npy_header(f, hi_file)[0][0])
+    offsets = np.cumsum([0] + sizes, dtype=np.int64)
     total = int(offsets[-1])
-    runs: list[np.ndarray] = []
+    runs: list[_Run] = []
     for k, start in enumerate(range(0, total, INDEX_SORT_ROWS)):
-        run = _sorted_run(words, offsets, start, min(total, start + INDEX_SORT_ROWS))
-        if total > INDEX_SORT_ROWS:  # one of several: spilled, read back memory-mapped by the merge
-            np.save(os.path.join(folder, f".run-{k:05d}.npy"), run)
-            run = np.load(os.path.join(folder, f".run-{k:05d}.npy"), mmap_mode="r")
-        runs.append(run)
+        records = _sorted_run(words, offsets, start, min(total, start + INDEX_SORT_ROWS))
+        if total > INDEX_SORT_ROWS:  # one of several: spilled, read back a block at a time by the merge
+            spilled = os.path.join(folder, f".run-{k:05d}.npy")
+            np.save(spilled, records)
+            with open(spilled, "rb") as f:
+                offset = _npy_header(f, spilled)[2]
+            runs.append(_Run(records.size, path=spilled, offset=offset))
+        else:
+            runs.append(_Run(records.size, records=records))
+        del records
     fence, written, last = [], 0, None
     with open(os.path.join(folder, "uid_index.npy"), "wb") as f:
         np.lib.format.write_array_header_1_0(f, {
@@ -659,34 +670,49 @@ def _write_index(reader: TableReader, seg_root: str, sids: list[str], folder: st
             f.write(block.tobytes())
             written += block.size
             last = block[-1:].copy()
-    del runs
-    for name in os.listdir(folder):
-        if name.startswith(".run-"):
-            os.remove(os.path.join(folder, name))
+    for run in runs:
+        if run.path:
+            os.remove(run.path)
     np.save(os.path.join(folder, "uid_fence.npy"), np.concatenate(fence) if fence else np.zeros(0, np.uint64))
     return total  # FENCE_ROWS goes in meta.json
 
 
-def _sorted_run(words: dict[str, list[np.ndarray]], offsets: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """``INDEX_RECORD``s of the global rows ``start .. stop - 1``, sorted by (hi, lo)."""
+@dataclass
+class _Run:
+    """A sorted run of index records: in memory (a table's only run), or spilled to an ``.npy`` file."""
+
+    size: int
+    records: Optional[np.ndarray] = None
+    path: str = ""
+    offset: int = 0  # of the first record in ``path``
+
+    def read(self, pos: int, count: int) -> np.ndarray:
+        if self.records is not None:
+            return self.records[pos:pos + count]
+        return np.fromfile(self.path, INDEX_RECORD, count=min(count, self.size - pos), offset=self.offset + pos * INDEX_RECORD.itemsize)
+
+
+def _sorted_run(words: list[list[str]], offsets: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """``INDEX_RECORD``s of the global rows ``start .. stop - 1``, sorted by (hi, lo); ``words``
+    has each segment's ``uid_hi.npy`` and ``uid_lo.npy`` (read whole: a segment is one shard's)."""
     first = int(np.searchsorted(offsets, start, side="right")) - 1
     last = int(np.searchsorted(offsets, stop, side="left"))
     keys = np.empty(stop - start, dtype=UID_KEY)
-    for w in ("hi", "lo"):
-        keys[w] = np.concatenate([words[w][i][max(0, start - offsets[i]):stop - offsets[i]] for i in range(first, last)])
+    for j, w in enumerate(("hi", "lo")):
+        keys[w] = np.concatenate([np.load(words[i][j])[max(0, start - offsets[i]):stop - offsets[i]] for i in range(first, last)])
     order = key_order(keys)
     run = np.empty(order.size, INDEX_RECORD)
     run["hi"], run["lo"], run["row"] = keys["hi"][order], keys["lo"][order], order + start
     return run
 
 
-def _merge(runs: list[np.ndarray]) -> Iterator[np.ndarray]:
+def _merge(runs: list[_Run]) -> Iterator[np.ndarray]:
     """The records of sorted ``runs``, in order, in blocks: each step reads up to ``MERGE_ROWS``
     records from each run and passes on those up to the smallest of the blocks' last keys (no
     record still unread can sort before them), so memory is ``MERGE_ROWS`` records a run."""
     pos = [0] * len(runs)
     while True:
-        blocks = {i: np.asarray(r[pos[i]:pos[i] + MERGE_ROWS]) for i, r in enumerate(runs) if pos[i] < r.shape[0]}
+        blocks = {i: r.read(pos[i], MERGE_ROWS) for i, r in enumerate(runs) if pos[i] < r.size}
         if not blocks:
             return
         top = min((int(b["hi"][-1]), int(b["lo"][-1])) for b in blocks.values())
