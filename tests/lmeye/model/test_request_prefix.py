@@ -56,7 +56,7 @@ def test_prefix_request_projects_every_prefix_position(ipn_factory):
 def test_prefix_request_rows_keep_their_own_loss_cache_and_answers(ipn_factory):
     """Left padding is masked in RVII: a row in a batch of longer prompts gives what it gives alone; the
     prefix cache and generate work as with ``last``."""
-    ipn = _wake(ipn_factory("llama", request="prefix", **TRANSFORMER))
+    ipn = _wake(ipn_factory("llama", request="prefix", **TRANSFORMER)).eval()  # eval: torch's fast attention path, as in generation
     emb, patches = features(len(QA))
     encs = [ipn.encode(c, img) for c, img in QA]
     batch = ipn.collate(encs, emb, patches)
