@@ -85,9 +85,10 @@ def parse_formats(text: str) -> dict[str, float]:
     return {k: float(v) for k, v in (part.split("=") for part in text.split(","))}
 
 
-def model_config(root: Path, llm: str, rvii: str, request: str) -> ModelConfig:
+def model_config(root: Path, llm: str, rvii: str, request: str, overrides: tuple[str, ...] = ()) -> ModelConfig:
     model = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]
     model.update(llm=llm, rvii=rvii, request=request)
+    model.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)})
     if rvii == "clip_text":  # the CLIP that made the features (ensure_demo_llm does the same)
         model["clip_pretrained"] = str(root / "models" / f"{model['clip_model']}.safetensors")
     return ModelConfig.model_validate(model)
@@ -221,6 +222,7 @@ def main(argv=None) -> int:
     ap.add_argument("--val", type=int, default=300, help="held-out questions (each asked plain, 2x yes/no, 4x multiple choice)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared machine 2 threads spin against other work)")
     ap.add_argument("--oracle", action="store_true", help="first, the LLM's yes/no accuracy with the reply's token in every <img-d> slot")
+    ap.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE", help="model: keys over configs/demo.yaml's (e.g. rvii_image_position=true)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -240,11 +242,11 @@ def main(argv=None) -> int:
 
     results = {}
     if args.oracle:
-        ipn = build_ipn(model_config(args.root, args.llm, args.rvii, "last"), emb.shape[1], patches.shape[1:]).eval()
+        ipn = build_ipn(model_config(args.root, args.llm, args.rvii, "last", args.model), emb.shape[1], patches.shape[1:]).eval()
         results["oracle_yes_no"] = slot_oracle(ipn, val, pool, index, emb, patches)
         print(f"yes/no with the reply's token in every <img-d> slot: {results['oracle_yes_no']:.3f}", flush=True)
     for request in args.request:
-        cfg = model_config(args.root, args.llm, args.rvii, request)
+        cfg = model_config(args.root, args.llm, args.rvii, request, args.model)
         ipn = build_ipn(cfg, emb.shape[1], patches.shape[1:])
         print(f"request: {request}, rvii: {args.rvii}", flush=True)
         t0 = time.time()
@@ -261,7 +263,7 @@ def main(argv=None) -> int:
 
 
 def print_table(args, results: dict) -> None:
-    print(f"\n{args.steps} steps, rvii {args.rvii}, formats {args.formats}")
+    print(f"\n{args.steps} steps, rvii {args.rvii}, formats {args.formats}, model {' '.join(args.model) or 'as configs/demo.yaml'}")
     print("| request | plain exact match (worst type) | yes/no acc (acc+) | multiple choice acc | CircularEval | train s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for request, r in results.items():

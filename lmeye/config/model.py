@@ -43,6 +43,11 @@ class ModelConfig(Section):
         False,
         description="RVII sees each image token minus the image's mean token, so tokens differ by what is where rather than sharing the whole image's mix (lmeye.model.rvii.center_tokens); false: LMEye's raw tokens",
     )
+    rvii_image_position: bool = Field(
+        False,
+        description="rvii: clip_text: a learned embedding per image region added before the frozen text tower, so RVII can tell which region a token is "
+        "(one shared projection maps all regions alike; the tower's own positional embeddings are frozen); the trained RVII has its own",
+    )
     transmission: Literal["shared", "joint"] = Field(
         "shared",
         description="how RVII's k outputs become the k `<img-d>` embeddings: one linear map applied to each (shared, LMEye's), or one map from all k outputs to all k slots (joint: learns faster; k^2 times the weights)",

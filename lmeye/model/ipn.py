@@ -163,7 +163,7 @@ class IPN(nn.Module):
         if cfg.rvii == "clip_text":
             if clip_tower is None:
                 raise UserError("model.rvii clip_text needs the CLIP text tower (model.clip_model / clip_pretrained)")
-            self.rvii = ClipTextRVII(clip_tower, image_dim, k, cfg.rvii_image_tokens, cfg.rvii_center_tokens)
+            self.rvii = ClipTextRVII(clip_tower, image_dim, k, cfg.rvii_image_tokens, cfg.rvii_center_tokens, cfg.rvii_image_position)
         else:
             self.rvii = TransformerRVII(image_dim, k, cfg.rvii_width, cfg.rvii_layers, cfg.rvii_heads, cfg.rvii_image_tokens, cfg.rvii_center_tokens)
         self.request_proj = nn.Linear(hidden, k * self.rvii.request_width)

@@ -105,19 +105,26 @@ class ClipTextTower(nn.Module):
 class ClipTextRVII(nn.Module):
     """LMEye's RVII on a frozen CLIP text tower; trained: the image-token projection."""
 
-    def __init__(self, tower: ClipTextTower, image_dim: int, num_img_d: int, max_image_tokens: int, center: bool = False):
+    def __init__(self, tower: ClipTextTower, image_dim: int, num_img_d: int, max_image_tokens: int, center: bool = False,
+                 image_position: bool = False):
         super().__init__()
         self.tower = tower
         self.num_img_d = num_img_d
         self.center = center
         self.max_image_tokens = min(max_image_tokens, tower.context_length - num_img_d - 2)
         self.image_proj = nn.Linear(image_dim, tower.width)
+        # model.rvii_image_position: one shared projection maps every region alike, so which region a token
+        # came from survives only in the tower's frozen positional embeddings (random in the demo, and
+        # small beside the projected tokens); a learned embedding per region lets RVII say where.
+        self.image_pos = nn.Parameter(torch.randn(self.max_image_tokens, tower.width) * 0.1) if image_position else None
         self.request_width = tower.width
         self.out_dim = tower.embed_dim
 
     def forward(self, request: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """request (B, k, width), image_tokens (B, T, image_dim) -> (B, k, embed_dim)."""
         img = self.image_proj(image_regions(image_tokens, self.center, self.max_image_tokens))
+        if self.image_pos is not None:
+            img = img + self.image_pos[: img.shape[1]]
         return self.tower(torch.cat([img, request], dim=1), last=self.num_img_d)
 
 

@@ -274,3 +274,29 @@ def test_the_loss_computes_logits_only_at_answer_positions_in_fp32_chunks(ipn_fa
     ipn(batch, reuse_prefix=reuse_prefix, return_logits=True).loss.backward()  # the unchunked path
     assert grads and all(torch.allclose(grads[n], p.grad, atol=1e-6) for n, p in ipn.named_parameters() if n in grads)
     assert labels.shape[1] == logits.shape[1] - 1
+
+
+def test_clip_text_rvii_learns_an_embedding_per_image_region(ipn_factory):
+    plain = _wake(ipn_factory("llama", patch_shape=(16, 64), rvii_image_tokens=4))
+    ipn = _wake(ipn_factory("llama", patch_shape=(16, 64), rvii_image_tokens=4, rvii_image_position=True))
+    assert plain.rvii.image_pos is None and "rvii.image_pos" not in plain.trainable_state_dict()
+    assert tuple(ipn.rvii.image_pos.shape) == (4, ipn.rvii.tower.width)  # one per 2 x 2 region of the 4 x 4 grid
+    assert "rvii.image_pos" in ipn.trainable_state_dict()  # saved with the checkpoint
+    request = torch.randn(2, ipn.cfg.num_img_d, ipn.rvii.request_width)
+    tokens = torch.randn(2, 16, 64)
+    with torch.no_grad():
+        ipn.rvii.image_pos.zero_()
+        plain.rvii.image_proj.load_state_dict(ipn.rvii.image_proj.state_dict())
+        assert torch.allclose(ipn.rvii(request, tokens), plain.rvii(request, tokens), atol=1e-5)  # zero: LMEye's RVII
+        step = torch.randn(ipn.rvii.tower.width)  # not a constant vector: the tower's LayerNorm removes those
+        ipn.rvii.image_pos[3] += step  # the bottom-right region only
+        moved = ipn.rvii(request, tokens)
+        assert not torch.allclose(moved, plain.rvii(request, tokens), atol=1e-3)
+        shifted = tokens.clone()  # the same change made to the bottom-right region's projected token
+        shifted[:, [10, 11, 14, 15]] += torch.linalg.pinv(ipn.rvii.image_proj.weight) @ step
+        assert torch.allclose(plain.rvii(request, shifted), moved, atol=1e-3)
+    ipn.set_trainable("align")
+    assert not ipn.rvii.image_pos.requires_grad
+    ipn.set_trainable("instruct")
+    ipn(batch_of(ipn, patch_shape=(16, 64))).loss.backward()
+    assert (ipn.rvii.image_pos.grad.abs().sum(-1) > 0).all()  # every region's embedding trains
