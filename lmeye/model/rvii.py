@@ -114,8 +114,9 @@ class ClipTextRVII(nn.Module):
         self.max_image_tokens = min(max_image_tokens, tower.context_length - num_img_d - 2)
         self.image_proj = nn.Linear(image_dim, tower.width)
         # model.rvii_image_position: one shared projection maps every region alike, so which region a token
-        # came from survives only in the tower's frozen positional embeddings (random in the demo, and
-        # small beside the projected tokens); a learned embedding per region lets RVII say where.
+        # came from survives only in the tower's frozen positional embeddings (random in the demo,
+        # std 0.01, a tenth of the projected tokens' on the demo's features); a learned embedding per region
+        # lets RVII say where. It starts at the tokens' scale (0.1): at 0.02, held-out position 0.60, at 0.1 0.83.
         self.image_pos = nn.Parameter(torch.randn(self.max_image_tokens, tower.width) * 0.1) if image_position else None
         self.request_width = tower.width
         self.out_dim = tower.embed_dim
