@@ -125,16 +125,20 @@ def test_planted_counts_are_checked_at_load():
 def test_curate_with_the_demo_thresholds_finds_the_planted_cases(demo_like, tmp_path, ray_local):
     """The curate stage with configs/demo.yaml's curate section, on the images as downloaded: the planted
     duplicate pairs, benchmark copies and mismatched captions found, nothing else removed. The embeddings
-    stand in for the CLIP's: unrelated per image, and a caption's is its owner image's, so a mismatched
-    caption scores like an unrelated image (the head-aligned demo CLIP itself: test_clip_heads, test_demo)."""
+    stand in for the CLIP's: unrelated per image but alike for a copy and its original, and a caption's is
+    its owner image's, so a mismatched caption scores like an unrelated image (the head-aligned demo CLIP
+    itself: test_clip_heads, test_demo)."""
     corpus, _, sets, planted = demo_like
     names = [i.name for i in corpus.items] + [p.name for p in planted]
     captions = {i.name: i.caption for i in corpus.items} | {p.name: p.caption for p in planted}
     rows = [curate_pairs_row(n, downloaded((corpus.root / "images" / n).read_bytes()), captions[n]) for n in names]
     rng = np.random.default_rng(0)
-    emb = rng.normal(size=(len(rows), 64))  # unrelated embeddings: only the phash can find the copies
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb = rng.normal(size=(len(rows), 64))  # unrelated images, unrelated embeddings
     index = {n: k for k, n in enumerate(names)}
+    for p in planted:  # a copy's embedding is its original's, nearly (as the demo CLIP's: cosine >= 0.97)
+        if p.kind in (EXACT, NEAR):
+            emb[index[p.name]] = emb[index[p.original]] + 0.1 * rng.normal(size=64)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     owner = {p.name: p.original for p in planted if p.kind == MISMATCHED}  # whose caption it carries
     text = emb[[index[owner.get(n, n)] for n in names]]
     pairs, features = write_curate_tables(tmp_path, rows, emb, text, shards=3)
