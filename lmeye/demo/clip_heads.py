@@ -31,6 +31,7 @@ from lmeye.config.base import Section
 
 ALIGNMENT_SEED_OFFSET = 1_000_003  # the alignment corpus's seed, past the demo's: never the corpus it curates
 LOGIT_SCALE_MAX = 100.0  # CLIP's clamp of the learned temperature
+RECIPE_VERSION = 1  # bump when the alignment's procedure changes, so cached checkpoints are rebuilt
 
 
 def pre_projection_features(model, tokenizer, images: list[bytes], captions: list[str], batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +72,7 @@ def align_heads(model, image_features: torch.Tensor, text_features: torch.Tensor
     """Train ``model``'s heads in place on pre-projection features of matching pairs (row i of each is
     one pair), with CLIP's symmetric InfoNCE loss over random batches; the trunks are not touched.
     ``settings``: a ``demo.clip_heads`` section. Returns the loss of each step. One thread and a seeded
-    generator: the same heads on every run."""
+    generator: the same heads on every run. Each projection ends at the Frobenius norm it started with."""
     n = len(image_features)
     if n < 2 or len(text_features) != n:
         raise ValueError(f"head alignment needs at least 2 matching pairs, got {n} images and {len(text_features)} captions")
@@ -81,6 +82,7 @@ def align_heads(model, image_features: torch.Tensor, text_features: torch.Tensor
     optimizer = torch.optim.Adam([visual_proj, text_proj, logit_scale], lr=settings.lr)
     labels = torch.arange(batch)
     threads, flags = torch.get_num_threads(), [p.requires_grad for p in (visual_proj, text_proj, logit_scale)]
+    scales = [float(torch.linalg.norm(p.detach())) for p in (visual_proj, text_proj)]
     torch.set_num_threads(1)  # a few KB of work per step: one thread is faster here, and the same everywhere
     losses = []
     try:
@@ -100,8 +102,12 @@ def align_heads(model, image_features: torch.Tensor, text_features: torch.Tensor
         torch.set_num_threads(threads)
         for p, flag in zip((visual_proj, text_proj, logit_scale), flags):
             p.requires_grad_(flag)
-        with torch.no_grad():  # CLIP's clamp, kept in the saved weights too
-            logit_scale.clamp_(max=math.log(LOGIT_SCALE_MAX))
+        with torch.no_grad():
+            logit_scale.clamp_(max=math.log(LOGIT_SCALE_MAX))  # CLIP's clamp, kept in the saved weights too
+            # Each head back to its random norm: a cosine does not see a head's scale, but RVII's outputs do
+            # (they leave through text_projection unnormalised; 1,500 steps had grown it 2.8x).
+            for p, scale in zip((visual_proj, text_proj), scales):
+                p.mul_(scale / float(torch.linalg.norm(p)))
     return losses
 
 
@@ -131,7 +137,7 @@ def ensure_demo_clip(cfg) -> str:
     if heads.pairs == 0:
         return ensure_demo_model(cfg.extract)
     d = cfg.demo
-    recipe = {"clip_heads": heads.model_dump(mode="json"), "corpus_seed": d.seed + ALIGNMENT_SEED_OFFSET, "image_size": d.image_size,
+    recipe = {"version": RECIPE_VERSION, "clip_heads": heads.model_dump(mode="json"), "corpus_seed": d.seed + ALIGNMENT_SEED_OFFSET, "image_size": d.image_size,
               "max_objects": d.max_objects, "without_heldout_of": [d.num_images, d.seed, d.eval_images]}
 
     def prepare(model) -> None:

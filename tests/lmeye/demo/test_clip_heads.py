@@ -60,6 +60,8 @@ def test_aligned_heads_keep_patch_tokens_and_score_true_captions_above_mismatche
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"visual.proj", "text_projection", "logit_scale"}
     assert all(p.requires_grad for p in model.parameters())  # as the caller left them
+    for k in ("visual.proj", "text_projection"):  # the random heads' scale (RVII's outputs leave through text_projection)
+        assert torch.linalg.norm(after[k]).item() == pytest.approx(torch.linalg.norm(before[k]).item(), rel=1e-5)
 
     test = generate_items(120, seed=12, max_objects=1)
     images = [render(i, SIZE) for i in test]
