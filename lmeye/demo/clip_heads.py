@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import math
+
 import torch
 import torch.nn.functional as F
 
