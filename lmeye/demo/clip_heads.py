@@ -144,7 +144,11 @@ def ensure_demo_clip(cfg) -> str:
     def prepare(model) -> None:
         import open_clip
 
+        from lmeye.clip import default_checkpoint_path, save_checkpoint
         from lmeye.demo.corpus import render
+
+        # the model as initialised, for RVII (ensure_rvii_clip), rewritten whenever the aligned one is
+        save_checkpoint(model, random_heads_path(cfg.extract.pretrained or default_checkpoint_path(cfg.extract)))
 
         items = alignment_items(cfg)
         image, text = pre_projection_features(model, open_clip.get_tokenizer(cfg.extract.model),
@@ -152,3 +156,33 @@ def ensure_demo_clip(cfg) -> str:
         align_heads(model, image, text, heads, seed=cfg.extract.seed)
 
     return ensure_demo_model(cfg.extract, prepare=prepare, recipe=recipe)
+
+
+def ensure_rvii_clip(cfg) -> str:
+    """The checkpoint RVII's frozen text tower loads in the demo: the demo CLIP with its heads as initialised.
+
+    Its text transformer is the one of the CLIP that made the features (the trunks are never trained);
+    only ``text_projection``, through which RVII's outputs leave, stays random. With the aligned one, the
+    learning check's held-out position answers fell from 0.57 to 0.36 (seed 0, the same features and
+    tables; README, "Curation in the demo"): alignment made it strongly anisotropic, tuned to captions'
+    end tokens. With ``demo.clip_heads.pairs`` 0 it is the demo CLIP itself."""
+    import os
+
+    import open_clip
+
+    from lmeye.clip import quiet_open_clip, save_checkpoint
+
+    path = ensure_demo_clip(cfg)
+    if cfg.demo.clip_heads.pairs == 0:
+        return path
+    random_heads = random_heads_path(path)
+    if not os.path.isfile(random_heads):  # (written beside the aligned one; rebuilt here if it went missing)
+        torch.manual_seed(cfg.extract.seed)  # as ensure_demo_model builds it, before alignment
+        with quiet_open_clip():
+            save_checkpoint(open_clip.create_model(cfg.extract.model, pretrained=None), random_heads)
+    return random_heads
+
+
+def random_heads_path(aligned: str) -> str:
+    """Where the demo CLIP with its heads as initialised is kept, beside the aligned checkpoint."""
+    return aligned.removesuffix(".safetensors") + ".random-heads.safetensors"

@@ -15,7 +15,7 @@ from PIL import Image
 from lmeye import clip
 from lmeye.config import load_config
 from lmeye.demo.benchsets import heldout_items
-from lmeye.demo.clip_heads import alignment_items, align_heads, ensure_demo_clip, pre_projection_features
+from lmeye.demo.clip_heads import alignment_items, align_heads, ensure_demo_clip, ensure_rvii_clip, pre_projection_features
 from lmeye.demo.corpus import generate_items, render
 
 MODEL = "lingcloud-small-vit"  # the demo's CLIP architecture (configs/models/), 64 px
@@ -109,10 +109,15 @@ def test_ensure_demo_clip_is_cached_and_rebuilt_when_its_recipe_changes(tmp_path
                                                                       "data.root": str(tmp_path / "b")}))) == aligned  # deterministic
     more = load_config(None, sets | {"extract.model": clip.TINY_MODEL, "demo.clip_heads.steps": 6})
     assert clip.file_sha256(ensure_demo_clip(more)) != aligned  # another recipe: rebuilt
+    # RVII's text tower: the same CLIP with its heads as initialised (the random model, file for file)
+    rvii = ensure_rvii_clip(load_config(None, sets | {"extract.model": clip.TINY_MODEL, "demo.clip_heads.steps": 6}))
+    assert rvii != path and ensure_demo_clip(more) == path
     plain = load_config(None, sets | {"extract.model": clip.TINY_MODEL, "demo.clip_heads.pairs": 0})
     random_path = ensure_demo_clip(plain)  # no alignment: the random model, as before
-    assert clip.file_sha256(random_path) == clip.file_sha256(clip.ensure_demo_model(load_config(None, {
+    assert ensure_rvii_clip(plain) == random_path
+    random_sha = clip.file_sha256(clip.ensure_demo_model(load_config(None, {
         "data.root": str(tmp_path / "r"), "extract.model": clip.TINY_MODEL, "extract.pretrained": None}).extract))
+    assert clip.file_sha256(random_path) == random_sha == clip.file_sha256(rvii)
 
 
 def test_a_named_checkpoint_is_never_overwritten(tmp_path):
