@@ -105,8 +105,8 @@ def align_heads(model, image_features: torch.Tensor, text_features: torch.Tensor
             p.requires_grad_(flag)
         with torch.no_grad():
             logit_scale.clamp_(max=math.log(LOGIT_SCALE_MAX))  # CLIP's clamp, kept in the saved weights too
-            # Each head back to its random norm: a cosine does not see a head's scale, but RVII's outputs do
-            # (they leave through text_projection unnormalised; 1,500 steps had grown it 2.8x).
+            # Each head back to its random norm: a cosine does not see a head's scale, but a model that reads
+            # the text tower's outputs unnormalised would (RVII does; 1,500 steps had grown it 2.8x).
             for p, scale in zip((visual_proj, text_proj), scales):
                 p.mul_(scale / float(torch.linalg.norm(p)))
     return losses
