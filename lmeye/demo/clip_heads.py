@@ -10,8 +10,8 @@ So only the *heads* learn (``demo.clip_heads``): the visual projection ``visual.
 projection ``text_projection`` and the logit scale, with CLIP's own symmetric contrastive loss, on the
 trunks' frozen outputs. In open_clip's ViT the patch tokens are returned before ``visual.proj``, so
 they are bit-identical to the random model's; the pooled embedding is the same pooled token through
-another linear map; RVII's frozen text transformer is the same up to ``text_projection``. The model
-stays a plain open_clip model saved as a checkpoint, loaded through the same path as real weights.
+another linear map. RVII's frozen text tower keeps the random ``text_projection`` (``ensure_rvii_clip``).
+The model stays a plain open_clip model saved as a checkpoint, loaded through the same path as real weights.
 
 The pairs come from a demo corpus drawn with another seed (``demo.seed + ALIGNMENT_SEED_OFFSET``), and
 leave out the scenes of the held-out benchmark images: the alignment never sees the corpus the demo
