@@ -12,16 +12,19 @@ from it on first open and keeps in step with the manifest. It has two parts:
   that gained shards builds only theirs.
 * an **index** per version, ``_serving/<version>/``: ``uid_index.npy``, every successful row as
   a record (uid hi, uid lo, its row in the segments laid end to end; 24 bytes) sorted by
-  (hi, lo), memory-mapped; ``uid_fence.npy``, every ``FENCE_ROWS``-th record's hi, read into
+  (hi, lo), read into the process at open when it is at most ``index_memory`` bytes (default
+  ``INDEX_MEMORY``, 1 GiB: ~44M rows), so that a cold lookup reads its row and nothing else, as a
+  take by position does; memory-mapped otherwise; ``uid_fence.npy``, every ``FENCE_ROWS``-th record's hi, read into
   memory at open (10M rows: 1.25 MB), which narrows a uid to one block of ``FENCE_ROWS`` records
-  (1.5 KB, 1.4 pages on average): a cold lookup reads that block and the row's vector, where a
+  (1.5 KB, 1.4 pages on average): a cold lookup in a mapped index reads that block and the row's vector, where a
   binary search over the whole index would fault in ~log2(N) pages one after another.
   Ties on hi (~3 in 10^10 rows) are resolved on lo. ``meta.json`` has the segments in order,
   column shapes and encodings, the model metadata. No Python object per row: 100M rows are a
   2.4 GB index of which a lookup touches a page or two. Rebuilding it reads the segments' uids only.
 
 Building streams one shard at a time (memory grows with the shard, not the table) and sorts
-only the uid keys (24 bytes a row in memory at peak, about 3x that briefly while sorting).
+only the uid keys, ``INDEX_SORT_ROWS`` rows at a time: a larger table's sorted runs are spilled
+and merged, so the build's memory is bounded whatever the row count.
 
 **Versions.** A table's version is a digest of its schema version and every shard's sha256 in
 the manifest, so any rewrite of any shard gives a new version. The serving copy lives in
@@ -78,6 +81,14 @@ INDEX_RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("row", "<i8")])
 # records per fence entry (recorded in meta.json): a smaller block is fewer pages read per cold
 # lookup (64: 1.4 on average, 170: 2), a larger one a smaller fence in each process's memory
 FENCE_ROWS = 64
+# an index build sorts this many rows' uids in memory at a time (~50 bytes a row at peak: 0.2 GB);
+# a larger table's sorted runs are spilled beside the index and merged MERGE_ROWS records a run at a time
+INDEX_SORT_ROWS = 1 << 22
+MERGE_ROWS = 1 << 16
+# the most bytes of uid index a store holds in its own memory (``FeatureStore.open(index_memory=)``):
+# 1 GiB is ~44M rows at 24 bytes. Held, a cold lookup reads nothing but its row (as a take by position
+# does); a larger index is read through the page cache, a block of FENCE_ROWS records per lookup
+INDEX_MEMORY = 1 << 30
 SEGMENT_GRACE_S = 3600  # an unreferenced segment younger than this may be another builder's: not pruned yet
 VERSION_LEN = 16
 _VERSION_RE = re.compile(rf"[0-9a-f]{{{VERSION_LEN}}}")
@@ -160,20 +171,43 @@ class _Mapped:
             self.mm.madvise(mmap.MADV_WILLNEED, start, min((b + 1) * mmap.PAGESIZE, len(self.mm)) - start)
 
 
+def _npy_header(f, path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset of the data) of the ``.npy`` file open as ``f``."""
+    major, _ = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if fortran or dtype.hasobject:
+        raise SchemaError(f"{path}: not a serving-copy array")
+    return shape, dtype, f.tell()
+
+
 def _load(path: str) -> _Mapped:
     with open(path, "rb") as f:
-        major, _ = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-        offset = f.tell()
-        if fortran or dtype.hasobject:
-            raise SchemaError(f"{path}: not a serving-copy array")
+        shape, dtype, offset = _npy_header(f, path)
         if int(np.prod(shape)) == 0:  # an empty array cannot be memory-mapped
             return _Mapped(np.zeros(shape, dtype))
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
         mm.madvise(mmap.MADV_RANDOM)
     return _Mapped(np.ndarray(shape, dtype, buffer=mm, offset=offset), mm, offset)
+
+
+def _load_resident(path: str) -> _Mapped:
+    """The array read into this process's memory (plain sequential reads, no mapping): lookups
+    in it read nothing from disk, and a ``prefetch`` on it does nothing."""
+    with open(path, "rb") as f:
+        shape, dtype, _ = _npy_header(f, path)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        array = np.empty(shape, dtype)
+        view = memoryview(array.reshape(-1).view(np.uint8))
+        got = 0
+        while got < view.nbytes:  # readinto: no second copy of the array at any point
+            n = f.readinto(view[got:got + (64 << 20)])
+            if not n:
+                raise SchemaError(f"{path}: ends {view.nbytes - got} bytes short of its header's shape {shape}")
+            got += n
+    return _Mapped(array)
 
 
 def _default_serving_root(path: str, cache_dir: Optional[str]) -> str:
@@ -189,13 +223,15 @@ def _default_serving_root(path: str, cache_dir: Optional[str]) -> str:
 class FeatureStore:
     """Random reads of a finished `features` table by uid. Open with ``FeatureStore.open``."""
 
-    def __init__(self, path: str, serving_dir: str, meta: dict[str, Any], current: bool):
+    def __init__(self, path: str, serving_dir: str, meta: dict[str, Any], current: bool, index_memory: int = INDEX_MEMORY):
         self.path = path
         self.serving_dir = serving_dir
         self._meta = meta
         self.version: str = meta["version"]
         self.current = current  # False: a pinned older version served from its kept copy
-        self._index_map = _load(os.path.join(serving_dir, "uid_index.npy"))
+        index_file = os.path.join(serving_dir, "uid_index.npy")
+        self.index_resident = os.path.getsize(index_file) <= index_memory  # see INDEX_MEMORY
+        self._index_map = (_load_resident if self.index_resident else _load)(index_file)
         self._index = self._index_map.array
         self._fence = np.load(os.path.join(serving_dir, "uid_fence.npy"))
         self._fence_rows = int(meta["fence_rows"])
@@ -217,13 +253,18 @@ class FeatureStore:
         *,
         cache_dir: Optional[str] = None,
         keep_versions: int = 2,
+        index_memory: int = INDEX_MEMORY,
     ) -> "FeatureStore":
         """Open the table at ``path``, building its serving copy if it has none for this version.
 
         ``version`` pins a version (see ``FeatureStore.version``); ``cache_dir`` puts serving
         copies elsewhere (default: ``<table>/_serving`` for local tables, ~/.cache otherwise).
+        ``index_memory``: the uid index is read into this process's memory when its file is at
+        most this many bytes (24 a row; default ``INDEX_MEMORY``, 1 GiB), else memory-mapped; 0: always mapped.
         """
         path = str(path)
+        if isinstance(index_memory, bool) or not isinstance(index_memory, int) or index_memory < 0:
+            raise ValueError(f"index_memory must be a number of bytes >= 0, not {index_memory!r}")
         if version is not None and not (isinstance(version, str) and _VERSION_RE.fullmatch(version)):
             raise VersionError(
                 f"{path}: {version!r} is not a features table version (expected {VERSION_LEN} lowercase hex "
@@ -235,7 +276,7 @@ class FeatureStore:
         if version is not None and version != current:
             meta = _read_meta(os.path.join(root, version))
             if meta is not None:
-                return cls(path, os.path.join(root, version), meta, current=False)
+                return cls(path, os.path.join(root, version), meta, current=False, index_memory=index_memory)
             kept = sorted(_kept_versions(root))
             raise VersionError(
                 f"{path}: features table is at version {current or '(none)'}, not the pinned {version}"
@@ -254,7 +295,7 @@ class FeatureStore:
                     meta = _read_meta(target)
             if meta is None:
                 raise RuntimeError(f"{target}: serving copy vanished after it was built")
-        return cls(path, target, meta, current=True)
+        return cls(path, target, meta, current=True, index_memory=index_memory)
 
     def is_current(self) -> bool:
         """Whether the table on disk still has this version (a rerun of extraction changes it)."""
@@ -310,12 +351,20 @@ class FeatureStore:
             "serving_copy": self.serving_dir,
             "segments": len(self._meta["segments"]),
             "segments_built": self._meta["segments_built"],  # by the open that built this version's index
+            "index_resident": self.index_resident,
+            "memory_bytes": self.memory_bytes,
         }
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes this store holds in its own memory: the fence, and the uid index when resident."""
+        return int(self._fence.nbytes + (self._index.nbytes if self.index_resident else 0))
 
     # ------------------------------------------------------------------ reads
     def _locate(self, uids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(row in the segments, found) per uid: each uid's block of the index is read ahead, all
-        at once, then searched (cold: about one disk read's wait for all of them)."""
+        at once (cold: about one disk read's wait for all of them; nothing when the index is resident),
+        then searched."""
         keys, valid = uid_keys(uids)
         base = _blocks(self._fence, self._fence_rows, keys)
         self._index_map.prefetch(base, self._fence_rows)
@@ -581,24 +630,102 @@ def _segment_info(seg_root: str, sid: str) -> dict[str, Any]:
 def _write_index(reader: TableReader, seg_root: str, sids: list[str], folder: str) -> int:
     """The serving copy's index in ``folder``: every segment's uids, sorted, and for each its row
     (its position in the segments laid end to end). Returns the row count; a uid in two
-    successful rows is an error naming it."""
-    hi = np.concatenate([np.load(os.path.join(seg_root, sid, "uid_hi.npy")) for sid in sids]) if sids else np.zeros(0, np.uint64)
-    lo = np.concatenate([np.load(os.path.join(seg_root, sid, "uid_lo.npy")) for sid in sids]) if sids else np.zeros(0, np.uint64)
-    keys = np.empty(hi.size, dtype=UID_KEY)
-    keys["hi"], keys["lo"] = hi, lo
-    del hi, lo
-    row = key_order(keys)
-    index = np.empty(row.size, INDEX_RECORD)
-    index["hi"], index["lo"], index["row"] = keys["hi"][row], keys["lo"][row], row
-    del keys, row
-    hi, lo = index["hi"], index["lo"]
-    if hi.size > 1:
-        dup = np.flatnonzero((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1]))
-        if dup.size:
-            raise SchemaError(f"{reader.path}: uid {key_to_uid(hi[dup[0]], lo[dup[0]])} appears in more than one successful row")
-    np.save(os.path.join(folder, "uid_index.npy"), index)
-    np.save(os.path.join(folder, "uid_fence.npy"), np.ascontiguousarray(hi[::FENCE_ROWS]))  # FENCE_ROWS goes in meta.json
-    return int(hi.size)
+    successful rows is an error naming it.
+
+    Memory is bounded whatever the row count: ``INDEX_SORT_ROWS`` rows are sorted at a time
+    (about 50 bytes a row at peak); a larger table's sorted runs go to files in ``folder`` and
+    are merged ``MERGE_ROWS`` records a run at a time into the index. Everything is read and
+    written with plain reads and writes: mapped file pages would count in the build's resident
+    memory as they are touched."""
+    words = [[os.path.join(seg_root, sid, f"uid_{w}.npy") for w in ("hi", "lo")] for sid in sids]
+    sizes = []
+    for hi_file, _ in words:
+        with open(hi_file, "rb") as f:
+            sizes.append(_npy_header(f, hi_file)[0][0])
+    offsets = np.cumsum([0] + sizes, dtype=np.int64)
+    total = int(offsets[-1])
+    runs: list[_Run] = []
+    for k, start in enumerate(range(0, total, INDEX_SORT_ROWS)):
+        records = _sorted_run(words, offsets, start, min(total, start + INDEX_SORT_ROWS))
+        if total > INDEX_SORT_ROWS:  # one of several: spilled, read back a block at a time by the merge
+            spilled = os.path.join(folder, f".run-{k:05d}.npy")
+            np.save(spilled, records)
+            with open(spilled, "rb") as f:
+                offset = _npy_header(f, spilled)[2]
+            runs.append(_Run(records.size, path=spilled, offset=offset))
+        else:
+            runs.append(_Run(records.size, records=records))
+        del records
+    fence, written, last = [], 0, None
+    with open(os.path.join(folder, "uid_index.npy"), "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {
+            "descr": np.lib.format.dtype_to_descr(INDEX_RECORD), "fortran_order": False, "shape": (total,)})
+        for block in _merge(runs):
+            both = block if last is None else np.concatenate([last, block])
+            hi, lo = both["hi"], both["lo"]
+            dup = np.flatnonzero((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1]))
+            if dup.size:
+                raise SchemaError(f"{reader.path}: uid {key_to_uid(hi[dup[0]], lo[dup[0]])} appears in more than one successful row")
+            fence.append(block["hi"][(-written) % FENCE_ROWS::FENCE_ROWS])  # every FENCE_ROWS-th record of the index
+            f.write(block.tobytes())
+            written += block.size
+            last = block[-1:].copy()
+    for run in runs:
+        if run.path:
+            os.remove(run.path)
+    np.save(os.path.join(folder, "uid_fence.npy"), np.concatenate(fence) if fence else np.zeros(0, np.uint64))
+    return total  # FENCE_ROWS goes in meta.json
+
+
+@dataclass
+class _Run:
+    """A sorted run of index records: in memory (a table's only run), or spilled to an ``.npy`` file."""
+
+    size: int
+    records: Optional[np.ndarray] = None
+    path: str = ""
+    offset: int = 0  # of the first record in ``path``
+
+    def read(self, pos: int, count: int) -> np.ndarray:
+        if self.records is not None:
+            return self.records[pos:pos + count]
+        return np.fromfile(self.path, INDEX_RECORD, count=min(count, self.size - pos), offset=self.offset + pos * INDEX_RECORD.itemsize)
+
+
+def _sorted_run(words: list[list[str]], offsets: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """``INDEX_RECORD``s of the global rows ``start .. stop - 1``, sorted by (hi, lo); ``words``
+    has each segment's ``uid_hi.npy`` and ``uid_lo.npy`` (read whole: a segment is one shard's)."""
+    first = int(np.searchsorted(offsets, start, side="right")) - 1
+    last = int(np.searchsorted(offsets, stop, side="left"))
+    keys = np.empty(stop - start, dtype=UID_KEY)
+    for j, w in enumerate(("hi", "lo")):
+        keys[w] = np.concatenate([np.load(words[i][j])[max(0, start - offsets[i]):stop - offsets[i]] for i in range(first, last)])
+    order = key_order(keys)
+    run = np.empty(order.size, INDEX_RECORD)
+    run["hi"], run["lo"], run["row"] = keys["hi"][order], keys["lo"][order], order + start
+    return run
+
+
+def _merge(runs: list[_Run]) -> Iterator[np.ndarray]:
+    """The records of sorted ``runs``, in order, in blocks: each step reads up to ``MERGE_ROWS``
+    records from each run and passes on those up to the smallest of the blocks' last keys (no
+    record still unread can sort before them), so memory is ``MERGE_ROWS`` records a run."""
+    pos = [0] * len(runs)
+    while True:
+        blocks = {i: r.read(pos[i], MERGE_ROWS) for i, r in enumerate(runs) if pos[i] < r.size}
+        if not blocks:
+            return
+        top = min((int(b["hi"][-1]), int(b["lo"][-1])) for b in blocks.values())
+        parts = []
+        for i, b in blocks.items():
+            his = b["hi"]
+            n = int(np.searchsorted(his, np.uint64(top[0]), side="left"))
+            tie = int(np.searchsorted(his, np.uint64(top[0]), side="right"))
+            n += int(np.searchsorted(b["lo"][n:tie], np.uint64(top[1]), side="right"))
+            parts.append(b[:n])
+            pos[i] += n
+        out = np.concatenate(parts)
+        yield out if len(parts) == 1 else out[key_order(out)]
 
 
 def _build(reader: TableReader, version: str, root: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lmeye.config.base import Section
 
@@ -47,6 +47,12 @@ class ModelConfig(Section):
         "shared",
         description="how RVII's k outputs become the k `<img-d>` embeddings: one linear map applied to each (shared, LMEye's), or one map from all k outputs to all k slots (joint: learns faster; k^2 times the weights)",
     )
+    request: Literal["last", "prefix"] = Field(
+        "last",
+        description="what RVII reads of the question: the LLM's hidden state at `<img-q>` alone (last, LMEye's), or also its hidden states "
+        "at every position of the user's turn, projected (prefix: instruction-aware, as InstructBLIP's Q-Former reads the instruction; "
+        "lets RVII match the words of a question, a candidate or the options against the image; rvii: transformer only)",
+    )
     rvii_width: int = Field(256, gt=0, description="width of the trained RVII transformer (rvii: transformer)")
     rvii_layers: int = Field(2, gt=0, description="layers of the trained RVII transformer (rvii: transformer)")
     rvii_heads: int = Field(4, gt=0, description="attention heads of the trained RVII transformer (rvii: transformer)")
@@ -57,3 +63,11 @@ class ModelConfig(Section):
         description="token budget of one sample (capped by the LLM's context); longer: later turns, then the answer's tail are cut; a sample that would lose its first answer token is skipped (too_long)",
     )
     system_prompt: Optional[str] = Field(None, description="system turn put before every conversation (when the chat template has one)")
+
+    @model_validator(mode="after")
+    def _request_fits_rvii(self) -> "ModelConfig":
+        # the CLIP text tower is causal with a fixed context of 77: a whole prompt does not fit beside the image
+        # regions, and its padding would need a per-row layout (lmeye.model.rvii.TransformerRVII masks it)
+        if self.request == "prefix" and self.rvii != "transformer":
+            raise ValueError(f"request: prefix needs rvii: transformer (rvii is {self.rvii})")
+        return self

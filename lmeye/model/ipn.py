@@ -5,6 +5,7 @@ Data flow of one batch (``forward`` and ``generate`` share it up to the second p
     image embedding --visual mapping--> <img> x num_img  --.
     prefix text + <img> + <img-q> --LLM pass 1 (cache)--> request = last hidden state at <img-q>
     request --linear--> k request vectors --RVII with image tokens--> k vectors
+        (model.request: prefix: RVII also reads every prefix position's hidden state, projected)
             --transmission--> <img-d> x k
     [<img-d> x k, rest of the conversation] --LLM pass 2 on the prefix cache--> logits -> loss / tokens
 
@@ -47,7 +48,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FROZEN_PREFIXES = ("llm.", "rvii.tower.")  # referenced by the config, never saved
 PARTS = {  # part name -> the IPN's own parameter-name prefixes (describe, set_trainable)
     "visual_mapping": ("img_proj.", "img_embed"),
-    "request": ("imgq_embed", "request_proj."),
+    "request": ("imgq_embed", "request_proj.", "request_context_"),
     "rvii": ("rvii.",),
     "transmission": ("transmit.", "imgd_embed"),
 }
@@ -166,6 +167,15 @@ class IPN(nn.Module):
         else:
             self.rvii = TransformerRVII(image_dim, k, cfg.rvii_width, cfg.rvii_layers, cfg.rvii_heads, cfg.rvii_image_tokens, cfg.rvii_center_tokens)
         self.request_proj = nn.Linear(hidden, k * self.rvii.request_width)
+        max_length = min(cfg.max_length, llm_context(llm))
+        if cfg.request == "prefix":
+            # instruction-aware RVII: one 64-d state at <img-q> did not carry "red", "circle" and four options
+            # well enough to check them against the image, so RVII reads the whole user turn as the LLM saw it.
+            # Each position also gets a learned embedding of its distance from <img-q>: left padding moves
+            # absolute positions, and a yes/no or multiple-choice prompt's fixed closing sentence keeps its
+            # candidate and options at nearly fixed distances from the end.
+            self.request_context_proj = nn.Linear(hidden, self.rvii.request_width)
+            self.request_context_pos = nn.Parameter(torch.randn(max_length, self.rvii.request_width) * 0.02)
         # 4. transmission: RVII output -> added to the learned <img-d> embeddings. Zero-initialised,
         # so an untrained IPN feeds the LLM constant <img-d> embeddings rather than noise.
         # shared (LMEye's): one map applied to each of the k outputs; joint: each <img-d> from all k
@@ -175,7 +185,7 @@ class IPN(nn.Module):
         nn.init.zeros_(self.transmit.weight)
         nn.init.zeros_(self.transmit.bias)
         self.imgd_embed = nn.Parameter(torch.randn(k, hidden) * 0.02)
-        self.codec = TextCodec(tokenizer, num_img=cfg.num_img, num_img_d=k, max_length=min(cfg.max_length, llm_context(llm)), system_prompt=cfg.system_prompt,
+        self.codec = TextCodec(tokenizer, num_img=cfg.num_img, num_img_d=k, max_length=max_length, system_prompt=cfg.system_prompt,
                                chat_template=cfg.chat_template)
         self.set_trainable("instruct")
 
@@ -311,8 +321,9 @@ class IPN(nn.Module):
             emb = torch.where(img[..., None], mapped.to(dtype).gather(1, slot[..., None].expand(-1, -1, emb.shape[-1])), emb)
         return emb
 
-    def _img_d(self, batch: dict, request_state: torch.Tensor) -> torch.Tensor:
-        """(B, k, H) <img-d> embeddings: learned embeddings + transmission(RVII(request, image tokens))."""
+    def _img_d(self, batch: dict, request_state: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, k, H) <img-d> embeddings: learned embeddings + transmission(RVII(request, image tokens)).
+        ``context`` (B, P, H): pass 1's hidden states at every prefix position (``model.request: prefix``)."""
         k = self.cfg.num_img_d
         w = self.request_proj.weight
         request = self.request_proj(request_state.to(w.dtype)).view(len(request_state), k, -1)
@@ -320,17 +331,27 @@ class IPN(nn.Module):
             tokens = batch["patch_tokens"].to(w.dtype)
         else:  # no patch tokens in the features table: RVII sees the pooled embedding as one token
             tokens = batch["embeddings"].to(w.dtype)[:, None]
-        out = self.rvii(request, tokens).to(w.dtype)
+        if context is None:
+            out = self.rvii(request, tokens).to(w.dtype)
+        else:
+            out = self.rvii(request, tokens, self._request_context(context), batch["prefix_mask"]).to(w.dtype)
         if self.cfg.transmission == "joint":
             return self.imgd_embed + self.transmit(out.flatten(1)).view(len(out), k, -1)
         return self.imgd_embed + self.transmit(out)
 
-    def _suffix_embeds(self, batch: dict, request_state: Optional[torch.Tensor]) -> torch.Tensor:
+    def _request_context(self, states: torch.Tensor) -> torch.Tensor:
+        """(B, P, H) prefix hidden states -> (B, P, RVII width): projected, plus the embedding of each
+        position's distance from <img-q> (the last prefix position in every row: left padding)."""
+        w = self.request_context_proj.weight
+        distance = torch.arange(states.shape[1] - 1, -1, -1, device=states.device).clamp(max=len(self.request_context_pos) - 1)
+        return self.request_context_proj(states.to(w.dtype)) + self.request_context_pos[distance]
+
+    def _suffix_embeds(self, batch: dict, request_state: Optional[torch.Tensor], context: Optional[torch.Tensor] = None) -> torch.Tensor:
         ids = batch["suffix_ids"]
         emb = self._embed(ids)
         d = ids == IMG_D
         if "embeddings" in batch:  # as in prefix_embeds
-            img_d = self._img_d(batch, request_state).to(emb.dtype)
+            img_d = self._img_d(batch, request_state, context).to(emb.dtype)
             slot = (d.cumsum(1) - 1).clamp(min=0)
             emb = torch.where(d[..., None], img_d.gather(1, slot[..., None].expand(-1, -1, emb.shape[-1])), emb)
         return emb
@@ -339,7 +360,8 @@ class IPN(nn.Module):
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _prefix_pass(self, batch: dict, with_cache: bool = True):
-        """Pass 1 over the prefixes: (prefix embeddings, cache or None, request state at <img-q>)."""
+        """Pass 1 over the prefixes: (prefix embeddings, cache or None, request state at <img-q>, and the
+        hidden states of every prefix position for ``model.request: prefix``, else None)."""
         from transformers import DynamicCache
 
         emb = self.prefix_embeds(batch)
@@ -349,7 +371,9 @@ class IPN(nn.Module):
             inputs_embeds=emb, attention_mask=mask, position_ids=positions(mask),
             cache=cache, use_cache=with_cache, output_hidden_states=True, logits_to_keep=1,
         )
-        return emb, out.cache if with_cache else None, out.hidden_states[-1][:, -1]  # left padding: <img-q> is the last position
+        states = out.hidden_states[-1]
+        context = states if self.cfg.request == "prefix" else None
+        return emb, out.cache if with_cache else None, states[:, -1], context  # left padding: <img-q> is the last position
 
     def forward(self, batch: dict, reuse_prefix: bool = True, return_logits: bool = False) -> IPNOutput:
         """Loss on the answer tokens. ``reuse_prefix=False`` recomputes the whole sequence in pass 2
@@ -357,8 +381,8 @@ class IPN(nn.Module):
         once ``recompute_activations`` is on."""
         batch = self._to_device(batch)
         reuse_prefix = reuse_prefix and not (self.recomputes and torch.is_grad_enabled())
-        prefix_emb, cache, request = self._prefix_pass(batch, with_cache=reuse_prefix)
-        suffix_emb = self._suffix_embeds(batch, request)
+        prefix_emb, cache, request, context = self._prefix_pass(batch, with_cache=reuse_prefix)
+        suffix_emb = self._suffix_embeds(batch, request, context)
         mask = torch.cat([batch["prefix_mask"], batch["suffix_mask"]], dim=1)
         pos = positions(mask)
         p_len = prefix_emb.shape[1]
@@ -396,8 +420,8 @@ class IPN(nn.Module):
         ``generate`` is given the FULL embeddings plus a copy of the prefix cache (REFERENCES §8): it
         computes only the <img-d> and prompt-tail positions before decoding."""
         batch = self._to_device(batch)
-        prefix_emb, cache, request = self._prefix_pass(batch)
-        full = torch.cat([prefix_emb, self._suffix_embeds(batch, request)], dim=1)
+        prefix_emb, cache, request, context = self._prefix_pass(batch)
+        full = torch.cat([prefix_emb, self._suffix_embeds(batch, request, context)], dim=1)
         mask = torch.cat([batch["prefix_mask"], batch["suffix_mask"]], dim=1)
         kwargs: dict[str, Any] = {}
         if reuse_prefix:

@@ -10,7 +10,9 @@ has no patch tokens) and return k vectors, which transmission maps to the k ``<i
   through the frozen ``text_projection``. Upstream takes the last 5 outputs including EOS (an
   off-by-one, REFERENCES §4); here they are exactly the request slots.
 * ``TransformerRVII``: k learned queries plus the request vectors attend, with the image tokens,
-  in a small trained transformer; no CLIP text tower is loaded.
+  in a small trained transformer; no CLIP text tower is loaded. With ``model.request: prefix`` it
+  also attends to the user's turn, the LLM's hidden state at each prefix position (the IPN
+  projects them): instruction-aware, as InstructBLIP's Q-Former reads the instruction.
 """
 
 from __future__ import annotations
@@ -138,11 +140,20 @@ class TransformerRVII(nn.Module):
         self.request_width = width
         self.out_dim = width
 
-    def forward(self, request: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, request: torch.Tensor, image_tokens: torch.Tensor, context: Optional[torch.Tensor] = None,
+                context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """request (B, k, width), image_tokens (B, T, image_dim) -> (B, k, width). With ``model.request:
+        prefix``, ``context`` (B, P, width) is the user's turn as the LLM read it (projected, with its
+        positions), first in the sequence; ``context_mask`` (B, P) marks its real tokens, so left
+        padding is never attended and a row gives what it gives alone."""
         img = self.image_proj(image_regions(image_tokens, self.center, self.max_image_tokens))
         img = img + self.kind[0] + self.image_pos[: img.shape[1]]
         q = request + self.queries + self.kind[1]
-        out = self.encoder(torch.cat([img, q], dim=1))
+        if context is None:
+            return self.norm(self.encoder(torch.cat([img, q], dim=1))[:, -self.num_img_d :])
+        seen = torch.ones(len(img), img.shape[1] + q.shape[1], dtype=torch.bool, device=img.device)
+        pads = ~torch.cat([context_mask.bool(), seen], dim=1)
+        out = self.encoder(torch.cat([context.to(img.dtype), img, q], dim=1), src_key_padding_mask=pads)
         return self.norm(out[:, -self.num_img_d :])
 
 

@@ -103,10 +103,12 @@ class Seq2SeqIPN(IPN):
         """Pass 1 (the prefix, for the request) and the packed input of pass 2 (embeddings, mask).
         ``request`` given: pass 1 is skipped (benchmarks/ipn.py measures what pass 1 costs)."""
         prefix_emb = self.prefix_embeds(batch)
+        context = None
         if request is None and (batch["suffix_ids"] == IMG_D).any():
             states = self.llm.get_encoder()(inputs_embeds=prefix_emb, attention_mask=batch["prefix_mask"]).last_hidden_state
             request = states[:, -1]  # left padding: <img-q> is the last prefix position
-        emb = torch.cat([prefix_emb, self._suffix_embeds(batch, request)], dim=1)
+            context = states if self.cfg.request == "prefix" else None  # the whole user turn (IPN._img_d)
+        emb = torch.cat([prefix_emb, self._suffix_embeds(batch, request, context)], dim=1)
         mask = torch.cat([batch["prefix_mask"], batch["suffix_mask"]], dim=1)
         order = torch.sort(mask, dim=1, stable=True).indices  # pads first, real tokens in their order
         return emb.gather(1, order[..., None].expand_as(emb)), mask.gather(1, order)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 
 import numpy as np
@@ -285,7 +286,8 @@ def test_a_large_get_over_several_segments_keeps_request_order(tmp_path):
     np.testing.assert_array_equal(store.get([uids[i] for i in want])["embedding"], vecs[want])
 
 
-def test_every_uid_is_found_through_the_fence_at_block_edges(tmp_path, monkeypatch):
+@pytest.mark.parametrize("index_memory", [0, 1 << 30], ids=["mapped", "resident"])
+def test_every_uid_is_found_through_the_fence_at_block_edges(tmp_path, monkeypatch, index_memory):
     """The index is searched in the block its in-memory fence points to: with blocks of 4 records,
     runs of uids sharing their top 64 bits straddle block edges, and the smallest and largest
     uids sit in the first and last blocks (at 10M rows a block is 170 records, a page)."""
@@ -298,8 +300,8 @@ def test_every_uid_is_found_through_the_fence_at_block_edges(tmp_path, monkeypat
         top = rng.bytes(8).hex()
         uids += [top + rng.bytes(8).hex() for _ in range(1 + 2 * run)]
     _, vecs, _, _ = write_features(tmp_path / "f", uids=uids, failed=(), shards=4)
-    store = FeatureStore.open(tmp_path / "f")
-    assert store._fence.size == -(-len(uids) // 4)
+    store = FeatureStore.open(tmp_path / "f", index_memory=index_memory)
+    assert store._fence.size == -(-len(uids) // 4) and store.index_resident == bool(index_memory)
     order = rng.permutation(len(uids))
     np.testing.assert_array_equal(store.get([uids[i] for i in order])["embedding"], vecs[order])
     ranked = sorted(uids)
@@ -310,7 +312,8 @@ def test_every_uid_is_found_through_the_fence_at_block_edges(tmp_path, monkeypat
     assert res.found.tolist() == [False] * 3 + [True] * 2
     np.testing.assert_array_equal(res["embedding"][3:], vecs[:2])
     monkeypatch.setattr(store_mod, "FENCE_ROWS", 64)  # a copy is read with the fence it was built with
-    np.testing.assert_array_equal(FeatureStore.open(tmp_path / "f").get(uids[::-1])["embedding"], vecs[::-1])
+    again = FeatureStore.open(tmp_path / "f", index_memory=index_memory)
+    np.testing.assert_array_equal(again.get(uids[::-1])["embedding"], vecs[::-1])
 
 
 def test_a_copy_with_an_older_index_gets_a_new_index_from_its_segments(tmp_path):
@@ -398,3 +401,103 @@ def test_read_ahead_asks_for_each_rows_pages_once_merging_near_ones(tmp_path):
     for row in (0, 1, 2, 500, 999):
         a, b = mapped.offset + row * 1000, mapped.offset + (row + 1) * 1000
         assert any(lo <= a and b <= hi for lo, hi in covered)
+
+
+def test_a_resident_index_serves_what_the_mapped_one_does_and_reads_no_index_page(tmp_path):
+    """Under ``index_memory`` the uid index is read into the process at open, so a lookup reads only
+    its row: the same answers as the memory-mapped index, and no read-ahead of index blocks."""
+    uids, vecs, _, ok = write_features(tmp_path / "f", n=300, shards=3)
+    resident, mapped = FeatureStore.open(tmp_path / "f"), FeatureStore.open(tmp_path / "f", index_memory=0)
+    assert resident.index_resident and not mapped.index_resident
+    assert isinstance(resident._index, np.ndarray) and not isinstance(resident._index.base, mmap.mmap)
+    assert resident.memory_bytes == resident._index.nbytes + resident._fence.nbytes == 24 * ok.sum() + resident._fence.nbytes
+    assert mapped.memory_bytes == mapped._fence.nbytes and resident.info()["index_resident"]
+    np.testing.assert_array_equal(resident._index, mapped._index)
+    ask = [uids[i] for i in np.random.default_rng(2).permutation(300)] + ["f" * 32, "not-a-uid"]
+    a, b = resident.get(ask, on_missing="mask"), mapped.get(ask, on_missing="mask")
+    assert a.found.tolist() == b.found.tolist() == [ok[uids.index(u)] for u in ask[:-2]] + [False, False]
+    np.testing.assert_array_equal(a["embedding"], b["embedding"])
+    assert resident._index_map.mm is None and mapped._index_map.mm is not None  # nothing to read ahead
+
+
+def test_the_index_is_resident_up_to_the_budget_and_mapped_above_it(tmp_path):
+    write_features(tmp_path / "f", n=50)
+    size = os.path.getsize(os.path.join(FeatureStore.open(tmp_path / "f").serving_dir, "uid_index.npy"))
+    assert FeatureStore.open(tmp_path / "f", index_memory=size).index_resident
+    assert not FeatureStore.open(tmp_path / "f", index_memory=size - 1).index_resident
+    for bad in (-1, True, 1.5, "1"):
+        with pytest.raises(ValueError, match="index_memory"):
+            FeatureStore.open(tmp_path / "f", index_memory=bad)
+
+
+def test_a_truncated_resident_index_is_an_error_naming_its_file(tmp_path):
+    write_features(tmp_path / "f")
+    index = os.path.join(FeatureStore.open(tmp_path / "f").serving_dir, "uid_index.npy")
+    with open(index, "r+b") as f:
+        f.truncate(os.path.getsize(index) - 10)
+    with pytest.raises(SchemaError, match="uid_index.npy: ends 10 bytes short"):
+        FeatureStore.open(tmp_path / "f")
+
+
+def test_a_reopen_after_adding_shards_holds_the_new_index(tmp_path):
+    """A process holding version 1's index in memory keeps serving version 1; a reopen after an
+    incremental build holds the new version's index, rows of the new shards included."""
+    path = tmp_path / "f"
+    all_uids = [uid_for(f"http://x/{i}.jpg") for i in range(80)]
+    write_features(path, uids=all_uids[:60], shards=3, failed=())
+    first = FeatureStore.open(path)
+    uids, vecs, _, _ = write_features(path, uids=all_uids, shards=4, failed=())  # the same 3 shards and a new one
+    second = FeatureStore.open(path)
+    assert second.index_resident and second._meta["segments_built"] == 1 and second.num_rows == 80
+    np.testing.assert_array_equal(second.get(uids[::-1])["embedding"], vecs[::-1])
+    assert not first.contains(uids[60:]).any() and not first.is_current()
+    np.testing.assert_array_equal(first.get(uids[:60])["embedding"], vecs[:60])
+
+
+@pytest.mark.parametrize("sort_rows, merge_rows", [(7, 3), (50, 1), (1000, 2)])
+def test_an_index_sorted_in_spilled_runs_is_the_one_sorted_whole(tmp_path, monkeypatch, sort_rows, merge_rows):
+    """Above ``INDEX_SORT_ROWS`` rows the index is sorted in runs spilled beside it and merged a
+    few records a run at a time (at 10M rows: 3 runs of 4M): the same index and fence, byte for
+    byte, as one sort in memory, with runs of uids sharing their top 64 bits across runs and blocks."""
+    import lmeye.store as store_mod
+
+    rng = np.random.default_rng(5)
+    uids = [uid_for(f"http://x/{i}") for i in range(150)] + ["0" * 32, "f" * 32]
+    for run in range(6):
+        top = rng.bytes(8).hex()
+        uids += [top + rng.bytes(8).hex() for _ in range(1 + 2 * run)]
+    rng.shuffle(uids)
+    monkeypatch.setattr(store_mod, "FENCE_ROWS", 4)
+    _, vecs, _, ok = write_features(tmp_path / "whole", uids=uids, shards=5)
+    whole = FeatureStore.open(tmp_path / "whole", index_memory=0)
+    monkeypatch.setattr(store_mod, "INDEX_SORT_ROWS", sort_rows)
+    monkeypatch.setattr(store_mod, "MERGE_ROWS", merge_rows)
+    write_features(tmp_path / "runs", uids=uids, shards=5)
+    runs = FeatureStore.open(tmp_path / "runs", index_memory=0)
+    for name in ("uid_index.npy", "uid_fence.npy"):
+        assert open(os.path.join(runs.serving_dir, name), "rb").read() == open(os.path.join(whole.serving_dir, name), "rb").read()
+    assert sorted(os.listdir(runs.serving_dir)) == ["meta.json", "uid_fence.npy", "uid_index.npy"]  # no run left
+    index = np.asarray(runs._index)
+    assert index.size == ok.sum() and (np.diff(index["hi"].astype(float)) >= 0).all()
+    np.testing.assert_array_equal(runs._fence, index["hi"][::4])
+    served = [u for u, o in zip(uids, ok) if o]
+    np.testing.assert_array_equal(runs.get(served)["embedding"], vecs[ok])
+
+
+def test_a_uid_twice_in_different_sorted_runs_is_an_error_naming_it(tmp_path, monkeypatch):
+    import lmeye.store as store_mod
+
+    monkeypatch.setattr(store_mod, "INDEX_SORT_ROWS", 5)
+    monkeypatch.setattr(store_mod, "MERGE_ROWS", 2)
+    uids = [uid_for(f"http://x/{i}") for i in range(30)]
+    uids[27] = uids[2]  # rows 2 and 27: runs 0 and 5
+    write_features(tmp_path / "f", uids=uids, failed=())
+    with pytest.raises(SchemaError, match=f"uid {uids[2]} appears in more than one successful row"):
+        FeatureStore.open(tmp_path / "f")
+
+
+def test_a_table_with_no_row_served_has_an_empty_index(tmp_path):
+    uids, _, _, _ = write_features(tmp_path / "f", n=6, shards=2, failed=range(6))
+    for budget in (0, 1 << 30):
+        store = FeatureStore.open(tmp_path / "f", index_memory=budget)
+        assert store.num_rows == 0 and not store.contains(uids).any()

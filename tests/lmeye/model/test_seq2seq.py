@@ -58,15 +58,35 @@ def test_a_mixed_batch_gives_each_sample_its_own_loss(t5):
             assert torch.allclose(alone[0], together[i], atol=1e-5), i
 
 
+def test_prefix_request_reads_the_encoders_states_of_the_whole_prompt(t5_cfg):
+    """model.request: prefix on T5: RVII gets every prompt position's encoder state, rows still keep their own loss."""
+    from lmeye.model import build_ipn
+
+    ipn = build_ipn(t5_cfg(request="prefix", rvii="transformer", rvii_width=32, rvii_heads=2), FEATURE_DIM, PATCH_SHAPE)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in ipn.own_parameters().values():
+            p.normal_(0, 0.3)
+    emb, patches = features(len(QA))
+    batch = batch_of(ipn)
+    with torch.no_grad():
+        together = ipn(batch).per_sample_loss
+        for i, (conv, has_image) in enumerate(QA):
+            alone = ipn(ipn.collate([ipn.encode(conv, has_image)], emb[i : i + 1], patches[i : i + 1])).per_sample_loss
+            assert torch.allclose(alone[0], together[i], atol=1e-5), i
+    ipn(batch).loss.backward()
+    assert ipn.request_context_proj.weight.grad.abs().sum() > 0
+
+
 def test_the_request_comes_from_the_encoder_state_at_img_q(t5):
     """Text after <img-q> (here the later turns) cannot change the request; the image (<img>) does."""
     emb, patches = features(2)
     seen = []
     img_d = t5._img_d
 
-    def spy(batch, request_state):
+    def spy(batch, request_state, context=None):
         seen.append(request_state.clone())
-        return img_d(batch, request_state)
+        return img_d(batch, request_state, context)
 
     t5._img_d = spy
     try:
