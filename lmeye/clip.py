@@ -433,6 +433,8 @@ def ensure_demo_model(extract_cfg, prepare: Optional[Callable[[Any], None]] = No
     import torch
 
     register_model_configs(extract_cfg.model_config_dirs)
+    if extract_cfg.pretrained and tag_cfg(extract_cfg.model, extract_cfg.pretrained):
+        return extract_cfg.pretrained  # real weights by tag (ViT-L-14-quickgelu + openai): nothing to build, no file named after the tag
     path = extract_cfg.pretrained or default_checkpoint_path(extract_cfg)
     stamp = f"{path}.json"
     want = {"model": extract_cfg.model, "seed": extract_cfg.seed, "recipe": recipe}

@@ -170,11 +170,11 @@ def ensure_rvii_clip(cfg) -> str:
 
     import open_clip
 
-    from lmeye.clip import quiet_open_clip, save_checkpoint
+    from lmeye.clip import default_checkpoint_path, quiet_open_clip, save_checkpoint
 
     path = ensure_demo_clip(cfg)
-    if cfg.demo.clip_heads.pairs == 0:
-        return path
+    if cfg.demo.clip_heads.pairs == 0 or not os.path.isfile(random_heads_path(path)) and path != default_checkpoint_path(cfg.extract):
+        return path  # no alignment, or weights the demo did not build (a tag, a user's checkpoint): RVII runs them as they are
     random_heads = random_heads_path(path)
     if not os.path.isfile(random_heads):  # (written beside the aligned one; rebuilt here if it went missing)
         torch.manual_seed(cfg.extract.seed)  # as ensure_demo_model builds it, before alignment

@@ -285,7 +285,7 @@ def ensure_demo_llm(cfg, steps: Optional[int] = None) -> str:
         from lmeye.demo.clip_heads import ensure_rvii_clip
 
         clip = ensure_rvii_clip(cfg)
-        cfg.model.clip_pretrained = clip if "://" in clip else os.path.abspath(clip)
+        cfg.model.clip_pretrained = os.path.abspath(clip) if os.path.isfile(clip) else clip  # a tag or a URL stays as it is
     return path
 
 

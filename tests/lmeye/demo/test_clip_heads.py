@@ -128,6 +128,16 @@ def test_a_named_checkpoint_is_never_overwritten(tmp_path):
     assert ensure_demo_clip(cfg) == str(own) and own.read_bytes() == b"not rebuilt"
 
 
+def test_real_weights_by_tag_are_used_as_they_are_and_nothing_is_written(tmp_path, monkeypatch):
+    # ensure_demo_model once saved random weights to a file named after the tag (./openai) in the working
+    # directory, and RVII was then pointed at that file: real weights must work by changing the config alone
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, {"data.root": str(tmp_path / "out"), "extract.model": "ViT-B-32", "extract.pretrained": "openai",
+                             "model.clip_model": "ViT-B-32", "demo.clip_heads.pairs": 8, "demo.clip_heads.steps": 1})
+    assert ensure_demo_clip(cfg) == "openai" and ensure_rvii_clip(cfg) == "openai"
+    assert cfg.extract.pretrained == "openai" and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("key,value", [("pairs", -1), ("steps", 0), ("batch_size", 1), ("lr", 0), ("nope", 1)])
 def test_clip_heads_settings_are_checked_at_load(key, value):
     from lmeye.config import ConfigError
