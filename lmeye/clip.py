@@ -417,26 +417,57 @@ def save_checkpoint(model, path: str) -> str:
     return path
 
 
-def ensure_demo_model(extract_cfg) -> str:
+def ensure_demo_model(extract_cfg, prepare: Optional[Callable[[Any], None]] = None, recipe: Optional[dict] = None) -> str:
     """Make sure the demo's tiny model checkpoint exists; returns its path.
 
     ``extract_cfg.model`` must be an architecture known to open_clip (normally
     ``lingcloud-tiny-vit``). When ``extract_cfg.pretrained`` is null it is set to
     ``{dir of extract.output}/models/<model>.safetensors``. The file is built from the
-    architecture with the fixed seed ``extract_cfg.seed`` only when absent, so reruns keep it.
+    architecture with the fixed seed ``extract_cfg.seed``, then handed to ``prepare`` (which may
+    train parts of it in place, e.g. the demo's head alignment) before it is saved; ``recipe``
+    describes what ``prepare`` does. Reruns keep the file: it is rebuilt only when absent, or when
+    it is the default checkpoint and the recipe its stamp (``<path>.json``) records differs. A file
+    ``extract.pretrained`` names is never overwritten.
     """
     import open_clip
     import torch
 
     register_model_configs(extract_cfg.model_config_dirs)
+    if extract_cfg.pretrained and tag_cfg(extract_cfg.model, extract_cfg.pretrained):
+        return extract_cfg.pretrained  # real weights by tag (ViT-L-14-quickgelu + openai): nothing to build, no file named after the tag
     path = extract_cfg.pretrained or default_checkpoint_path(extract_cfg)
-    if not os.path.isfile(path):
+    stamp = f"{path}.json"
+    want = {"model": extract_cfg.model, "seed": extract_cfg.seed, "recipe": recipe}
+    owned = path == default_checkpoint_path(extract_cfg)
+    if not os.path.isfile(path) or (owned and _read_stamp(stamp) != want):
         if open_clip.get_model_config(extract_cfg.model) is None:
             raise ModelError(f"extract.model {extract_cfg.model!r}: no such open_clip architecture")
         torch.manual_seed(extract_cfg.seed)
         with quiet_open_clip():
             model = open_clip.create_model(extract_cfg.model, pretrained=None)
+        if prepare is not None:
+            prepare(model)
         save_checkpoint(model, path)
+        if owned:
+            import json
+
+            import fsspec
+
+            with fsspec.open(stamp, "w") as f:
+                f.write(json.dumps(want, sort_keys=True) + "\n")
     if extract_cfg.pretrained != path:
         extract_cfg.pretrained = path
     return path
+
+
+def _read_stamp(path: str) -> Optional[dict]:
+    """What ``ensure_demo_model`` recorded beside a checkpoint it built; None when nothing (readable) is there."""
+    import json
+
+    import fsspec
+
+    try:
+        with fsspec.open(path, "r") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None

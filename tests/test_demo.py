@@ -66,15 +66,16 @@ def test_demo_pipeline_end_to_end_then_stage_1_plus_2_answers_from_the_image(tmp
     good = set(pairs.filter(pc.equal(pairs["status"], SUCCESS))["uid"].to_pylist())
     assert len(good) == cfg.demo.num_images + planted
 
-    # curate ran between extract and instruct, and found what was planted (the CLIP-score filter is off:
-    # the demo CLIP has random weights)
+    # curate ran between extract and instruct, and found what was planted (the mismatched captions by the
+    # CLIP score of the head-aligned demo CLIP, lmeye.demo.clip_heads)
     curation = json.loads((root / CURATION_CHECK_FILE).read_text())
     # (at 64 px a one-pixel crop or a quality-40 re-encode can move a phash past the demo's 3 bits: seed 0
     # finds 75 of 80 duplicate pairs and 20 of 24 benchmark copies, README "Curation in the demo")
     assert curation["duplicate"]["precision"] == 1.0 and curation["duplicate"]["recall"] >= 0.9, curation["duplicate"]
     assert curation["contaminated"]["precision"] == 1.0 and curation["contaminated"]["recall"] >= 0.75, curation["contaminated"]
-    assert curation["clip_score"]["removed"] == 0
-    assert "curation vs planted: clip_score off" in out and "## Curation against the planted cases" in report
+    # (seed 0: 37 of 40 found, nothing else removed; README "Curation in the demo")
+    assert curation["clip_score"]["precision"] >= 0.9 and curation["clip_score"]["recall"] >= 0.8, curation["clip_score"]
+    assert "curation vs planted: clip_score P " in out and "## Curation against the planted cases" in report
     assert Manifest.load(cfg.instruct.output).stats["curation"]["table"] == cfg.curate.output
     features = Manifest.load(cfg.extract.output)
     assert features is not None and features.complete and features.table == "features"

@@ -50,6 +50,18 @@ class PlantedConfig(Section):
     benchmark_copies: int = Field(0, ge=0, description="copies of the held-out benchmark images (at most demo.eval_images)")
 
 
+class ClipHeadsConfig(Section):
+    """Contrastive alignment of the demo CLIP's heads only (lmeye.demo.clip_heads): the visual and text
+    projections and the logit scale learn from clean demo image-caption pairs, the trunks stay random,
+    so the patch tokens the IPN learns from are unchanged while the image-caption cosine (the curate
+    stage's CLIP score) becomes meaningful."""
+
+    pairs: int = Field(0, ge=0, description="image-caption pairs of a corpus drawn with another seed to align on; 0: the heads stay random")
+    steps: int = Field(1500, gt=0, description="optimizer steps (Adam) of the alignment")
+    batch_size: int = Field(512, ge=2, description="pairs per contrastive batch")
+    lr: float = Field(0.01, gt=0, description="learning rate of the alignment")
+
+
 class DemoConfig(Section):
     num_images: int = Field(64, gt=0, description="good images in the synthetic corpus (4 broken entries are added)")
     seed: int = Field(0, description="seed of the corpus generator")
@@ -75,6 +87,7 @@ class DemoConfig(Section):
     eval_max_new_tokens: int = Field(8, gt=0, description="answer length of the demo's evaluation (answers are a word or two)")
     eval_batch_size: int = Field(16, gt=0, description="questions per model call in the demo's evaluation")
     planted: PlantedConfig = PlantedConfig()
+    clip_heads: ClipHeadsConfig = ClipHeadsConfig()
 
     @model_validator(mode="after")
     def _planted_fits(self) -> "DemoConfig":

@@ -35,6 +35,10 @@ class CurateConfig(Section):
     dedup: bool = Field(True, description="drop all but one image of each duplicate group")
     phash_max_distance: int = Field(
         4, ge=0, le=64, description="two images are duplicates when their 64-bit phashes differ in at most this many bits")
+    # a perceptual hash is colour-blind: two scenes alike in layout, unlike in colour, can be a few bits apart
+    phash_min_cosine: Optional[float] = Field(
+        None, ge=-1, le=1, description="a phash match is a duplicate only when the embeddings' cosine is also at least this; "
+        "null: the phash alone")
     semdedup_threshold: float = Field(
         0.95, gt=0, le=1, description="SemDeDup: two images are duplicates when their embeddings' cosine is at least this")
     clusters: Optional[int] = Field(None, gt=0, description="k-means clusters for SemDeDup; null: about sqrt(rows / 2), at least 1")

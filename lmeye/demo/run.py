@@ -108,9 +108,9 @@ def _run(cfg: Config, benchmarks: bool, console: Console) -> list[StageSummary]:
             continue
         with console.stage(name):
             if name == "extract":
-                from lmeye.clip import ensure_demo_model
+                from lmeye.demo.clip_heads import ensure_demo_clip
 
-                ensure_demo_model(cfg.extract)
+                ensure_demo_clip(cfg)
             summaries.append(run_recorded(stage, cfg))
         console.say(summaries[-1].render())
     if benchmarks and summaries[-1].ok and summaries[-1].stage.startswith("train"):
@@ -190,9 +190,9 @@ def evaluate_demo(cfg: Config, items: list, sets, summaries: list[StageSummary],
     return final_summary(inputs, report)
 
 
-# Why the demo leaves the CLIP-score filter off (its mismatched captions are planted all the same).
-CURATION_NOTE = ("clip_score is off in the demo: the demo CLIP has random weights, so the cosine of an image and its "
-                 "caption says nothing about whether they agree, and the planted mismatched captions stay in")
+# When a config leaves the CLIP-score filter off (configs/demo.yaml turns it on), its mismatched captions are planted all the same.
+CURATION_NOTE = ("clip_score is off in this run (curate.min_clip_score and curate.clip_score_top_fraction are unset), so the "
+                 "planted mismatched captions stay in; configs/demo.yaml sets a floor on the head-aligned demo CLIP's score")
 
 
 def curation_scores(cfg: Config) -> list:

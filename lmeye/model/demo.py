@@ -264,8 +264,9 @@ def ensure_demo_llm(cfg, steps: Optional[int] = None) -> str:
     ``cfg`` is the whole config: the default place is ``{data.root}/models/lingcloud-tiny-llm``,
     trained ``demo.llm_steps`` steps unless ``steps`` says otherwise. When ``model.clip_pretrained``
     is null and ``model.clip_model`` is the extract stage's model, it is pointed at the extract
-    stage's demo CLIP checkpoint (built if absent), so RVII runs the text tower of the very CLIP
-    that made the features.
+    stage's demo CLIP checkpoint (built if absent), so RVII runs the text transformer of the very CLIP
+    that made the features; where ``demo.clip_heads`` aligned that CLIP's heads, with its text projection
+    as initialised (``lmeye.demo.clip_heads.ensure_rvii_clip``).
     """
     steps = cfg.demo.llm_steps if steps is None else steps
     family = cfg.demo.llm_family
@@ -281,10 +282,10 @@ def ensure_demo_llm(cfg, steps: Optional[int] = None) -> str:
     if cfg.model.llm != path:
         cfg.model.llm = path
     if cfg.model.rvii == "clip_text" and cfg.model.clip_pretrained is None and cfg.model.clip_model == cfg.extract.model:
-        from lmeye.clip import ensure_demo_model
+        from lmeye.demo.clip_heads import ensure_rvii_clip
 
-        clip = ensure_demo_model(cfg.extract)
-        cfg.model.clip_pretrained = clip if "://" in clip else os.path.abspath(clip)
+        clip = ensure_rvii_clip(cfg)
+        cfg.model.clip_pretrained = os.path.abspath(clip) if os.path.isfile(clip) else clip  # a tag or a URL stays as it is
     return path
 
 

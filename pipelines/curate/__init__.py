@@ -135,7 +135,8 @@ def run(cfg: Config) -> StageSummary:
     if notes.get("clusters"):
         summary.notes.append(f"SemDeDup: {notes['clusters']} clusters (k-means on {notes['kmeans_rows']} rows), "
                              f"{notes['duplicates']} duplicate(s) at cosine >= {cc.semdedup_threshold} "
-                             f"or phash distance <= {cc.phash_max_distance}")
+                             f"or phash distance <= {cc.phash_max_distance}"
+                             + ("" if cc.phash_min_cosine is None else f" and cosine >= {cc.phash_min_cosine}"))
     if cc.benchmarks:
         how = f"phash <= {cc.decontam_phash_max_distance} bits" + (
             f" or CLIP cosine >= {cc.decontam_min_cosine}" if cc.decontam_min_cosine is not None else "")

@@ -4,7 +4,8 @@
 2. every embedding is assigned to its nearest centroid, a batch at a time;
 3. within each cluster, in a fixed order, a row is a duplicate of the *first* earlier row whose
    cosine is at least the threshold (SemDeDup's rule: the upper triangle's column maximum), or whose
-   64-bit phash is within ``phash_max_distance`` bits: one row kept per group.
+   64-bit phash is within ``phash_max_distance`` bits (and, with ``phash_min_cosine``, whose cosine is
+   also at least that: a phash is colour-blind): one row kept per group.
 
 Why faiss and not scikit-learn: faiss's k-means and nearest-centroid search are BLAS matmuls with
 its own threads, ~10x faster than scikit-learn's (Mini)BatchKMeans on 512-d rows, and the
@@ -63,11 +64,12 @@ def normalise(x: np.ndarray) -> np.ndarray:
 
 def duplicates_in_cluster(
     emb: np.ndarray, threshold: float, hashes: Optional[np.ndarray] = None, hash_valid: Optional[np.ndarray] = None,
-    phash_max_distance: int = -1,
+    phash_max_distance: int = -1, phash_min_cosine: Optional[float] = None,
 ) -> np.ndarray:
     """For rows in their kept order: the index of the first earlier row each duplicates, -1 if none.
 
-    ``emb`` unit rows (m x d); ``hashes`` uint64 phashes with ``hash_valid`` saying which are real.
+    ``emb`` unit rows (m x d); ``hashes`` uint64 phashes with ``hash_valid`` saying which are real; a
+    phash match counts only where the cosine is at least ``phash_min_cosine`` (None: always).
     """
     m = len(emb)
     first = np.full(m, -1, np.int64)
@@ -82,7 +84,10 @@ def duplicates_in_cluster(
         if use_hash:
             bits = np.bitwise_count(np.bitwise_xor(hashes[:stop, None], hashes[None, start:stop]))
             valid = hash_valid[:stop, None] & hash_valid[None, start:stop]
-            match |= (bits <= phash_max_distance) & valid
+            near = (bits <= phash_max_distance) & valid
+            if phash_min_cosine is not None:
+                near &= sim >= phash_min_cosine
+            match |= near
         rows = np.arange(stop)[:, None]
         cols = np.arange(start, stop)[None, :]
         match &= rows < cols  # only earlier rows count
@@ -93,7 +98,7 @@ def duplicates_in_cluster(
 
 def dedup_clusters(labels: np.ndarray, emb: np.ndarray, threshold: float, order: Optional[np.ndarray] = None,
                    hashes: Optional[np.ndarray] = None, hash_valid: Optional[np.ndarray] = None,
-                   phash_max_distance: int = -1) -> np.ndarray:
+                   phash_max_distance: int = -1, phash_min_cosine: Optional[float] = None) -> np.ndarray:
     """``duplicate_of`` for every row (a row index, -1 when kept), cluster by cluster.
 
     ``order``: a sort key deciding which row of a group is kept (the smallest); default the row index.
@@ -109,7 +114,7 @@ def dedup_clusters(labels: np.ndarray, emb: np.ndarray, threshold: float, order:
         first = duplicates_in_cluster(
             emb[members], threshold,
             None if hashes is None else hashes[members], None if hash_valid is None else hash_valid[members],
-            phash_max_distance,
+            phash_max_distance, phash_min_cosine,
         )
         dup = first >= 0
         out[members[dup]] = members[first[dup]]

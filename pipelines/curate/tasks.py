@@ -215,7 +215,7 @@ def dedup_partition(p: int, staging: str, settings: dict[str, Any]) -> int:
     uids = np.array(table["uid"].to_pylist())
     order = np.argsort(np.argsort(uids, kind="stable"), kind="stable")  # the smallest uid of a group is kept
     dup = semdedup.dedup_clusters(table["cluster"].to_numpy(), emb, settings["semdedup_threshold"], order,
-                                  scores.hash_ints(hexes), valid, settings["phash_max_distance"])
+                                  scores.hash_ints(hexes), valid, settings["phash_max_distance"], settings["phash_min_cosine"])
     hit = np.flatnonzero(dup >= 0)
     out = pa.table({"uid": pa.array(uids[hit].tolist(), pa.string()),
                     "shard": table["shard"].take(pa.array(hit)),

@@ -201,6 +201,26 @@ def test_semdedup_finds_planted_groups_across_clusters():
     assert all(sum(int(i) in dropped for i in g) == 2 for g in groups)  # one kept per group
 
 
+def test_a_phash_match_needs_the_embedding_too_with_phash_min_cosine():
+    """A phash is colour-blind: two scenes of one layout in other colours can be 2 bits apart (demo seeds 1
+    and 2). With curate.phash_min_cosine their unlike embeddings keep both; a near copy (same embedding) is
+    still a duplicate, and the cosine alone (below the SemDeDup threshold) drops nothing."""
+    rng = np.random.default_rng(5)
+    emb = _unit(rng, 4)
+    emb[1] = semdedup.normalise(emb[:1] + 0.1 * _unit(rng))[0]  # a near copy of row 0: cosine ~0.99
+    hashes = np.array([0b1011, 0b1001, 0b1110, 0xFFFF_FFFF_0000_0000], np.uint64)  # 0-1: 1 bit; 0-2: 2 bits; 3: far
+    valid = np.ones(4, bool)
+    labels = np.zeros(4, np.int64)
+    cos = float(emb[0] @ emb[2])
+    assert cos < 0.5 and float(emb[0] @ emb[1]) > 0.9
+    plain = semdedup.dedup_clusters(labels, emb, 0.999, None, hashes, valid, 3)
+    assert plain.tolist() == [-1, 0, 0, -1]  # the phash alone: row 2 is a false drop
+    both = semdedup.dedup_clusters(labels, emb, 0.999, None, hashes, valid, 3, phash_min_cosine=0.9)
+    assert both.tolist() == [-1, 0, -1, -1]
+    with pytest.raises(ConfigError, match=r"curate\.phash_min_cosine"):
+        load_config(None, {"curate.phash_min_cosine": 1.5})
+
+
 def _mme(root: Path, image: bytes) -> Path:
     sub = root / "existence"
     (sub / "images").mkdir(parents=True)

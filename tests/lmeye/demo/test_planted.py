@@ -124,14 +124,24 @@ def test_planted_counts_are_checked_at_load():
 
 def test_curate_with_the_demo_thresholds_finds_the_planted_cases(demo_like, tmp_path, ray_local):
     """The curate stage with configs/demo.yaml's curate section, on the images as downloaded: the planted
-    duplicate pairs and benchmark copies found, nothing else removed; the CLIP-score filter is off there."""
+    duplicate pairs, benchmark copies and mismatched captions found, nothing else removed. The embeddings
+    stand in for the CLIP's: unrelated per image but alike for a copy and its original, and a caption's is
+    its owner image's, so a mismatched caption scores like an unrelated image (the head-aligned demo CLIP
+    itself: test_clip_heads, test_demo)."""
     corpus, _, sets, planted = demo_like
     names = [i.name for i in corpus.items] + [p.name for p in planted]
     captions = {i.name: i.caption for i in corpus.items} | {p.name: p.caption for p in planted}
     rows = [curate_pairs_row(n, downloaded((corpus.root / "images" / n).read_bytes()), captions[n]) for n in names]
     rng = np.random.default_rng(0)
-    emb = rng.normal(size=(len(rows), 16))  # unrelated embeddings: only the phash can find the copies
-    pairs, features = write_curate_tables(tmp_path, rows, emb / np.linalg.norm(emb, axis=1, keepdims=True), shards=3)
+    emb = rng.normal(size=(len(rows), 64))  # unrelated images, unrelated embeddings
+    index = {n: k for k, n in enumerate(names)}
+    for p in planted:  # a copy's embedding is its original's, nearly (as the demo CLIP's: cosine >= 0.97)
+        if p.kind in (EXACT, NEAR):
+            emb[index[p.name]] = emb[index[p.original]] + 0.1 * rng.normal(size=64)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    owner = {p.name: p.original for p in planted if p.kind == MISMATCHED}  # whose caption it carries
+    text = emb[[index[owner.get(n, n)] for n in names]]
+    pairs, features = write_curate_tables(tmp_path, rows, emb, text, shards=3)
     cfg = load_config(DEMO, {"data.root": str(tmp_path), "curate.pairs": str(pairs), "curate.features": str(features),
                              "curate.benchmarks": [str(sets.mme), str(sets.mmbench), str(sets.seedbench)], "ray.num_cpus": 2})
     summary = curate(cfg)
@@ -147,11 +157,11 @@ def test_curate_with_the_demo_thresholds_finds_the_planted_cases(demo_like, tmp_
     assert dup.by_how["exact"] == (6, 6) and set(dup.by_how) == {"exact", *VARIANTS}
     assert bench.planted == 8 and bench.removed == bench.found and bench.precision == 1.0 and bench.recall >= 0.75
     assert bench.by_how["exact"] == (4, 4)
-    assert (clip.removed, clip.planted, clip.found, clip.precision, clip.recall) == (0, 5, 0, None, 0.0)
-    dropped = dup.removed + bench.removed
+    assert (clip.removed, clip.planted, clip.found, clip.precision, clip.recall) == (5, 5, 5, 1.0, 1.0)
+    dropped = dup.removed + bench.removed + clip.removed
     assert summary.counts == {"kept": len(rows) - dropped, "dropped": dropped}
-    assert summary_line(list(scores.values()), off=(CLIP_SCORE,)) == (
-        f"clip_score off (5 planted); contaminated P 1.000 R {bench.recall:.3f} ({bench.found}/8); "
+    assert summary_line(list(scores.values())) == (
+        f"clip_score P 1.000 R 1.000 (5/5); contaminated P 1.000 R {bench.recall:.3f} ({bench.found}/8); "
         f"duplicate P 1.000 R {dup.recall:.3f} ({dup.found}/18)")
 
 
