@@ -67,7 +67,7 @@ SIZES = {
 # since the bare machine has no pydantic; tests check every key is one of ModelConfig's)
 IPN_SETTINGS = dict(rvii="clip_text", num_img=1, num_img_d=5, rvii_image_tokens=32, rvii_center_tokens=False,
                     transmission="shared", rvii_width=256, rvii_layers=2, rvii_heads=4, seed=0, max_length=1024,
-                    system_prompt=None, chat_template=None, request="last")
+                    system_prompt=None, chat_template=None, request="last", rvii_image_position=False)
 
 
 class Blocks(nn.Module):

@@ -51,3 +51,11 @@ def test_the_benchmarks_ipn_settings_are_model_config_keys():
     spec.loader.exec_module(module)
     ModelConfig(**module.IPN_SETTINGS)  # an unknown or mistyped key is an error
     assert set(module.IPN_SETTINGS) >= {"rvii", "num_img", "num_img_d", "rvii_image_tokens", "transmission", "max_length"}
+    # every ModelConfig key the model code reads is there too: a new model option missing from the namespace
+    # stops the benchmark with an AttributeError on the bare GPU machine (as rvii_image_position once did)
+    import re
+
+    read = set()
+    for name in ("ipn.py", "rvii.py", "seq2seq.py"):
+        read |= set(re.findall(r"\bcfg\.(\w+)", (REPO / "lmeye" / "model" / name).read_text()))
+    assert read & set(ModelConfig.model_fields) <= set(module.IPN_SETTINGS) | {"llm", "tokenizer", "clip_model", "clip_pretrained", "dtype", "attn_implementation"}
