@@ -168,19 +168,14 @@ def ensure_rvii_clip(cfg) -> str:
     end tokens. With ``demo.clip_heads.pairs`` 0 it is the demo CLIP itself."""
     import os
 
-    import open_clip
-
-    from lmeye.clip import default_checkpoint_path, quiet_open_clip, save_checkpoint
+    from lmeye.clip import default_checkpoint_path, ensure_demo_model
 
     path = ensure_demo_clip(cfg)
-    if cfg.demo.clip_heads.pairs == 0 or not os.path.isfile(random_heads_path(path)) and path != default_checkpoint_path(cfg.extract):
-        return path  # no alignment, or weights the demo did not build (a tag, a user's checkpoint): RVII runs them as they are
     random_heads = random_heads_path(path)
-    if not os.path.isfile(random_heads):  # (written beside the aligned one; rebuilt here if it went missing)
-        torch.manual_seed(cfg.extract.seed)  # as ensure_demo_model builds it, before alignment
-        with quiet_open_clip():
-            save_checkpoint(open_clip.create_model(cfg.extract.model, pretrained=None), random_heads)
-    return random_heads
+    if cfg.demo.clip_heads.pairs == 0 or (not os.path.isfile(random_heads) and path != default_checkpoint_path(cfg.extract)):
+        return path  # no alignment, or weights the demo did not build (a tag, a user's checkpoint): RVII runs them as they are
+    # written beside the aligned one by its build; if it went missing, the same seed builds the same random model again
+    return ensure_demo_model(cfg.extract.model_copy(update={"pretrained": random_heads}))
 
 
 def random_heads_path(aligned: str) -> str:
