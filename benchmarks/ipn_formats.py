@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lmeye.config.model import ModelConfig  # noqa: E402
+from lmeye.demo.clip_heads import random_heads_path  # noqa: E402
 from lmeye.demo.learning_check import question_type  # noqa: E402
 from lmeye.eval.mmbench import LETTERS, build_prompt  # noqa: E402
 from lmeye.model.build import build_ipn  # noqa: E402
@@ -89,8 +90,9 @@ def model_config(root: Path, llm: str, rvii: str, request: str, overrides: tuple
     model = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]
     model.update(llm=llm, rvii=rvii, request=request)
     model.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)})
-    if rvii == "clip_text":  # the CLIP that made the features (ensure_demo_llm does the same)
-        model["clip_pretrained"] = str(root / "models" / f"{model['clip_model']}.safetensors")
+    if rvii == "clip_text":  # the CLIP that made the features, its heads as initialised where demo.clip_heads aligned them (as ensure_demo_llm does)
+        clip = root / "models" / f"{model['clip_model']}.safetensors"
+        model["clip_pretrained"] = str(max(Path(random_heads_path(str(clip))), clip, key=Path.exists))
     return ModelConfig.model_validate(model)
 
 

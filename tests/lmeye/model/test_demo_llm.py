@@ -56,9 +56,12 @@ def test_the_demo_tokenizer_has_the_bare_answer_words(tmp_path):
         assert len(tok.tokenize(word)) == 1, (word, tok.tokenize(word))
 
 
-def test_the_demo_llm_can_learn_the_benchmark_forms_and_their_replies():
-    """demo.llm_formats: each question also asked as yes/no and multiple choice, followed by its reply
-    (what an IPN puts in its slots), the prompt carrying no loss; plain alone is the text as before."""
+def test_the_demo_llm_learns_the_benchmark_forms_by_comparing_with_what_answers_them():
+    """demo.llm_formats: each question also asked as yes/no and multiple choice, the prompt carrying no loss,
+    and always followed by the caption phrase or the bare answer (what the <img-d> slots stand in for), never
+    alone or by its own reply: the LLM must compare its candidate or options with that, as with the slots;
+    plain alone is the text as before."""
+    from lmeye.demo.corpus import generate_items, qa_pairs
     from lmeye.model.demo import FORMATS, demo_conversations
 
     plain = demo_conversations(num_images=4)
@@ -69,7 +72,11 @@ def test_the_demo_llm_can_learn_the_benchmark_forms_and_their_replies():
     letters = [c for c in forms if "Answer with the option's letter" in c[0]["content"]]
     assert yes_no and letters and len(yes_no) + len(letters) == len(forms)
     assert {c[1]["content"] for c in yes_no} == {"Yes", "No"} and {c[1]["content"] for c in letters} <= set("ABCD")
-    assert all(any(c[0]["content"].endswith(" " + c[1]["content"]) for c in group) for group in (yes_no, letters))
+    answers = {x for item in generate_items(4, 0) for qa in qa_pairs(item, with_facts=True) for x in (qa["fact"], qa["answer"])}
+    for c in forms:
+        user = c[0]["content"]
+        assert not user.endswith(("yes or no.", "directly.")) and not user.endswith(" " + c[1]["content"]), user
+        assert any(user.endswith(" " + a) for a in answers), user
 
 
 def test_the_demo_t5_shares_the_text_and_tokenizer_is_cached_and_loads_as_an_encoder_decoder(tmp_path):
