@@ -12,7 +12,7 @@ from lmeye.model.demo import NAME, ensure_demo_llm
 def test_demo_llm_is_deterministic_cached_and_loads_with_auto_classes(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    cfg = load_config("configs/demo.yaml", {"data.root": str(tmp_path / "a"), "model.llm": None})
+    cfg = load_config("configs/demo.yaml", {"data.root": str(tmp_path / "a"), "model.llm": None, "demo.llm_family": "llama"})
     path = ensure_demo_llm(cfg, steps=2)
     assert path == f"{tmp_path}/a/models/{NAME}" and cfg.model.llm == path
     assert cfg.model.clip_pretrained and os.path.isfile(cfg.model.clip_pretrained)  # the extract stage's tiny CLIP
@@ -21,7 +21,7 @@ def test_demo_llm_is_deterministic_cached_and_loads_with_auto_classes(tmp_path):
     mtime = os.path.getmtime(f"{path}/model.safetensors")
     assert ensure_demo_llm(cfg, steps=2) == path and os.path.getmtime(f"{path}/model.safetensors") == mtime  # cached
 
-    other = load_config("configs/demo.yaml", {"data.root": str(tmp_path / "b"), "model.llm": None})
+    other = load_config("configs/demo.yaml", {"data.root": str(tmp_path / "b"), "model.llm": None, "demo.llm_family": "llama"})
     again = ensure_demo_llm(other, steps=2)
     for name in ("tokenizer.json", "model.safetensors"):
         assert open(f"{path}/{name}", "rb").read() == open(f"{again}/{name}", "rb").read(), name
@@ -93,7 +93,7 @@ def test_the_demo_t5_shares_the_text_and_tokenizer_is_cached_and_loads_as_an_enc
     mtime = os.path.getmtime(f"{path}/model.safetensors")
     assert ensure_demo_llm(t5, steps=2) == path and os.path.getmtime(f"{path}/model.safetensors") == mtime  # cached
 
-    llama = load_config("configs/demo.yaml", {"data.root": str(tmp_path), "model.llm": None})
+    llama = load_config("configs/demo.yaml", {"data.root": str(tmp_path), "model.llm": None, "demo.llm_family": "llama"})
     other = ensure_demo_llm(llama, steps=2)
     assert other == f"{tmp_path}/models/{NAME}" != path
     assert open(f"{path}/tokenizer.json", "rb").read() == open(f"{other}/tokenizer.json", "rb").read()
