@@ -18,10 +18,12 @@ Steps, all deterministic (fixed seeds, one fixed corpus):
 The result is cached in ``{data.root}/models/lingcloud-tiny-llm/`` with a stamp of everything it was
 built from; a matching stamp means it is reused as is.
 
-``demo.llm_family: t5`` builds an encoder-decoder instead (``configs/models/lingcloud-tiny-t5.json``,
-a ``T5Config``, cached in ``{data.root}/models/lingcloud-tiny-t5/``): the same text and tokenizer,
-trained as T5 is, on each conversation's user turn rendered by the chat template (the encoder input,
-as ``lmeye.model.seq2seq`` feeds it) -> the reply and EOS (the decoder target, where the loss is).
+``demo.llm_family: t5`` (``configs/demo.yaml``'s) builds an encoder-decoder instead
+(``configs/models/lingcloud-tiny-t5.json``, a ``T5Config``, cached in ``{data.root}/models/lingcloud-tiny-t5/``):
+the same text and tokenizer, trained as T5 is, on each conversation's user turn rendered by the chat
+template (the encoder input, as ``lmeye.model.seq2seq`` feeds it) -> the reply and EOS (the decoder target,
+where the loss is), at its own learning rate. With ``demo.llm_formats`` it learns to compare a yes/no
+candidate with what follows the prompt, which the causal LLaMA does not (README, "The learning check").
 """
 
 from __future__ import annotations
