@@ -96,8 +96,8 @@ def test_demo_pipeline_end_to_end_then_stage_1_plus_2_answers_from_the_image(tmp
 
     # MME's form is learned: the demo T5 answers yes or no (seeds 0-2 on the default port: all 192; with the demo
     # LLaMA none was), and the colour questions, which the plain form answers 1.00, from the image (seeds 0-2:
-    # 0.92-0.98; chance 0.50; README "The learning check"). Another port is another split: one CI run had a few
-    # answers neither yes nor no.
+    # 0.92-0.98; chance 0.50; README "The learning check"). Another port is another split: on one CI run's, at
+    # least one answer was neither yes nor no.
     mme = json.loads((root / "eval" / "mme.json").read_text())
     assert mme["other"] <= mme["questions"] // 4 and mme["subtasks"]["color"]["acc"] >= 0.65, (mme["other"], mme["subtasks"])
 
