@@ -92,7 +92,8 @@ def model_config(root: Path, llm: str, rvii: str, request: str, overrides: tuple
     model.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)})
     if rvii == "clip_text":  # the CLIP that made the features, its heads as initialised where demo.clip_heads aligned them (as ensure_demo_llm does)
         clip = root / "models" / f"{model['clip_model']}.safetensors"
-        model["clip_pretrained"] = str(max(Path(random_heads_path(str(clip))), clip, key=Path.exists))
+        random_heads = Path(random_heads_path(str(clip)))
+        model["clip_pretrained"] = str(random_heads if random_heads.exists() else clip)
     return ModelConfig.model_validate(model)
 
 
