@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -102,12 +103,12 @@ def batch_of(ipn, encs: list[dict], rows: list[dict], index, emb, patches) -> di
     return ipn.collate(encs, emb[at].astype(np.float32), patches[at].astype(np.float32))
 
 
-def train(ipn, rows: list[dict], steps: int, index, emb, patches, log_every: int = 50) -> list[float]:
+def train(ipn, rows: list[dict], steps: int, index, emb, patches, log_every: int = 50, lr: float = LR) -> list[float]:
     """Stage 2 on ``rows`` (each a {'conversation', 'uid'}): shuffled epochs of BATCH, AdamW, warm-up + cosine."""
     encs = [ipn.encode(r["conversation"], has_image=True) for r in rows]
     keep = [i for i, e in enumerate(encs) if e is not None]
     ipn.set_trainable("instruct", train_visual_mapping=True)
-    opt = torch.optim.AdamW(ipn.trainable_parameters(), lr=LR, weight_decay=0.0)
+    opt = torch.optim.AdamW(ipn.trainable_parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor("cosine", WARMUP, steps))
     gen = np.random.default_rng(SEED)
     order: list[int] = []
@@ -139,6 +140,16 @@ def answer(ipn, prompts: list[tuple[str, str]], index, emb, patches) -> list[str
         encs = [ipn.encode([{"role": "user", "content": q}], has_image=True, for_generation=True) for _, q in part]
         out += ipn.generate(batch_of(ipn, encs, [{"uid": u} for u, _ in part], index, emb, patches), max_new_tokens=6)
     return out
+
+
+FORMS = (("colour of the shape at", re.compile(r"^what colou?r is the shape (at|in) ")), ("shape at", re.compile(r"^what shape is ")),
+         ("where is the", re.compile(r"^where is ")), ("colour of the", re.compile(r"^what colou?r is the (?!background)")))
+
+
+def question_form(question: str) -> str:
+    """The demo corpus's question form (its one-hop and two-hop kinds), else its answer type."""
+    q = question.strip().lower()
+    return next((name for name, pattern in FORMS if pattern.search(q)), question_type(question) or "other")
 
 
 def yes_no_pairs(val: list[dict], pool: AnswerPool, rng: random.Random) -> tuple[list[dict], list[tuple[str, str]], list[str]]:
@@ -186,6 +197,14 @@ def evaluate(ipn, val: list[dict], pool: AnswerPool, index, emb, patches) -> dic
             hit[t] += ok
             n[t] += 1
     res["plain"] = {t: hit[t] / n[t] for t in n}
+    # by the question's form: with several shapes "What colour is the circle?" must find the circle first,
+    # "What colour is the shape at the top left?" reads one region
+    form_hit, form_n = Counter(), Counter()
+    for r, a in zip(val, got):
+        form = question_form(r["question"])
+        form_hit[form] += normalise(a) == normalise(r["answer"])
+        form_n[form] += 1
+    res["plain_by_form"] = {f: form_hit[f] / form_n[f] for f in sorted(form_n)}
     # yes/no: each question with its own answer and with another of its type
     yn, prompts, truth = yes_no_pairs(val, pool, rng)
     got = [normalise(a) for a in answer(ipn, prompts, index, emb, patches)]
@@ -221,6 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--request", nargs="*", default=["last", "prefix"], choices=["last", "prefix"], help="model.request variants to train (none: --oracle only)")
     ap.add_argument("--rvii", default="transformer", choices=["clip_text", "transformer"])
     ap.add_argument("--steps", type=int, default=768, help="stage-2 steps (the demo's: 768)")
+    ap.add_argument("--lr", type=float, default=LR, help="peak learning rate (the demo's train.lr)")
     ap.add_argument("--formats", default="plain=2,yes_no=1,multiple_choice=1", help="instruct.sources[].formats weights")
     ap.add_argument("--val", type=int, default=300, help="held-out questions (each asked plain, 2x yes/no, 4x multiple choice)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared machine 2 threads spin against other work)")
@@ -253,7 +273,7 @@ def main(argv=None) -> int:
         ipn = build_ipn(cfg, emb.shape[1], patches.shape[1:])
         print(f"request: {request}, rvii: {args.rvii}", flush=True)
         t0 = time.time()
-        losses = train(ipn, rows, args.steps, index, emb, patches)
+        losses = train(ipn, rows, args.steps, index, emb, patches, lr=args.lr)
         seconds = time.time() - t0
         results[request] = evaluate(ipn, val, pool, index, emb, patches) | {"train_s": seconds, "final_loss": float(np.mean(losses[-50:]))}
         print(json.dumps(results[request]), flush=True)

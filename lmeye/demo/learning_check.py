@@ -55,9 +55,9 @@ def _rows(instructions: str, split: str, task: str) -> list[dict[str, Any]]:
         t = reader.read_shard(name, columns=["uid", "task", "conversation"])
         for uid, t_, conv in zip(t["uid"].to_pylist(), t["task"].to_pylist(), t["conversation"].to_pylist()):
             # the corpus's questions as asked: not the short-answer form the instruct stage gives a question
-            # that was drawn for yes/no but has no other answer to contrast (the count of a one-shape corpus).
-            # Those would keep every count question in the check while a third of the others go to yes/no,
-            # and the most common answer would score 0.352 instead of 0.309 (seed 0)
+            # that was drawn for yes/no but has no other answer to contrast (before counts contrasted with
+            # the counts next to them, the count of a one-shape corpus). Those would keep every such question
+            # in the check while a third of the others go to yes/no (the most common answer: 0.352, not 0.309)
             if t_ == task and len(conv) == 2 and question_type(conv[0]["content"]) and not conv[0]["content"].endswith(SHORT):
                 out.append({"uid": uid, "question": conv[0]["content"], "answer": conv[1]["content"]})
     return out

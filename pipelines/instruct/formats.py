@@ -14,7 +14,8 @@ LLaVA-1.5's training mix does (``instruct.sources[].formats``, per source).
 
 A question's *type* is its first ``type_words`` words, lower-cased (VQAv2's ``question_type`` is such a
 prefix: "what color is", "how many"). The answers of each type come from a first pass over the
-source (``AnswerPool``). A record whose type has no other answer is asked ``short`` instead. Each
+source (``AnswerPool``); a count (an answer of digits) whose type has no other answer contrasts with
+the counts next to it. Any other record whose type has no other answer is asked ``short`` instead. Each
 record gets one format, chosen by a seeded hash of its position in its file (deterministic), and the
 ``task`` column names it (``<task>_yes_no``, ``<task>_multiple_choice``; ``plain`` and ``short`` keep
 the source's task), so training stages and checks can pick formats.
@@ -57,8 +58,18 @@ class AnswerPool:
         self.answers = {t: [a for a, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]] for t, c in counts.items()}
 
     def others(self, question: str, answer: str) -> list[str]:
+        """The type's other answers; for a count whose type has none, the counts next to it.
+
+        A corpus whose images all hold one shape answers "How many ...?" with "1" alone, yet a count
+        contrasts with any other count: "Is the answer 2?" has the answer "No" whatever the pool saw.
+        Without this the count is never asked yes/no there, and MME's count subtask ("Is the answer 2?")
+        asks what training never did (the demo answered 10-26 of its 48)."""
         key = answer.strip().lower()
-        return [a for a in self.answers.get(question_type(question, self.words), []) if a.strip().lower() != key]
+        found = [a for a in self.answers.get(question_type(question, self.words), []) if a.strip().lower() != key]
+        if found or not key.isdigit():
+            return found
+        n = int(key)
+        return [str(m) for m in (n + 1, n + 2, n - 1) if m >= 0]
 
 
 class Formatter:

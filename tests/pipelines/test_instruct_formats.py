@@ -66,6 +66,21 @@ def test_short_and_plain_and_a_type_without_other_answers():
     assert plain.apply("Q?", "a", "vqa", "p", ROLES) == ("vqa", [("user", "Q?"), ("assistant", "a")])
 
 
+def test_a_count_with_no_other_answer_of_its_type_contrasts_with_the_counts_next_to_it():
+    # a corpus whose images all hold one shape: "1" is the only count it answers, and MME still asks "Is the answer 2?"
+    pool = AnswerPool([("How many shapes are in the image?", "1"), ("What colour is the circle?", "red")], words=3)
+    assert pool.others("How many shapes are in the image?", "1") == ["2", "3", "0"]
+    assert AnswerPool([("How many dogs are there?", "0")], words=3).others("How many dogs are there?", " 0 ") == ["1", "2"]  # never below 0
+    assert pool.others("What colour is the circle?", "red") == []  # a word has no neighbours
+    f = Formatter({"yes_no": 1.0}, pool, seed=0, name="vqa")
+    made = [f.apply("How many shapes are in the image?", "1", "vqa", f"r{i}", ROLES) for i in range(200)]
+    asked = Counter((t[0][1].split("Is the answer ")[1].split("?")[0], t[1][1]) for _, t in made)
+    assert {task for task, _ in made} == {"vqa_yes_no"} and set(asked) == {("1", "Yes"), ("2", "No"), ("3", "No"), ("0", "No")}
+    assert 0.4 < asked[("1", "Yes")] / 200 < 0.6
+    # a type that has other counts keeps drawing from them alone (the multiple-choice test above: 1, 2 and 3)
+    assert AnswerPool(QA, words=3).others("How many shapes are there?", "2") == ["1", "3"]
+
+
 def test_the_same_record_gets_the_same_format():
     pool = AnswerPool(QA, words=3)
     f = Formatter({"short": 1.0, "yes_no": 1.0, "multiple_choice": 1.0}, pool, seed=0, name="vqa")
