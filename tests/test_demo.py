@@ -90,7 +90,7 @@ def test_demo_pipeline_end_to_end_then_stage_1_plus_2_answers_from_the_image(tmp
     both, align = results["instruct"], results["align"]
     assert both["rows"] >= 500 and align["rows"] == both["rows"]
     assert both["majority"]["all"] <= 0.35
-    assert both["exact_match"]["all"] >= 0.80
+    assert both["exact_match"]["all"] >= 0.90  # seeds 0-2 and another split of seed 0: 0.985-0.991 (README)
     assert both["swapped"]["all"] <= both["majority"]["all"] + 0.10  # the answers come from the image
     assert both["exact_match"]["all"] > align["exact_match"]["all"]  # the interactive stage adds to alignment
 
@@ -100,6 +100,9 @@ def test_demo_pipeline_end_to_end_then_stage_1_plus_2_answers_from_the_image(tmp
     # least one answer was neither yes nor no.
     mme = json.loads((root / "eval" / "mme.json").read_text())
     assert mme["other"] <= mme["questions"] // 4 and mme["subtasks"]["color"]["acc"] >= 0.65, (mme["other"], mme["subtasks"])
+    # ... and the whole of it well above chance (those four splits: 0.870-0.927), the count subtask ("Is the answer 2?")
+    # included, which stage 2 asks only since a count contrasts with the counts next to it (before: 11-26 of 48)
+    assert mme["accuracy"] >= 0.75 and mme["subtasks"]["count"]["acc"] >= 0.75, (mme["accuracy"], mme["subtasks"])
 
     # Rerunning the demo redoes nothing.
     again = run_demo(cfg, benchmarks=False)
