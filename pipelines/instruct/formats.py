@@ -66,7 +66,7 @@ class AnswerPool:
         asks what training never did (the demo answered 10-26 of its 48)."""
         key = answer.strip().lower()
         found = [a for a in self.answers.get(question_type(question, self.words), []) if a.strip().lower() != key]
-        if found or not key.isdigit():
+        if found or not (key.isascii() and key.isdigit()):  # "2", not "²" (isdigit, yet int() refuses it)
             return found
         n = int(key)
         return [str(m) for m in (n + 1, n + 2, n - 1) if m >= 0]

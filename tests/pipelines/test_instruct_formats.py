@@ -72,6 +72,7 @@ def test_a_count_with_no_other_answer_of_its_type_contrasts_with_the_counts_next
     assert pool.others("How many shapes are in the image?", "1") == ["2", "3", "0"]
     assert AnswerPool([("How many dogs are there?", "0")], words=3).others("How many dogs are there?", " 0 ") == ["1", "2"]  # never below 0
     assert pool.others("What colour is the circle?", "red") == []  # a word has no neighbours
+    assert AnswerPool([("What is the power?", "²")], words=3).others("What is the power?", "²") == []  # nor a non-ASCII digit
     f = Formatter({"yes_no": 1.0}, pool, seed=0, name="vqa")
     made = [f.apply("How many shapes are in the image?", "1", "vqa", f"r{i}", ROLES) for i in range(200)]
     asked = Counter((t[0][1].split("Is the answer ")[1].split("?")[0], t[1][1]) for _, t in made)
