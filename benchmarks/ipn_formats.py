@@ -190,20 +190,18 @@ def evaluate(ipn, val: list[dict], pool: AnswerPool, index, emb, patches) -> dic
     res: dict = {}
     # plain
     got = answer(ipn, [(r["uid"], r["question"]) for r in val], index, emb, patches)
-    hit, n = Counter(), Counter()
+    # by type, and by the question's form: with several shapes "What colour is the circle?" must find the circle
+    # first, "What colour is the shape at the top left?" reads one region
+    hit, n, form_hit, form_n = Counter(), Counter(), Counter(), Counter()
     for r, a in zip(val, got):
         ok = normalise(a) == normalise(r["answer"])
         for t in ("all", question_type(r["question"])):
             hit[t] += ok
             n[t] += 1
-    res["plain"] = {t: hit[t] / n[t] for t in n}
-    # by the question's form: with several shapes "What colour is the circle?" must find the circle first,
-    # "What colour is the shape at the top left?" reads one region
-    form_hit, form_n = Counter(), Counter()
-    for r, a in zip(val, got):
         form = question_form(r["question"])
-        form_hit[form] += normalise(a) == normalise(r["answer"])
+        form_hit[form] += ok
         form_n[form] += 1
+    res["plain"] = {t: hit[t] / n[t] for t in n}
     res["plain_by_form"] = {f: form_hit[f] / form_n[f] for f in sorted(form_n)}
     # yes/no: each question with its own answer and with another of its type
     yn, prompts, truth = yes_no_pairs(val, pool, rng)

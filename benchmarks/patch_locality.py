@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ipn_formats import load_features, load_questions  # noqa: E402
-from lmeye.model.rvii import image_regions  # noqa: E402
+from lmeye.model.rvii import center_tokens  # noqa: E402
 
 BATCH, LR, SEED = 64, 1e-3, 0
 
@@ -53,12 +53,13 @@ def layer_tokens(root: Path, index: dict[str, int], layers: list[str], model: st
                 images[r["uid"]] = r["image"]
     order = sorted(index, key=index.get)
     out: dict[str, list] = {name: [] for name in layers}
-    blocks = [int(name) for name in layers if name.lstrip("-").isdigit()]
+    block_names = [name for name in layers if name.lstrip("-").isdigit()]
+    blocks = [int(name) for name in block_names]
     with torch.no_grad():
         for start in range(0, len(order), 256):
             x = torch.stack([preprocess(Image.open(io.BytesIO(images[u])).convert("RGB")) for u in order[start : start + 256]])
             inter = visual.forward_intermediates(x, indices=blocks, output_fmt="NLC", intermediates_only=True)["image_intermediates"] if blocks else []
-            for name, tokens in zip([n for n in layers if n.lstrip("-").isdigit()], inter):
+            for name, tokens in zip(block_names, inter):
                 out[name].append(tokens.numpy())
             if "embed" in out:
                 t = visual.conv1(x).flatten(2).transpose(1, 2) + visual.positional_embedding[1:]
@@ -78,7 +79,7 @@ class Probe(torch.nn.Module):
         self.out = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, answers))
 
     def forward(self, question: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        regions = self.proj(image_regions(tokens, self.center, tokens.shape[1])) + self.pos
+        regions = self.proj(center_tokens(tokens) if self.center else tokens) + self.pos
         q = self.query(question)[:, None]
         return self.out(self.norm(self.attn(q, regions, regions)[0] + q))[:, 0]
 
@@ -146,8 +147,9 @@ def main(argv=None) -> int:
         results[name] = probe(tokens[name], index, train, val, args.steps, args.center, args.every)
         print(f"  {name}: {' '.join(f'{a:.3f}' for a in results[name])}", flush=True)
     base = results.get("table", [None])[-1]
-    print("\n| tokens | " + " | ".join(f"step {s}" for s in range(args.every, args.steps + 1, args.every)) + " | final / table's |")
-    print("| --- |" + " --- |" * (len(results["table" if "table" in results else layers[0]]) + 1))
+    steps = range(args.every, args.steps + 1, args.every)
+    print("\n| tokens | " + " | ".join(f"step {s}" for s in steps) + " | final / table's |")
+    print("| --- |" + " --- |" * (len(steps) + 1))
     for name, accs in results.items():
         ratio = f"{accs[-1] / base:.2f}" if base else "-"
         print(f"| {name} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {ratio} |")
