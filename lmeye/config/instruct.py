@@ -87,7 +87,7 @@ class CaptionsSource(_FileSource):
         return self
 
 
-ANSWER_FORMATS = ("plain", "short", "yes_no", "multiple_choice")
+ANSWER_FORMATS = ("plain", "short", "yes_no", "multiple_choice", "multiple_choice_text")
 
 
 class _QASource(_FileSource):
@@ -96,7 +96,8 @@ class _QASource(_FileSource):
     formats: dict[str, float] = Field(
         default_factory=lambda: {"plain": 1.0},
         description="answer formats and their relative weights, one per record (pipelines/instruct/formats.py): "
-                    "plain, short, yes_no (balanced negatives), multiple_choice (distractors of the same question type)",
+                    "plain, short, yes_no (balanced negatives), multiple_choice (distractors of the same question type; the reply is "
+                    "the letter), multiple_choice_text (the same prompt, the reply the option's text)",
     )
     type_words: int = Field(3, ge=1, description="a question's type is its first this many words (the distractors' pool)")
     distractors: int = Field(3, ge=1, le=25, description="multiple_choice: wrong options per question (fewer when the type has fewer answers)")

@@ -10,14 +10,20 @@ LLaVA-1.5's training mix does (``instruct.sources[].formats``, per source).
 * ``multiple_choice``: the question with up to ``distractors + 1`` options, the distractors drawn
   from the same question type's answers, in MMBench's prompt (``lmeye.eval.mmbench.build_prompt``:
   ``A. ...`` lines and ``"Answer with the option's letter from the given choices directly."``); the
-  answer is the letter.
+  answer is the letter;
+* ``multiple_choice_text``: the same prompt, answered with the right option's text. VLMEvalKit reads
+  such a reply as that option (``can_infer_text``; ``lmeye.eval.mmbench.extract_choice``), as it does for
+  the many released models that answer so. It is for an LLM that cannot point at a letter: the demo's
+  2+2-layer T5 never learned to (0.20-0.28 in 1,000-4,000 steps, chance 0.25; also with a reply
+  "<text> (<letter>)", where the text was always right and the letter always "A"), yet it reads the
+  option's text from the ``<img-d>`` slots as it reads a plain answer.
 
 A question's *type* is its first ``type_words`` words, lower-cased (VQAv2's ``question_type`` is such a
 prefix: "what color is", "how many"). The answers of each type come from a first pass over the
 source (``AnswerPool``); a count (an answer of digits) whose type has no other answer contrasts with
 the counts next to it. Any other record whose type has no other answer is asked ``short`` instead. Each
 record gets one format, chosen by a seeded hash of its position in its file (deterministic), and the
-``task`` column names it (``<task>_yes_no``, ``<task>_multiple_choice``; ``plain`` and ``short`` keep
+``task`` column names it (``<task>_yes_no``, ``<task>_multiple_choice`` for both multiple-choice replies; ``plain`` and ``short`` keep
 the source's task), so training stages and checks can pick formats.
 """
 
@@ -33,8 +39,8 @@ from lmeye.eval.mmbench import LETTERS, build_prompt
 
 SHORT = "Answer the question using a single word or phrase."
 YES_NO = "Please answer yes or no."
-FORMATS = ("plain", "short", "yes_no", "multiple_choice")
-NEEDS_POOL = ("yes_no", "multiple_choice")
+FORMATS = ("plain", "short", "yes_no", "multiple_choice", "multiple_choice_text")
+NEEDS_POOL = ("yes_no", "multiple_choice", "multiple_choice_text")
 _WORD = re.compile(r"[a-z0-9']+")
 
 
@@ -106,4 +112,5 @@ class Formatter:
         options = [answer] + rng.sample(others, min(self.distractors, len(others)))
         rng.shuffle(options)
         prompt = build_prompt(question, None, tuple(zip(LETTERS, options)))
-        return f"{task}_multiple_choice", [(user, prompt), (assistant, LETTERS[options.index(answer)])]
+        reply = answer if fmt == "multiple_choice_text" else LETTERS[options.index(answer)]
+        return f"{task}_multiple_choice", [(user, prompt), (assistant, reply)]

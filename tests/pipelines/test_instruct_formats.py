@@ -13,7 +13,7 @@ from lmeye.eval.mmbench import PROMPT_SUFFIX, build_prompt, extract_choice
 from lmeye.tables import TableReader
 from lingcloud_testing import build_features_table
 from pipelines.instruct import run
-from pipelines.instruct.formats import SHORT, YES_NO, AnswerPool, Formatter, question_type
+from pipelines.instruct.formats import FORMATS, SHORT, YES_NO, AnswerPool, Formatter, question_type
 from schemas.instructions import INSTRUCTIONS
 
 QA = [("What colour is the circle?", c) for c in ("red", "green", "blue", "yellow")] + \
@@ -55,6 +55,24 @@ def test_multiple_choice_has_distractors_of_the_same_type_and_the_mmbench_prompt
         assert extract_choice(letter, tuple(zip("ABC", options))) == letter  # what the MMBench evaluator reads
         letters[letter] += 1
     assert set(letters) == {"A", "B", "C"}  # the right option moves
+
+
+def test_multiple_choice_text_asks_the_same_prompt_and_replies_with_the_option_that_mmbench_reads_as_its_letter():
+    pool = AnswerPool(QA, words=3)
+    letter = Formatter({"multiple_choice": 1.0}, pool, seed=1, name="vqa")
+    text = Formatter({"multiple_choice_text": 1.0}, pool, seed=1, name="vqa")
+    for i in range(50):
+        (task, ((_, prompt), (_, reply))) = text.apply("What colour is the circle?", "red", "vqa", f"line {i}", ROLES)
+        _, ((_, same), (_, right)) = letter.apply("What colour is the circle?", "red", "vqa", f"line {i}", ROLES)
+        options = tuple((line[0], line[3:]) for line in prompt.splitlines() if line[1:3] == ". ")
+        assert task == "vqa_multiple_choice" and prompt == same and reply == "red"  # same task, prompt and options
+        assert extract_choice(reply, options) == right  # VLMEvalKit's can_infer_text: the option's letter
+
+
+def test_the_config_takes_every_format_the_formatter_knows():
+    from lmeye.config.instruct import ANSWER_FORMATS
+
+    assert ANSWER_FORMATS == FORMATS
 
 
 def test_short_and_plain_and_a_type_without_other_answers():
