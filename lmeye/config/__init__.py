@@ -77,9 +77,10 @@ class DemoConfig(Section):
     llm_steps: int = Field(1000, ge=0, description="training steps of the demo LLM (lmeye.model.demo; fewer: it reads its context less well)")
     # with all three, its held-out learning check fell from 0.951 to 0.892 (the same 1,000 steps spread
     # over 5.6x the text) and MME stayed at chance: the IPN did not learn those forms in the demo's budget
-    llm_formats: list[Literal["plain", "yes_no", "multiple_choice"]] = Field(
+    llm_formats: list[Literal["plain", "yes_no", "multiple_choice", "multiple_choice_text"]] = Field(
         ["plain"], min_length=1,
-        description="answer formats the demo LLM learns to read from its context (instruct formats: yes_no, multiple_choice)",
+        description="answer formats the demo LLM learns to read from its context (instruct formats: yes_no, multiple_choice, "
+                    "multiple_choice_text)",
     )
     llm_family: Literal["llama", "t5"] = Field(
         "llama", description="the demo LLM: llama (causal, configs/models/lingcloud-tiny-llm.json) or t5 (encoder-decoder, lingcloud-tiny-t5.json)")

@@ -78,9 +78,13 @@ def run_demo(cfg: Config, benchmarks: bool = True, verbose: bool = False, stop_r
 def _run(cfg: Config, benchmarks: bool, console: Console) -> list[StageSummary]:
     from lmeye.demo.benchsets import heldout_items, write_benchsets
     from lmeye.demo.planted import plant
+    from lmeye.model.demo import start_demo_llm
     from pipelines.download import run as download
 
     d = cfg.demo
+    # the demo LLM trains behind the corpus, Ray's start, download and extract (lmeye.demo.behind); the CLIP's
+    # heads (about 20 s) are aligned in line: behind as well, they slowed the download 3x and held the LLM up
+    llm = start_demo_llm(cfg)
     corpus = write_corpus(d.corpus_dir, num_images=d.num_images, seed=d.seed, image_size=d.image_size, max_objects=d.max_objects)
     heldout = heldout_items(d.eval_images, d.seed, exclude=corpus.items, max_objects=d.max_objects)
     sets = write_benchsets(Path(cfg.data.root) / "benchsets", heldout, d.image_size, d.seed)
@@ -104,7 +108,7 @@ def _run(cfg: Config, benchmarks: bool, console: Console) -> list[StageSummary]:
         if not summaries[-1].ok:
             break
         if name == "train":
-            summaries += _train_each(cfg, stage, console)
+            summaries += _train_each(cfg, stage, console, llm)
             continue
         with console.stage(name):
             if name == "extract":
@@ -131,13 +135,13 @@ def _curate_with_benchsets(cfg: Config, sets) -> None:
     cfg.train.curation = cfg.train.curation or cfg.curate.output
 
 
-def _train_each(cfg: Config, stage: Callable[[Config], StageSummary], console: Console) -> list[StageSummary]:
+def _train_each(cfg: Config, stage: Callable[[Config], StageSummary], console: Console, llm=None) -> list[StageSummary]:
     """The train stage once per training stage (``train.only``), so each has its own progress line,
     summary and time (the report's stage table has a row for each)."""
     from lmeye.model.demo import ensure_demo_llm
 
-    with console.stage("demo LLM"):  # the tiny LLM the IPN wraps, built once
-        ensure_demo_llm(cfg)
+    with console.stage("demo LLM"):  # the tiny LLM the IPN wraps, built once (``llm``: being built since the start)
+        ensure_demo_llm(cfg, pending=llm)
     only, out = cfg.train.only, []
     try:
         for s in cfg.train.stages:

@@ -61,7 +61,7 @@ CHAT_TEMPLATE = (
 # one as text, with the image's answer after the prompt, so that an IPN can answer a yes/no or a
 # multiple-choice question by putting that information in the <img-d> slots. A frozen LLM that never
 # saw "Please answer yes or no." answered none of the demo's 192 MME questions with yes or no.
-FORMATS = ("plain", "yes_no", "multiple_choice")
+FORMATS = ("plain", "yes_no", "multiple_choice")  # demo.llm_formats also takes multiple_choice_text (the option's text as the reply)
 
 
 def demo_conversations(num_images: int = CORPUS_IMAGES, seed: int = SEED, formats: Sequence[str] = ("plain",)) -> list[list[dict[str, str]]]:
@@ -272,27 +272,50 @@ def _pretrain(model, steps: int, batches, lr: float = LR, warmup: int = 0) -> No
     model.eval()
 
 
-def ensure_demo_llm(cfg, steps: Optional[int] = None) -> str:
-    """Make sure the demo LLM exists (built once, cached); point ``cfg.model.llm`` at it; return its path.
+def _plan(cfg, steps: Optional[int] = None) -> tuple[str, int, bool]:
+    """(where the demo LLM is, its steps, whether it must be built there).
 
-    ``cfg`` is the whole config: the default place is ``{data.root}/models/lingcloud-tiny-llm``,
-    trained ``demo.llm_steps`` steps unless ``steps`` says otherwise. When ``model.clip_pretrained``
-    is null and ``model.clip_model`` is the extract stage's model, it is pointed at the extract
-    stage's demo CLIP checkpoint (built if absent), so RVII runs the text transformer of the very CLIP
-    that made the features; where ``demo.clip_heads`` aligned that CLIP's heads, with its text projection
-    as initialised (``lmeye.demo.clip_heads.ensure_rvii_clip``).
-    """
+    ``model.llm`` set to a directory without this module's stamp (or to a hub id) is the user's own
+    LLM: it is used as it is and never built over (the build replaces its directory)."""
     steps = cfg.demo.llm_steps if steps is None else steps
-    family = cfg.demo.llm_family
-    path = cfg.model.llm or f"{cfg.data.root.rstrip('/')}/models/{NAMES[family]}"
+    path = cfg.model.llm or f"{cfg.data.root.rstrip('/')}/models/{NAMES[cfg.demo.llm_family]}"
     if "://" not in path:  # Ray workers do not share the driver's working directory
         path = os.path.abspath(path)
     stamp = Path(path) / STAMP
-    formats = cfg.demo.llm_formats
-    want = _fingerprint(json.loads(config_json(family).read_text()), formats)  # the model config names the family
+    if cfg.model.llm is not None and not stamp.is_file():
+        return cfg.model.llm, steps, False
+    want = _fingerprint(json.loads(config_json(cfg.demo.llm_family).read_text()), cfg.demo.llm_formats)  # the model config names the family
     built = json.loads(stamp.read_text()) if stamp.is_file() else {}
-    if (built.get("fingerprint"), built.get("steps")) != (want, steps):
-        build_demo_llm(path, steps, formats, family)
+    return path, steps, (built.get("fingerprint"), built.get("steps")) != (want, steps)
+
+
+def start_demo_llm(cfg):
+    """Start building the demo LLM behind the pipeline (``lmeye.demo.behind``) where ``ensure_demo_llm``
+    would build it; ``ensure_demo_llm(cfg, pending=...)`` waits for it. None when nothing is to build."""
+    from lmeye.demo import behind
+
+    path, steps, build = _plan(cfg)
+    # at a lower priority: beside it at the same one, extract took 63 s instead of 46
+    return behind.start("demo-llm", build_demo_llm, path, steps, list(cfg.demo.llm_formats), cfg.demo.llm_family, nice=10) if build else None
+
+
+def ensure_demo_llm(cfg, steps: Optional[int] = None, pending=None) -> str:
+    """Make sure the demo LLM exists (built once, cached); point ``cfg.model.llm`` at it; return its path.
+
+    ``cfg`` is the whole config: the default place is ``{data.root}/models/lingcloud-tiny-llm``,
+    trained ``demo.llm_steps`` steps unless ``steps`` says otherwise. ``pending``: the process
+    ``start_demo_llm`` started, waited for first (where it failed, the build runs here again and
+    raises its error). When ``model.clip_pretrained`` is null and ``model.clip_model`` is the extract
+    stage's model, it is pointed at the extract stage's demo CLIP checkpoint (built if absent), so RVII
+    runs the text transformer of the very CLIP that made the features; where ``demo.clip_heads``
+    aligned that CLIP's heads, with its text projection as initialised (``lmeye.demo.clip_heads.ensure_rvii_clip``).
+    """
+    from lmeye.demo import behind
+
+    behind.wait(pending)
+    path, steps, build = _plan(cfg, steps)
+    if build:
+        build_demo_llm(path, steps, cfg.demo.llm_formats, cfg.demo.llm_family)
     if cfg.model.llm != path:
         cfg.model.llm = path
     if cfg.model.rvii == "clip_text" and cfg.model.clip_pretrained is None and cfg.model.clip_model == cfg.extract.model:

@@ -79,6 +79,21 @@ def test_the_demo_llm_learns_the_benchmark_forms_by_comparing_with_what_answers_
         assert any(user.endswith(" " + a) for a in answers), user
 
 
+def test_the_demo_llm_reads_multiple_choice_text_as_the_option_it_answers_with():
+    """demo.llm_formats: multiple_choice_text asks MMBench's prompt and replies with the right option's text,
+    after what answers it, so the LLM's reply is the option the <img-d> slots name (VLMEvalKit reads its letter)."""
+    from lmeye.eval.mmbench import extract_choice
+    from lmeye.model.demo import demo_conversations
+
+    convs = [c for c in demo_conversations(num_images=4, formats=("plain", "multiple_choice_text")) if c[0].get("loss") is False]
+    assert convs
+    for c in convs:
+        user, reply = c[0]["content"], c[1]["content"]
+        options = tuple((line[0], line[3:]) for line in user.splitlines() if line[1:3] == ". ")
+        assert "Answer with the option's letter" in user and len(options) >= 2 and reply in dict(options).values()
+        assert extract_choice(reply, options) == next(k for k, v in options if v == reply)
+
+
 def test_the_demo_t5_shares_the_text_and_tokenizer_is_cached_and_loads_as_an_encoder_decoder(tmp_path):
     """demo.llm_family: t5 builds lingcloud-tiny-t5 beside (not over) the LLaMA, with the same tokenizer."""
     from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
@@ -125,3 +140,37 @@ def test_the_demo_t5_is_pretrained_on_the_very_ids_the_seq2seq_ipn_feeds_it(tmp_
         ids = [t for t in got["prefix_ids"] + got["suffix_ids"] if t not in (IMG, IMG_Q, IMG_D)]
         assert ids == enc[i] and got["target_ids"] == tgt[i], convs[i]
         assert IMG_D in got["suffix_ids"] and tgt[i][-1] == ipn.tokenizer.eos_token_id
+
+
+def test_the_demo_llm_built_in_its_own_process_is_the_one_built_here_and_is_not_built_again(tmp_path):
+    """lmeye demo starts the build beside the download (start_demo_llm); ensure_demo_llm waits for it."""
+    from lmeye.model.demo import start_demo_llm
+
+    quick = {"model.llm": None, "demo.llm_steps": 2, "demo.clip_heads.pairs": 0}  # the CLIP's heads: not what this tests
+    cfg = load_config("configs/demo.yaml", {"data.root": str(tmp_path / "a")} | quick)
+    proc = start_demo_llm(cfg)
+    assert proc is not None and proc.name == "demo-llm"
+    path = ensure_demo_llm(cfg, pending=proc)
+    assert proc.exitcode == 0 and cfg.model.llm == path
+    mtime = os.path.getmtime(f"{path}/model.safetensors")
+    assert start_demo_llm(cfg) is None and ensure_demo_llm(cfg) == path  # built: nothing to start, nothing rebuilt
+    assert os.path.getmtime(f"{path}/model.safetensors") == mtime
+    here = load_config("configs/demo.yaml", {"data.root": str(tmp_path / "b")} | quick)
+    again = ensure_demo_llm(here)
+    for name in ("tokenizer.json", "model.safetensors"):
+        assert open(f"{path}/{name}", "rb").read() == open(f"{again}/{name}", "rb").read(), name
+
+
+def test_a_user_llm_named_in_model_llm_is_used_as_it_is_never_built_over(tmp_path):
+    """model.llm naming a directory without the demo's stamp, or a hub id, is the user's: building the demo
+    LLM there would replace it."""
+    from lmeye.model.demo import start_demo_llm
+
+    mine = tmp_path / "my-llm"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"model_type": "llama"}')
+    for llm in (str(mine), "someone/some-7b-model"):
+        cfg = load_config("configs/demo.yaml", {"data.root": str(tmp_path / "root"), "model.llm": llm, "demo.clip_heads.pairs": 0})
+        assert start_demo_llm(cfg) is None and ensure_demo_llm(cfg) == llm and cfg.model.llm == llm
+    assert os.listdir(mine) == ["config.json"] and not (tmp_path / "root" / "models" / "lingcloud-tiny-t5").exists()
+    assert not os.path.exists("someone")
