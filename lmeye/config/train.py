@@ -94,6 +94,9 @@ class TrainConfig(Section):
     schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="after warm-up: constant, or decay to 0 by the last step")
     # -- data
     shuffle_buffer: int = Field(256, ge=0, description="rows of the per-worker shuffle buffer (0: table order)")
+    group_by_length: int = Field(
+        1, ge=1, description="this many micro-batches' rows are drawn at once, sorted by length and cut into micro-batches "
+                             "served in a seeded random order, so a batch pads less (1: off; lmeye.train.feed.group_by_length)")
     seed: int = Field(0, description="block order, shuffle buffer and weight initialisation")
     deterministic: bool = Field(
         True, description="Ray Data preserves order, so the same config gives the same batches on the same workers (exact resume)"

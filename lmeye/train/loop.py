@@ -39,7 +39,7 @@ from lmeye.train.collectives import Collectives
 from lmeye.train.data import SeenSet
 from lmeye.train.engine import Engine
 from lmeye.train.evaluate import validate
-from lmeye.train.feed import SKIP_REASONS, Feed
+from lmeye.train.feed import SKIP_REASONS, Feed, group_by_length
 from lmeye.train.metrics import Metrics
 from lmeye.train.model_factory import in_training_dtype, training_dtype
 
@@ -139,11 +139,13 @@ class Worker:
         self.metrics.begin()
         while self.state.epoch < st.epochs and self.state.step < max_steps:
             seed = tc.seed + self.state.epoch
-            batches = self.feed.prepared(shard.iter_batches(
-                batch_size=self.engine.micro, batch_format="pyarrow", prefetch_batches=1,
+            group = tc.group_by_length
+            tables = shard.iter_batches(
+                batch_size=self.engine.micro * group, batch_format="pyarrow", prefetch_batches=1,
                 local_shuffle_buffer_size=tc.shuffle_buffer or None,
                 local_shuffle_seed=seed if tc.shuffle_buffer else None,
-            ))
+            )
+            batches = self.feed.prepared(group_by_length(tables, self.engine.micro, seed) if group > 1 else tables)
             mine_done = ended = False
             while self.state.step < max_steps:
                 t0 = time.time()
