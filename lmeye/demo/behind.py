@@ -1,12 +1,14 @@
 """The demo's own models, built behind the pipeline.
 
-``lmeye demo`` starts their builds in processes of their own before it writes the corpus, so their
-training overlaps the corpus, Ray's start and the download instead of delaying the stages that need
-them: the demo CLIP's head alignment (about 20 s, needed by extract) and the demo LLM (about 50 s on
-one core, needed by train; at a lower priority, on the core the stages leave idle). Each ``ensure_*``
-call that needs a build waits for its process first, then finds the build cached; a build that failed
-there runs again in place and raises its own error. Spawned, not forked: a fresh interpreter with the
-same recipe, seeds and threads makes the same weights, and inherits no Ray or thread state.
+``lmeye demo`` starts the demo LLM's build (about 50 s on one core, needed only by train) in a process
+of its own before it writes the corpus, at a lower priority, so its training takes the core the
+corpus, Ray's start, download and extract leave idle instead of delaying train (seed 0: in line, 50 s
+between instruct and train; behind, none, while download and extract took 20 + 58 s against 12 + 46). The demo CLIP's head alignment (about 20 s, needed by
+extract) stays in line: started here as well, it slowed the download from 20 s to 36 s and held the
+LLM up past instruct. ``ensure_demo_llm(pending=...)`` waits for the process, then finds the build
+cached; a build that failed there runs again in place and raises its own error. Spawned, not forked:
+a fresh interpreter with the same recipe, seeds and threads makes the same weights (a test compares
+the bytes), and inherits no Ray or thread state.
 """
 
 from __future__ import annotations
