@@ -109,11 +109,11 @@ def test_two_zero2_workers_train_every_row_once_with_identical_weights(reference
     assert (reference["out"] / "model" / "ipn_config.json").exists()
 
 
-@pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_latest_trains_the_rest_once_and_matches(reference, tmp_path):
-    tables, fake = reference["tables"], reference["fake"]
+def _kill_then_resume(tmp_path: Path, tables: dict, fake, **extra) -> tuple[list, list, Path]:
+    """Run stage s1, SIGKILL it mid-epoch after a checkpoint, resume it: (rows trained before the kill's
+    checkpoint, rows trained after the resume, the output folder)."""
     out = tmp_path / "out"
-    proc, log = _start(tmp_path, "killed", _overrides(tables, out), tmp_path / "log1", delay_s=1.0)
+    proc, log = _start(tmp_path, "killed", _overrides(tables, out, **extra), tmp_path / "log1", delay_s=1.0)
     try:
         deadline = time.time() + 300
         ckpt = None
@@ -132,7 +132,7 @@ def test_sigkill_mid_epoch_then_resume_latest_trains_the_rest_once_and_matches(r
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "s1" / "summary.json").exists()
-    proc, log2 = _start(tmp_path, "resumed", _overrides(tables, out), tmp_path / "log2")
+    proc, log2 = _start(tmp_path, "resumed", _overrides(tables, out, **extra), tmp_path / "log2")
     assert proc.wait(timeout=600) == 0, log2.read_text()[-3000:]
     resumed = re.search(r"resumed at epoch 0 step (\d+)", log2.read_text())
     assert resumed, log2.read_text()[-3000:]
@@ -141,9 +141,15 @@ def test_sigkill_mid_epoch_then_resume_latest_trains_the_rest_once_and_matches(r
     seen = np.concatenate([np.load(p) for p in (ckpt / "seen").glob("rank*.npy")])
     # which rows the checkpoint had trained: every seen row that is trainable
     by_key = {r["conversation"][0]["content"]: r["sample_id"] for r in tables["rows"]}
-    trainable = tables["trainable"]
-    before = [k for k in trainable if hex64([by_key[k]])[0][0] in set(seen.tolist())]
+    before = [k for k in tables["trainable"] if hex64([by_key[k]])[0][0] in set(seen.tolist())]
     after = [k for rank in fake.read_log(str(tmp_path / "log2")).values() for rec in rank for k in rec["keys"]]
+    return before, after, out
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_latest_trains_the_rest_once_and_matches(reference, tmp_path):
+    tables, trainable = reference["tables"], reference["tables"]["trainable"]
+    before, after, out = _kill_then_resume(tmp_path, tables, reference["fake"])
     assert 0 < len(before) < len(trainable)  # killed mid-epoch
     assert len(after) == len(set(after)) and not set(after) & set(before)  # none twice
     assert sorted(before + after) == sorted(trainable)  # none skipped
@@ -153,6 +159,18 @@ def test_sigkill_mid_epoch_then_resume_latest_trains_the_rest_once_and_matches(r
     # one metrics line a step: the resumed run dropped the killed run's lines past its checkpoint
     steps = [json.loads(line)["step"] for line in (out / "s1" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, json.loads((out / "s1" / "summary.json").read_text())["metrics"]["step"] + 1))
+
+
+@pytest.mark.slow
+def test_grouped_by_length_a_killed_run_resumes_and_trains_each_remaining_row_once(reference, tmp_path):
+    """train.group_by_length draws several micro-batches' rows at once: rows drawn but not trained when the
+    checkpoint was written are not in its seen set, so the resumed run trains them, and no row twice (its
+    batches differ from an uninterrupted run's, so its weights are not compared)."""
+    tables, trainable = reference["tables"], reference["tables"]["trainable"]
+    before, after, _ = _kill_then_resume(tmp_path, tables, reference["fake"], **{"train.group_by_length": 3})
+    assert 0 < len(before) < len(trainable)
+    assert len(after) == len(set(after)) and not set(after) & set(before)
+    assert sorted(before + after) == sorted(trainable)
 
 
 @pytest.mark.slow
