@@ -474,8 +474,10 @@ def test_the_committer_lists_the_raw_folder_once_whatever_is_pending(tmp_path, m
 
 def _task_that(tmp_path, ray_local):
     @ray_local.remote
-    def task(name: str, delay: float, fail: bool = False):
+    def task(name: str, delay: float, fail: bool = False, gate: str | None = None):
         time.sleep(delay)
+        while gate is not None and not os.path.exists(gate):  # held until the test opens the gate
+            time.sleep(0.05)
         if fail:
             raise OSError(f"{name}: the node went away")
         (tmp_path / name).write_text("written")  # what a download task's shard write stands for
@@ -499,19 +501,23 @@ def test_a_pass_that_fails_cancels_its_tasks_before_the_retry(tmp_path, ray_loca
     from pipelines.download import run_tasks
 
     task = _task_that(tmp_path, ray_local)
-    slow = task.remote("slow", 4.0)
+    gate = tmp_path / "gate"
+    # "held" cannot end before the gate opens, so "fast" is the first result on any machine
+    # (a fixed sleep let a loaded CI worker finish it first, and nothing was left to cancel).
+    held = task.remote("held", 0, gate=str(gate))
 
     def recording_fails(_result):
         raise OSError("the journal's disk is full")
 
     with pytest.raises(OSError, match="disk is full"):
-        run_tasks([task.remote("fast", 0), slow], recording_fails)
-    ready, _ = ray_local.wait([slow], timeout=0)
-    assert ready == [slow]  # ended (cancelled) by the time the pass returned
+        run_tasks([task.remote("fast", 0), held], recording_fails)
+    ready, _ = ray_local.wait([held], timeout=0)
+    assert ready == [held]  # ended (cancelled) by the time the pass returned
     with pytest.raises(ray_local.exceptions.TaskCancelledError):
-        ray_local.get(slow)
-    time.sleep(5)
-    assert not (tmp_path / "slow").exists()
+        ray_local.get(held)
+    gate.write_text("open")  # a task still running would now write its shard
+    time.sleep(2)
+    assert (tmp_path / "fast").exists() and not (tmp_path / "held").exists()
 
 
 def test_cc3m_tsv_as_released_no_header_and_no_quote_processing(tmp_path):
