@@ -103,13 +103,14 @@ def batch_of(ipn, encs: list[dict], rows: list[dict], index, emb, patches) -> di
     return ipn.collate(encs, emb[at].astype(np.float32), patches[at].astype(np.float32))
 
 
-def train(ipn, rows: list[dict], steps: int, index, emb, patches, log_every: int = 50, lr: float = LR) -> list[float]:
+def train(ipn, rows: list[dict], steps: int, index, emb, patches, log_every: int = 50, lr: float = LR,
+          schedule: str = "cosine") -> list[float]:
     """Stage 2 on ``rows`` (each a {'conversation', 'uid'}): shuffled epochs of BATCH, AdamW, warm-up + cosine."""
     encs = [ipn.encode(r["conversation"], has_image=True) for r in rows]
     keep = [i for i, e in enumerate(encs) if e is not None]
     ipn.set_trainable("instruct", train_visual_mapping=True)
     opt = torch.optim.AdamW(ipn.trainable_parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor("cosine", WARMUP, steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(schedule, WARMUP, steps))
     gen = np.random.default_rng(SEED)
     order: list[int] = []
     losses = []
@@ -239,6 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rvii", default="transformer", choices=["clip_text", "transformer"])
     ap.add_argument("--steps", type=int, default=768, help="stage-2 steps (the demo's: 768)")
     ap.add_argument("--lr", type=float, default=LR, help="peak learning rate (the demo's train.lr)")
+    ap.add_argument("--schedule", default="cosine", choices=["constant", "linear", "cosine"], help="after warm-up (the demo's train.schedule)")
     ap.add_argument("--formats", default="plain=2,yes_no=1,multiple_choice=1", help="instruct.sources[].formats weights")
     ap.add_argument("--val", type=int, default=300, help="held-out questions (each asked plain, 2x yes/no, 4x multiple choice)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared machine 2 threads spin against other work)")
@@ -271,7 +273,7 @@ def main(argv=None) -> int:
         ipn = build_ipn(cfg, emb.shape[1], patches.shape[1:])
         print(f"request: {request}, rvii: {args.rvii}", flush=True)
         t0 = time.time()
-        losses = train(ipn, rows, args.steps, index, emb, patches, lr=args.lr)
+        losses = train(ipn, rows, args.steps, index, emb, patches, lr=args.lr, schedule=args.schedule)
         seconds = time.time() - t0
         results[request] = evaluate(ipn, val, pool, index, emb, patches) | {"train_s": seconds, "final_loss": float(np.mean(losses[-50:]))}
         print(json.dumps(results[request]), flush=True)
