@@ -25,7 +25,10 @@ def group_by_length(tables: Iterable[pa.Table], micro: int, seed: int) -> Iterat
     A batch is padded to its longest row. The demo's stage 2 mixes 20-token plain questions with
     60-token multiple-choice prompts, so nearly every batch of 32 holds one and pads to it; LLaVA groups
     by length for the same reason (``group_by_modality_length``). Each row is still used once per epoch;
-    the order is shuffled only across the table's pieces, so a batch holds rows of like length."""
+    the order is shuffled only across the table's pieces, so a batch holds rows of like length. The sort
+    is exact, so a batch often holds one question form: lengths bucketed by a ratio of 1.25 and shuffled
+    inside a bucket instead (demo, seed 0) padded more (stage 2 217 s against 197 s) and scored no better
+    (held-out 0.984 against 0.979, MME 0.849 against 0.859)."""
     rng = np.random.default_rng(seed)
     for table in tables:
         convs = table.column("conversation").to_pylist()
