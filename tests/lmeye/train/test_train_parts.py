@@ -182,6 +182,22 @@ def test_batches_are_prepared_in_order_in_line_or_one_ahead_in_a_thread(use_gpu)
     assert any(n.startswith("lingcloud-batches") for n in threads) == use_gpu
 
 
+def test_text_lengths_count_every_turns_characters_on_any_table_a_batch_arrives_as():
+    """The sort key of group_by_length, in Arrow: characters (not bytes) of every turn's content; a null
+    conversation, an empty one and a null content count 0; a slice of a table of several chunks is
+    counted from its own first row (list offsets do not start at 0 there)."""
+    from lmeye.train.feed import text_lengths
+
+    turns = [None, [], [{"role": "user", "content": None}, {"role": "assistant", "content": "yes"}],
+             [{"role": "user", "content": "¿Qué color es el círculo? 日本"}, {"role": "assistant", "content": ""}]]
+    convs = [turns[i % 4] if i % 5 else [{"role": "user", "content": "x" * i}] for i in range(300)]
+    table = pa.concat_tables([pa.table({"conversation": convs[:120]}), pa.table({"conversation": convs[120:]})])
+    for part in (table, table.slice(37, 150), table.slice(119, 3), table.take(pa.array([299, 0, 5, 3]))):
+        expected = [sum(len(m["content"] or "") for m in c or ()) for c in part.column("conversation").to_pylist()]
+        assert text_lengths(part).tolist() == expected
+    assert text_lengths(table)[3] == len("¿Qué color es el círculo? 日本")
+
+
 def test_group_by_length_uses_every_row_once_in_batches_of_like_length_and_pads_less():
     """train.group_by_length: a table of several micro-batches' rows -> pieces of rows sorted by length,
     in a seeded random order; the demo's mix (1 long multiple-choice prompt in 7) pads far less."""
