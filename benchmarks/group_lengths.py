@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import time
+import timeit
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +41,6 @@ def python_lengths(t: pa.Table) -> np.ndarray:
     return np.array([sum(len(m["content"] or "") for m in c or ()) for c in t.column("conversation").to_pylist()])
 
 
-def best(fn, arg, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(arg)
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[256, 4096, 32768])
@@ -61,7 +52,7 @@ def main(argv=None) -> int:
         if python_lengths(t).tolist() != text_lengths(t).tolist():
             print(f"{rows} rows: the two sums differ", file=sys.stderr)
             return 1
-        slow, fast = best(python_lengths, t, args.repeats), best(text_lengths, t, args.repeats)
+        slow, fast = (min(timeit.repeat(lambda fn=fn: fn(t), number=1, repeat=args.repeats)) for fn in (python_lengths, text_lengths))
         print(f"| {rows:,} | {slow * 1e3:.2f} | {fast * 1e3:.2f} | {slow / fast:.1f}x |")
     return 0
 
