@@ -12,8 +12,9 @@ trained on the training split's questions that start with one of ``--questions``
 scored on the validation split's: the question as a bag of words is the query of one cross-attention over
 the tokens (each with a learned position embedding), and an MLP reads the answer out. Batch 64, AdamW 1e-3,
 seeded. It is the IPN's task with the request handed over in the clear and no frozen LLM in the way, so it
-shows what the features allow. Prints held-out accuracy by step per layer, and each layer's final accuracy
-over the table's.
+shows what the features allow. Prints held-out accuracy by step per layer, each layer's final accuracy
+over the table's, and the final accuracy per question type (the learning check's types: with
+``--questions "What,Where,How"`` every form of the corpus, the bar the IPN is held to).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ipn_formats import load_features, load_questions  # noqa: E402
+from lmeye.demo.learning_check import question_type  # noqa: E402
 from lmeye.model.rvii import center_tokens  # noqa: E402
 
 BATCH, LR, SEED = 64, 1e-3, 0
@@ -84,7 +86,8 @@ class Probe(torch.nn.Module):
         return self.out(self.norm(self.attn(q, regions, regions)[0] + q))[:, 0]
 
 
-def probe(tokens: np.ndarray, index, train, val, steps: int, center: bool, every: int) -> list[float]:
+def probe(tokens: np.ndarray, index, train, val, steps: int, center: bool, every: int) -> tuple[list[float], dict[str, float]]:
+    """Held-out accuracy every ``every`` steps, and the final one per question type."""
     torch.manual_seed(SEED)
     words = sorted({w for r in train + val for w in re.findall(r"\w+", r["question"].lower())})
     answers = sorted({r["answer"] for r in train + val})
@@ -102,7 +105,8 @@ def probe(tokens: np.ndarray, index, train, val, steps: int, center: bool, every
     model = Probe(len(words), feats.shape[2], feats.shape[1], len(answers), center)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     gen = torch.Generator().manual_seed(SEED)
-    accs = []
+    accs: list[float] = []
+    right = torch.zeros(len(val), dtype=torch.bool)
     for step in range(1, steps + 1):
         b = torch.randint(0, len(train), (BATCH,), generator=gen)
         loss = torch.nn.functional.cross_entropy(model(tq[b], feats[ti[b]]), ty[b])
@@ -111,8 +115,10 @@ def probe(tokens: np.ndarray, index, train, val, steps: int, center: bool, every
         opt.step()
         if step % every == 0:
             with torch.no_grad():
-                accs.append(float((model(vq, feats[vi]).argmax(1) == vy).float().mean()))
-    return accs
+                right = model(vq, feats[vi]).argmax(1) == vy
+            accs.append(float(right.float().mean()))
+    types = [question_type(r["question"]) or "other" for r in val]
+    return accs, {t: float(right[[i for i, u in enumerate(types) if u == t]].float().mean()) for t in sorted(set(types))}
 
 
 def main(argv=None) -> int:
@@ -142,9 +148,9 @@ def main(argv=None) -> int:
             tokens[name] = (t - flat.mean(0)) / (flat.std(0) + 1e-6)
     print(f"{len(train)} training, {len(val)} held-out questions starting {starts}; centred: {args.center}; "
           f"standardised: {args.standardize}", flush=True)
-    results = {}
+    results, by_type = {}, {}
     for name in layers:
-        results[name] = probe(tokens[name], index, train, val, args.steps, args.center, args.every)
+        results[name], by_type[name] = probe(tokens[name], index, train, val, args.steps, args.center, args.every)
         print(f"  {name}: {' '.join(f'{a:.3f}' for a in results[name])}", flush=True)
     base = results.get("table", [None])[-1]
     steps = range(args.every, args.steps + 1, args.every)
@@ -153,6 +159,10 @@ def main(argv=None) -> int:
     for name, accs in results.items():
         ratio = f"{accs[-1] / base:.2f}" if base else "-"
         print(f"| {name} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {ratio} |")
+    kinds = sorted({t for d in by_type.values() for t in d})
+    print(f"\nat step {args.steps}, per question type:\n| tokens | " + " | ".join(kinds) + " |\n| --- |" + " --- |" * len(kinds))
+    for name, d in by_type.items():
+        print(f"| {name} | " + " | ".join(f"{d[t]:.3f}" for t in kinds) + " |")
     return 0
 
 
