@@ -509,13 +509,15 @@ def test_a_pass_that_fails_cancels_its_tasks_before_the_retry(tmp_path, ray_loca
     def recording_fails(_result):
         raise OSError("the journal's disk is full")
 
-    with pytest.raises(OSError, match="disk is full"):
-        run_tasks([task.remote("fast", 0), held], recording_fails)
-    ready, _ = ray_local.wait([held], timeout=0)
-    assert ready == [held]  # ended (cancelled) by the time the pass returned
-    with pytest.raises(ray_local.exceptions.TaskCancelledError):
-        ray_local.get(held)
-    gate.write_text("open")  # a task still running would now write its shard
+    try:
+        with pytest.raises(OSError, match="disk is full"):
+            run_tasks([task.remote("fast", 0), held], recording_fails)
+        ready, _ = ray_local.wait([held], timeout=0)
+        assert ready == [held]  # ended (cancelled) by the time the pass returned
+        with pytest.raises(ray_local.exceptions.TaskCancelledError):
+            ray_local.get(held)
+    finally:  # also when a check fails: a task held forever would keep its CPU from the module's later tests
+        gate.write_text("open")  # a task still running would now write its shard
     time.sleep(2)
     assert (tmp_path / "fast").exists() and not (tmp_path / "held").exists()
 
