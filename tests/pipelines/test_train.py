@@ -138,10 +138,10 @@ def _kill_then_resume(tmp_path: Path, tables: dict, fake, **extra) -> tuple[list
     assert resumed, log2.read_text()[-3000:]
     step = int(resumed.group(1))
     ckpt = next(p for p in _checkpoints(out / "s1") if json.loads((p / "state.json").read_text())["step"] == step)
-    seen = np.concatenate([np.load(p) for p in (ckpt / "seen").glob("rank*.npy")])
+    seen = set(np.concatenate([np.load(p) for p in (ckpt / "seen").glob("rank*.npy")]).tolist())
     # which rows the checkpoint had trained: every seen row that is trainable
     by_key = {r["conversation"][0]["content"]: r["sample_id"] for r in tables["rows"]}
-    before = [k for k in tables["trainable"] if hex64([by_key[k]])[0][0] in set(seen.tolist())]
+    before = [k for k in tables["trainable"] if hex64([by_key[k]])[0][0] in seen]
     after = [k for rank in fake.read_log(str(tmp_path / "log2")).values() for rec in rank for k in rec["keys"]]
     return before, after, out
 
