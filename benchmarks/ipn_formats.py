@@ -35,6 +35,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -104,8 +105,10 @@ def batch_of(ipn, encs: list[dict], rows: list[dict], index, emb, patches) -> di
 
 
 def train(ipn, rows: list[dict], steps: int, index, emb, patches, log_every: int = 50, lr: float = LR,
-          schedule: str = "cosine") -> list[float]:
-    """Stage 2 on ``rows`` (each a {'conversation', 'uid'}): shuffled epochs of BATCH, AdamW, warm-up + cosine."""
+          schedule: str = "cosine", extra_loss: Optional[Callable[[dict], torch.Tensor]] = None) -> list[float]:
+    """Stage 2 on ``rows`` (each a {'conversation', 'uid'}): shuffled epochs of BATCH, AdamW, warm-up + cosine.
+    ``extra_loss(batch)``, called after the IPN's forward on ``batch``, is added to its loss
+    (``benchmarks/ipn_reader.py``'s answer loss); the losses returned are the IPN's own."""
     encs = [ipn.encode(r["conversation"], has_image=True) for r in rows]
     keep = [i for i, e in enumerate(encs) if e is not None]
     ipn.set_trainable("instruct", train_visual_mapping=True)
@@ -120,9 +123,10 @@ def train(ipn, rows: list[dict], steps: int, index, emb, patches, log_every: int
         if len(order) < BATCH:
             order += list(gen.permutation(keep))
         pick, order = order[:BATCH], order[BATCH:]
-        loss = ipn(batch_of(ipn, [encs[i] for i in pick], [rows[i] for i in pick], index, emb, patches)).loss
+        batch = batch_of(ipn, [encs[i] for i in pick], [rows[i] for i in pick], index, emb, patches)
+        loss = ipn(batch).loss
         opt.zero_grad()
-        loss.backward()
+        (loss if extra_loss is None else loss + extra_loss(batch)).backward()
         opt.step()
         sched.step()
         losses.append(loss.item())
@@ -186,10 +190,8 @@ def slot_oracle(ipn, val: list[dict], pool: AnswerPool, index, emb, patches) -> 
     return float(np.mean(hits))
 
 
-def evaluate(ipn, val: list[dict], pool: AnswerPool, index, emb, patches) -> dict:
-    rng = random.Random(SEED)
-    res: dict = {}
-    # plain
+def evaluate_plain(ipn, val: list[dict], index, emb, patches) -> dict:
+    """Held-out exact match of the plain questions: per type ("plain") and per question form ("plain_by_form")."""
     got = answer(ipn, [(r["uid"], r["question"]) for r in val], index, emb, patches)
     # by type, and by the question's form: with several shapes "What colour is the circle?" must find the circle
     # first, "What colour is the shape at the top left?" reads one region
@@ -202,8 +204,12 @@ def evaluate(ipn, val: list[dict], pool: AnswerPool, index, emb, patches) -> dic
         form = question_form(r["question"])
         form_hit[form] += ok
         form_n[form] += 1
-    res["plain"] = {t: hit[t] / n[t] for t in n}
-    res["plain_by_form"] = {f: form_hit[f] / form_n[f] for f in sorted(form_n)}
+    return {"plain": {t: hit[t] / n[t] for t in n}, "plain_by_form": {f: form_hit[f] / form_n[f] for f in sorted(form_n)}}
+
+
+def evaluate(ipn, val: list[dict], pool: AnswerPool, index, emb, patches) -> dict:
+    rng = random.Random(SEED)
+    res = evaluate_plain(ipn, val, index, emb, patches)
     # yes/no: each question with its own answer and with another of its type
     yn, prompts, truth = yes_no_pairs(val, pool, rng)
     got = [normalise(a) for a in answer(ipn, prompts, index, emb, patches)]
