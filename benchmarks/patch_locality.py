@@ -106,7 +106,6 @@ def probe(tokens: np.ndarray, index, train, val, steps: int, center: bool, every
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     gen = torch.Generator().manual_seed(SEED)
     accs: list[float] = []
-    right = torch.zeros(len(val), dtype=torch.bool)
     for step in range(1, steps + 1):
         b = torch.randint(0, len(train), (BATCH,), generator=gen)
         loss = torch.nn.functional.cross_entropy(model(tq[b], feats[ti[b]]), ty[b])
@@ -115,8 +114,9 @@ def probe(tokens: np.ndarray, index, train, val, steps: int, center: bool, every
         opt.step()
         if step % every == 0:
             with torch.no_grad():
-                right = model(vq, feats[vi]).argmax(1) == vy
-            accs.append(float(right.float().mean()))
+                accs.append(float((model(vq, feats[vi]).argmax(1) == vy).float().mean()))
+    with torch.no_grad():
+        right = model(vq, feats[vi]).argmax(1) == vy
     types = [question_type(r["question"]) or "other" for r in val]
     return accs, {t: float(right[[i for i, u in enumerate(types) if u == t]].float().mean()) for t in sorted(set(types))}
 
