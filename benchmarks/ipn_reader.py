@@ -43,36 +43,31 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import ipn_formats as stage2  # noqa: E402
 from lmeye.model.build import build_ipn  # noqa: E402
 from lmeye.model.text import IGNORE  # noqa: E402
+from patch_locality import Probe  # noqa: E402
 
 
 class ProbeReader(nn.Module):
-    """``patch_locality.Probe``'s reader with RVII's interface: (request (B, k, width), tokens (B, T, W)) ->
-    (B, k, out_dim). With ``vocab`` set, the query is the bag of ``self.prefix_ids`` (set per batch)."""
+    """``patch_locality.Probe`` with RVII's interface: (request (B, k, width), tokens (B, T, W)) -> (B, k, out_dim),
+    the tokens standardised with the corpus's ``mean`` and ``std``. The query is the request, standardised per
+    dimension by a BatchNorm; with ``vocab`` set, the bag of ``self.prefix_ids`` (set per batch) instead."""
 
     def __init__(self, request_width: int, out_dim: int, tokens: int, width: int, mean: np.ndarray, std: np.ndarray,
-                 vocab: int = 0, dim: int = 128):
+                 vocab: int = 0):
         super().__init__()
         self.request_width, self.out_dim, self.vocab = request_width, out_dim, vocab
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
-        self.proj = nn.Linear(width, dim)
-        self.pos = nn.Parameter(torch.randn(tokens, dim) * 0.1)
         self.request_norm = nn.BatchNorm1d(request_width, affine=False)
-        self.query = nn.Linear(vocab or request_width, dim)
-        self.attn = nn.MultiheadAttention(dim, 4, batch_first=True)
-        self.norm = nn.LayerNorm(dim)
-        self.out = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, out_dim))
+        self.probe = Probe(vocab or request_width, width, tokens, out_dim, center=False)
         self.prefix_ids: torch.Tensor | None = None
 
     def forward(self, request: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         b, k, w = request.shape
-        regions = self.proj((image_tokens - self.mean) / self.std) + self.pos[: image_tokens.shape[1]]
-        if self.vocab:
+        tokens = (image_tokens - self.mean) / self.std
+        if self.vocab:  # one query for every slot: read once
             bag = torch.zeros(b, self.vocab, device=request.device).scatter_(1, self.prefix_ids.clamp(min=0), 1.0)
-            q = self.query(bag)[:, None].expand(-1, k, -1)
-        else:
-            q = self.query(self.request_norm(request.reshape(b * k, w)).view(b, k, w))
-        return self.out(self.norm(self.attn(q, regions, regions)[0] + q))
+            return self.probe.read(bag[:, None], tokens).expand(-1, k, -1)
+        return self.probe.read(self.request_norm(request.reshape(b * k, w)).view(b, k, w), tokens)
 
 
 def install_reader(ipn, patches: np.ndarray, query: str) -> dict:
@@ -95,9 +90,9 @@ def install_reader(ipn, patches: np.ndarray, query: str) -> dict:
     return seen
 
 
-def answer_loss(ipn, seen: dict):
-    """Cross-entropy of each answer token (its </s> aside) from the mean <img-d> slot against the LLM's
-    input-embedding table: a class read-out on the slots, the probe's loss, through the transmission."""
+def answer_loss(ipn, seen: dict, weight: float):
+    """``weight`` x the cross-entropy of each answer token (its </s> aside) from the mean <img-d> slot against
+    the LLM's input-embedding table: a class read-out on the slots, the probe's loss, through the transmission."""
     table = ipn.llm.get_input_embeddings().weight.detach()
     eos = ipn.tokenizer.eos_token_id
 
@@ -105,7 +100,7 @@ def answer_loss(ipn, seen: dict):
         labels = batch["decoder_labels"] if "decoder_labels" in batch else batch["labels"]
         keep = (labels != IGNORE) & (labels != eos)
         logp = (seen["img_d"].mean(1) @ table.T).log_softmax(-1)
-        return -(logp.gather(1, labels.clamp(min=0)) * keep).sum() / keep.sum().clamp(min=1)
+        return weight * (-(logp.gather(1, labels.clamp(min=0)) * keep).sum() / keep.sum().clamp(min=1))
 
     return loss
 
@@ -137,11 +132,10 @@ def main(argv=None) -> int:
         torch.manual_seed(stage2.SEED)
         ipn = build_ipn(stage2.model_config(args.root, args.llm, "clip_text", "last"), emb.shape[1], patches.shape[1:])
         seen = install_reader(ipn, patches, query)
-        extra = answer_loss(ipn, seen) if args.answer_loss else None
-        weighted = (lambda batch: args.answer_loss * extra(batch)) if extra else None
+        extra = answer_loss(ipn, seen, args.answer_loss) if args.answer_loss else None
         t0 = time.time()
         losses = stage2.train(ipn, rows, args.steps, index, emb, patches, log_every=500, lr=args.lr, schedule=args.schedule,
-                              extra_loss=weighted)
+                              extra_loss=extra)
         results[query] = stage2.evaluate_plain(ipn, val, index, emb, patches) | {"train_s": time.time() - t0,
                                                                                "final_loss": float(np.mean(losses[-50:]))}
         print(json.dumps(results[query]), flush=True)

@@ -81,9 +81,14 @@ class Probe(torch.nn.Module):
         self.out = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, answers))
 
     def forward(self, question: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        regions = self.proj(center_tokens(tokens) if self.center else tokens) + self.pos
-        q = self.query(question)[:, None]
-        return self.out(self.norm(self.attn(q, regions, regions)[0] + q))[:, 0]
+        return self.read(question[:, None], tokens)[:, 0]
+
+    def read(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, k, words) queries, (B, T, width) tokens -> (B, k, answers): each query's own read-out
+        (``benchmarks/ipn_reader.py`` reads k ``<img-d>`` slots with it)."""
+        regions = self.proj(center_tokens(tokens) if self.center else tokens) + self.pos[: tokens.shape[1]]
+        q = self.query(queries)
+        return self.out(self.norm(self.attn(q, regions, regions)[0] + q))
 
 
 def probe(tokens: np.ndarray, index, train, val, steps: int, center: bool, every: int) -> tuple[list[float], dict[str, float]]:
